@@ -1,0 +1,29 @@
+# One command each, on a fresh machine with Python 3.11 and pip:
+#   make demo   -> virtualenv + dependencies, then the main job (training on the embedded photos)
+#   make test   -> virtualenv + dependencies, then the test suite (CPU only; kernels in the Triton interpreter)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -e '.[train,test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests bench --benchmark-disable
+
+bench: $(STAMP)
+	$(PY) -m pytest bench --benchmark-only
+
+clean:
+	rm -rf $(VENV) build *.egg-info

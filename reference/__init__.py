@@ -1,0 +1,28 @@
+"""Pure-PyTorch ground truth of every quantizer (installed as ``rfsq_kernels.reference``).
+
+Everything here follows SPEC.md exactly; the fused Triton kernels are tested against it.
+"""
+from .codebook import (
+    DEFAULT_LEVELS,
+    check_levels,
+    codebook_size,
+    default_levels,
+    digits_to_codes,
+    digits_to_indices,
+    fsq_constants,
+    index_basis,
+    index_dtype,
+    indices_to_digits,
+)
+from .fsq import FSQ, fsq_quantize, round_ste
+from .lfq import LFQ
+from .rfsq import RFSQ, rfsq_decode_stages, rfsq_forward, scale_param_init
+from .validation import STRATEGIES, check_latent, check_stages, check_strategy
+from .vq_ema import VQEMA
+
+__all__ = [
+    "DEFAULT_LEVELS", "FSQ", "LFQ", "RFSQ", "STRATEGIES", "VQEMA", "check_latent", "check_levels",
+    "check_stages", "check_strategy", "codebook_size", "default_levels", "digits_to_codes",
+    "digits_to_indices", "fsq_constants", "fsq_quantize", "index_basis", "index_dtype",
+    "indices_to_digits", "rfsq_decode_stages", "rfsq_forward", "round_ste", "scale_param_init",
+]

@@ -1,0 +1,103 @@
+"""Finite Scalar Quantization, the pure-PyTorch ground truth (SPEC: "FSQ(z)")."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .codebook import (
+    channel_view,
+    check_levels,
+    codebook_size,
+    digits_to_codes,
+    digits_to_indices,
+    fsq_constants,
+    indices_to_digits,
+)
+from .validation import check_latent
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even with a straight-through gradient (d round / dx := 1).
+
+    ``x + (round(x) - x)`` equals ``round(x)`` exactly in floating point (the difference is
+    exactly representable), so the value is the clean integer.
+    """
+    return x + (torch.round(x) - x).detach()
+
+
+def fsq_quantize(
+    z: torch.Tensor, levels: Sequence[int], compute_dtype: torch.dtype = torch.float32
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Quantize channel-first ``z`` per channel; return ``(codes, digits)``.
+
+    ``codes`` (``compute_dtype``) are ``round_ste(tanh(z + shift) * half_l - offset) / half_w`` in
+    [-1, 1]; ``digits`` (int64, same shape) are the integer levels in ``[0, L-1]``, computed from the
+    explicit round and clamped so that NaN/Inf inputs still give valid digits.
+    """
+    half_l, offset, shift, half_w = fsq_constants(levels)
+    dev, nd = z.device, z.ndim
+    zc = z.to(compute_dtype)
+    hl = channel_view(half_l, nd, dev, compute_dtype)
+    off = channel_view(offset, nd, dev, compute_dtype)
+    sh = channel_view(shift, nd, dev, compute_dtype)
+    hw = channel_view(half_w, nd, dev, compute_dtype)
+    bounded = torch.tanh(zc + sh) * hl - off
+    codes = round_ste(bounded) / hw
+    with torch.no_grad():
+        top = channel_view([lv - 1 for lv in levels], nd, dev, compute_dtype)
+        digits = torch.nan_to_num(torch.round(bounded) + hw, nan=0.0)
+        digits = torch.minimum(torch.clamp(digits, min=0.0), top).to(torch.int64)
+    return codes, digits
+
+
+class FSQ(nn.Module):
+    """Single-stage FSQ over a channel-first latent ``(B, C, *spatial)`` with ``C == len(levels)``.
+
+    ``forward(z) -> (quantized, indices)``: ``quantized`` has ``z``'s shape and dtype (math in
+    float32), ``indices`` has shape ``(B, *spatial)`` (int32, or int64 for codebooks >= 2**31).
+    """
+
+    def __init__(self, levels: Sequence[int]):
+        super().__init__()
+        self.levels = check_levels(levels)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def codebook_size(self) -> int:
+        """Number of codes: prod(levels)."""
+        return codebook_size(self.levels)
+
+    @property
+    def bits_per_token(self) -> float:
+        """log2(codebook_size)."""
+        import math
+
+        return math.log2(self.codebook_size)
+
+    def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        check_latent(z, self.num_channels)
+        codes, digits = fsq_quantize(z, self.levels)
+        return codes.to(z.dtype), digits_to_indices(digits, self.levels)
+
+    def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """Normalized codes ``(B, C, *spatial)`` (as returned by forward) -> indices ``(B, *spatial)``."""
+        check_latent(codes, self.num_channels, "codes")
+        _, _, _, half_w = fsq_constants(self.levels)
+        hw = channel_view(half_w, codes.ndim, codes.device)
+        top = channel_view([lv - 1 for lv in self.levels], codes.ndim, codes.device)
+        digits = torch.round(torch.nan_to_num(codes.float(), nan=0.0) * hw + hw)
+        digits = torch.minimum(torch.clamp(digits, min=0.0), top).to(torch.int64)
+        return digits_to_indices(digits, self.levels)
+
+    def indices_to_codes(self, indices: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Indices ``(B, *spatial)`` -> normalized codes ``(B, C, *spatial)`` (float32 unless ``dtype``)."""
+        codes = digits_to_codes(indices_to_digits(indices, self.levels), self.levels)
+        return codes if dtype is None else codes.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"levels={list(self.levels)}"
