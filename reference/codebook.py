@@ -70,6 +70,10 @@ def fsq_constants(levels: Sequence[int]) -> Tuple[List[float], List[float], List
     ``shift = atanh(offset / half_l)`` (the official code uses ``tan``, which is off by up to
     3.2e-4 for L=4; ``atanh`` is the exact inverse of the tanh that follows).  The values are
     computed in float64 and are rounded to float32 where they are used.
+
+    L=2 is the one level count with no such shift (``offset / half_l = 0.5/0.4995 > 1``): there
+    the shift is 0, which puts the single decision threshold at z=0 (the official ``tan`` would
+    put it at z=-1.56, and ``atanh`` is undefined).
     """
     half_l, offset, shift, half_w = [], [], [], []
     for level in levels:
@@ -77,7 +81,7 @@ def fsq_constants(levels: Sequence[int]) -> Tuple[List[float], List[float], List
         off = 0.5 if level % 2 == 0 else 0.0
         half_l.append(hl)
         offset.append(off)
-        shift.append(math.atanh(off / hl))
+        shift.append(math.atanh(off / hl) if off < hl else 0.0)
         half_w.append(level // 2)
     return half_l, offset, shift, half_w
 

@@ -76,6 +76,8 @@ def rfsq_forward(
     """
     nd = z.ndim
     dims = _spatial_dims(nd)
+    if z.shape[0] == 0 or z[0, 0].numel() == 0:
+        return _empty_result(z, levels, stages, strategy)
     residual = z.to(compute_dtype)
     quantized = torch.zeros_like(residual)
     indices, means, stds = [], [], []
@@ -108,6 +110,16 @@ def rfsq_forward(
     else:
         mean = std = torch.zeros((0,), dtype=torch.float32, device=z.device)
     return quantized.to(z.dtype), idx, mean, std
+
+
+def _empty_result(z, levels, stages, strategy):
+    """Outputs of the right shapes for a zero-size batch (or zero spatial extent)."""
+    idx = torch.zeros((z.shape[0], *z.shape[2:], stages), dtype=index_dtype(levels), device=z.device)
+    if strategy == "layernorm":
+        mean = std = torch.zeros((z.shape[0], stages, z.shape[1]), dtype=torch.float32, device=z.device)
+    else:
+        mean = std = torch.zeros((0,), dtype=torch.float32, device=z.device)
+    return z * 0, idx, mean, std
 
 
 def rfsq_decode_stages(
