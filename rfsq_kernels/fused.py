@@ -1,0 +1,109 @@
+"""Autograd / torch.compile glue around the fused RFSQ Triton kernels.
+
+Two ``torch.library.custom_op``s, ``rfsq_kernels::rfsq_forward`` and ``rfsq_kernels::rfsq_backward``,
+each with a fake (meta) implementation, tie the kernels into autograd (``register_autograd``) so
+that ``torch.compile(fullgraph=True)`` treats the whole K-stage quantizer as one opaque node
+(no graph breaks; works with ``aot_eager`` and ``inductor``, also on CPU under the Triton
+interpreter). ``levels``/``stages``/``strategy``/``eps`` are non-tensor arguments.
+
+Autocast: custom ops fall through autocast untouched, so a bf16/fp16 ``z`` reaches the kernel as
+is; the kernels compute in float32 and return ``quantized`` in ``z``'s dtype, like the reference.
+The ``scale`` strategy's ``a = softplus(scale_param)`` is computed in float32 outside the op, so its
+derivative is applied by autograd and the op only returns ``dL/da``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .kernels.backward import backward_outputs, rfsq_backward_launch
+from .kernels.forward import forward_outputs, rfsq_forward_launch
+from .reference import check_levels, check_stages, check_strategy
+
+__all__ = ["rfsq_fused"]
+
+
+@torch.library.custom_op("rfsq_kernels::rfsq_forward", mutates_args=())
+def _forward_op(
+    z: Tensor, scale: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+    levels: List[int], stages: int, strategy: str, eps: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return rfsq_forward_launch(z, levels, stages, strategy, scale, ln_weight, ln_bias, eps)
+
+
+@_forward_op.register_fake
+def _forward_fake(z, scale, ln_weight, ln_bias, levels, stages, strategy, eps):
+    return forward_outputs(z, levels, stages, strategy)
+
+
+@torch.library.custom_op("rfsq_kernels::rfsq_backward", mutates_args=())
+def _backward_op(
+    grad_q: Tensor, z: Tensor, scale: Optional[Tensor], ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor], mean: Tensor, std: Tensor, levels: List[int], stages: int, strategy: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return rfsq_backward_launch(grad_q, z, levels, stages, strategy, scale, ln_weight, ln_bias, mean, std)
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_q, z, scale, ln_weight, ln_bias, mean, std, levels, stages, strategy):
+    return backward_outputs(z, stages, strategy, scale, ln_weight, ln_bias)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    z, scale, ln_weight, ln_bias, levels, stages, strategy, _eps = inputs
+    _, indices, mean, std = output
+    ctx.save_for_backward(z, scale, ln_weight, ln_bias, mean, std)
+    ctx.levels, ctx.stages, ctx.strategy = levels, stages, strategy
+    ctx.mark_non_differentiable(indices, mean, std)
+
+
+def _backward(ctx, grad_q, _grad_indices, _grad_mean, _grad_std):
+    z, scale, ln_weight, ln_bias, mean, std = ctx.saved_tensors
+    grad_z, grad_scale, grad_w, grad_b = torch.ops.rfsq_kernels.rfsq_backward(
+        grad_q, z, scale, ln_weight, ln_bias, mean, std, ctx.levels, ctx.stages, ctx.strategy)
+    layernorm = ctx.strategy == "layernorm"
+    return (grad_z, grad_scale if ctx.strategy == "scale" else None,
+            grad_w if layernorm else None, grad_b if layernorm else None, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rfsq_fused(
+    z: Tensor,
+    levels: Sequence[int],
+    stages: int,
+    strategy: str,
+    scale_param: Optional[Tensor] = None,
+    ln_weight: Optional[Tensor] = None,
+    ln_bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused K-stage RFSQ: same contract as :func:`rfsq_kernels.reference.rfsq_forward`.
+
+    Returns ``(quantized, indices, mean, std)``: ``quantized`` in ``z``'s dtype and layout
+    (contiguous / channels_last / channels_last_3d kept), ``indices`` ``(B, *spatial, K)`` int32
+    (int64 when ``prod(levels) >= 2**31``), LN ``mean``/``std`` ``(B, K, C)`` float32 (detached)
+    or empty ``(0,)`` tensors. Differentiable w.r.t. ``z``, ``scale_param`` ``(K,)``,
+    ``ln_weight`` and ``ln_bias`` ``(K, C)``. ``z`` must be on CUDA, or on CPU with
+    ``TRITON_INTERPRET=1`` set before Triton was imported.
+    """
+    levels = list(check_levels(levels))
+    stages = check_stages(stages)
+    strategy = check_strategy(strategy)
+    scale = None
+    if strategy == "scale":
+        if scale_param is None or tuple(scale_param.shape) != (stages,):
+            raise ValueError(f"strategy='scale' needs scale_param of shape ({stages},), got "
+                             f"{None if scale_param is None else tuple(scale_param.shape)}")
+        scale = F.softplus(scale_param.float())
+    elif strategy == "layernorm":
+        want = (stages, len(levels))
+        for name, p in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+            if p is None or tuple(p.shape) != want:
+                raise ValueError(f"strategy='layernorm' needs {name} of shape {want}, got "
+                                 f"{None if p is None else tuple(p.shape)}")
+    return torch.ops.rfsq_kernels.rfsq_forward(z, scale, ln_weight, ln_bias, levels, stages, strategy, float(eps))

@@ -1,0 +1,196 @@
+"""Forward kernels: all K stages in one launch (quantized, indices and LN statistics)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.codebook import index_dtype
+from . import config
+from .stages import (elem_stage, ln_params, ln_replay, ln_stage, ln_stats, load_levels, load_tile,
+                     masked_row_sum, pack_index, store_tile, widen)
+
+
+@triton.jit
+def _store_index(idx_ptr, idx_row, k, rounded, hw, top, basis, mask_s):
+    """Write stage ``k``'s packed index for the tile's positions (``idx_row = (b*S + s) * K``)."""
+    index = pack_index(rounded, hw, top, basis)
+    tl.store(idx_ptr + idx_row + k, index.to(idx_ptr.dtype.element_ty), mask=mask_s)
+
+
+@triton.jit
+def _ln_emit(r, acc, mu, sd, k, w_ptr, b_ptr, offs_c, mask_c, C, hl, off, sh, hw, top, basis,
+             idx_ptr, idx_row, mask_s, USE_LIBDEVICE: tl.constexpr):
+    """Quantize layernorm stage ``k`` with known statistics; returns ``(r_{k+1}, acc + q_k)``."""
+    w, bb = ln_params(w_ptr, b_ptr, k, offs_c, mask_c, C)
+    q, _code, _t, rounded = ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE)
+    _store_index(idx_ptr, idx_row, k, rounded, hw, top, basis, mask_s)
+    return r - q, acc + q
+
+
+@triton.jit
+def _fwd_elementwise_kernel(
+    x_ptr, q_ptr, idx_ptr, scale_ptr, consts_ptr, basis_ptr,
+    C, S, n_sblk, sxb, sxc, sxs, sqb, sqc, sqs,
+    K: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+):
+    """``none``/``scale``: one program per (image, spatial tile), all K stages in registers."""
+    pid = tl.program_id(0)
+    b = widen(pid // n_sblk, USE_INT64)
+    offs_s = widen((pid % n_sblk) * BLOCK_S + tl.arange(0, BLOCK_S), USE_INT64)
+    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
+    mask_c = offs_c < C
+    mask_s = offs_s < S
+    mask = mask_c[:, None] & mask_s[None, :]
+    hl, off, sh, hw, top, basis = load_levels(consts_ptr, basis_ptr, offs_c, mask_c, C)
+    r = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
+    acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    idx_row = (b * S + offs_s) * K
+    for k in tl.static_range(K):
+        a = 1.0
+        if HAS_SCALE:
+            a = tl.load(scale_ptr + k).to(tl.float32)
+        q, _t, rounded = elem_stage(r, a, hl, off, sh, hw, HAS_SCALE, USE_LIBDEVICE)
+        _store_index(idx_ptr, idx_row, k, rounded, hw, top, basis, mask_s)
+        acc = acc + q
+        r = r - q
+    store_tile(q_ptr, acc, b, offs_c, offs_s, sqb, sqc, sqs, mask)
+
+
+@triton.jit
+def _fwd_layernorm_kernel(
+    x_ptr, q_ptr, idx_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, consts_ptr, basis_ptr,
+    C, S, sxb, sxc, sxs, sqb, sqc, sqs, eps,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr,
+    USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+):
+    """``layernorm``: one program per image (statistics reduce over all its positions).
+
+    ``SINGLE`` (S <= BLOCK_S): the whole image stays in registers for all K stages.
+    Otherwise the chunked multi-pass path: per stage, a mean pass and a centred-variance pass
+    over chunks (residual recomputed from the input and the statistics already written), then
+    one output pass for quantized and indices.
+    """
+    b = widen(tl.program_id(0), USE_INT64)
+    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
+    mask_c = offs_c < C
+    hl, off, sh, hw, top, basis = load_levels(consts_ptr, basis_ptr, offs_c, mask_c, C)
+    stat_base = b * K * C
+    if SINGLE:
+        offs_s = widen(tl.arange(0, BLOCK_S), USE_INT64)
+        mask_s = offs_s < S
+        mask = mask_c[:, None] & mask_s[None, :]
+        r = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
+        acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+        idx_row = (b * S + offs_s) * K
+        for k in tl.static_range(K):
+            mu = masked_row_sum(r, mask) / S
+            d = r - mu[:, None]
+            sd = tl.sqrt(masked_row_sum(d * d, mask) / S + eps)
+            tl.store(mean_ptr + stat_base + k * C + offs_c, mu, mask=mask_c)
+            tl.store(std_ptr + stat_base + k * C + offs_c, sd, mask=mask_c)
+            r, acc = _ln_emit(r, acc, mu[:, None], sd[:, None], k, w_ptr, b_ptr, offs_c, mask_c, C,
+                              hl, off, sh, hw, top, basis, idx_ptr, idx_row, mask_s, USE_LIBDEVICE)
+        store_tile(q_ptr, acc, b, offs_c, offs_s, sqb, sqc, sqs, mask)
+    else:
+        for k in tl.static_range(K):
+            total = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for s0 in range(0, S, BLOCK_S):
+                offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
+                mask = mask_c[:, None] & (offs_s < S)[None, :]
+                x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
+                r = ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
+                              hl, off, sh, hw, k, USE_LIBDEVICE)
+                total += masked_row_sum(r, mask)
+            mu = total / S
+            total = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for s0 in range(0, S, BLOCK_S):
+                offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
+                mask = mask_c[:, None] & (offs_s < S)[None, :]
+                x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
+                r = ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
+                              hl, off, sh, hw, k, USE_LIBDEVICE)
+                d = r - mu[:, None]
+                total += masked_row_sum(d * d, mask)
+            sd = tl.sqrt(total / S + eps)
+            tl.store(mean_ptr + stat_base + k * C + offs_c, mu, mask=mask_c)
+            tl.store(std_ptr + stat_base + k * C + offs_c, sd, mask=mask_c)
+            # Later passes re-read these statistics, possibly from other threads of the program.
+            tl.debug_barrier()
+        for s0 in range(0, S, BLOCK_S):
+            offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
+            mask_s = offs_s < S
+            mask = mask_c[:, None] & mask_s[None, :]
+            r = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
+            acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+            idx_row = (b * S + offs_s) * K
+            for k in tl.static_range(K):
+                mu, sd = ln_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C)
+                r, acc = _ln_emit(r, acc, mu, sd, k, w_ptr, b_ptr, offs_c, mask_c, C,
+                                  hl, off, sh, hw, top, basis, idx_ptr, idx_row, mask_s, USE_LIBDEVICE)
+            store_tile(q_ptr, acc, b, offs_c, offs_s, sqb, sqc, sqs, mask)
+
+
+def forward_outputs(
+    z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uninitialised ``(quantized, indices, mean, std)`` with the reference's shapes and dtypes
+    (shared by the launcher and the fake/meta implementation)."""
+    B, C = z.shape[0], z.shape[1]
+    quantized = config.new_output(z)
+    indices = z.new_empty((B, *z.shape[2:], stages), dtype=index_dtype(levels))
+    if strategy == "layernorm":
+        mean = z.new_empty((B, stages, C), dtype=torch.float32)
+        std = z.new_empty((B, stages, C), dtype=torch.float32)
+    else:
+        mean = z.new_zeros((0,), dtype=torch.float32)
+        std = z.new_zeros((0,), dtype=torch.float32)
+    return quantized, indices, mean, std
+
+
+def rfsq_forward_launch(
+    z: torch.Tensor,
+    levels: Sequence[int],
+    stages: int,
+    strategy: str,
+    scale: Optional[torch.Tensor] = None,
+    ln_weight: Optional[torch.Tensor] = None,
+    ln_bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    max_block_elems: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the fused K-stage forward; returns ``(quantized, indices, mean, std)`` like
+    :func:`rfsq_kernels.reference.rfsq_forward`.
+
+    ``scale`` is ``a = softplus(scale_param)`` (``(K,)``, float32) for ``strategy='scale'``;
+    ``ln_weight``/``ln_bias`` are ``(K, C)`` for ``'layernorm'``. ``max_block_elems`` overrides
+    :data:`config.MAX_BLOCK_ELEMS` (tests use it to force the chunked layernorm path).
+    """
+    quantized, indices, mean, std = forward_outputs(z, levels, stages, strategy)
+    B, C = z.shape[0], z.shape[1]
+    S = math.prod(z.shape[2:])
+    if B == 0 or S == 0:
+        return quantized.zero_(), indices.zero_(), mean.zero_(), std.zero_()
+    x, (sxb, sxc, sxs) = config.strided_view(z)
+    sqb, sqc, sqs = quantized.stride(0), quantized.stride(1), config.flat_spatial_stride(quantized)
+    consts, basis = config.level_tables(levels, z.device)
+    block_c, block_s, num_warps = config.block_config(C, S, max_block_elems)
+    common = dict(USE_INT64=config.needs_int64(x, quantized, indices),
+                  USE_LIBDEVICE=config.use_libdevice(z), num_warps=num_warps)
+    if strategy == "layernorm":
+        _fwd_layernorm_kernel[(B,)](
+            x, quantized, indices, mean, std, ln_weight, ln_bias, consts, basis,
+            C, S, sxb, sxc, sxs, sqb, sqc, sqs, float(eps),
+            K=stages, BLOCK_C=block_c, BLOCK_S=block_s, SINGLE=S <= block_s, **common)
+    else:
+        n_sblk = triton.cdiv(S, block_s)
+        has_scale = strategy == "scale"
+        _fwd_elementwise_kernel[(B * n_sblk,)](
+            x, quantized, indices, scale if has_scale else x, consts, basis,
+            C, S, n_sblk, sxb, sxc, sxs, sqb, sqc, sqs,
+            K=stages, HAS_SCALE=has_scale, BLOCK_C=block_c, BLOCK_S=block_s, **common)
+    return quantized, indices, mean, std

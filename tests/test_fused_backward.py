@@ -1,0 +1,95 @@
+"""Fused kernels vs the reference: forward outputs and every gradient, the chunked layernorm
+path, stride-0 incoming gradients and bitwise determinism (CPU: Triton interpreter)."""
+import pytest
+import torch
+
+from fused_helpers import compare, draw_input, make_params, run_both
+from rfsq_kernels.fused import rfsq_fused
+from rfsq_kernels.kernels import config
+from rfsq_kernels.reference import rfsq_forward
+
+STRATEGIES = ["none", "scale", "layernorm"]
+# odd extents that never divide a power-of-two block
+SHAPES = {3: (2, 37), 4: (2, 5, 7), 5: (2, 3, 4, 5)}
+LEVELS = {1: [7, 2, 16], 2: [8, 8, 8, 4], 4: [4, 4, 4, 4, 4]}
+
+
+def _shape(rank, levels):
+    b, *spatial = SHAPES[rank]
+    return (b, len(levels), *spatial)
+
+
+@pytest.mark.parametrize("variant", ["fp32-contiguous", "bf16-channels_last"])
+@pytest.mark.parametrize("rank", [3, 4, 5])
+@pytest.mark.parametrize("stages", [1, 2, 4])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_matches_reference(seed, strategy, stages, rank, variant):
+    dtype = torch.bfloat16 if variant.startswith("bf16") else torch.float32
+    levels = LEVELS[stages]
+    params = make_params(levels, stages, strategy)
+    z = draw_input(_shape(rank, levels), levels, stages, strategy, params, dtype=dtype,
+                   channels_last=variant.endswith("channels_last"))
+    g = torch.randn(z.shape)
+    fused, ref = run_both(rfsq_fused, rfsq_forward, z, levels, stages, strategy, params, grad=g)
+    compare(fused, ref)
+    assert fused["out"][0].stride() == z.stride(), "quantized keeps the input's memory layout"
+    assert fused["grads"]["z"].stride() == z.stride()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("variant", ["fp32-channels_last", "bf16-contiguous"])
+def test_other_dtype_layout_pairs(seed, strategy, variant):
+    levels, stages = [8, 5, 3, 4], 2
+    dtype = torch.bfloat16 if variant.startswith("bf16") else torch.float32
+    params = make_params(levels, stages, strategy)
+    z = draw_input((2, 4, 5, 7), levels, stages, strategy, params, dtype=dtype,
+                   channels_last=variant.endswith("channels_last"))
+    compare(*run_both(rfsq_fused, rfsq_forward, z, levels, stages, strategy, params))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_expanded_incoming_grad(seed, strategy):
+    """``out.sum().backward()`` feeds a stride-0 expanded gradient; it must be read correctly."""
+    levels, stages = [8, 5, 3, 4], 3
+    params = make_params(levels, stages, strategy)
+    z = draw_input((2, 4, 6, 5), levels, stages, strategy, params)
+    fused, ref = run_both(rfsq_fused, rfsq_forward, z, levels, stages, strategy, params, grad=None)
+    compare(fused, ref)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_chunked_path(seed, monkeypatch, strategy):
+    """Small tiles force several spatial blocks (none/scale) and the multi-pass chunked
+    layernorm statistics and backward (S=45 positions in chunks of 16)."""
+    monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
+    levels, stages = [8, 5, 3, 4], 2
+    assert config.block_config(4, 45)[1] == 16
+    params = make_params(levels, stages, strategy)
+    z = draw_input((2, 4, 5, 9), levels, stages, strategy, params)
+    g = torch.randn(z.shape)
+    compare(*run_both(rfsq_fused, rfsq_forward, z, levels, stages, strategy, params, grad=g))
+
+
+def test_chunked_bf16_channels_last(seed, monkeypatch):
+    monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
+    levels, stages, strategy = [8, 5, 3, 4], 2, "layernorm"
+    params = make_params(levels, stages, strategy)
+    z = draw_input((1, 4, 5, 7), levels, stages, strategy, params, dtype=torch.bfloat16, channels_last=True)
+    compare(*run_both(rfsq_fused, rfsq_forward, z, levels, stages, strategy, params))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("strategy", ["scale", "layernorm"])
+def test_backward_is_deterministic(seed, monkeypatch, strategy, chunked):
+    """Parameter gradients come from per-program partials summed in a fixed order."""
+    if chunked:
+        monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
+    levels, stages = [8, 5, 3, 4], 2
+    params = make_params(levels, stages, strategy)
+    z = torch.randn(3, 4, 6, 7)
+    g = torch.randn(z.shape)
+    runs = [run_both(rfsq_fused, rfsq_fused, z, levels, stages, strategy, params, grad=g) for _ in range(2)]
+    first = runs[0][0]["grads"]
+    for result in (runs[0][1], runs[1][0], runs[1][1]):
+        for name, value in first.items():
+            assert torch.equal(value, result["grads"][name]), name

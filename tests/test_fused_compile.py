@@ -1,0 +1,82 @@
+"""torch.compile / torch.library / autocast integration of the fused op (CPU: Triton interpreter)."""
+import pytest
+import torch
+from torch import nn
+
+from fused_helpers import assert_close_grads, draw_input, make_params
+from rfsq_kernels import RFSQ
+
+
+class _Tiny(nn.Module):
+    """conv -> RFSQ -> conv, the shape of a tokenizer bottleneck."""
+
+    def __init__(self, strategy: str, backend: str):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 4, 1)
+        self.quant = RFSQ(stages=2, strategy=strategy, levels=[8, 8, 8, 4], backend=backend)
+        self.dec = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        q, idx = self.quant(self.enc(x))
+        return self.dec(q), idx
+
+
+def _pair(strategy):
+    torch.manual_seed(1234)
+    fused = _Tiny(strategy, "triton")
+    ref = _Tiny(strategy, "reference")
+    ref.load_state_dict(fused.state_dict())
+    return fused, ref
+
+
+def _step(model, x):
+    model.zero_grad()
+    y, idx = model(x)
+    y.square().mean().backward()
+    module = getattr(model, "_orig_mod", model)  # compiled wrappers prefix parameter names
+    return y, idx, {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("strategy", ["scale", "layernorm"])
+def test_compile_fullgraph(seed, strategy, backend):
+    fused, ref = _pair(strategy)
+    x = torch.randn(2, 3, 5, 7)
+    compiled = torch.compile(fused, fullgraph=True, backend=backend)
+    y, idx, grads = _step(compiled, x)
+    ry, ridx, rgrads = _step(ref, x)
+    assert torch.equal(idx, ridx)
+    torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5)
+    for name in rgrads:
+        assert_close_grads(grads[name], rgrads[name], name)
+
+
+def test_autocast_bf16(seed):
+    """Under CPU autocast the conv emits bf16; the op takes it as is, computes in fp32 and returns
+    bf16 like the reference does."""
+    fused, ref = _pair("layernorm")
+    x = torch.randn(2, 3, 5, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, idx, grads = _step(fused, x)
+        ry, ridx, rgrads = _step(ref, x)
+        zq, _ = fused.quant(fused.enc(x))
+    assert zq.dtype == torch.bfloat16
+    assert torch.equal(idx, ridx)
+    assert y.dtype == ry.dtype
+    for name in rgrads:
+        assert grads[name].dtype == rgrads[name].dtype, name
+        assert torch.isfinite(grads[name]).all(), name
+    torch.testing.assert_close(grads["quant.ln_weight"], rgrads["quant.ln_weight"], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("strategy", ["none", "scale", "layernorm"])
+def test_opcheck(seed, strategy):
+    levels, stages = [8, 5, 3, 4], 2
+    params = make_params(levels, stages, strategy)
+    z = draw_input((2, 4, 3, 5), levels, stages, strategy, params).requires_grad_()
+    scale = None
+    if strategy == "scale":
+        scale = torch.nn.functional.softplus(params["scale_param"].detach()).requires_grad_()
+    args = (z, scale, params.get("ln_weight"), params.get("ln_bias"), levels, stages, strategy, 1e-5)
+    # schema, autograd registration, fake tensor and aot_dispatch_dynamic (which runs the backward op)
+    torch.library.opcheck(torch.ops.rfsq_kernels.rfsq_forward.default, args)
