@@ -113,3 +113,19 @@ def digits_to_codes(digits: torch.Tensor, levels: Sequence[int]) -> torch.Tensor
     _, _, _, half_w = fsq_constants(levels)
     hw = channel_view(half_w, digits.ndim, digits.device)
     return (digits.to(torch.float32) - hw) / hw
+
+
+class LevelsMixin:
+    """``num_channels`` and ``codebook_size`` for any module that stores ``self.levels``."""
+
+    levels: Tuple[int, ...]
+
+    @property
+    def num_channels(self) -> int:
+        """C: one channel per entry of ``levels``."""
+        return len(self.levels)
+
+    @property
+    def codebook_size(self) -> int:
+        """Codes of one stage: prod(levels)."""
+        return codebook_size(self.levels)

@@ -1,15 +1,16 @@
 """Finite Scalar Quantization, the pure-PyTorch ground truth (SPEC: "FSQ(z)")."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .codebook import (
+    LevelsMixin,
     channel_view,
     check_levels,
-    codebook_size,
     digits_to_codes,
     digits_to_indices,
     fsq_constants,
@@ -52,7 +53,7 @@ def fsq_quantize(
     return codes, digits
 
 
-class FSQ(nn.Module):
+class FSQ(LevelsMixin, nn.Module):
     """Single-stage FSQ over a channel-first latent ``(B, C, *spatial)`` with ``C == len(levels)``.
 
     ``forward(z) -> (quantized, indices)``: ``quantized`` has ``z``'s shape and dtype (math in
@@ -64,19 +65,8 @@ class FSQ(nn.Module):
         self.levels = check_levels(levels)
 
     @property
-    def num_channels(self) -> int:
-        return len(self.levels)
-
-    @property
-    def codebook_size(self) -> int:
-        """Number of codes: prod(levels)."""
-        return codebook_size(self.levels)
-
-    @property
     def bits_per_token(self) -> float:
         """log2(codebook_size)."""
-        import math
-
         return math.log2(self.codebook_size)
 
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

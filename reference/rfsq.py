@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .codebook import (
+    LevelsMixin,
     check_levels,
-    codebook_size,
     default_levels,
     digits_to_codes,
     digits_to_indices,
@@ -157,7 +157,7 @@ def rfsq_decode_stages(
     return out
 
 
-class RFSQ(nn.Module):
+class RFSQ(LevelsMixin, nn.Module):
     """Pure-PyTorch RFSQ module (the reference). ``forward(z) -> (quantized, indices)``.
 
     Args:
@@ -194,15 +194,6 @@ class RFSQ(nn.Module):
             self.ln_bias = nn.Parameter(torch.zeros(stages, channels))
 
     # -- properties -------------------------------------------------------------------------
-    @property
-    def num_channels(self) -> int:
-        return len(self.levels)
-
-    @property
-    def codebook_size(self) -> int:
-        """Codes per stage: prod(levels)."""
-        return codebook_size(self.levels)
-
     @property
     def bits_per_token(self) -> float:
         """K * log2(prod(levels)) bits per spatial position."""
