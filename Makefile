@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo quick-demo test bench clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): setup.py pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
+	$(PY) -m training.lpips_weights --fetch
+	$(PY) training/train.py --preset rfsq2-ln --max-steps 200
+
+quick-demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)

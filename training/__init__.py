@@ -1,0 +1,1 @@
+"""Training the paper's autoencoder with RFSQ and the baselines (``python training/train.py --help``)."""

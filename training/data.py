@@ -1,0 +1,214 @@
+"""Data: ImageNet-style ImageFolders (paper transforms) or the embedded scikit-image photos.
+
+Every sample is a normalized ``(3, S, S)`` float tensor (ImageNet mean/std). Unreadable images in an
+ImageFolder are skipped and counted (never fatal). Data order is a pure function of
+``(seed, epoch, rank)`` and random crops of the embedded set of ``(seed, epoch, index)``, so a
+resumed run sees exactly the batches an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import zlib
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: RGB photographs that ship with scikit-image (no download).
+RGB_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+              "retina", "stereo_motorcycle", "colorwheel")
+#: Greyscale ones (replicated to 3 channels).
+GREY_PHOTOS = ("camera", "brick", "grass", "gravel", "moon", "coins", "clock")
+
+
+class DataError(RuntimeError):
+    """A data directory is missing, empty or unusable."""
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images -> ImageNet-normalized."""
+    mean = x.new_tensor(IMAGENET_MEAN).view(-1, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalized -> [0, 1] scale (not clamped); works on ``(C,H,W)`` and ``(B,C,H,W)``."""
+    mean = x.new_tensor(IMAGENET_MEAN).view(-1, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(-1, 1, 1)
+    return x * std + mean
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageFolder (ImageNet)
+# ---------------------------------------------------------------------------------------------
+def paper_transform(size: int = 128):
+    """Resize(size) + CenterCrop(size) + ToTensor + ImageNet normalization (the paper's, train and val)."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class SafeImageFolder(Dataset):
+    """``torchvision.datasets.ImageFolder`` whose unreadable/corrupt images yield ``None`` instead of
+    raising; :func:`collate_skip` drops them and counts them.
+
+    Raises :class:`DataError` with a clear message when ``root`` is missing or holds no images.
+    """
+
+    def __init__(self, root: str, size: int = 128):
+        from torchvision.datasets import ImageFolder
+
+        if not root or not os.path.isdir(root):
+            raise DataError(f"data directory {root!r} does not exist (expected an ImageFolder: "
+                            "ROOT/<class>/<image>.JPEG, e.g. ImageNet's train/ or val/ sorted into class folders)")
+        try:
+            self.folder = ImageFolder(root, transform=paper_transform(size))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DataError(f"data directory {root!r} holds no images in class sub-folders "
+                            f"(expected ROOT/<class>/<image>.JPEG): {e}") from None
+        if len(self.folder) == 0:
+            raise DataError(f"data directory {root!r} is empty")
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int) -> Optional[torch.Tensor]:
+        try:
+            return self.folder[i][0]
+        except Exception:  # corrupt/truncated/unreadable file: skipped and counted by collate_skip
+            return None
+
+
+def collate_skip(batch: Sequence[Optional[torch.Tensor]]) -> Tuple[torch.Tensor, int]:
+    """Stack the readable samples; return ``(images, number_of_skipped_samples)``."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return torch.empty(0), skipped
+    return torch.stack(good), skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded photos (default, offline)
+# ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def load_embedded_photos(short_side: int = 256) -> List[torch.Tensor]:
+    """The scikit-image photos as ``(3, H, W)`` float tensors in [0, 1], resized so that the shorter
+    side is ``short_side`` (so that a 128x128 crop holds a recognisable part of the scene)."""
+    import torch.nn.functional as F
+    from skimage import data
+
+    arrays = []
+    for name in RGB_PHOTOS:
+        img = getattr(data, name)()
+        if name == "stereo_motorcycle":  # (left view, right view, disparity): both RGB views
+            arrays += [img[0], img[1]]
+        else:
+            arrays.append(img)
+    for name in GREY_PHOTOS:
+        arrays.append(getattr(data, name)())
+    photos = []
+    for a in arrays:
+        t = torch.from_numpy(a.copy())
+        t = t.float() / (255.0 if a.dtype.kind == "u" and a.max() > 1 else 1.0)
+        t = t.unsqueeze(0).expand(3, -1, -1) if t.ndim == 2 else t[..., :3].permute(2, 0, 1)
+        h, w = t.shape[1:]
+        s = short_side / min(h, w)
+        t = F.interpolate(t[None].contiguous(), size=(max(short_side, round(h * s)), max(short_side, round(w * s))),
+                          mode="bilinear", antialias=True, align_corners=False)[0]
+        photos.append(t.clamp(0, 1))
+    return photos
+
+
+def _item_seed(*parts: int) -> int:
+    return zlib.crc32(",".join(str(p) for p in parts).encode())
+
+
+class EmbeddedTrain(Dataset):
+    """``length`` random ``size``x``size`` crops (with random horizontal flips) of the embedded photos
+    per epoch. Crop ``i`` of epoch ``e`` depends only on ``(seed, e, i)`` (call :meth:`set_epoch`)."""
+
+    def __init__(self, photos: List[torch.Tensor], size: int = 128, length: int = 512, seed: int = 0):
+        self.photos, self.size, self.length, self.seed, self.epoch = photos, size, length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, i))
+        img = self.photos[int(torch.randint(len(self.photos), (1,), generator=g))]
+        y = int(torch.randint(img.shape[1] - self.size + 1, (1,), generator=g))
+        x = int(torch.randint(img.shape[2] - self.size + 1, (1,), generator=g))
+        crop = img[:, y:y + self.size, x:x + self.size]
+        if torch.rand(1, generator=g).item() < 0.5:
+            crop = crop.flip(-1)
+        return normalize(crop.contiguous())
+
+
+class EmbeddedVal(Dataset):
+    """Fixed crops of the embedded photos: centre and four corners of each RGB photo, the centre of each
+    greyscale one (57 crops at 128x128).
+    The validation photos are the training photos (different, fixed crops): it measures fit, not
+    generalisation; use ``--val-dir`` for a real validation set."""
+
+    def __init__(self, photos: List[torch.Tensor], size: int = 128):
+        self.items = []
+        for img in photos:
+            h, w = img.shape[1:]
+            grey = bool((img[0] == img[1]).all() and (img[1] == img[2]).all())
+            spots = (((h - size) // 2, (w - size) // 2), (0, 0), (0, w - size), (h - size, 0), (h - size, w - size))
+            for y, x in spots[:1] if grey else spots:
+                self.items.append(normalize(img[:, y:y + size, x:x + size].contiguous()))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.items[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+class ShardedSampler(Sampler):
+    """Like ``DistributedSampler`` (works with world size 1 too) and resumable mid-epoch.
+
+    Epoch ``e``'s order is a permutation seeded by ``seed + e`` (or the identity without shuffle),
+    split round-robin over ranks. With ``drop_last`` every rank gets ``len(data) // world`` samples;
+    otherwise shards may differ by one (fine for evaluation, whose sums are all-reduced).
+    :meth:`set_epoch` picks the epoch and how many samples of it this rank already consumed.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = True):
+        self.n, self.rank, self.world = n, rank, world
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _indices(self) -> List[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.drop_last:
+            order = order[: (self.n // self.world) * self.world]
+        return order[self.rank::self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.skip:])
+
+    def __len__(self) -> int:
+        return len(self._indices()) - self.skip
+

@@ -1,0 +1,114 @@
+"""The paper's encoder/decoder and a uniform adapter over the four quantizers."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from rfsq_kernels import FSQ, LFQ, RFSQ, VQEMA
+
+
+class QuantizerAdapter(nn.Module):
+    """Wraps RFSQ / FSQ / LFQ / VQEMA so that ``forward(z) -> (quantized, indices (B,H,W,K), aux_loss)``.
+
+    ``stages`` is K (1 for the single-stage baselines); ``stage_reconstructions(z)`` gives each stage's
+    float32 contribution ``q_k`` (their sum is the quantized latent), for the residual-RMS metric.
+    """
+
+    def __init__(self, quantizer: nn.Module, kind: str):
+        super().__init__()
+        self.quantizer = quantizer
+        self.kind = kind
+
+    @property
+    def stages(self) -> int:
+        return self.quantizer.stages if self.kind == "rfsq" else 1
+
+    @property
+    def codebook_size(self) -> int:
+        """Codes per stage."""
+        return int(self.quantizer.codebook_size)
+
+    @property
+    def bits_per_token(self) -> float:
+        return float(self.quantizer.bits_per_token)
+
+    def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.kind in ("rfsq", "fsq"):
+            q, idx = self.quantizer(z)
+            aux = z.new_zeros((), dtype=torch.float32)
+        else:
+            q, idx, aux = self.quantizer(z)
+        if idx.ndim == z.ndim - 1:  # single-stage: (B, H, W) -> (B, H, W, 1)
+            idx = idx.unsqueeze(-1)
+        return q, idx, aux
+
+    @torch.no_grad()
+    def stage_reconstructions(self, z: torch.Tensor) -> List[torch.Tensor]:
+        """Per-stage reconstructions ``[q_0, ..., q_{K-1}]`` (float32) of ``z``."""
+        if self.kind == "rfsq":
+            return self.quantizer.decode_stages(*self.quantizer.encode(z))
+        q, _, _ = self.forward(z)
+        return [q.float()]
+
+
+def build_quantizer(
+    quantizer: str,
+    rfsq_stages: int = 2,
+    rfsq_strategy: str = "layernorm",
+    rfsq_initial_scale: float = 1.0,
+    levels: Optional[Sequence[int]] = None,
+    embed_dim: int = 6,
+    n_embed: int = 4096,
+    lfq_dim: int = 12,
+    backend: str = "auto",
+) -> QuantizerAdapter:
+    """One of ``rfsq`` / ``fsq`` / ``lfq`` / ``ema`` (VQ-EMA), wrapped in :class:`QuantizerAdapter`."""
+    if quantizer == "rfsq":
+        q = RFSQ(stages=rfsq_stages, strategy=rfsq_strategy, levels=levels,
+                 initial_scale=rfsq_initial_scale, backend=backend)
+    elif quantizer == "fsq":
+        q = FSQ(levels if levels is not None else [8, 8, 8, 8])
+    elif quantizer == "lfq":
+        q = LFQ(dim=lfq_dim, commitment_weight=1.0)
+    elif quantizer == "ema":
+        q = VQEMA(n_embed=n_embed, dim=embed_dim, decay=0.99, eps=1e-5, commitment_weight=1.0)
+    else:
+        raise ValueError(f"unknown quantizer {quantizer!r}; choose rfsq, fsq, lfq or ema")
+    return QuantizerAdapter(q, quantizer)
+
+
+def latent_channels(adapter: QuantizerAdapter) -> int:
+    """C of the latent the quantizer expects: len(levels), the LFQ dim or the VQ code dim."""
+    q = adapter.quantizer
+    if adapter.kind in ("rfsq", "fsq"):
+        return len(q.levels)
+    return q.dim
+
+
+class AutoEncoder(nn.Module):
+    """SPEC's encoder/decoder (128x128 images -> 32x32 latents) around a quantizer.
+
+    Encoder: Conv(3->w, k4 s2 p1) ReLU Conv(w->2w, k4 s2 p1) ReLU Conv1x1(2w->C);
+    decoder: Conv1x1(C->2w) ReLU ConvT(2w->w, k4 s2 p1) ReLU ConvT(w->3, k4 s2 p1); w = 128 in the
+    paper (``width`` is smaller only in tests). ``forward(x) -> (recon, z, indices, aux_loss)``.
+    """
+
+    def __init__(self, quantizer: QuantizerAdapter, width: int = 128):
+        super().__init__()
+        c = latent_channels(quantizer)
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, width, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(2 * width, c, 1))
+        self.quantizer = quantizer
+        self.decoder = nn.Sequential(
+            nn.Conv2d(c, 2 * width, 1), nn.ReLU(),
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.ReLU(),
+            nn.ConvTranspose2d(width, 3, 4, 2, 1))
+
+    def forward(self, x: torch.Tensor):
+        z = self.encoder(x)
+        q, indices, aux = self.quantizer(z)
+        return self.decoder(q), z, indices, aux

