@@ -102,6 +102,25 @@ def _ln_dr(h, xhat, w_sd, dmu, dsd, S):
 
 
 @triton.jit
+def _ln_bwd_chunk(s0, k, b, x_ptr, g_ptr, scratch_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
+                  offs_c, mask_c, C, S, sxb, sxc, sxs, sgb, sgc, sgs, ssb, hl, off, sh, hw,
+                  K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                  USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """One chunk of the chunked layernorm backward: load x, g and ``G_{k+1}`` (scratch) for
+    positions ``s0 .. s0+BLOCK_S`` and replay stage k on them (shared by both passes)."""
+    offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
+    mask = mask_c[:, None] & (offs_s < S)[None, :]
+    x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
+    g = load_tile(g_ptr, b, offs_c, offs_s, sgb, sgc, sgs, mask)
+    G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    if k < K - 1:
+        G = load_tile(scratch_ptr, b, offs_c, offs_s, ssb, S, 1, mask)
+    v, h, xhat, cn = _ln_bwd_tile(x, g, G, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr,
+                                  stat_base, offs_c, mask_c, C, hl, off, sh, hw, USE_LIBDEVICE)
+    return offs_s, mask, G, v, h, xhat, cn
+
+
+@triton.jit
 def _bwd_layernorm_kernel(
     x_ptr, g_ptr, dx_ptr, scratch_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, dw_part_ptr, db_part_ptr,
     consts_ptr, basis_ptr,
@@ -143,15 +162,10 @@ def _bwd_layernorm_kernel(
             sum_vc = tl.zeros([BLOCK_C], dtype=tl.float32)
             sum_hx = tl.zeros([BLOCK_C], dtype=tl.float32)
             for s0 in range(0, S, BLOCK_S):
-                offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
-                mask = mask_c[:, None] & (offs_s < S)[None, :]
-                x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
-                g = load_tile(g_ptr, b, offs_c, offs_s, sgb, sgc, sgs, mask)
-                G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-                if k < K - 1:
-                    G = load_tile(scratch_ptr, b, offs_c, offs_s, ssb, S, 1, mask)
-                v, h, xhat, cn = _ln_bwd_tile(x, g, G, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr,
-                                              stat_base, offs_c, mask_c, C, hl, off, sh, hw, USE_LIBDEVICE)
+                offs_s, mask, G, v, h, xhat, cn = _ln_bwd_chunk(
+                    s0, k, b, x_ptr, g_ptr, scratch_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
+                    offs_c, mask_c, C, S, sxb, sxc, sxs, sgb, sgc, sgs, ssb, hl, off, sh, hw,
+                    K, BLOCK_C, BLOCK_S, USE_INT64, USE_LIBDEVICE)
                 sum_v += tl.sum(v, axis=1)
                 sum_h += tl.sum(h, axis=1)
                 sum_vc += tl.sum(v * cn, axis=1)
@@ -159,15 +173,10 @@ def _bwd_layernorm_kernel(
             w_sd, dmu, dsd = _ln_bwd_coeffs(sum_v, sum_h, sum_vc, sum_hx, k, w_ptr,
                                             std_ptr, dw_part_ptr, db_part_ptr, stat_base, offs_c, mask_c, C)
             for s0 in range(0, S, BLOCK_S):
-                offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
-                mask = mask_c[:, None] & (offs_s < S)[None, :]
-                x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
-                g = load_tile(g_ptr, b, offs_c, offs_s, sgb, sgc, sgs, mask)
-                G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-                if k < K - 1:
-                    G = load_tile(scratch_ptr, b, offs_c, offs_s, ssb, S, 1, mask)
-                v, h, xhat, cn = _ln_bwd_tile(x, g, G, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr,
-                                              stat_base, offs_c, mask_c, C, hl, off, sh, hw, USE_LIBDEVICE)
+                offs_s, mask, G, v, h, xhat, cn = _ln_bwd_chunk(
+                    s0, k, b, x_ptr, g_ptr, scratch_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
+                    offs_c, mask_c, C, S, sxb, sxc, sxs, sgb, sgc, sgs, ssb, hl, off, sh, hw,
+                    K, BLOCK_C, BLOCK_S, USE_INT64, USE_LIBDEVICE)
                 G = G + _ln_dr(h, xhat, w_sd, dmu, dsd, S)
                 if k == 0:
                     store_tile(dx_ptr, G, b, offs_c, offs_s, sdb, sdc, sds, mask)
