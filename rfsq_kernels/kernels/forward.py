@@ -62,6 +62,20 @@ def _fwd_elementwise_kernel(
 
 
 @triton.jit
+def _ln_replay_chunk(s0, b, x_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C, S,
+                     sxb, sxc, sxs, hl, off, sh, hw, k: tl.constexpr, BLOCK_S: tl.constexpr,
+                     USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """Load positions ``s0 .. s0+BLOCK_S`` of image ``b`` and replay stages ``0..k-1`` on them:
+    ``(mask, r_k)`` for one chunk of the chunked layernorm statistics passes."""
+    offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
+    mask = mask_c[:, None] & (offs_s < S)[None, :]
+    x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
+    r = ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
+                  hl, off, sh, hw, k, USE_LIBDEVICE)
+    return mask, r
+
+
+@triton.jit
 def _fwd_layernorm_kernel(
     x_ptr, q_ptr, idx_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, consts_ptr, basis_ptr,
     C, S, sxb, sxc, sxs, sqb, sqc, sqs, eps,
@@ -100,20 +114,16 @@ def _fwd_layernorm_kernel(
         for k in tl.static_range(K):
             total = tl.zeros([BLOCK_C], dtype=tl.float32)
             for s0 in range(0, S, BLOCK_S):
-                offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
-                mask = mask_c[:, None] & (offs_s < S)[None, :]
-                x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
-                r = ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                              hl, off, sh, hw, k, USE_LIBDEVICE)
+                mask, r = _ln_replay_chunk(s0, b, x_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
+                                           offs_c, mask_c, C, S, sxb, sxc, sxs, hl, off, sh, hw,
+                                           k, BLOCK_S, USE_INT64, USE_LIBDEVICE)
                 total += masked_row_sum(r, mask)
             mu = total / S
             total = tl.zeros([BLOCK_C], dtype=tl.float32)
             for s0 in range(0, S, BLOCK_S):
-                offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
-                mask = mask_c[:, None] & (offs_s < S)[None, :]
-                x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
-                r = ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                              hl, off, sh, hw, k, USE_LIBDEVICE)
+                mask, r = _ln_replay_chunk(s0, b, x_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
+                                           offs_c, mask_c, C, S, sxb, sxc, sxs, hl, off, sh, hw,
+                                           k, BLOCK_S, USE_INT64, USE_LIBDEVICE)
                 d = r - mu[:, None]
                 total += masked_row_sum(d * d, mask)
             sd = tl.sqrt(total / S + eps)
