@@ -241,7 +241,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     handlers = setup_logging(args.output_dir, master)
     try:
-        return _train(args, rank, world, local_rank, master, ddp, device)
+        code = _train(args, rank, world, local_rank, master, ddp, device)
+        if ddp and code == 0:
+            # Leave together: a gloo rank that tears its process group down while its peer is
+            # still writing the final checkpoint can abort ("terminate called ...", seen in CI).
+            dist.barrier()
+        return code
     except (DataError, LPIPSWeightsError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 1
