@@ -32,9 +32,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from rfsq_kernels.reference import DEFAULT_LEVELS
 from training import checkpoint as ckpt
 from training.data import (DataError, EmbeddedTrain, EmbeddedVal, SafeImageFolder, ShardedSampler,
                            collate_skip, load_embedded_photos)
+from training.flag_types import float_flag, int_flag, join_negative_values
 from training.lpips_loss import ReconstructionLoss, load_lpips
 from training.lpips_weights import LPIPSWeightsError
 from training.metrics import evaluate
@@ -60,34 +62,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "rfsq4-{none,scale,ln} (4x1024, 40 bits/token)")
     g.add_argument("--quantizer", choices=["rfsq", "fsq", "lfq", "ema"], default="rfsq",
                    help="rfsq (ours), fsq, lfq or ema (VQ-EMA) (default rfsq)")
-    g.add_argument("--rfsq-stages", type=int, default=2, help="RFSQ residual stages K (default 2)")
+    g.add_argument("--rfsq-stages", type=int_flag(1), default=2, help="RFSQ residual stages K (default 2)")
     g.add_argument("--rfsq-strategy", choices=["none", "scale", "layernorm"], default="layernorm",
                    help="RFSQ conditioning: none, scale (learnable a_k) or layernorm (default)")
-    g.add_argument("--rfsq-initial-scale", type=float, default=1.0,
+    g.add_argument("--rfsq-initial-scale", type=float_flag(0, low_inclusive=False), default=1.0,
                    help="scale strategy: softplus(p_k) starts at exactly this value (default 1.0)")
-    g.add_argument("--levels", type=int, nargs="+", default=None,
+    g.add_argument("--levels", type=int_flag(2, why="an FSQ channel needs at least 2 levels"), nargs="+", default=None,
                    help="FSQ/RFSQ levels per latent channel (default: FSQ 8 8 8 8; RFSQ 8 8 8 4 for 2 stages, "
                         "4 4 4 4 4 for 4 stages); the latent has len(levels) channels")
-    g.add_argument("--embed-dim", type=int, default=6, help="VQ-EMA code dimension = latent channels (default 6)")
-    g.add_argument("--n-embed", type=int, default=4096, help="VQ-EMA codebook size (default 4096)")
-    g.add_argument("--lfq-dim", type=int, default=12, help="LFQ bits = latent channels (default 12)")
+    g.add_argument("--embed-dim", type=int_flag(1), default=6, help="VQ-EMA code dimension = latent channels (default 6)")
+    g.add_argument("--n-embed", type=int_flag(1), default=4096, help="VQ-EMA codebook size (default 4096)")
+    g.add_argument("--lfq-dim", type=int_flag(1, 62, why="LFQ indices are int64"), default=12, help="LFQ bits = latent channels (default 12)")
     g.add_argument("--quantizer-backend", choices=["auto", "triton", "reference"], default="auto",
                    help="RFSQ implementation: auto = fused Triton kernels on CUDA, reference on CPU (default)")
 
     g = p.add_argument_group("recipe (defaults = paper)")
-    g.add_argument("--batch-size", type=int, default=None,
+    g.add_argument("--batch-size", type=int_flag(1), default=None,
                    help="images per GPU/process per step (default 128, the paper's; 4 for the embedded photos "
                         "on CPU so that a demo finishes in minutes)")
-    g.add_argument("--lr", type=float, default=8e-4, help="peak learning rate of Adam(0.9, 0.999) (default 8e-4)")
-    g.add_argument("--max-train-epochs", type=int, default=50, help="epochs (default 50); see --max-steps")
-    g.add_argument("--weight-decay", type=float, default=5e-5, help="Adam (L2) weight decay (default 5e-5)")
-    g.add_argument("--warmup", type=float, default=0.01,
+    g.add_argument("--lr", type=float_flag(0, low_inclusive=False), default=8e-4, help="peak learning rate of Adam(0.9, 0.999) (default 8e-4)")
+    g.add_argument("--max-train-epochs", type=int_flag(1), default=50, help="epochs (default 50); see --max-steps")
+    g.add_argument("--weight-decay", type=float_flag(0), default=5e-5, help="Adam (L2) weight decay (default 5e-5)")
+    g.add_argument("--warmup", type=float_flag(0), default=0.01,
                    help="linear warmup: a fraction of all steps if < 1 (default 0.01 = 1%%), else a step "
                         "count; then linear decay to 0")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (default 1.0; 0 = off)")
-    g.add_argument("--max-steps", type=int, default=None,
+    g.add_argument("--grad-clip", type=float_flag(0), default=1.0, help="gradient-norm clip (default 1.0; 0 = off)")
+    g.add_argument("--max-steps", type=int_flag(1), default=None,
                    help="total optimizer steps; overrides --max-train-epochs (the LR schedule spans these)")
-    g.add_argument("--seed", type=int, default=0, help="seed of init, data order and crops (rank r uses seed+r "
+    g.add_argument("--seed", type=int_flag(0), default=0, help="seed of init, data order and crops (rank r uses seed+r "
                                                        "for its own RNG) (default 0)")
 
     g = p.add_argument_group("data")
@@ -96,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "scikit-image photos (random crops + flips)")
     g.add_argument("--val-dir", help="ImageFolder of validation images (ImageNet val/ in class folders); default: "
                                      "fixed crops of the embedded photos")
-    g.add_argument("--image-size", type=int, default=128, help="image side (default 128; smaller only for tests)")
-    g.add_argument("--embedded-epoch-size", type=int, default=512, help="random crops per epoch of the embedded "
+    g.add_argument("--image-size", type=int_flag(4, multiple_of=4, why="the encoder downsamples by 4"), default=128, help="image side (default 128; smaller only for tests)")
+    g.add_argument("--embedded-epoch-size", type=int_flag(1), default=512, help="random crops per epoch of the embedded "
                                                                         "photos (default 512)")
-    g.add_argument("--num-workers", type=int, default=None,
+    g.add_argument("--num-workers", type=int_flag(0), default=None,
                    help="DataLoader workers per process (default: 8 for ImageFolders, 0 for the embedded photos)")
 
     g = p.add_argument_group("loss")
@@ -119,18 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", help="where logs, metrics, checkpoints and plots go (default runs/<preset>)")
-    g.add_argument("--eval-every", type=int, default=None,
+    g.add_argument("--eval-every", type=int_flag(1), default=None,
                    help="validate every N steps (default: once per epoch for ImageFolders, every 100 steps for "
                         "the embedded photos); always at the end")
-    g.add_argument("--save-every", type=int, default=1000, help="write ckpt_last.pt every N steps (default 1000; "
+    g.add_argument("--save-every", type=int_flag(1), default=1000, help="write ckpt_last.pt every N steps (default 1000; "
                                                                  "also after every eval and at the end)")
-    g.add_argument("--log-every", type=int, default=10, help="log train loss to metrics.jsonl every N steps (default 10)")
+    g.add_argument("--log-every", type=int_flag(1), default=10, help="log train loss to metrics.jsonl every N steps (default 10)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
                    help="continue from a checkpoint; 'auto' (or the bare flag) = OUTPUT_DIR/ckpt_last.pt if it "
                         "exists, else start fresh")
-    g.add_argument("--model-width", type=int, default=128, help="encoder/decoder width (default 128 = paper; "
+    g.add_argument("--model-width", type=int_flag(1), default=128, help="encoder/decoder width (default 128 = paper; "
                                                                 "smaller only for tests)")
-    g.add_argument("--stop-at-step", type=int, default=None,
+    g.add_argument("--stop-at-step", type=int_flag(1), default=None,
                    help="stop (saving a checkpoint) once this step is reached, as if interrupted; the LR "
                         "schedule still spans --max-steps (for testing resume)")
     return p
@@ -139,16 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse flags; a --preset supplies defaults that explicit flags override."""
     parser = build_parser()
+    argv = join_negative_values(parser, sys.argv[1:] if argv is None else argv)
     args, _ = parser.parse_known_args(argv)
     if args.preset:
         parser.set_defaults(**PRESETS[args.preset])
     args = parser.parse_args(argv)
+    if args.quantizer == "rfsq" and args.levels is None and args.rfsq_stages not in DEFAULT_LEVELS:
+        parser.error(f"--rfsq-stages {args.rfsq_stages} has no default --levels (defaults exist for 2 stages: "
+                     "8 8 8 4, and 4 stages: 4 4 4 4 4); give --levels explicitly")
     if args.batch_size is None:
         args.batch_size = 128 if (args.train_dir or torch.cuda.is_available()) else 4
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", args.preset or preset_of(vars(args)))
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
     return args
 
 
