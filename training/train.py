@@ -384,8 +384,9 @@ def _train(args, rank, world, local_rank, master, ddp, device, t_start) -> int:
             ckpt.set_rng_state(state["rng"])
         else:
             torch.manual_seed(args.seed + rank + 1000003 * step)
-        if master:  # forget what a previous run logged after this checkpoint
-            rows = [r for r in read_jsonl(metrics_path) if r["step"] <= step]
+        if master:  # forget what a previous run logged after this checkpoint (and the evaluation it redoes)
+            rows = [r for r in read_jsonl(metrics_path)
+                    if r["step"] < step or (r["step"] == step and not (eval_pending and r["split"] == "val"))]
             write_text_atomic(metrics_path, "".join(dumps(r) + "\n" for r in rows))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, step, epoch, batch_in_epoch)
     else:
