@@ -165,7 +165,15 @@ class RFSQ(LevelsMixin, nn.Module):
         strategy: ``'none'``, ``'scale'`` or ``'layernorm'``.
         levels: FSQ levels per channel; default ``[8,8,8,4]`` for 2 stages and ``[4,4,4,4,4]`` for 4.
         initial_scale: ``'scale'`` strategy: ``softplus(p_k)`` starts at exactly this value.
-        eps: variance epsilon of the ``'layernorm'`` strategy.
+        eps: variance epsilon of the ``'layernorm'`` strategy, a finite number > 0.
+
+    Range of the ``'layernorm'`` statistics: they are computed in float32, so the per-image, per-channel
+    variance over the spatial positions overflows once it passes float32's max (3.4e38). This reference
+    keeps them finite for every latent with ``|z| <= 1.8e19``; the fused kernels sum squared deviations,
+    which holds for ``|z| <= 9.2e18 / sqrt(N)`` (N spatial positions per image, 2.9e17 at 32x32).
+    Beyond that the channel's statistics become inf and its outputs NaN; indices stay in range.
+    ``decode``/``decode_stages``/``indices_to_codes`` reject indices outside ``[0, codebook_size)``
+    and a wrong stages dim with a ``ValueError``.
 
     Parameters: ``scale_param`` ``(K,)`` for ``'scale'``; ``ln_weight``/``ln_bias`` ``(K, C)`` for
     ``'layernorm'``; none for ``'none'``.

@@ -79,6 +79,21 @@ def test_stop_request_is_honoured_while_batches_are_empty(tmp_path, monkeypatch)
     assert calls["n"] < 10 and "SIGTERM" in _log(out)
 
 
+def test_second_ctrl_c_aborts_without_a_traceback(tmp_path, monkeypatch, capsys):
+    real = train_mod.ReconstructionLoss
+
+    class TwoCtrlC(real):
+        def forward(self, *a):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            return super().forward(*a)
+
+    monkeypatch.setattr(train_mod, "ReconstructionLoss", TwoCtrlC)
+    assert train(tmp_path / "run", "--max-steps", "5", "--no-lpips") == 130
+    err = capsys.readouterr().err
+    assert "aborted" in err and "Traceback" not in err
+
+
 # -- 2. overwrite -----------------------------------------------------------------------------------
 def test_existing_run_is_never_overwritten_without_resume_or_overwrite(tmp_path, capsys):
     out = tmp_path / "run"

@@ -1,8 +1,8 @@
 """Data: ImageNet-style ImageFolders (paper transforms) or the embedded scikit-image photos.
 
 Every sample is a normalized ``(3, S, S)`` float tensor (ImageNet mean/std). Unreadable images in an
-ImageFolder are skipped and reported by file (fatal only when an epoch yields no readable image). Data order is a pure function of
-``(seed, epoch, rank)`` and random crops of the embedded set of ``(seed, epoch, index)``, so a
+ImageFolder are skipped and reported by file (fatal only when a whole epoch yields none). Data order
+is a pure function of ``(seed, epoch, rank)`` and random crops of the embedded set of ``(seed, epoch, index)``, so a
 resumed run sees exactly the batches an uninterrupted one would have.
 """
 from __future__ import annotations
@@ -81,7 +81,8 @@ class SafeImageFolder(Dataset):
         try:
             return self.folder[i][0]
         except Exception as e:  # corrupt/truncated/unreadable file: skipped and named by collate_skip
-            return Unreadable(self.folder.samples[i][0], f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+            first = str(e).splitlines()[0][:120] if str(e) else ""
+            return Unreadable(self.folder.samples[i][0], f"{type(e).__name__}: {first}")
 
 
 class Unreadable(NamedTuple):

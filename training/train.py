@@ -70,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--levels", type=int_flag(2, why="an FSQ channel needs at least 2 levels"), nargs="+", default=None,
                    help="FSQ/RFSQ levels per latent channel (default: FSQ 8 8 8 8; RFSQ 8 8 8 4 for 2 stages, "
                         "4 4 4 4 4 for 4 stages); the latent has len(levels) channels")
-    g.add_argument("--embed-dim", type=int_flag(1), default=6, help="VQ-EMA code dimension = latent channels (default 6)")
+    g.add_argument("--embed-dim", type=int_flag(1), default=6,
+                   help="VQ-EMA code dimension = latent channels (default 6)")
     g.add_argument("--n-embed", type=int_flag(1), default=4096, help="VQ-EMA codebook size (default 4096)")
-    g.add_argument("--lfq-dim", type=int_flag(1, 62, why="LFQ indices are int64"), default=12, help="LFQ bits = latent channels (default 12)")
+    g.add_argument("--lfq-dim", type=int_flag(1, 62, why="LFQ indices are int64"), default=12,
+                   help="LFQ bits = latent channels (default 12)")
     g.add_argument("--quantizer-backend", choices=["auto", "triton", "reference"], default="auto",
                    help="RFSQ implementation: auto = fused Triton kernels on CUDA, reference on CPU (default)")
 
@@ -80,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int_flag(1), default=None,
                    help="images per GPU/process per step (default 128, the paper's; 4 for the embedded photos "
                         "on CPU so that a demo finishes in minutes)")
-    g.add_argument("--lr", type=float_flag(0, low_inclusive=False), default=8e-4, help="peak learning rate of Adam(0.9, 0.999) (default 8e-4)")
+    g.add_argument("--lr", type=float_flag(0, low_inclusive=False), default=8e-4,
+                   help="peak learning rate of Adam(0.9, 0.999) (default 8e-4)")
     g.add_argument("--max-train-epochs", type=int_flag(1), default=50, help="epochs (default 50); see --max-steps")
     g.add_argument("--weight-decay", type=float_flag(0), default=5e-5, help="Adam (L2) weight decay (default 5e-5)")
     g.add_argument("--warmup", type=float_flag(0), default=0.01,
@@ -98,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "scikit-image photos (random crops + flips)")
     g.add_argument("--val-dir", help="ImageFolder of validation images (ImageNet val/ in class folders); default: "
                                      "fixed crops of the embedded photos")
-    g.add_argument("--image-size", type=int_flag(4, multiple_of=4, why="the encoder downsamples by 4"), default=128, help="image side (default 128; smaller only for tests)")
+    g.add_argument("--image-size", type=int_flag(4, multiple_of=4, why="the encoder downsamples by 4"), default=128,
+                   help="image side, a multiple of 4 (default 128; smaller only for tests)")
     g.add_argument("--embedded-epoch-size", type=int_flag(1), default=512, help="random crops per epoch of the embedded "
                                                                         "photos (default 512)")
     g.add_argument("--num-workers", type=int_flag(0), default=None,
@@ -319,6 +323,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (DataError, LPIPSWeightsError, ckpt.CheckpointError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 1
+    except KeyboardInterrupt:  # the second Ctrl-C: abort now, without a traceback
+        log.error("aborted; continue from the last checkpoint with --resume")
+        return 130
     finally:
         for h in handlers:
             log.removeHandler(h)
@@ -389,6 +396,9 @@ def _train(args, rank, world, local_rank, master, ddp, device, t_start) -> int:
                     if r["step"] < step or (r["step"] == step and not (eval_pending and r["split"] == "val"))]
             write_text_atomic(metrics_path, "".join(dumps(r) + "\n" for r in rows))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, step, epoch, batch_in_epoch)
+        if step >= total_steps:
+            log.info("the run is already complete (%d/%d steps): evaluating it again; --overwrite trains it anew",
+                     step, total_steps)
     else:
         if args.resume == "auto":
             log.info("--resume auto: no checkpoint in %s, starting fresh", args.output_dir)
@@ -570,43 +580,44 @@ def _train(args, rank, world, local_rank, master, ddp, device, t_start) -> int:
                                     f"Check the files in --train-dir {args.train_dir}")
                 epoch, batch_in_epoch = epoch + 1, 0
         timers["train"] += time.time() - t0
+        bar.close()
+        if halted or step < total_steps:
+            return exit_code
+
+        # -- final evaluation, results ---------------------------------------------------------------
+        metrics = run_eval()
+        if ddp:
+            everyone: List = [None] * world
+            dist.all_gather_object(everyone, unreadable)
+            unreadable = {p: r for d in everyone for p, r in d.items()}
+        if unreadable:
+            log.warning("skipped %d unreadable image file(s), e.g. %s (all in results.json)", len(unreadable),
+                        ", ".join(sorted(unreadable)[:3]))
+        if master:
+            paper = PAPER_TABLE1.get(preset)
+            wall = round(time.time() - t_start, 1)
+            results = {
+                "preset": preset, "quantizer": args.quantizer, "stages": q.stages, "codebook_size": q.codebook_size,
+                "bits_per_token": q.bits_per_token, "quantizer_config": identity, "steps": step, "epochs": epoch,
+                "world_size": world, "batch_size_per_process": args.batch_size,
+                "images_seen": step * args.batch_size * world,
+                "data": "imagefolder" if args.train_dir else "embedded scikit-image photos",
+                "lpips_weights": lpips_source, "skipped_images": len(unreadable),
+                "skipped_files": sorted(unreadable)[:1000],
+                "wall_time_s": wall, "train_time_s": round(timers["train"], 1), "eval_time_s": round(timers["eval"], 1),
+                "val": metrics,
+                "paper": None if paper is None else {"name": paper[0], "l1": paper[1], "lpips": paper[2], "psnr": paper[3]},
+            }
+            path = os.path.join(args.output_dir, "results.json")
+            write_json_atomic(path, results)
+            log.info("done: %d steps in %.1f s (this process: training %.1f s, evaluation %.1f s, start-up and "
+                     "saving %.1f s); results in %s", step, wall, timers["train"], timers["eval"],
+                     max(0.0, wall - timers["train"] - timers["eval"]), path)
+        return 0
     finally:
         bar.close()
         for signum, handler in old_handlers.items():
             signal.signal(signum, handler)
-
-    if halted or step < total_steps:
-        return exit_code
-
-    # -- final evaluation, results ---------------------------------------------------------------
-    metrics = run_eval()
-    if ddp:
-        everyone: List = [None] * world
-        dist.all_gather_object(everyone, unreadable)
-        unreadable = {p: r for d in everyone for p, r in d.items()}
-    if unreadable:
-        log.warning("skipped %d unreadable image file(s), e.g. %s", len(unreadable), ", ".join(sorted(unreadable)[:3]))
-    if master:
-        paper = PAPER_TABLE1.get(preset)
-        wall = round(time.time() - t_start, 1)
-        results = {
-            "preset": preset, "quantizer": args.quantizer, "stages": q.stages, "codebook_size": q.codebook_size,
-            "bits_per_token": q.bits_per_token, "quantizer_config": identity, "steps": step, "epochs": epoch,
-            "world_size": world, "batch_size_per_process": args.batch_size,
-            "images_seen": step * args.batch_size * world,
-            "data": "imagefolder" if args.train_dir else "embedded scikit-image photos",
-            "lpips_weights": lpips_source, "skipped_images": len(unreadable),
-            "skipped_files": sorted(unreadable)[:1000],
-            "wall_time_s": wall, "train_time_s": round(timers["train"], 1), "eval_time_s": round(timers["eval"], 1),
-            "val": metrics,
-            "paper": None if paper is None else {"name": paper[0], "l1": paper[1], "lpips": paper[2], "psnr": paper[3]},
-        }
-        path = os.path.join(args.output_dir, "results.json")
-        write_json_atomic(path, results)
-        log.info("done: %d steps in %.1f s (this process: training %.1f s, evaluation %.1f s, start-up and "
-                 "saving %.1f s); results in %s", step, wall, timers["train"], timers["eval"],
-                 max(0.0, wall - timers["train"] - timers["eval"]), path)
-    return 0
 
 
 def _main_thread() -> bool:
