@@ -107,6 +107,11 @@ def test_existing_run_is_never_overwritten_without_resume_or_overwrite(tmp_path,
     assert train(out, "--max-steps", "3", "--no-lpips", "--overwrite") == 0
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"] == [1, 2, 3]
     assert ckpt.load(str(out / "ckpt_last.pt"))["step"] == 3
+    # what `make demo` does the second time: a complete run is evaluated again, its rows not duplicated
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert train(out, "--max-steps", "3", "--no-lpips", "--resume") == 0
+    assert "already complete" in _log(out) and [r["split"] for r in read_jsonl(out / "metrics.jsonl")] == \
+        [r["split"] for r in rows]
 
 
 # -- bad --output-dir ----------------------------------------------------------------------------------

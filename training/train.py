@@ -392,8 +392,9 @@ def _train(args, rank, world, local_rank, master, ddp, device, t_start) -> int:
         else:
             torch.manual_seed(args.seed + rank + 1000003 * step)
         if master:  # forget what a previous run logged after this checkpoint (and the evaluation it redoes)
+            redo_eval = eval_pending or step >= total_steps
             rows = [r for r in read_jsonl(metrics_path)
-                    if r["step"] < step or (r["step"] == step and not (eval_pending and r["split"] == "val"))]
+                    if r["step"] < step or (r["step"] == step and not (redo_eval and r["split"] == "val"))]
             write_text_atomic(metrics_path, "".join(dumps(r) + "\n" for r in rows))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, step, epoch, batch_in_epoch)
         if step >= total_steps:
