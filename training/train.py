@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 if __package__ in (None, ""):  # run as a script: make `training` and `rfsq_kernels` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -229,13 +229,13 @@ def prepare_output_dir(args) -> None:
     ckpt.remove_stale_temps(d)
 
 
-def _any_rank(flag: bool, ddp: bool, device: torch.device) -> bool:
-    """True when ``flag`` is set on any rank (one tiny all-reduce under DDP)."""
+def _any_rank(flags: Tuple[bool, ...], ddp: bool, device: torch.device) -> Tuple[bool, ...]:
+    """Each of ``flags``, True when it is set on any rank (one tiny all-reduce under DDP)."""
     if not ddp:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
+        return tuple(flags)
+    t = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(t)
-    return t.item() > 0
+    return tuple(v > 0 for v in t.tolist())
 
 
 def lr_lambda(total_steps: int, warmup: float):
@@ -309,7 +309,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 prepare_output_dir(args)
             except OutputDirError as e:
                 refused = e
-        if _any_rank(refused is not None, ddp, device):
+        if _any_rank((refused is not None,), ddp, device)[0]:
             log.error("%s", refused if refused is not None else "rank 0 refused --output-dir; see its log")
             return 1
         if master:
@@ -514,13 +514,14 @@ def _train(args, rank, world, local_rank, master, ddp, device, t_start) -> int:
             for x, bad in train_loader:
                 # Checked before anything else, so that a stop request or a run of unreadable batches
                 # can never spin here; under DDP all ranks agree (one rank's empty batch skips it on all).
-                if _any_rank(stop["requested"], ddp, device):
+                stop_now, empty = _any_rank((stop["requested"], x.numel() == 0), ddp, device)
+                if stop_now:
                     exit_code, halted = stopped(step, 130), True
                     break
                 batch_in_epoch += 1
                 batches += 1
                 note_unreadable(bad)
-                if _any_rank(x.numel() == 0, ddp, device):
+                if empty:
                     continue
                 x = x.to(device, non_blocking=True)
                 if args.channels_last:
