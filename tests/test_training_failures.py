@@ -62,6 +62,11 @@ def test_all_unreadable_training_images_is_a_clear_error_not_a_hang(tmp_path, ca
         signal.signal(signal.SIGALRM, old)
     err = capsys.readouterr().err
     assert code == 1 and "no readable image" in err and "bad0.png" in err
+    train_dir, val_dir = _folder(tmp_path / "train2", 4, 0), _folder(tmp_path / "val2", 0, 3)
+    code = train(tmp_path / "run2", "--train-dir", train_dir, "--val-dir", val_dir, "--no-lpips", "--num-workers", "0",
+                 "--max-steps", "1")
+    err = capsys.readouterr().err
+    assert code == 1 and "no readable validation image" in err and "bad0.png" in err
 
 
 def test_stop_request_is_honoured_while_batches_are_empty(tmp_path, monkeypatch):

@@ -458,6 +458,10 @@ def _train(args, rank, world, local_rank, master, ddp, device, t_start) -> int:
         save(eval_pending=True)  # a crash in evaluation must not cost the steps since the last save
         metrics, sample = evaluate(raw_model, val_loader, lpips_model, device, autocast, args.channels_last,
                                    unreadable=unreadable)
+        if metrics["images"] == 0:
+            examples = "; ".join(f"{p} ({r})" for p, r in sorted(unreadable.items())[:3])
+            raise DataError(f"evaluation found no readable validation image (e.g. {examples or 'none named'}); "
+                            f"check --val-dir {args.val_dir}")
         score = metrics["lpips"] if metrics["lpips"] is not None else metrics["l1"]
         is_best = score < best
         best = min(best, score)
@@ -510,7 +514,7 @@ def _train(args, rank, world, local_rank, master, ddp, device, t_start) -> int:
             if isinstance(train_set, EmbeddedTrain):
                 train_set.set_epoch(epoch)
             sampler.set_epoch(epoch, skip=batch_in_epoch * args.batch_size)
-            batches, steps_before = 0, step
+            batches, steps_before, whole_epoch = 0, step, batch_in_epoch == 0
             for x, bad in train_loader:
                 # Checked before anything else, so that a stop request or a run of unreadable batches
                 # can never spin here; under DDP all ranks agree (one rank's empty batch skips it on all).
@@ -575,7 +579,7 @@ def _train(args, rank, world, local_rank, master, ddp, device, t_start) -> int:
                 if step >= total_steps:
                     break
             else:
-                if batches and step == steps_before:
+                if batches and step == steps_before and whole_epoch:
                     examples = "; ".join(f"{p} ({r})" for p, r in sorted(unreadable.items())[:3])
                     raise DataError(f"epoch {epoch} yielded no readable image in {batches} batch(es): "
                                     f"{len(unreadable)} unreadable file(s), e.g. {examples or 'none named'}. "
