@@ -110,7 +110,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
             _wait_for_temp_file(out, pid)
             mid_write += 1
         else:
-            time.sleep(rng.uniform(0.05, 1.5))
+            time.sleep(rng.uniform(0.05, 1.0))
         if os.waitpid(pid, os.WNOHANG) != (0, 0):
             break  # finished before the kill
         _kill(pid)
@@ -120,7 +120,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     assert os.waitstatus_to_exitcode(status) == 0
 
     print(f"survived {kills} SIGKILL(s), {mid_write} of them inside a checkpoint write")
-    assert kills >= KILLS - 1 and mid_write == 1
+    assert kills >= min(KILLS, 4) and mid_write == 1  # the run may complete before the last kills
     _assert_nothing_corrupt(out)
     a, b = ckpt.load(str(ref / "ckpt_last.pt")), ckpt.load(str(out / "ckpt_last.pt"))
     assert a["model"].keys() == b["model"].keys()
