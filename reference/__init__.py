@@ -17,11 +17,12 @@ from .codebook import (
 from .fsq import FSQ, fsq_quantize, round_ste
 from .lfq import LFQ
 from .rfsq import RFSQ, rfsq_decode_stages, rfsq_forward, scale_param_init
-from .validation import STRATEGIES, check_latent, check_stages, check_strategy
+from .validation import STRATEGIES, check_eps, check_indices, check_latent, check_side, check_stages, check_strategy
 from .vq_ema import VQEMA
 
 __all__ = [
-    "DEFAULT_LEVELS", "FSQ", "LFQ", "RFSQ", "STRATEGIES", "VQEMA", "check_latent", "check_levels",
+    "DEFAULT_LEVELS", "FSQ", "LFQ", "RFSQ", "STRATEGIES", "VQEMA", "check_eps", "check_indices", "check_latent",
+    "check_levels", "check_side",
     "check_stages", "check_strategy", "codebook_size", "default_levels", "digits_to_codes",
     "digits_to_indices", "fsq_constants", "fsq_quantize", "index_basis", "index_dtype",
     "indices_to_digits", "rfsq_decode_stages", "rfsq_forward", "round_ste", "scale_param_init",

@@ -16,7 +16,7 @@ from .codebook import (
     fsq_constants,
     indices_to_digits,
 )
-from .validation import check_latent
+from .validation import check_indices, check_latent
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +86,7 @@ class FSQ(LevelsMixin, nn.Module):
 
     def indices_to_codes(self, indices: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Indices ``(B, *spatial)`` -> normalized codes ``(B, C, *spatial)`` (float32 unless ``dtype``)."""
+        check_indices(indices, self.codebook_size)
         codes = digits_to_codes(indices_to_digits(indices, self.levels), self.levels)
         return codes if dtype is None else codes.to(dtype)
 

@@ -23,7 +23,7 @@ from .codebook import (
     indices_to_digits,
 )
 from .fsq import fsq_quantize
-from .validation import check_latent, check_stages, check_strategy
+from .validation import check_eps, check_indices, check_latent, check_side, check_stages, check_strategy
 
 
 def scale_param_init(initial_scale: float) -> float:
@@ -165,7 +165,15 @@ class RFSQ(LevelsMixin, nn.Module):
         strategy: ``'none'``, ``'scale'`` or ``'layernorm'``.
         levels: FSQ levels per channel; default ``[8,8,8,4]`` for 2 stages and ``[4,4,4,4,4]`` for 4.
         initial_scale: ``'scale'`` strategy: ``softplus(p_k)`` starts at exactly this value.
-        eps: variance epsilon of the ``'layernorm'`` strategy.
+        eps: variance epsilon of the ``'layernorm'`` strategy, a finite number > 0.
+
+    Range of the ``'layernorm'`` statistics: they are computed in float32, so the per-image, per-channel
+    variance over the spatial positions overflows once it passes float32's max (3.4e38). This reference
+    keeps them finite for every latent with ``|z| <= 1.8e19``; the fused kernels sum squared deviations,
+    which holds for ``|z| <= 9.2e18 / sqrt(N)`` (N spatial positions per image, 2.9e17 at 32x32).
+    Beyond that the channel's statistics become inf and its outputs NaN; indices stay in range.
+    ``decode``/``decode_stages``/``indices_to_codes`` reject indices outside ``[0, codebook_size)``
+    and a wrong stages dim with a ``ValueError``.
 
     Parameters: ``scale_param`` ``(K,)`` for ``'scale'``; ``ln_weight``/``ln_bias`` ``(K, C)`` for
     ``'layernorm'``; none for ``'none'``.
@@ -184,7 +192,7 @@ class RFSQ(LevelsMixin, nn.Module):
         self.strategy = check_strategy(strategy)
         self.levels = check_levels(levels) if levels is not None else default_levels(stages)
         self.initial_scale = float(initial_scale)
-        self.eps = float(eps)
+        self.eps = check_eps(eps)
         channels = len(self.levels)
         if strategy == "scale":
             p = scale_param_init(self.initial_scale)
@@ -234,15 +242,9 @@ class RFSQ(LevelsMixin, nn.Module):
         return indices, side
 
     def _check_codes(self, indices: torch.Tensor, side: Optional[torch.Tensor]) -> None:
-        if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            raise TypeError(f"indices must be an integer tensor (B, *spatial, K), got {getattr(indices, 'dtype', type(indices))}")
-        if indices.ndim < 2 or indices.shape[-1] != self.stages:
-            raise ValueError(f"indices must have shape (B, *spatial, K={self.stages}), got {tuple(indices.shape)}")
-        if self.strategy == "layernorm":
-            expected = (indices.shape[0], self.stages, 2, self.num_channels)
-            if side is None or tuple(side.shape) != expected:
-                got = None if side is None else tuple(side.shape)
-                raise ValueError(f"side must be the (B, K, 2, C) = {expected} statistics returned by encode, got {got}")
+        check_indices(indices, self.codebook_size, self.stages)
+        channels = self.num_channels if self.strategy == "layernorm" else 0
+        check_side(side, (indices.shape[0], self.stages, 2, channels), required=self.strategy == "layernorm")
 
     def decode_stages(self, indices: torch.Tensor, side: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """Per-stage float32 reconstructions ``[q_0, ..., q_{K-1}]`` from ``encode``'s output."""
@@ -266,6 +268,7 @@ class RFSQ(LevelsMixin, nn.Module):
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Normalized FSQ codes of every stage: ``(B, *spatial, K)`` -> ``(B, K, C, *spatial)``
         (the values in [-1, 1] before un-conditioning; needs no side information)."""
+        check_indices(indices, self.codebook_size, self.stages)
         codes = [digits_to_codes(indices_to_digits(indices[..., k], self.levels), self.levels)
                  for k in range(indices.shape[-1])]
         return torch.stack(codes, dim=1)
