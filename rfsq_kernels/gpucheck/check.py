@@ -67,13 +67,15 @@ def _run_task(arch: int, direction: str, family: str, full: bool) -> Tuple[List[
     return list(records.values()), failures
 
 
-def barrier_lines(kernel_name: str) -> List[Tuple[str, int]]:
-    """``(file, line)`` of every ``tl.debug_barrier()`` in the named kernel's own body."""
+def barrier_offsets(kernel_name: str) -> Tuple[str, List[int]]:
+    """``(file, offsets)``: where the named kernel's ``tl.debug_barrier()`` calls are, as line
+    offsets from its ``def`` line."""
     from ..kernels import backward, forward
     fn = getattr(forward, kernel_name, None) or getattr(backward, kernel_name)
-    lines, start = inspect.getsourcelines(fn.fn)
-    path = inspect.getsourcefile(fn.fn)
-    return [(path, start + i) for i, text in enumerate(lines) if "tl.debug_barrier()" in text]
+    lines, _start = inspect.getsourcelines(fn.fn)
+    def_index = next(i for i, text in enumerate(lines) if text.lstrip().startswith("def "))
+    return inspect.getsourcefile(fn.fn), [i - def_index for i, text in enumerate(lines)
+                                          if "tl.debug_barrier()" in text]
 
 
 def _coherence(rec: dict, compiled) -> List[str]:
@@ -82,7 +84,7 @@ def _coherence(rec: dict, compiled) -> List[str]:
     if rec["constexprs"].get("SINGLE", True):
         return []
     return coherence_problems(compiled.asm["ptx"], sass_instructions(compiled.asm["cubin"]),
-                              barrier_lines(rec["kernel"]))
+                              *barrier_offsets(rec["kernel"]))
 
 
 def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2) -> Tuple[List[dict], List[Tuple[str, str]]]:
