@@ -67,13 +67,15 @@ def _run_task(arch: int, direction: str, family: str, full: bool) -> Tuple[List[
     return list(records.values()), failures
 
 
-def barrier_lines(kernel_name: str) -> List[Tuple[str, int]]:
-    """``(file, line)`` of every ``tl.debug_barrier()`` in the named kernel's own body."""
+def barrier_offsets(kernel_name: str) -> Tuple[str, List[int]]:
+    """``(file, offsets)``: where the named kernel's ``tl.debug_barrier()`` calls are, as line
+    offsets from its ``def`` line."""
     from ..kernels import backward, forward
     fn = getattr(forward, kernel_name, None) or getattr(backward, kernel_name)
-    lines, start = inspect.getsourcelines(fn.fn)
-    path = inspect.getsourcefile(fn.fn)
-    return [(path, start + i) for i, text in enumerate(lines) if "tl.debug_barrier()" in text]
+    lines, _start = inspect.getsourcelines(fn.fn)
+    def_index = next(i for i, text in enumerate(lines) if text.lstrip().startswith("def "))
+    return inspect.getsourcefile(fn.fn), [i - def_index for i, text in enumerate(lines)
+                                          if "tl.debug_barrier()" in text]
 
 
 def _coherence(rec: dict, compiled) -> List[str]:
@@ -82,7 +84,7 @@ def _coherence(rec: dict, compiled) -> List[str]:
     if rec["constexprs"].get("SINGLE", True):
         return []
     return coherence_problems(compiled.asm["ptx"], sass_instructions(compiled.asm["cubin"]),
-                              barrier_lines(rec["kernel"]))
+                              *barrier_offsets(rec["kernel"]))
 
 
 def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2) -> Tuple[List[dict], List[Tuple[str, str]]]:
@@ -121,9 +123,17 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
         key = (b["arch"], b["kernel"])
         c = b["constexprs"]
         seen[key] |= {("path", p) for p in b["paths"]}
-        seen[key] |= {("USE_INT64", c["USE_INT64"]), ("x_dtype", b["x_dtype"]), ("BLOCK_C", c["BLOCK_C"])}
-        if "HAS_SCALE" in c:
-            seen[key].add(("HAS_SCALE", c["HAS_SCALE"]))
+        seen[key] |= {("x_dtype", b["x_dtype"]), ("BLOCK_C", c["BLOCK_C"])}
+        # every boolean constexpr (HAS_SCALE, USE_INT64, flags added later) must take both values
+        seen[key] |= {(name, v) for name, v in c.items() if isinstance(v, bool) and name != "USE_LIBDEVICE"}
+    for (arch, kernel), values in sorted(seen.items()):
+        flags = {name for name, v in values if isinstance(v, bool)}
+        if arch not in NO_SPILL_ARCHS:  # the structural grid has 32-bit offsets only
+            flags.discard("USE_INT64")
+        for name in sorted(flags):
+            if {(name, False), (name, True)} - values:
+                problems.append(f"- sweep reached only one value of {name} for {kernel} on sm_{arch}: "
+                                f"give sweep.Case/run_case an input that flips it")
     for arch in archs:
         for kernel, paths in (("_fwd_layernorm_kernel", ("single", "chunked")),
                               ("_bwd_layernorm_kernel", ("single", "chunked")),
@@ -135,6 +145,8 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
                 want |= {("x_dtype", d) for d in ("fp32", "bf16", "fp16")}
             if "elementwise" in kernel:
                 want |= {("HAS_SCALE", v) for v in (False, True)}
+            if "layernorm" in kernel:
+                want |= {("SINGLE", v) for v in (False, True)}
             missing = want - seen[(arch, kernel)]
             if missing:
                 problems.append(f"- sweep never reached {sorted(missing)} of {kernel} on sm_{arch}")

@@ -7,6 +7,10 @@ launcher's every path is reached (single tile and chunked/split, 32- and 64-bit 
 :func:`coverage_gaps` checks afterwards, from the recorded launches, that it was.
 
 All tensors live on ``meta``: a 64-bit-offset input of 2**31 elements costs nothing.
+
+A new launcher argument that selects a kernel flag (a boolean constexpr) needs an axis in
+:class:`Case` / :func:`run_case`; until it has one, :func:`check.check` fails, because it wants
+every boolean constexpr of every kernel to take both values.
 """
 from __future__ import annotations
 

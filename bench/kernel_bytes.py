@@ -1,0 +1,92 @@
+"""Bytes each fused launch reads and writes, counted by instrumenting the Triton interpreter.
+
+    TRITON_INTERPRET=1 python -m bench.kernel_bytes --json out.json [--groups training]
+
+Every ``tl.load`` / ``tl.store`` the interpreter executes adds ``(unmasked lanes) x (element
+size)`` to a counter, so the count is what a launch requests from memory with no cache reuse
+(a re-read of data an earlier pass touched counts again, although on a GPU it may hit L2).
+Each case runs on ``--images`` images (default 1) and the counts are scaled to the case's batch:
+every program of these kernels works on one image (or a tile of one), so bytes are exactly
+linear in the batch. ``bench/kernel_report.py`` runs this in a subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, Iterator
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+@contextlib.contextmanager
+def counting_memory() -> Iterator[Dict[str, int]]:
+    """Count bytes loaded/stored by interpreted kernels while the block runs."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    counts = {"load": 0, "store": 0}
+    load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
+
+    def nbytes(ptrs, mask) -> int:
+        return int(mask.data.sum()) * (ptrs.get_element_ty().primitive_bitwidth // 8)
+
+    def counted_load(self, ptrs, mask, *args, **kwargs):
+        counts["load"] += nbytes(ptrs, mask)
+        return load(self, ptrs, mask, *args, **kwargs)
+
+    def counted_store(self, ptrs, value, mask, *args, **kwargs):
+        counts["store"] += nbytes(ptrs, mask)
+        return store(self, ptrs, value, mask, *args, **kwargs)
+
+    InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = counted_load, counted_store
+    try:
+        yield counts
+    finally:
+        InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = load, store
+
+
+def case_bytes(case, images: int = 1) -> Dict[str, int]:
+    """``{fwd_load, fwd_store, bwd_load, bwd_store}`` of one case, scaled to its batch."""
+    from bench.cases import make_input
+    from rfsq_kernels.kernels.backward import rfsq_backward_launch
+    from rfsq_kernels.kernels.forward import rfsq_forward_launch
+
+    small = type(case)(case.group, (images, *case.shape[1:]), case.levels, case.stages, case.strategy, case.dtype)
+    z = make_input(small, torch.device("cpu"))
+    k, c = case.stages, case.shape[1]
+    scale = torch.full((k,), 0.7) if case.strategy == "scale" else None
+    w = torch.ones(k, c) if case.strategy == "layernorm" else None
+    b = torch.zeros(k, c) if case.strategy == "layernorm" else None
+    levels = list(case.levels)
+    with counting_memory() as fwd:
+        q, _idx, mean, std = rfsq_forward_launch(z, levels, k, case.strategy, scale, w, b)
+    with counting_memory() as bwd:
+        rfsq_backward_launch(torch.randn_like(q), z, levels, k, case.strategy, scale, w, b, mean, std)
+    factor = case.shape[0] / images
+    return {"fwd_load": round(fwd["load"] * factor), "fwd_store": round(fwd["store"] * factor),
+            "bwd_load": round(bwd["load"] * factor), "bwd_store": round(bwd["store"] * factor)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", required=True)
+    p.add_argument("--groups", nargs="*", default=None)
+    p.add_argument("--images", type=int, default=1)
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("set TRITON_INTERPRET=1 (bytes are counted in the interpreter)", file=sys.stderr)
+        return 2
+    from bench.cases import select_cases
+    out = {case.name: case_bytes(case, args.images) for case in select_cases(tiny=False, groups=args.groups)}
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

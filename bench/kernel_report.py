@@ -1,0 +1,222 @@
+"""Static kernel report: what every benchmark case launches, as compiled for a real GPU.
+
+    python bench/kernel_report.py [--arch 90] [--groups training large]
+
+Not a timing. For each case of ``bench/cases.py`` (GPU shapes) and each launch of its forward
+and backward, the kernel is compiled by Triton's real compiler for ``sm_<arch>`` through the
+project's own launchers (stand-in driver, ``rfsq_kernels.gpucheck``) and the table reports:
+grid size against the SM count, ``num_warps``, registers per thread, spill bytes, shared memory,
+the occupancy these imply, the SASS instruction count (static: loops count once), and the bytes
+the launch loads and stores, counted by instrumenting the Triton interpreter
+(``bench/kernel_bytes.py``, one image per case scaled to the batch), beside the case's byte
+floor (``bench.cases.floor_bytes``). Writes ``bench/results/kernels-sm<arch>.md`` and ``.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.cases import Case, floor_bytes, select_cases  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: Per-SM limits (sm_80 A100 and sm_90 H100 share them but the SM count and shared memory).
+SM_COUNT = {80: 108, 90: 132, 100: 148}
+SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024, 100: 228 * 1024}
+REGS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
+#: H100 SXM models (bench/NOTES.md): copy bandwidth and thread-instruction issue rate.
+COPY_BYTES_PER_S, THREAD_INSTR_PER_S = 3.0e12, 33e12
+
+
+def occupancy(arch: int, num_warps: int, registers: int, shared: int) -> Dict[str, float]:
+    """Resident programs per SM and warp occupancy implied by registers, threads and shared memory
+    (registers are allocated per warp in units of 256)."""
+    regs_per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256
+    by_regs = REGS_PER_SM // (regs_per_warp * num_warps)
+    by_warps = MAX_WARPS_PER_SM // num_warps
+    by_smem = SMEM_PER_SM[arch] // (shared + 1024) if shared else MAX_BLOCKS_PER_SM
+    blocks = max(0, min(by_regs, by_warps, by_smem, MAX_BLOCKS_PER_SM))
+    return {"programs_per_sm": blocks, "occupancy": blocks * num_warps / MAX_WARPS_PER_SM}
+
+
+def static_rows(cases: List[Case], arch: int) -> List[dict]:
+    """One row per (case, launch), from the real launchers under the offline driver."""
+    from rfsq_kernels.gpucheck import sweep
+    from rfsq_kernels.gpucheck.binary import sass_listing, sass_loops
+    from rfsq_kernels.gpucheck.driver import offline_target
+
+    rows, sass = [], {}
+    by_name = {c.name: c for c in cases}
+    with offline_target(arch) as drv:
+        for case in cases:
+            for direction in ("forward", "backward"):
+                n0 = len(drv.launches)
+                sweep.run_case(sweep.Case(direction, case.strategy, case.stages, tuple(case.levels),
+                                          case.torch_dtype, tuple(case.shape)))
+                for launch in drv.launches[n0:]:
+                    rows.append(dict(case=case.name, direction=direction, launch=launch))
+        compiled = sweep.compiled_kernels(arch)
+    out = []
+    for row in rows:
+        launch = row.pop("launch")
+        if launch.hash not in sass:
+            listing = sass_listing(compiled[launch.hash].asm["cubin"])
+            sass[launch.hash] = (len(listing), sass_loops(listing))
+        n_sass, loops = sass[launch.hash]
+        res = launch.resources
+        consts = launch.constexprs
+        tile = consts["BLOCK_C"] * consts["BLOCK_S"]
+        case = by_name[row["case"]]
+        chunks = math.ceil(math.prod(case.shape[2:]) / consts["BLOCK_S"])
+        executed = executed_estimate(n_sass, loops, _path(consts), row["direction"], case.stages, chunks)
+        programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
+        occ = occupancy(arch, launch.num_warps, res.registers, res.shared_bytes)
+        out.append(dict(
+            row, kernel=launch.kernel.strip("_"), path=_path(consts),
+            grid=programs, waves=programs / (SM_COUNT[arch] * max(occ["programs_per_sm"], 1)),
+            num_warps=launch.num_warps, tile=f"{consts['BLOCK_C']}x{consts['BLOCK_S']}",
+            elems_per_thread=tile / (32 * launch.num_warps), registers=res.registers,
+            spill_bytes=res.spill_bytes, shared_bytes=res.shared_bytes, **occ,
+            sass=n_sass, loops=[b - a + 1 for a, b in loops],
+            sass_per_elem=n_sass / (tile / (32 * launch.num_warps)),
+            executed_per_thread=executed,
+            thread_instructions=executed * 32 * launch.num_warps * programs,
+            executed_per_elem=executed * 32 * launch.num_warps * programs / case.numel,
+            instr_us=executed * 32 * launch.num_warps * programs
+            / (THREAD_INSTR_PER_S * min(1.0, programs / SM_COUNT[arch])) * 1e6))
+    return out
+
+
+def executed_estimate(n_sass: int, loops, path: str, direction: str, stages: int, chunks: int) -> float:
+    """Instructions one thread executes (a model): every SASS instruction once, times the trip
+    counts of the loops around it. Loops are recognised by their nesting, which follows the
+    kernels' source: the stage loop runs K times, a chunk loop ``chunks`` times, a replay loop
+    (K-1)/2 times on average; the chunked forward's second outer loop is its output pass over
+    chunks with the stage loop inside. Branches inside loops (libdevice tanh's rare path) are
+    counted as taken, so this overestimates slightly."""
+    replay = (stages - 1) / 2
+    outer = [l for l in loops if not any(o != l and o[0] <= l[0] and l[1] <= o[1] for o in loops)]
+
+    def trips(loop, depth, top_index):
+        if path == "chunked" and direction == "forward" and top_index > 0:
+            return (chunks, stages)[min(depth, 1)]          # output pass: chunks, then stages
+        table = {"tiled": (stages,), "single": (stages, replay),
+                 "chunked": (stages, chunks, replay)}[path]
+        return table[min(depth, len(table) - 1)]
+
+    weight = [1.0] * n_sass
+
+    def visit(loop, depth, top_index):
+        t = trips(loop, depth, top_index)
+        for i in range(loop[0], loop[1] + 1):
+            weight[i] *= t
+        inner = [l for l in loops if l != loop and loop[0] <= l[0] and l[1] <= loop[1]]
+        direct = [l for l in inner if not any(o != l and o in inner and o[0] <= l[0] and l[1] <= o[1] for o in inner)]
+        for l in direct:
+            visit(l, depth + 1, top_index)
+
+    for i, loop in enumerate(sorted(outer)):
+        visit(loop, 0, i)
+    return sum(weight)
+
+
+def _path(consts: dict) -> str:
+    """single / chunked (layernorm) or tiled (none/scale: one program per image tile)."""
+    if "SINGLE" in consts:
+        return "single" if consts["SINGLE"] else "chunked"
+    return "tiled"
+
+
+def count_bytes(groups) -> Dict[str, Dict[str, int]]:
+    """Run ``bench/kernel_bytes.py`` under the interpreter (a separate process)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bytes.json"
+        cmd = [sys.executable, "-m", "bench.kernel_bytes", "--json", str(out)]
+        if groups:
+            cmd += ["--groups", *groups]
+        subprocess.run(cmd, env=env, check=True, cwd=Path(__file__).resolve().parents[1])
+        return json.loads(out.read_text())
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def markdown(rows: List[dict], cases: List[Case], nbytes: Dict[str, Dict[str, int]], arch: int) -> str:
+    """The report as one Markdown table (plus a header saying what it is and is not)."""
+    head = (f"# Kernel report, sm_{arch} (static: compiled, not run)\n\n"
+            f"Generated by `python bench/kernel_report.py --arch {arch}`. **This is a static report, "
+            f"not a timing**: nothing here ran on a GPU. Grid vs {SM_COUNT[arch]} SMs; occupancy from "
+            f"registers, warps and shared memory; SASS = static instruction count of the binary (a "
+            f"runtime loop counts once), per element = per element a thread holds in one tile; bytes "
+            f"= loads + stores counted in the Triton interpreter (no cache reuse assumed), MB; floor "
+            f"= `bench.cases.floor_bytes` (fwd; bwd = fwdbwd - fwd). exec/elem = thread-instructions "
+            f"the launch executes per input element (padded lanes included), a model: static SASS "
+            f"times the trip counts of the loops around each instruction (`executed_estimate`). Two "
+            f"models of time, neither measured: µs floor = floor bytes at "
+            f"{COPY_BYTES_PER_S / 1e12:.1f} TB/s; µs instr = executed thread-instructions at "
+            f"{THREAD_INSTR_PER_S / 1e12:.0f} T/s (SPEC 'Where the time goes': 132 SMs x 128 lanes x "
+            f"1.98 GHz) scaled by the share of SMs the grid can use (grid < SMs leaves SMs idle).\n\n")
+    cols = ["case", "dir", "kernel", "path", "tile", "grid", "waves", "warps", "regs", "spill B",
+            "smem B", "prog/SM", "occ", "SASS", "SASS/elem", "exec/elem", "MB ld", "MB st", "MB floor",
+            "µs floor", "µs instr"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    by_name = {c.name: c for c in cases}
+    for r in rows:
+        case, d = by_name[r["case"]], "fwd" if r["direction"] == "forward" else "bwd"
+        b = nbytes.get(r["case"], {})
+        floor = floor_bytes(case, "fwd") if d == "fwd" else floor_bytes(case, "fwdbwd") - floor_bytes(case, "fwd")
+        lines.append("| " + " | ".join([
+            r["case"], d, r["kernel"], r["path"], r["tile"], str(r["grid"]), f"{r['waves']:.2f}",
+            str(r["num_warps"]), str(r["registers"]), str(r["spill_bytes"]), str(r["shared_bytes"]),
+            str(r["programs_per_sm"]), f"{r['occupancy']:.0%}", str(r["sass"]), f"{r['sass_per_elem']:.0f}",
+            f"{r['executed_per_elem']:.0f}",
+            _mb(b.get(f"{d}_load", float("nan"))), _mb(b.get(f"{d}_store", float("nan"))), _mb(floor),
+            f"{floor / COPY_BYTES_PER_S * 1e6:.1f}",
+            f"{r['instr_us']:.1f}"]) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--groups", nargs="*", default=None, help="case groups (default: all)")
+    p.add_argument("--no-bytes", action="store_true", help="skip the interpreter byte count")
+    p.add_argument("--bytes-json", default=None, help="reuse counts written by bench/kernel_bytes.py")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the report compiles for a real GPU", file=sys.stderr)
+        return 2
+    cases = select_cases(tiny=False, groups=args.groups)
+    rows = static_rows(cases, args.arch)
+    if args.bytes_json:
+        nbytes = json.loads(Path(args.bytes_json).read_text())
+    else:
+        nbytes = {} if args.no_bytes else count_bytes(args.groups)
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"kernels-sm{args.arch}"
+    md = markdown(rows, cases, nbytes, args.arch)
+    stem.with_suffix(".md").write_text(md)
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"arch": args.arch, "static_report_not_a_timing": True, "sm_count": SM_COUNT[args.arch],
+         "rows": rows, "bytes": nbytes,
+         "floors": {c.name: {m: floor_bytes(c, m) for m in ("fwd", "fwdbwd")} for c in cases}}, indent=1))
+    print(md)
+    print(f"wrote {stem}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
