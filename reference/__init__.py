@@ -14,14 +14,16 @@ from .codebook import (
     index_dtype,
     indices_to_digits,
 )
+from .dropout import draw_active_stages
 from .fsq import FSQ, fsq_quantize, round_ste
 from .lfq import LFQ
 from .rfsq import RFSQ, rfsq_decode_stages, rfsq_forward, scale_param_init
+from .sentinel import SENTINEL, split_sentinel
 from .validation import STRATEGIES, check_latent, check_stages, check_strategy
 from .vq_ema import VQEMA
 
 __all__ = [
-    "DEFAULT_LEVELS", "FSQ", "LFQ", "RFSQ", "STRATEGIES", "VQEMA", "check_latent", "check_levels",
+    "DEFAULT_LEVELS", "FSQ", "SENTINEL", "draw_active_stages", "split_sentinel", "LFQ", "RFSQ", "STRATEGIES", "VQEMA", "check_latent", "check_levels",
     "check_stages", "check_strategy", "codebook_size", "default_levels", "digits_to_codes",
     "digits_to_indices", "fsq_constants", "fsq_quantize", "index_basis", "index_dtype",
     "indices_to_digits", "rfsq_decode_stages", "rfsq_forward", "round_ste", "scale_param_init",
