@@ -7,7 +7,7 @@ normalization), rounds it with FSQ, maps the code back, and subtracts it:
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from .layout import check_input, first_to_last, from_channel_last, last_to_first
 from .sentinel import SENTINEL, check_sentinel_layout, split_sentinel
 from .state import ConfigStateMixin
 from .validation import check_latent, check_stages, check_strategy
+
+#: ``stages`` at call time: None (all), an int k (the first k), or a ``(B,)`` tensor of per-sample counts.
+StageCount = Union[None, int, torch.Tensor]
 
 
 def scale_param_init(initial_scale: float) -> float:
@@ -297,7 +300,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         return tuple(None if p is None else p[:num_stages] for p in params)
 
     # -- the quantizer on channel-first, codebook-width latents ------------------------------
-    def _resolve_stages(self, z: torch.Tensor, stages, dropout: bool) -> Tuple[int, Optional[torch.Tensor]]:
+    def _resolve_stages(self, z: torch.Tensor, stages: StageCount, dropout: bool) -> Tuple[int, Optional[torch.Tensor]]:
         """``(number of stages to run, per-sample active-stage counts or None)``."""
         if stages is None:
             if dropout and self.quantize_dropout and self.training and torch.is_grad_enabled():
@@ -318,7 +321,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         return rfsq_forward(z, self.levels, num_stages, self.strategy, *self._params(num_stages), eps=self.eps,
                             mask=mask, active_stages=active)
 
-    def quantize(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, stages=None):
+    def quantize(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, stages: StageCount = None):
         """Full result ``(quantized, indices, mean, std)`` of a channel-first ``(B, C, *spatial)``
         latent with ``C == len(levels)`` (no layout change, no projection, no dropout); see
         :func:`rfsq_forward`. ``stages``: None (all), an int k (the first k stages; outputs have
@@ -356,7 +359,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         y = self.project_out(first_to_last(q, flat))
         return y if flat else from_channel_last(y, self.channel_first)
 
-    def forward(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, stages=None,
+    def forward(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, stages: StageCount = None,
                 return_all_codes: bool = False):
         """``(quantized, indices)`` (plus ``all_codes`` with ``return_all_codes=True``).
 
@@ -383,7 +386,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
                                        std=std if std.numel() else None)
         return out, indices, self._stack_codes(parts, flat)
 
-    def encode(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, stages=None
+    def encode(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, stages: StageCount = None
                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``z -> (indices, side)``. ``side`` is float32 ``(B, K, 2, C)`` holding the LN mean
         (``side[:, k, 0]``) and std (``side[:, k, 1]``) of every image, stage and channel — the

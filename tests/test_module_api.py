@@ -184,3 +184,22 @@ def test_bad_new_constructor_arguments(kwargs, exc, match):
 def test_bad_call_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
         call(RFSQ(stages=2), torch.randn(2, 4, 5))
+
+
+def test_fused_module_serves_k_stages_and_flat_inputs(seed):
+    """backend='triton' (interpreter on CPU): the first k stages, and (B, C) inputs."""
+    fused = _perturb(RFSQ(stages=4, strategy="layernorm", backend="triton"))
+    ref = RFSQ(stages=4, strategy="layernorm", backend="reference")
+    ref.load_state_dict(fused.state_dict())
+    z = torch.randn(2, 5, 6, 7)
+    q, idx = fused(z, stages=2)
+    rq, ridx = ref(z, stages=2)
+    assert idx.shape == (2, 6, 7, 2) and torch.equal(idx, ridx)
+    torch.testing.assert_close(q, rq, rtol=1e-5, atol=1e-5)
+    fused = _perturb(RFSQ(stages=2, strategy="scale", levels=[8, 5, 5], backend="triton"))
+    ref = RFSQ(stages=2, strategy="scale", levels=[8, 5, 5], backend="reference")
+    ref.load_state_dict(fused.state_dict())
+    z = torch.randn(9, 3)
+    (q, idx), (rq, ridx) = fused(z), ref(z)
+    assert q.shape == (9, 3) and torch.equal(idx, ridx)
+    torch.testing.assert_close(q, rq, rtol=1e-5, atol=1e-5)
