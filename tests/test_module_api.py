@@ -203,3 +203,15 @@ def test_fused_module_serves_k_stages_and_flat_inputs(seed):
     (q, idx), (rq, ridx) = fused(z), ref(z)
     assert q.shape == (9, 3) and torch.equal(idx, ridx)
     torch.testing.assert_close(q, rq, rtol=1e-5, atol=1e-5)
+
+
+def test_new_arguments_compile_without_graph_breaks(seed):
+    """Channel-last, projections, mask and quantize dropout under torch.compile(fullgraph=True)."""
+    m = RFSQ(stages=4, strategy="layernorm", channel_first=False, dim=8, quantize_dropout=True).train()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    z = torch.randn(3, 10, 8, requires_grad=True)
+    mask = torch.rand(3, 10) > 0.2
+    q, idx = compiled(z, mask=mask)
+    q.sum().backward()
+    assert q.shape == z.shape and idx.shape == (3, 10, 4) and torch.isfinite(z.grad).all()
+    assert ((idx == -1) | mask[..., None]).all()
