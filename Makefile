@@ -18,7 +18,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m training.lpips_weights --fetch
-	$(PY) training/train.py --preset rfsq2-ln --max-steps 200
+	$(PY) training/train.py --preset rfsq2-ln --max-steps 200 --resume
 
 quick-demo: $(STAMP)
 	$(PY) examples/demo.py

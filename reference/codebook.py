@@ -6,6 +6,7 @@ digit by digit, so ``levels=[4]*16`` costs 16 integers, not 4**16 codes.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Sequence, Tuple
 
 import torch
@@ -28,7 +29,8 @@ def default_levels(stages: int) -> Tuple[int, ...]:
 
 
 def check_levels(levels: Sequence[int]) -> Tuple[int, ...]:
-    """Validate a levels list and return it as a tuple of Python ints."""
+    """Validate a levels sequence (list, tuple, numpy array or tensor of ints) and return it as a tuple
+    of Python ints."""
     if isinstance(levels, torch.Tensor):
         levels = levels.tolist()
     try:
@@ -38,7 +40,7 @@ def check_levels(levels: Sequence[int]) -> Tuple[int, ...]:
     if len(out) == 0:
         raise ValueError("levels must not be empty: give one level count per channel, e.g. [8, 8, 8, 4]")
     for i, level in enumerate(out):
-        if isinstance(level, bool) or not isinstance(level, int):
+        if isinstance(level, bool) or not isinstance(level, numbers.Integral):  # numpy ints are Integral
             raise TypeError(f"levels[{i}] must be an int, got {level!r}")
         if level < 2:
             raise ValueError(f"levels[{i}]={level}: every level count must be >= 2")

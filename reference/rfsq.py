@@ -27,7 +27,7 @@ from .fsq import fsq_quantize
 from .layout import check_input, first_to_last, from_channel_last, last_to_first, spatial_shape, to_channel_last
 from .sentinel import SENTINEL, check_sentinel_layout, split_sentinel
 from .state import ConfigStateMixin
-from .validation import check_latent, check_stages, check_strategy
+from .validation import check_eps, check_indices, check_latent, check_side, check_stages, check_strategy
 
 #: ``stages`` at call time: None (all), an int k (the first k), or a ``(B,)`` tensor of per-sample counts.
 StageCount = Union[None, int, torch.Tensor]
@@ -208,7 +208,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         strategy: ``'none'``, ``'scale'`` or ``'layernorm'``.
         levels: FSQ levels per channel; default ``[8,8,8,4]`` for 2 stages and ``[4,4,4,4,4]`` for 4.
         initial_scale: ``'scale'`` strategy: ``softplus(p_k)`` starts at exactly this value.
-        eps: variance epsilon of the ``'layernorm'`` strategy.
+        eps: variance epsilon of the ``'layernorm'`` strategy, a finite number > 0.
         dim: width of the input/output when it differs from ``len(levels)``: ``nn.Linear``
             projections ``dim -> len(levels)`` before and ``len(levels) -> dim`` after quantizing.
         channel_first: True (default): ``(B, C, *spatial)``; False: ``(B, *spatial, C)`` (read in
@@ -220,6 +220,15 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         quantize_dropout_per_sample: True (default): one ``k_b`` per sample; False: one per batch
             (vector-quantize-pytorch's behaviour).
         projection_has_bias: bias of the ``dim`` projections.
+
+    Range of the ``'layernorm'`` statistics: they are computed in float32, so the per-image, per-channel
+    variance over the spatial positions overflows once it passes float32's max (3.4e38). This reference
+    keeps them finite for every latent with ``|z| <= 1.8e19``; the fused kernels sum squared deviations,
+    which holds for ``|z| <= 9.2e18 / sqrt(N)`` (N spatial positions per image, 2.9e17 at 32x32).
+    Beyond that the channel's statistics become inf and its outputs NaN; indices stay in range.
+    ``decode``/``decode_stages``/``indices_to_codes`` reject indices outside ``[0, codebook_size)``
+    (except the sentinel -1 as a suffix along the stage axis: dropped stages, masked positions)
+    and a wrong stages dim with a ``ValueError``.
 
     Parameters: ``scale_param`` ``(K,)`` for ``'scale'``; ``ln_weight``/``ln_bias`` ``(K, C)`` for
     ``'layernorm'``; ``project_in``/``project_out`` when ``dim != len(levels)``. The state_dict also
@@ -248,7 +257,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         self.strategy = check_strategy(strategy)
         self.levels = check_levels(levels) if levels is not None else default_levels(stages)
         self.initial_scale = float(initial_scale)
-        self.eps = float(eps)
+        self.eps = check_eps(eps)
         channels = len(self.levels)
         if strategy == "scale":
             p = scale_param_init(self.initial_scale)
@@ -404,19 +413,27 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
             side = torch.zeros((z.shape[0], num_stages, 2, 0), dtype=torch.float32, device=z.device)
         return indices, side
 
-    def _check_codes(self, indices: torch.Tensor, side: Optional[torch.Tensor]) -> None:
-        if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            raise TypeError(f"indices must be an integer tensor (B, *spatial, K), got {getattr(indices, 'dtype', type(indices))}")
-        if indices.ndim < 2 or not 1 <= indices.shape[-1] <= self.stages:
-            raise ValueError(f"indices must have shape (B, *spatial, K') with 1 <= K' <= K={self.stages} "
-                             f"(the first K' stages), got {tuple(indices.shape)}")
+    def _check_indices(self, indices: torch.Tensor) -> None:
+        """Decoder input checks: an integer tensor ``(B, *spatial, K')`` (``(B, K')`` for ``(B, C)``
+        inputs) with ``1 <= K' <= K`` (the first K' stages), values in ``[0, codebook_size)`` or the
+        sentinel -1 as a suffix along the stage axis (see :mod:`.sentinel`)."""
+        check_indices(indices, self.codebook_size, allow_sentinel=True)
+        if not (2 <= indices.ndim <= 5 and 1 <= indices.shape[-1] <= self.stages):
+            raise ValueError(
+                f"indices must have shape (B, *spatial, K={self.stages}) with 1 to 3 spatial dims (as returned by "
+                f"encode/forward; (B, K) for (B, C) inputs; indices[..., :k] for the first k stages), got "
+                f"{tuple(indices.shape)}")
         check_sentinel_layout(indices)
-        if self.strategy == "layernorm":
-            expected = (indices.shape[0], indices.shape[-1], 2, self.num_channels)
-            if side is None or tuple(side.shape) != expected:
-                got = None if side is None else tuple(side.shape)
-                raise ValueError(f"side must be the (B, K', 2, C) = {expected} statistics returned by encode "
-                                 f"(for indices[..., :k] pass side[:, :k]), got {got}")
+
+    def _check_codes(self, indices: torch.Tensor, side: Optional[torch.Tensor]) -> None:
+        """:meth:`_check_indices` plus the side information matching their stages."""
+        self._check_indices(indices)
+        layernorm = self.strategy == "layernorm"
+        stages = indices.shape[-1]
+        if layernorm and isinstance(side, torch.Tensor) and side.ndim == 4 and side.shape[1] != stages:
+            raise ValueError(f"side must be the (B, K', 2, C) statistics of the same stages as indices (K' = {stages}; "
+                             f"for indices[..., :k] pass side[:, :k]), got {tuple(side.shape)}")
+        check_side(side, (indices.shape[0], stages, 2, self.num_channels if layernorm else 0), required=layernorm)
 
     def decode_stages(self, indices: torch.Tensor, side: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """Per-stage float32 reconstructions ``[q_0, ..., q_{K'-1}]`` (channel-first, codebook
@@ -463,6 +480,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Normalized FSQ codes of every stage: ``(B, *spatial, K)`` -> ``(B, K, C, *spatial)``
         (the values in [-1, 1] before un-conditioning; needs no side information; -1 gives 0)."""
+        self._check_indices(indices)
         codes = []
         for k in range(indices.shape[-1]):
             present, clean = split_sentinel(indices[..., k])

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .validation import check_latent
+from .validation import check_indices, check_latent
 
 
 def _all_reduce_sum(t: torch.Tensor) -> None:
@@ -91,6 +91,7 @@ class VQEMA(nn.Module):
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices ``(B, *spatial)`` -> code vectors ``(B, dim, *spatial)`` (float32)."""
+        check_indices(indices, self.codebook_size)
         return F.embedding(indices.long(), self.embed).movedim(-1, 1)
 
     def extra_repr(self) -> str:

@@ -26,7 +26,8 @@ class RFSQ(_ReferenceRFSQ):
         strategy: ``'layernorm'`` (default), ``'scale'`` or ``'none'``.
         levels: per-channel FSQ levels; defaults: 2 stages -> [8,8,8,4], 4 stages -> [4,4,4,4,4].
         initial_scale: ``'scale'``: ``softplus(p_k)`` starts at exactly this value (default 1.0).
-        eps: ``'layernorm'`` variance epsilon.
+        eps: ``'layernorm'`` variance epsilon, a finite number > 0. The float32 statistics stay finite
+            for ``|z| <= 9.2e18 / sqrt(spatial positions)`` on every backend (see the reference RFSQ).
         backend: ``'auto'`` (fused Triton kernels for CUDA tensors, reference otherwise),
             ``'triton'`` or ``'reference'``. The ``state_dict`` is the same for every backend.
         dim, channel_first, quantize_dropout, quantize_dropout_cutoff_index,

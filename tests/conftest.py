@@ -12,6 +12,12 @@ if not torch.cuda.is_available():
         "triton was imported before tests/conftest.py could set TRITON_INTERPRET=1"
     )
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Import triton now, under the interpreter setting: a test that later changes TRITON_INTERPRET
+    # (to check our error messages) must not decide the mode triton is loaded in.
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
 
 import pytest  # noqa: E402
 

@@ -6,14 +6,16 @@ best validation score so far.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
-from pathlib import Path
-from typing import Any, Dict, Optional
+import re
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+log = logging.getLogger("rfsq.train")
 LAST = "ckpt_last.pt"
 BEST = "ckpt_best.pt"
 
@@ -29,22 +31,72 @@ def atomic_save(obj: Dict[str, Any], path: str) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read, or is not one of ``train.py``'s."""
+
+
+#: What every checkpoint of ``train.py`` holds.
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch", "best", "rng",
+                 "quantizer_config")
+
+
 def load(path: str, map_location: str = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load a checkpoint safely (``weights_only=True``); :class:`CheckpointError` says why when the file
+    is truncated, junk or not a training checkpoint."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip reader, unpickler and EOF errors all mean "unreadable"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not written by torch.save: "
+                              f"{type(e).__name__}: {first[:200]})") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint of train.py (missing {', '.join(missing)})")
+    return state
 
 
-def find_resume(output_dir: str, resume: Optional[str]) -> Optional[str]:
-    """``--resume`` value -> checkpoint path: ``auto`` = ``OUTPUT_DIR/ckpt_last.pt`` if present (else
-    None: fresh start); a path must exist."""
+def find_resume(output_dir: str, resume: Optional[str]) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """``--resume`` value -> ``(path, state)``, or ``(None, None)`` for a fresh start.
+
+    ``auto`` = ``OUTPUT_DIR/ckpt_last.pt``, falling back (with a warning) to ``ckpt_best.pt`` when the
+    last one is unreadable (e.g. a disk that lost the file's tail); a fresh start when neither exists.
+    An explicit path must exist and be readable.
+    """
     if not resume:
-        return None
-    if resume == "auto":
-        p = Path(output_dir) / LAST
-        return str(p) if p.is_file() else None
-    if not os.path.isfile(resume):
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
-    return resume
+        return None, None
+    if resume != "auto":
+        if not os.path.isfile(resume):
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+        return resume, load(resume)
+    last, best = os.path.join(output_dir, LAST), os.path.join(output_dir, BEST)
+    if not (os.path.isfile(last) or os.path.isfile(best)):
+        return None, None
+    problems = []
+    for path in (last, best):
+        if not os.path.isfile(path):
+            problems.append(f"{path} does not exist")
+            continue
+        try:
+            state = load(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            log.warning("%s is unreadable: %s; falling back to %s (step %d): the steps after it are trained "
+                        "again", last, problems[0], path, state["step"])
+        return path, state
+    raise CheckpointError(f"no readable checkpoint in {output_dir}: {'; '.join(problems)}. Start a new run with "
+                          "--overwrite (or another --output-dir), or pass --resume PATH to a good checkpoint")
+
+
+def remove_stale_temps(output_dir: str) -> List[str]:
+    """Delete the temp files that a run killed mid-write leaves behind (``*.tmp<pid>``); return them."""
+    removed = []
+    for name in os.listdir(output_dir):
+        if re.search(r"\.tmp\d+$", name) or name.endswith(".tmp.png"):
+            os.remove(os.path.join(output_dir, name))
+            removed.append(name)
+    return removed
 
 
 def rng_state() -> Dict[str, Any]:

@@ -16,13 +16,32 @@ from typing import List, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from training.presets import PAPER_TABLE1
+from training.presets import PAPER_BITS, PAPER_TABLE1
 
 _ORDER = list(PAPER_TABLE1)
 
 
 def _fmt(v, digits: int) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _paper(r: dict) -> dict:
+    """The paper's row for a result, or ``{}`` when the run is not that configuration (its preset is
+    custom, or its bits/token differ from the paper's, e.g. a results.json of an older version that
+    labelled ``--preset vq-ema --n-embed 64`` as VQ-EMA)."""
+    p = r.get("paper") or {}
+    if p and PAPER_BITS.get(r["preset"]) != r["bits_per_token"]:
+        return {}
+    return p
+
+
+def _method(r: dict) -> str:
+    p = r.get("paper") or {}
+    if _paper(r):
+        return p["name"]
+    if p:
+        return f"custom ({r['bits_per_token']:.1f} bits/token, not the paper's {p['name']})"
+    return f"custom ({r.get('quantizer', '?')}, {r['bits_per_token']:.1f} bits/token)"
 
 
 def load_results(run_dirs: List[str]) -> List[dict]:
@@ -48,8 +67,7 @@ def markdown_table(results: List[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        v, p = r["val"], r.get("paper") or {}
-        name = p.get("name", r["preset"])
+        v, name, p = r["val"], _method(r), _paper(r)
         lines.append(
             f"| {os.path.basename(os.path.normpath(r['run_dir']))} | {name} | {r['bits_per_token']:.1f} | "
             f"{_fmt(v['l1'], 3)} | {_fmt(v['lpips'], 3)} | {_fmt(v['psnr'], 1)} | {_fmt(p.get('l1'), 3)} | "

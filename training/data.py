@@ -1,8 +1,8 @@
 """Data: ImageNet-style ImageFolders (paper transforms) or the embedded scikit-image photos.
 
 Every sample is a normalized ``(3, S, S)`` float tensor (ImageNet mean/std). Unreadable images in an
-ImageFolder are skipped and counted (never fatal). Data order is a pure function of
-``(seed, epoch, rank)`` and random crops of the embedded set of ``(seed, epoch, index)``, so a
+ImageFolder are skipped and reported by file (fatal only when a whole epoch yields none). Data order
+is a pure function of ``(seed, epoch, rank)`` and random crops of the embedded set of ``(seed, epoch, index)``, so a
 resumed run sees exactly the batches an uninterrupted one would have.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import zlib
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -54,8 +54,8 @@ def paper_transform(size: int = 128):
 
 
 class SafeImageFolder(Dataset):
-    """``torchvision.datasets.ImageFolder`` whose unreadable/corrupt images yield ``None`` instead of
-    raising; :func:`collate_skip` drops them and counts them.
+    """``torchvision.datasets.ImageFolder`` whose unreadable/corrupt images yield an :class:`Unreadable`
+    (file and reason) instead of raising; :func:`collate_skip` drops them and reports them.
 
     Raises :class:`DataError` with a clear message when ``root`` is missing or holds no images.
     """
@@ -77,20 +77,29 @@ class SafeImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, i: int) -> Optional[torch.Tensor]:
+    def __getitem__(self, i: int) -> Union[torch.Tensor, "Unreadable"]:
         try:
             return self.folder[i][0]
-        except Exception:  # corrupt/truncated/unreadable file: skipped and counted by collate_skip
-            return None
+        except Exception as e:  # corrupt/truncated/unreadable file: skipped and named by collate_skip
+            first = str(e).splitlines()[0][:120] if str(e) else ""
+            return Unreadable(self.folder.samples[i][0], f"{type(e).__name__}: {first}")
 
 
-def collate_skip(batch: Sequence[Optional[torch.Tensor]]) -> Tuple[torch.Tensor, int]:
-    """Stack the readable samples; return ``(images, number_of_skipped_samples)``."""
-    good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good)
+class Unreadable(NamedTuple):
+    """A sample that could not be read: its file and why."""
+
+    path: str
+    reason: str
+
+
+def collate_skip(batch: Sequence[Union[torch.Tensor, Unreadable]]) -> Tuple[torch.Tensor, List[Unreadable]]:
+    """Stack the readable samples; return ``(images, unreadable_samples)`` (an empty tensor when none
+    is readable)."""
+    good = [b for b in batch if isinstance(b, torch.Tensor)]
+    bad = [b for b in batch if isinstance(b, Unreadable)]
     if not good:
-        return torch.empty(0), skipped
-    return torch.stack(good), skipped
+        return torch.empty(0), bad
+    return torch.stack(good), bad
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """PNG outputs: reconstruction grid and loss/metric curves (matplotlib, Agg backend)."""
 from __future__ import annotations
 
-import json
 import os
 from typing import List
 
 import numpy as np
 import torch
+
+from training.jsonio import read_jsonl
 
 
 def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: str) -> None:
@@ -22,12 +23,15 @@ def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: str) -> None:
     os.replace(tmp, path)
 
 
-def read_jsonl(path: str) -> List[dict]:
-    """Lines of a JSON-lines file (missing file -> [])."""
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _save_figure(fig, path: str) -> None:
+    """Write a PNG atomically (temp file + rename: a killed run never leaves half a PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def plot_curves(output_dir: str) -> List[str]:
@@ -51,7 +55,7 @@ def plot_curves(output_dir: str) -> List[str]:
                 ax.plot(steps, [np.nan if y is None else y for y in ys], label=key)
         ax.set_xlabel("step"), ax.set_ylabel("train loss"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
         path = os.path.join(output_dir, "loss.png")
-        fig.tight_layout(), fig.savefig(path, dpi=100), plt.close(fig)
+        _save_figure(fig, path)
         written.append(path)
     if val:
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
@@ -65,6 +69,6 @@ def plot_curves(output_dir: str) -> List[str]:
                 ax.set_title(f"val {key}")
             ax.set_xlabel("step"), ax.grid(alpha=0.3)
         path = os.path.join(output_dir, "val_metrics.png")
-        fig.tight_layout(), fig.savefig(path, dpi=100), plt.close(fig)
+        _save_figure(fig, path)
         written.append(path)
     return written

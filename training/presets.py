@@ -1,7 +1,7 @@
 """The paper's 9 quantizer configurations (``--preset``) and its Table 1 numbers."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 #: preset name -> training-script defaults it sets (explicit flags still override them).
 PRESETS: Dict[str, dict] = {
@@ -49,3 +49,39 @@ def preset_of(cfg: dict) -> str:
             if levels is None or list(levels) == list(default_levels(p["rfsq_stages"])):
                 return name
     return "custom"
+
+
+#: preset -> bits/token of the paper's configuration (what compare.py checks a result against).
+PAPER_BITS: Dict[str, float] = {"vq-ema": 12.0, "fsq": 12.0, "lfq": 12.0, "rfsq2-none": 22.0, "rfsq2-scale": 22.0,
+                                "rfsq2-ln": 22.0, "rfsq4-none": 40.0, "rfsq4-scale": 40.0, "rfsq4-ln": 40.0}
+
+
+def run_identity(cfg: dict) -> Dict[str, object]:
+    """The settings that make a checkpoint resumable: the quantizer's own (defaults made explicit, so
+    ``levels=None`` equals the default levels; settings that quantizer ignores left out), the model
+    width and the image size. Accepts ``vars(args)`` or an identity (idempotent)."""
+    from rfsq_kernels.reference import default_levels
+
+    q = cfg["quantizer"]
+    out: Dict[str, object] = {"quantizer": q}
+    if q == "rfsq":
+        stages, strategy = cfg["rfsq_stages"], cfg["rfsq_strategy"]
+        out.update(rfsq_stages=stages, rfsq_strategy=strategy,
+                   levels=[int(v) for v in (cfg.get("levels") or default_levels(stages))])
+        if strategy == "scale":
+            out["rfsq_initial_scale"] = float(cfg["rfsq_initial_scale"])
+    elif q == "fsq":
+        out["levels"] = [int(v) for v in (cfg.get("levels") or [8, 8, 8, 8])]
+    elif q == "lfq":
+        out["lfq_dim"] = cfg["lfq_dim"]
+    elif q == "ema":
+        out.update(n_embed=cfg["n_embed"], embed_dim=cfg["embed_dim"])
+    out.update(model_width=cfg["model_width"], image_size=cfg["image_size"])
+    return out
+
+
+def identity_differences(saved: dict, now: dict) -> List[str]:
+    """``'key: A in the checkpoint, B now'`` for each setting of :func:`run_identity` that differs
+    (a key only one side has follows from another difference, e.g. the quantizer, and is left out)."""
+    a, b = run_identity(saved), run_identity(now)
+    return [f"{k}: {a[k]} in the checkpoint, {b[k]} now" for k in a if k in b and a[k] != b[k]]
