@@ -13,7 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["rfsq_kernels", "rfsq_kernels.kernels", "rfsq_kernels.reference"],
+    packages=["rfsq_kernels", "rfsq_kernels.kernels", "rfsq_kernels.gpucheck", "rfsq_kernels.reference"],
     package_dir={"rfsq_kernels.reference": "reference"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

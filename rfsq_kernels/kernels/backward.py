@@ -21,7 +21,7 @@ from .stages import (elem_replay, elem_stage, fsq_dcode, ln_params, ln_replay, l
                      load_levels, load_tile, masked_row_sum, store_tile, widen)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "n_sblk"])
 def _bwd_elementwise_kernel(
     x_ptr, g_ptr, dx_ptr, scale_ptr, dscale_part_ptr, consts_ptr, basis_ptr,
     C, S, n_sblk, sxb, sxc, sxs, sgb, sgc, sgs, sdb, sdc, sds,
@@ -60,19 +60,19 @@ def _bwd_elementwise_kernel(
 
 
 @triton.jit
-def _ln_bwd_tile(x, g, G_next, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
+def _ln_bwd_tile(x, g_minus_G, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
                  hl, off, sh, hw, USE_LIBDEVICE: tl.constexpr):
-    """Per-position quantities of layernorm stage ``k`` for one tile.
+    """Per-position quantities of layernorm stage ``k`` (runtime index) for one tile.
 
-    Returns ``(v, h, xhat, cn)`` with ``v = dL/dq_k`` (masked), ``h = dL/dn`` through the code
-    (``v * sd / w * dcode/dn``), ``xhat = (r - mu) / sd`` and ``cn = (code - b) / w``.
+    ``g_minus_G = g - G_{k+1}``. Returns ``(v, h, xhat, cn)`` with ``v = dL/dq_k`` (masked),
+    ``h = dL/dn`` through the code (``v * sd / w * dcode/dn``), ``xhat = (r - mu) / sd`` and ``cn = (code - b) / w``.
     """
     r = ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
                   hl, off, sh, hw, k, USE_LIBDEVICE)
     mu, sd = ln_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C)
     w, bb = ln_params(w_ptr, b_ptr, k, offs_c, mask_c, C)
     _q, code, t, _rnd = ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE)
-    v = tl.where(mask, g - G_next, 0.0)
+    v = tl.where(mask, g_minus_G, 0.0)
     h = v * (sd / w) * fsq_dcode(t, hl, hw)
     return v, h, (r - mu) / sd, (code - bb) / w
 
@@ -104,10 +104,11 @@ def _ln_dr(h, xhat, w_sd, dmu, dsd, S):
 @triton.jit
 def _ln_bwd_chunk(s0, k, b, x_ptr, g_ptr, scratch_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
                   offs_c, mask_c, C, S, sxb, sxc, sxs, sgb, sgc, sgs, ssb, hl, off, sh, hw,
-                  K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                  K, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                   USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """One chunk of the chunked layernorm backward: load x, g and ``G_{k+1}`` (scratch) for
-    positions ``s0 .. s0+BLOCK_S`` and replay stage k on them (shared by both passes)."""
+    positions ``s0 .. s0+BLOCK_S`` and replay stage k on them (shared by both passes; ``k`` is
+    the runtime stage index)."""
     offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
     mask = mask_c[:, None] & (offs_s < S)[None, :]
     x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
@@ -115,24 +116,26 @@ def _ln_bwd_chunk(s0, k, b, x_ptr, g_ptr, scratch_ptr, mean_ptr, std_ptr, w_ptr,
     G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     if k < K - 1:
         G = load_tile(scratch_ptr, b, offs_c, offs_s, ssb, S, 1, mask)
-    v, h, xhat, cn = _ln_bwd_tile(x, g, G, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr,
+    v, h, xhat, cn = _ln_bwd_tile(x, g - G, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr,
                                   stat_base, offs_c, mask_c, C, hl, off, sh, hw, USE_LIBDEVICE)
     return offs_s, mask, G, v, h, xhat, cn
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "K"])
 def _bwd_layernorm_kernel(
     x_ptr, g_ptr, dx_ptr, scratch_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, dw_part_ptr, db_part_ptr,
     consts_ptr, basis_ptr,
     C, S, sxb, sxc, sxs, sgb, sgc, sgs, sdb, sdc, sds, ssb,
-    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr,
+    K, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr,
     USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
     """``layernorm``: one program per image; J_k couples the positions of each (b, c) through
     the mean and std, like a LayerNorm backward over the spatial axis.
 
-    ``SINGLE``: everything in registers. Otherwise two chunked passes per stage (sums, then
-    ``G_k``); ``G_{k+1}`` lives in a float32 scratch buffer ``(B, C, S)`` between stages.
+    ``SINGLE``: one tile holds the image; ``g - G`` stays in registers across the stages.
+    Otherwise two chunked passes per stage (sums, then ``G_k``); ``G_{k+1}`` lives in a float32
+    scratch buffer ``(B, C, S)`` between stages. Stages and replay are runtime loops (see the
+    forward kernel).
     """
     b = widen(tl.program_id(0), USE_INT64)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
@@ -142,21 +145,32 @@ def _bwd_layernorm_kernel(
     if SINGLE:
         offs_s = widen(tl.arange(0, BLOCK_S), USE_INT64)
         mask = mask_c[:, None] & (offs_s < S)[None, :]
-        x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
-        g = load_tile(g_ptr, b, offs_c, offs_s, sgb, sgc, sgs, mask)
-        G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-        for k in tl.static_range(K - 1, -1, -1):
-            v, h, xhat, cn = _ln_bwd_tile(x, g, G, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
+        # Registers hold V = g - G_{k+1} (instead of g and G) and the stage being worked on; the
+        # input is re-read (from L1/L2: one image) for each stage's replay and g once more at
+        # the end (dx = g - V). Keeping x and g live too spilled on sm_80 (64 registers/thread
+        # at 32 warps).
+        V = load_tile(g_ptr, b, offs_c, offs_s, sgb, sgc, sgs, mask)
+        for k_rev in range(K):
+            k = K - 1 - k_rev
+            x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
+            v, h, xhat, cn = _ln_bwd_tile(x, V, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
                                           offs_c, mask_c, C, hl, off, sh, hw, USE_LIBDEVICE)
-            w_sd, dmu, dsd = _ln_bwd_coeffs(
-                tl.sum(v, axis=1), tl.sum(h, axis=1), tl.sum(v * cn, axis=1),
-                masked_row_sum(h * xhat, mask), k, w_ptr, std_ptr,
-                dw_part_ptr, db_part_ptr, stat_base, offs_c, mask_c, C)
-            G = G + _ln_dr(h, xhat, w_sd, dmu, dsd, S)
-        store_tile(dx_ptr, G, b, offs_c, offs_s, sdb, sdc, sds, mask)
+            sum_v, sum_h = tl.sum(v, axis=1), tl.sum(h, axis=1)
+            sum_vc, sum_hx = tl.sum(v * cn, axis=1), masked_row_sum(h * xhat, mask)
+            # The direct path of dL/dr needs no reduction: apply it now, so that only x, V and
+            # xhat stay live across the reductions' barriers.
+            w, _bb = ln_params(w_ptr, b_ptr, k, offs_c, mask_c, C)
+            _mu, sd = ln_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C)
+            V = V - h * (w / sd)
+            _w_sd, dmu, dsd = _ln_bwd_coeffs(sum_v, sum_h, sum_vc, sum_hx, k, w_ptr, std_ptr,
+                                             dw_part_ptr, db_part_ptr, stat_base, offs_c, mask_c, C)
+            V = V - (dmu + dsd * xhat) / S
+        g = load_tile(g_ptr, b, offs_c, offs_s, sgb, sgc, sgs, mask)
+        store_tile(dx_ptr, g - V, b, offs_c, offs_s, sdb, sdc, sds, mask)
     else:
         # scratch is a contiguous float32 (B, C, S) buffer (image stride ssb = C * S).
-        for k in tl.static_range(K - 1, -1, -1):
+        for k_rev in range(K):
+            k = K - 1 - k_rev
             sum_v = tl.zeros([BLOCK_C], dtype=tl.float32)
             sum_h = tl.zeros([BLOCK_C], dtype=tl.float32)
             sum_vc = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -212,7 +226,6 @@ def rfsq_backward_launch(
     ln_bias: Optional[torch.Tensor] = None,
     mean: Optional[torch.Tensor] = None,
     std: Optional[torch.Tensor] = None,
-    max_block_elems: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(grad_z, grad_scale, grad_ln_weight, grad_ln_bias)`` of ``sum(grad_q * quantized)``.
 
@@ -229,29 +242,31 @@ def rfsq_backward_launch(
     g, (sgb, sgc, sgs) = config.strided_view(grad_q)
     sdb, sdc, sds = grad_z.stride(0), grad_z.stride(1), config.flat_spatial_stride(grad_z)
     consts, basis = config.level_tables(levels, z.device)
-    block_c, block_s, num_warps = config.block_config(C, S, max_block_elems)
     use_int64 = config.needs_int64(x, g, grad_z)
-    common = dict(USE_LIBDEVICE=config.use_libdevice(z), num_warps=num_warps)
+    use_libdevice = config.use_libdevice(z)
     if strategy == "layernorm":
-        single = S <= block_s
-        scratch = grad_z if single else torch.empty((B, C, S), dtype=torch.float32, device=z.device)
+        tiles = config.layernorm_tiles(C, S, "backward")
+        scratch = grad_z if tiles.single else torch.empty((B, C, S), dtype=torch.float32, device=z.device)
         use_int64 = use_int64 or config.needs_int64(scratch)
         dw_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
         db_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
         _bwd_layernorm_kernel[(B,)](
             x, g, grad_z, scratch, mean, std, ln_weight, ln_bias, dw_part, db_part, consts, basis,
             C, S, sxb, sxc, sxs, sgb, sgc, sgs, sdb, sdc, sds, C * S,
-            K=stages, BLOCK_C=block_c, BLOCK_S=block_s, SINGLE=single, USE_INT64=use_int64, **common)
+            K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, SINGLE=tiles.single,
+            USE_INT64=use_int64, USE_LIBDEVICE=use_libdevice, num_warps=tiles.num_warps)
         grad_w.copy_(dw_part.sum(0))
         grad_b.copy_(db_part.sum(0))
     else:
-        n_sblk = triton.cdiv(S, block_s)
+        tiles = config.elementwise_tiles(C, S)
+        n_sblk = triton.cdiv(S, tiles.block_s)
         has_scale = strategy == "scale"
         part = torch.empty((B * n_sblk, stages) if has_scale else (1,), dtype=torch.float32, device=z.device)
         _bwd_elementwise_kernel[(B * n_sblk,)](
             x, g, grad_z, scale if has_scale else x, part, consts, basis,
             C, S, n_sblk, sxb, sxc, sxs, sgb, sgc, sgs, sdb, sdc, sds,
-            K=stages, HAS_SCALE=has_scale, BLOCK_C=block_c, BLOCK_S=block_s, USE_INT64=use_int64, **common)
+            K=stages, HAS_SCALE=has_scale, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
+            USE_INT64=use_int64, USE_LIBDEVICE=use_libdevice, num_warps=tiles.num_warps)
         if has_scale:
             grad_scale.copy_(part.sum(0))
     return grad_z, grad_scale, grad_w, grad_b

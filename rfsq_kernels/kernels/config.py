@@ -1,24 +1,47 @@
-"""Host-side launch configuration: memory layout, per-level constant tables, block sizes.
+"""Host-side launch configuration: memory layout, per-level constant tables, tile sizes.
 
-Block-size / num_warps heuristic (one 2-D tile ``[BLOCK_C, BLOCK_S]`` per program):
+Every program works on one 2-D register tile ``[BLOCK_C, BLOCK_S]``: all channels of an image
+(``BLOCK_C = next_pow2(C)``, because the index of a position packs every channel's digit) by a
+run of flattened spatial positions. :func:`layernorm_tiles` and :func:`elementwise_tiles` decide
+the tile, ``num_warps`` and the path; the launchers use nothing else, and the offline compile
+check (:mod:`rfsq_kernels.gpucheck`) reaches every decision through the launchers.
 
-* ``BLOCK_C = next_pow2(C)`` (all channels of a position live in one program, because the
-  index of a position packs every channel's digit);
-* ``BLOCK_S = min(next_pow2(S), MAX_BLOCK_ELEMS // BLOCK_C)``, so a tile holds at most
-  ``MAX_BLOCK_ELEMS`` (4096) elements: enough work per program to amortise the per-stage
-  constants, small enough that the backward's ~8 live float32 tiles stay in registers;
-* ``num_warps = clamp(BLOCK_C * BLOCK_S / 512, 1, 8)`` (about 16 elements per thread per tile).
+``layernorm`` (one program per image: its statistics reduce over all positions of the image,
+and each stage's statistics depend on every earlier stage):
 
-``none``/``scale`` launch one program per (image, spatial tile). ``layernorm`` launches one program
-per image: its statistics reduce over all positions of an image, and a stage's statistics depend on
-every earlier stage. When ``S > BLOCK_S`` the program loops over chunks of ``BLOCK_S`` positions
-(the chunked multi-pass path: two reduction passes per stage, then one output pass; the residual is
-recomputed from the input and the saved statistics in every pass instead of being stored).
+* **Single tile** when the padded image fits ``MAX_BLOCK_ELEMS`` (8192) elements: the whole
+  image stays in registers for all K stages, read once and written once. 8192 covers the
+  paper's training latents (32x32 with C=4 or C=5, padded to 8 channels: 8 x 1024) and every
+  C <= 8 with S <= 1024. Threads: 4 elements each where possible, at least 4 warps, at most 16
+  warps forward and 32 backward; the 8192 tile thus runs on 16 warps (16 elements and up to 128
+  registers per thread) forward and on 32 warps (8 elements, 64 registers) backward. The stages
+  are a runtime loop (one stage's values live at a time); the backward carries ``V = g - G``
+  and re-reads its input (one image, from L1/L2) for each stage's replay, so only V, the
+  residual being replayed and its temporaries are live. All found by the offline compile test
+  (``rfsq_kernels.gpucheck``), which fails on any spill: keeping x and g live as well spilled
+  on sm_80 at 32 warps and everywhere at 16; the forward at 32 warps spilled with 64-bit
+  offsets and 16-bit inputs, and at 16 warps with 64-bit offsets and float32, so a forward
+  with 64-bit offsets (over 2**31 elements in the batch) keeps at most 4096 elements in one
+  tile; ptxas spilled a 2048-element forward tile at 8 warps (hence 4 elements per thread);
+  fewer than 4 warps spilled on tiny images with 16 channels (one thread then holds many
+  channels' constants).
+* **Chunked** otherwise: the program loops over ``CHUNK_ELEMS`` (2048) element chunks, 8 warps
+  (8 elements per thread): two statistics passes per stage and an output pass (forward), two
+  passes per stage with a float32 scratch for ``G`` (backward). Stages run as a runtime loop,
+  not unrolled: these passes are bound by memory traffic, and unrolling the O(K^2) replay made
+  the K=8 compile take over a minute and spill registers.
 
-``MAX_BLOCK_ELEMS`` is the knob that tests lower to force the chunked path.
+``none``/``scale`` (positions independent): one program per (image, tile of at most
+``CHUNK_ELEMS`` elements), 8 warps for a full tile (8 elements per thread, fewer warps for small
+images). The forward loops over the K stages at run time; the backward unrolls them, so the
+compiler shares its O(K^2) replay across the unrolled stages. Bigger tiles spilled at K=8.
+
+``MAX_BLOCK_ELEMS`` is the knob that tests lower to force the chunked/split paths: it also
+caps the chunk, so ``MAX_BLOCK_ELEMS = 64`` gives 64-element chunks.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -26,10 +49,28 @@ import torch
 from ..backend import interpreter_enabled
 from ..reference.codebook import fsq_constants, index_basis
 
-#: Upper bound on the elements of one program's ``[BLOCK_C, BLOCK_S]`` tile.
-MAX_BLOCK_ELEMS = 4096
+#: Largest padded image (``BLOCK_C * next_pow2(S)``) that the layernorm kernels keep in one tile.
+MAX_BLOCK_ELEMS = 8192
+#: Tile of the chunked layernorm passes and of the none/scale kernels (capped by MAX_BLOCK_ELEMS).
+CHUNK_ELEMS = 2048
+#: Elements per thread of a full chunk (8 warps at 2048) and of the single layernorm tile.
+CHUNK_ELEMS_PER_THREAD = 8
+SINGLE_ELEMS_PER_THREAD = 4
+SINGLE_WARPS = {"forward": (4, 16), "backward": (4, 32)}
 
 _TABLES: Dict[Tuple[Tuple[int, ...], torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One launch's tile: ``[block_c, block_s]`` per program, ``num_warps``, and whether one
+    tile covers the whole image (layernorm: the single-tile path; none/scale: one program per
+    image)."""
+
+    block_c: int
+    block_s: int
+    num_warps: int
+    single: bool
 
 
 def next_pow2(n: int) -> int:
@@ -37,18 +78,39 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def block_config(channels: int, spatial: int, max_elems: Optional[int] = None) -> Tuple[int, int, int]:
-    """``(BLOCK_C, BLOCK_S, num_warps)`` for ``channels`` x ``spatial`` (see module docstring)."""
-    max_elems = MAX_BLOCK_ELEMS if max_elems is None else int(max_elems)
-    block_c = next_pow2(channels)
-    block_s = max(min(next_pow2(spatial), max_elems // block_c), 2)
-    num_warps = min(max((block_c * block_s) // 512, 1), 8)
-    return block_c, block_s, num_warps
+def _warps(elems: int, per_thread: int, least: int, most: int) -> int:
+    return min(max(elems // (32 * per_thread), least), most)
+
+
+def _chunk_tiles(block_c: int, spatial: int) -> Tiles:
+    chunk = min(CHUNK_ELEMS, MAX_BLOCK_ELEMS)
+    block_s = max(min(next_pow2(spatial), chunk // block_c), 2)
+    return Tiles(block_c, block_s, _warps(block_c * block_s, CHUNK_ELEMS_PER_THREAD, 1, 8),
+                 block_s >= spatial)
+
+
+def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
+                    int64: bool = False) -> Tiles:
+    """Tile of the layernorm ``direction`` (``forward``/``backward``) kernel for ``channels`` x
+    ``spatial``; ``int64``: the launch uses 64-bit offsets (see module docstring)."""
+    block_c, block_s = next_pow2(channels), next_pow2(spatial)
+    single_max = MAX_BLOCK_ELEMS // 2 if int64 and direction == "forward" else MAX_BLOCK_ELEMS
+    if block_c * block_s <= single_max:
+        warps = _warps(block_c * block_s, SINGLE_ELEMS_PER_THREAD, *SINGLE_WARPS[direction])
+        return Tiles(block_c, max(block_s, 2), warps, True)
+    return replace(_chunk_tiles(block_c, spatial), single=False)
+
+
+def elementwise_tiles(channels: int, spatial: int) -> Tiles:
+    """Tile of the none/scale kernels for ``channels`` x ``spatial`` (see module docstring)."""
+    return _chunk_tiles(next_pow2(channels), spatial)
 
 
 def use_libdevice(t: torch.Tensor) -> bool:
-    """libdevice (exact tanh, ties-to-even rint) on a real GPU; exp/floor fallbacks otherwise."""
-    return t.is_cuda and not interpreter_enabled()
+    """libdevice (exact tanh, ties-to-even rint) when Triton's real compiler builds the kernel:
+    CUDA tensors, and ``meta`` tensors (the offline compile check, :mod:`rfsq_kernels.gpucheck`);
+    exp/floor fallbacks under the interpreter (CPU tensors)."""
+    return t.device.type in ("cuda", "meta") and not interpreter_enabled()
 
 
 def level_tables(levels: Sequence[int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -31,14 +31,18 @@ def _ln_emit(r, acc, mu, sd, k, w_ptr, b_ptr, offs_c, mask_c, C, hl, off, sh, hw
     return r - q, acc + q
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "n_sblk", "K"])
 def _fwd_elementwise_kernel(
     x_ptr, q_ptr, idx_ptr, scale_ptr, consts_ptr, basis_ptr,
-    C, S, n_sblk, sxb, sxc, sxs, sqb, sqc, sqs,
-    K: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    C, S, n_sblk, sxb, sxc, sxs, sqb, sqc, sqs, K,
+    HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
-    """``none``/``scale``: one program per (image, spatial tile), all K stages in registers."""
+    """``none``/``scale``: one program per (image, spatial tile), all K stages in registers.
+
+    The stages are a runtime loop (the residual is carried, nothing is replayed), so one binary
+    serves every K.
+    """
     pid = tl.program_id(0)
     b = widen(pid // n_sblk, USE_INT64)
     offs_s = widen((pid % n_sblk) * BLOCK_S + tl.arange(0, BLOCK_S), USE_INT64)
@@ -50,7 +54,7 @@ def _fwd_elementwise_kernel(
     r = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     idx_row = (b * S + offs_s) * K
-    for k in tl.static_range(K):
+    for k in range(K):
         a = 1.0
         if HAS_SCALE:
             a = tl.load(scale_ptr + k).to(tl.float32)
@@ -63,10 +67,11 @@ def _fwd_elementwise_kernel(
 
 @triton.jit
 def _ln_replay_chunk(s0, b, x_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C, S,
-                     sxb, sxc, sxs, hl, off, sh, hw, k: tl.constexpr, BLOCK_S: tl.constexpr,
+                     sxb, sxc, sxs, hl, off, sh, hw, k, BLOCK_S: tl.constexpr,
                      USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """Load positions ``s0 .. s0+BLOCK_S`` of image ``b`` and replay stages ``0..k-1`` on them:
-    ``(mask, r_k)`` for one chunk of the chunked layernorm statistics passes."""
+    """Load positions ``s0 .. s0+BLOCK_S`` of image ``b`` and replay stages ``0..k-1`` on them
+    (runtime loop; ``k`` is the runtime stage index): ``(mask, r_k)`` for one chunk of the
+    chunked layernorm statistics passes."""
     offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
     mask = mask_c[:, None] & (offs_s < S)[None, :]
     x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
@@ -75,11 +80,11 @@ def _ln_replay_chunk(s0, b, x_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, o
     return mask, r
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "K"])
 def _fwd_layernorm_kernel(
     x_ptr, q_ptr, idx_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, consts_ptr, basis_ptr,
     C, S, sxb, sxc, sxs, sqb, sqc, sqs, eps,
-    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr,
+    K, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr,
     USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
     """``layernorm``: one program per image (statistics reduce over all its positions).
@@ -87,7 +92,10 @@ def _fwd_layernorm_kernel(
     ``SINGLE`` (S <= BLOCK_S): the whole image stays in registers for all K stages.
     Otherwise the chunked multi-pass path: per stage, a mean pass and a centred-variance pass
     over chunks (residual recomputed from the input and the statistics already written), then
-    one output pass for quantized and indices.
+    one output pass for quantized and indices. Both paths loop over stages at run time (not
+    unrolled): one binary serves every K, one stage's values are live at a time, and the
+    chunked path's O(K^2) replay no longer makes the compile slow (over a minute at K=8 when
+    unrolled) or spill registers.
     """
     b = widen(tl.program_id(0), USE_INT64)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
@@ -101,7 +109,7 @@ def _fwd_layernorm_kernel(
         r = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
         acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         idx_row = (b * S + offs_s) * K
-        for k in tl.static_range(K):
+        for k in range(K):
             mu = masked_row_sum(r, mask) / S
             d = r - mu[:, None]
             sd = tl.sqrt(masked_row_sum(d * d, mask) / S + eps)
@@ -111,7 +119,7 @@ def _fwd_layernorm_kernel(
                               hl, off, sh, hw, top, basis, idx_ptr, idx_row, mask_s, USE_LIBDEVICE)
         store_tile(q_ptr, acc, b, offs_c, offs_s, sqb, sqc, sqs, mask)
     else:
-        for k in tl.static_range(K):
+        for k in range(K):
             total = tl.zeros([BLOCK_C], dtype=tl.float32)
             for s0 in range(0, S, BLOCK_S):
                 mask, r = _ln_replay_chunk(s0, b, x_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
@@ -138,9 +146,10 @@ def _fwd_layernorm_kernel(
             r = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
             acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
             idx_row = (b * S + offs_s) * K
-            for k in tl.static_range(K):
-                mu, sd = ln_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C)
-                r, acc = _ln_emit(r, acc, mu, sd, k, w_ptr, b_ptr, offs_c, mask_c, C,
+            for k in range(K):
+                # New names: mu/sd above are [BLOCK_C]; a loop must not rebind them as [BLOCK_C, 1].
+                mu_col, sd_col = ln_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C)
+                r, acc = _ln_emit(r, acc, mu_col, sd_col, k, w_ptr, b_ptr, offs_c, mask_c, C,
                                   hl, off, sh, hw, top, basis, idx_ptr, idx_row, mask_s, USE_LIBDEVICE)
             store_tile(q_ptr, acc, b, offs_c, offs_s, sqb, sqc, sqs, mask)
 
@@ -171,14 +180,13 @@ def rfsq_forward_launch(
     ln_weight: Optional[torch.Tensor] = None,
     ln_bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
-    max_block_elems: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the fused K-stage forward; returns ``(quantized, indices, mean, std)`` like
     :func:`rfsq_kernels.reference.rfsq_forward`.
 
     ``scale`` is ``a = softplus(scale_param)`` (``(K,)``, float32) for ``strategy='scale'``;
-    ``ln_weight``/``ln_bias`` are ``(K, C)`` for ``'layernorm'``. ``max_block_elems`` overrides
-    :data:`config.MAX_BLOCK_ELEMS` (tests use it to force the chunked layernorm path).
+    ``ln_weight``/``ln_bias`` are ``(K, C)`` for ``'layernorm'``. Tiles, path and ``num_warps``
+    come from :func:`config.layernorm_tiles` / :func:`config.elementwise_tiles`.
     """
     quantized, indices, mean, std = forward_outputs(z, levels, stages, strategy)
     B, C = z.shape[0], z.shape[1]
@@ -188,19 +196,22 @@ def rfsq_forward_launch(
     x, (sxb, sxc, sxs) = config.strided_view(z)
     sqb, sqc, sqs = quantized.stride(0), quantized.stride(1), config.flat_spatial_stride(quantized)
     consts, basis = config.level_tables(levels, z.device)
-    block_c, block_s, num_warps = config.block_config(C, S, max_block_elems)
-    common = dict(USE_INT64=config.needs_int64(x, quantized, indices),
-                  USE_LIBDEVICE=config.use_libdevice(z), num_warps=num_warps)
+    use_int64 = config.needs_int64(x, quantized, indices)
+    common = dict(USE_INT64=use_int64, USE_LIBDEVICE=config.use_libdevice(z))
     if strategy == "layernorm":
+        tiles = config.layernorm_tiles(C, S, "forward", use_int64)
         _fwd_layernorm_kernel[(B,)](
             x, quantized, indices, mean, std, ln_weight, ln_bias, consts, basis,
             C, S, sxb, sxc, sxs, sqb, sqc, sqs, float(eps),
-            K=stages, BLOCK_C=block_c, BLOCK_S=block_s, SINGLE=S <= block_s, **common)
+            K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, SINGLE=tiles.single,
+            num_warps=tiles.num_warps, **common)
     else:
-        n_sblk = triton.cdiv(S, block_s)
+        tiles = config.elementwise_tiles(C, S)
+        n_sblk = triton.cdiv(S, tiles.block_s)
         has_scale = strategy == "scale"
         _fwd_elementwise_kernel[(B * n_sblk,)](
             x, quantized, indices, scale if has_scale else x, consts, basis,
             C, S, n_sblk, sxb, sxc, sxs, sqb, sqc, sqs,
-            K=stages, HAS_SCALE=has_scale, BLOCK_C=block_c, BLOCK_S=block_s, **common)
+            K=stages, HAS_SCALE=has_scale, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
+            num_warps=tiles.num_warps, **common)
     return quantized, indices, mean, std

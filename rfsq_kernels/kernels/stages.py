@@ -152,13 +152,25 @@ def ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
+def _ln_undo_stage(r, j, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
+                   hl, off, sh, hw, USE_LIBDEVICE: tl.constexpr):
+    """``r_{j+1} = r_j - q_j`` for layernorm stage ``j`` with its saved statistics."""
+    mu, sd = ln_stats(mean_ptr, std_ptr, stat_base, j, offs_c, mask_c, C)
+    w, bb = ln_params(w_ptr, b_ptr, j, offs_c, mask_c, C)
+    q, _code, _t, _rnd = ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE)
+    return r - q
+
+
+@triton.jit
 def ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-              hl, off, sh, hw, NSTAGES: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """Residual ``r_NSTAGES`` of the layernorm strategy from the input tile and saved statistics."""
+              hl, off, sh, hw, nstages, USE_LIBDEVICE: tl.constexpr):
+    """Residual ``r_nstages`` of the layernorm strategy from the input tile and saved statistics.
+
+    A runtime loop (``nstages`` is the caller's runtime stage index): code size and compile time
+    do not grow with K, and only one stage's values are live at a time.
+    """
     r = x
-    for j in tl.static_range(NSTAGES):
-        mu, sd = ln_stats(mean_ptr, std_ptr, stat_base, j, offs_c, mask_c, C)
-        w, bb = ln_params(w_ptr, b_ptr, j, offs_c, mask_c, C)
-        q, _code, _t, _rnd = ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE)
-        r = r - q
+    for j in range(nstages):
+        r = _ln_undo_stage(r, j, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
+                           hl, off, sh, hw, USE_LIBDEVICE)
     return r

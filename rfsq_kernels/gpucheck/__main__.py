@@ -1,0 +1,55 @@
+"""``python -m rfsq_kernels.gpucheck``: compile every kernel specialization for real targets.
+
+Exit status 0 when every case compiles, no sm_80/sm_90 binary spills registers, and the
+launches reached every path; 1 otherwise, with the failing cases and the compiler's messages.
+Run it where ``TRITON_INTERPRET`` is unset (the test suite starts it in a subprocess).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .check import NO_SPILL_ARCHS, check, default_archs, run_parallel, summary_table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, nargs="+", default=None,
+                   help="compute capabilities (default: 80 90, and 100 when triton bundles ptxas-blackwell)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
+    p.add_argument("--full", action="store_true", help="the complete product of all axes (hours); "
+                   "default: sweep.default_cases() on sm_80/sm_90, sweep.structure_cases() elsewhere")
+    p.add_argument("--json", default=None, help="write every compiled binary's record here")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU", file=sys.stderr)
+        return 2
+    archs = args.arch or default_archs()
+    t0 = time.perf_counter()
+    binaries, failures = run_parallel(archs, full=args.full, jobs=args.jobs)
+    wall = time.perf_counter() - t0
+    print(summary_table(binaries))
+    problems = check(binaries, failures, archs)
+    slowest = max(binaries, key=lambda b: b["compile_cpu_s"], default=None)
+    if slowest:
+        print(f"\n{len(binaries)} binaries for sm_{', sm_'.join(map(str, archs))} in {wall:.0f} s wall "
+              f"({args.jobs} jobs); slowest first compile {slowest['compile_cpu_s']:.1f} CPU s "
+              f"({slowest['compile_s']:.1f} s wall): {slowest['kernel']} sm_{slowest['arch']} ({slowest['case']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"archs": archs, "wall_s": wall, "binaries": binaries,
+                       "failures": [{"case": c, "error": m} for c, m in failures]}, f, indent=1)
+    if problems:
+        print(f"\nFAILED ({len(problems)} problems; spills checked on sm_{NO_SPILL_ARCHS}):")
+        for line in problems:
+            print(line)
+        return 1
+    print("OK: every case compiled, no spills on " + ", ".join(f"sm_{a}" for a in NO_SPILL_ARCHS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

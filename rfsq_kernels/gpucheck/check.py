@@ -1,0 +1,154 @@
+"""Run the sweep in worker processes, turn it into per-binary records, and judge them."""
+from __future__ import annotations
+
+import inspect
+import multiprocessing
+import os
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, Sequence, Tuple
+
+from .binary import coherence_problems, sass_instructions
+
+#: Targets on which any register spill fails the check.
+NO_SPILL_ARCHS = (80, 90)
+#: Budget of one specialization's first compile, in CPU seconds (a cache hit costs ~0).
+MAX_COMPILE_CPU_S = 10.0
+_BLOCK_C = (1, 2, 4, 8, 16)
+
+
+def default_archs() -> List[int]:
+    """sm_80 and sm_90, plus sm_100 when the triton wheel bundles ``ptxas-blackwell``."""
+    import triton
+    blackwell = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+    return [80, 90] + ([100] if os.path.exists(blackwell) else [])
+
+
+def _family(strategy: str) -> str:
+    return "layernorm" if strategy == "layernorm" else "elementwise"
+
+
+def _jsonable(v):
+    return v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
+
+
+def _run_task(arch: int, direction: str, family: str, full: bool) -> Tuple[List[dict], List[Tuple[str, str]]]:
+    """One worker task: the cases of one (target, direction, kernel family)."""
+    from .sweep import all_cases, default_cases, structure_cases, sweep
+    grid = all_cases() if full else default_cases() if arch in NO_SPILL_ARCHS else structure_cases()
+    cases = [c for c in grid
+             if c.direction == direction and _family(c.strategy) == family]
+    result = sweep(arch, cases)
+    records: Dict[str, dict] = {}
+    for case, launch in result.launches:
+        rec = records.get(launch.hash)
+        split = launch.grid[0] > case.shape[0]  # more programs than images: several tiles per image
+        if rec is None:
+            consts = {k: _jsonable(v) for k, v in launch.constexprs.items()}
+            rec = records[launch.hash] = dict(
+                arch=arch, kernel=launch.kernel, hash=launch.hash, direction=direction,
+                strategy=case.strategy, num_warps=launch.num_warps, constexprs=consts,
+                x_dtype=launch.signature["x_ptr"].lstrip("*"),
+                index_dtype=launch.signature.get("idx_ptr", "").lstrip("*"),
+                registers=launch.resources.registers, spill_bytes=launch.resources.spill_bytes,
+                shared_bytes=launch.resources.shared_bytes,
+                compile_s=round(result.compile_s[launch.hash], 2),
+                compile_cpu_s=round(result.compile_cpu_s[launch.hash], 2), case=str(case),
+                grid=list(launch.grid), launches=0, paths=set())
+        rec["launches"] += 1
+        if "SINGLE" in launch.constexprs:
+            rec["paths"].add("single" if launch.constexprs["SINGLE"] else "chunked")
+        else:
+            rec["paths"].add("split" if split else "single")
+    for rec in records.values():
+        rec["paths"] = sorted(rec["paths"])
+        rec["coherence"] = _coherence(rec, result.compiled[rec["hash"]])
+    failures = [(str(c), m) for c, m in result.failures]
+    return list(records.values()), failures
+
+
+def barrier_lines(kernel_name: str) -> List[Tuple[str, int]]:
+    """``(file, line)`` of every ``tl.debug_barrier()`` in the named kernel's own body."""
+    from ..kernels import backward, forward
+    fn = getattr(forward, kernel_name, None) or getattr(backward, kernel_name)
+    lines, start = inspect.getsourcelines(fn.fn)
+    path = inspect.getsourcefile(fn.fn)
+    return [(path, start + i) for i, text in enumerate(lines) if "tl.debug_barrier()" in text]
+
+
+def _coherence(rec: dict, compiled) -> List[str]:
+    """Coherence problems of binaries that communicate through global memory inside a program
+    (the chunked layernorm paths: statistics, G scratch); [] for the others."""
+    if rec["constexprs"].get("SINGLE", True):
+        return []
+    return coherence_problems(compiled.asm["ptx"], sass_instructions(compiled.asm["cubin"]),
+                              barrier_lines(rec["kernel"]))
+
+
+def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2) -> Tuple[List[dict], List[Tuple[str, str]]]:
+    """Compile the grid for every target in ``jobs`` processes; ``(binaries, failures)``."""
+    tasks = [(a, d, f, full) for a in archs for f in ("layernorm", "elementwise")
+             for d in ("backward", "forward")]
+    binaries, failures = [], []
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as pool:
+        for recs, fails in pool.map(_run_task, *zip(*tasks)):
+            binaries += recs
+            failures += fails
+    return binaries, failures
+
+
+def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence[int]) -> List[str]:
+    """Every problem found, one line (or block) each: failed compiles, spills on sm_80/sm_90,
+    and launcher outcomes the sweep never reached."""
+    problems = [f"- compile failed: {case}\n  {msg}" for case, msg in failures]
+    for b in binaries:
+        if b["compile_cpu_s"] > MAX_COMPILE_CPU_S:
+            problems.append(f"- first compile took {b['compile_cpu_s']:.1f} CPU s (> {MAX_COMPILE_CPU_S}): "
+                            f"{b['kernel']} sm_{b['arch']} {b['constexprs']} ({b['case']})")
+        if b["arch"] in NO_SPILL_ARCHS and b["spill_bytes"]:
+            problems.append(f"- spills {b['spill_bytes']} B/thread ({b['registers']} registers): {b['kernel']} "
+                            f"sm_{b['arch']} num_warps={b['num_warps']} {b['constexprs']} ({b['case']})")
+    for b in binaries:
+        for msg in b.get("coherence", []):
+            problems.append(f"- in-program communication: {msg}: {b['kernel']} sm_{b['arch']} "
+                            f"{b['constexprs']} ({b['case']})")
+    coherent = [b for b in binaries if "chunked" in b["paths"]]
+    if not coherent:
+        problems.append("- no chunked layernorm binary was checked for coherent loads")
+    seen = defaultdict(set)
+    for b in binaries:
+        key = (b["arch"], b["kernel"])
+        c = b["constexprs"]
+        seen[key] |= {("path", p) for p in b["paths"]}
+        seen[key] |= {("USE_INT64", c["USE_INT64"]), ("x_dtype", b["x_dtype"]), ("BLOCK_C", c["BLOCK_C"])}
+        if "HAS_SCALE" in c:
+            seen[key].add(("HAS_SCALE", c["HAS_SCALE"]))
+    for arch in archs:
+        for kernel, paths in (("_fwd_layernorm_kernel", ("single", "chunked")),
+                              ("_bwd_layernorm_kernel", ("single", "chunked")),
+                              ("_fwd_elementwise_kernel", ("single", "split")),
+                              ("_bwd_elementwise_kernel", ("single", "split"))):
+            want = {("path", p) for p in paths} | {("BLOCK_C", c) for c in _BLOCK_C}
+            if arch in NO_SPILL_ARCHS:  # other targets compile the structural grid only
+                want |= {("USE_INT64", v) for v in (False, True)}
+                want |= {("x_dtype", d) for d in ("fp32", "bf16", "fp16")}
+            if "elementwise" in kernel:
+                want |= {("HAS_SCALE", v) for v in (False, True)}
+            missing = want - seen[(arch, kernel)]
+            if missing:
+                problems.append(f"- sweep never reached {sorted(missing)} of {kernel} on sm_{arch}")
+    return problems
+
+
+def summary_table(binaries: List[dict]) -> str:
+    """Per (target, kernel, path): binaries, max registers, max spill bytes, max compile CPU s."""
+    groups = defaultdict(list)
+    for b in binaries:
+        groups[(b["arch"], b["kernel"], "+".join(b["paths"]))].append(b)
+    lines = [f"{'target':7} {'kernel':26} {'path':14} {'binaries':>8} {'max regs':>8} "
+             f"{'max spill B':>11} {'max compile CPU s':>17}"]
+    for (arch, kernel, path), bs in sorted(groups.items()):
+        lines.append(f"sm_{arch:<4} {kernel:26} {path:14} {len(bs):8d} {max(b['registers'] for b in bs):8d} "
+                     f"{max(b['spill_bytes'] for b in bs):11d} {max(b['compile_cpu_s'] for b in bs):17.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,192 @@
+"""Drive the real launchers over the specialization grid and record what they compile.
+
+The grid is over the *inputs* a user can pass; which kernel, grid, tile, ``num_warps`` and
+constexprs each input gets is decided by ``rfsq_forward_launch`` / ``rfsq_backward_launch``
+themselves (the code that runs on a GPU). Spatial sizes and batch sizes are chosen so that the
+launcher's every path is reached (single tile and chunked/split, 32- and 64-bit offsets), and
+:func:`coverage_gaps` checks afterwards, from the recorded launches, that it was.
+
+All tensors live on ``meta``: a 64-bit-offset input of 2**31 elements costs nothing.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..kernels.backward import rfsq_backward_launch
+from ..kernels.forward import rfsq_forward_launch
+from .driver import Launch, offline_target
+from rfsq_kernels.reference import index_dtype
+
+DIRECTIONS = ("forward", "backward")
+STRATEGIES = ("none", "scale", "layernorm")
+STAGES = (1, 2, 3, 4, 8)
+CHANNELS = tuple(range(1, 17))
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Odd tiny image (one tile), the paper's 32x32 latent, and a large image (several tiles/chunks).
+SPATIAL = ((3, 5), (32, 32), (96, 96))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call of a launcher: which inputs (shapes, dtypes), never which kernel."""
+
+    direction: str
+    strategy: str
+    stages: int
+    levels: Tuple[int, ...]
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+
+    def __str__(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        return (f"{self.direction} strategy={self.strategy} K={self.stages} C={len(self.levels)} "
+                f"levels={list(self.levels)} dtype={dt} shape={'x'.join(map(str, self.shape))}")
+
+
+def levels_for(channels: int) -> List[Tuple[int, ...]]:
+    """Level tuples of ``channels`` channels reaching each index dtype that this C can have."""
+    small, large = (3,) * channels, (8,) * channels
+    return [small] if index_dtype(small) == index_dtype(large) else [small, large]
+
+
+def batches_for(channels: int, spatial: Sequence[int]) -> Tuple[int, int]:
+    """A small batch, and one whose element offsets reach 2**31 (64-bit offsets)."""
+    per_image = channels * math.prod(spatial)
+    return 2, 2**31 // per_image + 1
+
+
+def all_cases(directions: Iterable[str] = DIRECTIONS, strategies: Iterable[str] = STRATEGIES,
+              stages: Iterable[int] = STAGES, channels: Iterable[int] = CHANNELS,
+              dtypes: Iterable[torch.dtype] = DTYPES, spatial: Iterable[Tuple[int, ...]] = SPATIAL,
+              offsets: Iterable[int] = (32, 64)) -> List[Case]:
+    """Every combination of the given axis values (``offsets``: 32 = a small batch, 64 = a
+    batch whose offsets reach 2**31)."""
+    out = []
+    for d, s, k, c, dt, sp in itertools.product(directions, strategies, stages, channels, dtypes, spatial):
+        small, big = batches_for(c, sp)
+        for lv in levels_for(c):
+            for bits in offsets:
+                out.append(Case(d, s, k, lv, dt, (small if bits == 32 else big, c, *sp)))
+    return out
+
+
+def structure_cases() -> List[Case]:
+    """direction x strategy x every K x every C x the training and the large image, float32,
+    32-bit offsets (the structural part of :func:`default_cases`)."""
+    return all_cases(spatial=SPATIAL[1:], dtypes=(torch.float32,), offsets=(32,))
+
+
+def default_cases() -> List[Case]:
+    """The grid ``make test`` compiles (deduplicated: a few hundred binaries per target):
+
+    * structure: direction x strategy x every K x every C (1..16) x the training and the large
+      image, float32, 32-bit offsets -- every tile shape, path, stage count and ``num_warps``
+      the launchers choose;
+    * boundary: direction x {scale, layernorm} x K=8 x C in {5, 16} x every dtype x 32/64-bit
+      offsets x all three images -- every load/store type and offset width, at the heaviest
+      stage count, the paper's and the largest channel tile, with and without 16-divisible
+      sizes.
+
+    The complete product of all axes is :func:`all_cases` (``--full``): thousands of binaries
+    per target, hours on 2 cores.
+    """
+    structure = structure_cases()
+    boundary = all_cases(strategies=("scale", "layernorm"), stages=(8,), channels=(5, 16))
+    seen, out = set(), []
+    for case in structure + boundary:
+        if case not in seen:
+            seen.add(case)
+            out.append(case)
+    return out
+
+
+def run_case(case: Case) -> None:
+    """Call the real launcher on ``meta`` tensors shaped as ``case`` says."""
+    meta = torch.device("meta")
+    k, c = case.stages, len(case.levels)
+    z = torch.empty(case.shape, dtype=case.dtype, device=meta)
+    scale = ln_weight = ln_bias = None
+    if case.strategy == "scale":
+        scale = torch.empty((k,), dtype=torch.float32, device=meta)
+    if case.strategy == "layernorm":
+        ln_weight = torch.empty((k, c), dtype=torch.float32, device=meta)
+        ln_bias = torch.empty((k, c), dtype=torch.float32, device=meta)
+    if case.direction == "forward":
+        rfsq_forward_launch(z, list(case.levels), k, case.strategy, scale, ln_weight, ln_bias)
+        return
+    mean = std = None
+    if case.strategy == "layernorm":
+        mean = torch.empty((case.shape[0], k, c), dtype=torch.float32, device=meta)
+        std = torch.empty_like(mean)
+    grad_q = torch.empty_like(z)
+    rfsq_backward_launch(grad_q, z, list(case.levels), k, case.strategy, scale, ln_weight, ln_bias,
+                         mean, std)
+
+
+@dataclass
+class SweepResult:
+    """What one target's sweep compiled: launches per case, failures, compile seconds per binary."""
+
+    arch: int
+    launches: List[Tuple[Case, Launch]] = field(default_factory=list)
+    failures: List[Tuple[Case, str]] = field(default_factory=list)
+    compile_s: Dict[str, float] = field(default_factory=dict)   # binary hash -> first-call seconds
+    compile_cpu_s: Dict[str, float] = field(default_factory=dict)  # the same in CPU seconds (+ ptxas)
+    compiled: Dict[str, object] = field(default_factory=dict)    # binary hash -> CompiledKernel
+
+
+def sweep(arch: int, cases: Sequence[Case]) -> SweepResult:
+    """Run every case through the launchers with Triton compiling for ``sm_<arch>``.
+
+    A case whose compilation fails is recorded with the compiler's message and the sweep goes
+    on; each distinct message is reported once, with the first case that hit it.
+    """
+    result = SweepResult(arch)
+    failed_msgs: Dict[str, str] = {}
+    with offline_target(arch) as drv:
+        for case in cases:
+            n0 = len(drv.launches)
+            t0, c0 = time.perf_counter(), _cpu_seconds()
+            try:
+                run_case(case)
+            except Exception as e:  # the compiler's error, reported with the case
+                msg = f"{type(e).__name__}: {e}"
+                if msg not in failed_msgs:
+                    failed_msgs[msg] = str(case)
+                    result.failures.append((case, msg))
+                continue
+            dt, dc = time.perf_counter() - t0, _cpu_seconds() - c0
+            for launch in drv.launches[n0:]:
+                result.launches.append((case, launch))
+                result.compile_s.setdefault(launch.hash, dt)
+                result.compile_cpu_s.setdefault(launch.hash, dc)
+    result.compiled = compiled_kernels(arch)
+    return result
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas): a compile's cost that does
+    not grow when other jobs share the machine."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def compiled_kernels(arch: int) -> Dict[str, object]:
+    """Every ``CompiledKernel`` the project's kernels hold for device ``arch``, by hash."""
+    from ..kernels import backward, forward
+    out = {}
+    for module in (forward, backward):
+        for obj in vars(module).values():
+            caches = getattr(obj, "device_caches", None)
+            if caches is None or arch not in caches:
+                continue
+            for kernel in caches[arch][0].values():
+                out[kernel.hash] = kernel
+    return out
