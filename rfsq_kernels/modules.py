@@ -64,16 +64,10 @@ class RFSQ(_ReferenceRFSQ):
              active: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The K-stage loop on a checked channel-first latent: fused kernels or the reference."""
         if use_fused(self.backend, z):
-            if mask is None and active is None:
-                from .fused import rfsq_fused
+            from .fused import rfsq_fused
 
-                return rfsq_fused(z, self.levels, num_stages, self.strategy, *self._params(num_stages),
-                                  eps=self.eps)
-            if self.backend == "triton":
-                raise NotImplementedError(
-                    "backend='triton': masks and quantize dropout / per-sample stage counts are not in the "
-                    "fused kernels yet; use backend='auto' (falls back to the reference for such calls) or "
-                    "backend='reference'")
+            return rfsq_fused(z, self.levels, num_stages, self.strategy, *self._params(num_stages), eps=self.eps,
+                              mask=mask, active_stages=active)
         return super()._run(z, num_stages, mask, active)
 
     def extra_repr(self) -> str:

@@ -169,3 +169,13 @@ def max_offset(t: torch.Tensor) -> int:
 def needs_int64(*tensors: torch.Tensor) -> bool:
     """True when some element offset of these tensors may not fit in int32."""
     return any(max_offset(t) >= 2**31 - 1 for t in tensors)
+
+
+def mask_and_counts(mask: Optional[torch.Tensor], active: Optional[torch.Tensor], batch: int, spatial: int,
+                    dummy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Kernel views of the optional padding mask ``(B, *spatial)`` bool -> ``(B, S)`` uint8 (no copy
+    when contiguous) and per-sample stage counts ``(B,)`` -> int32; ``dummy`` stands in for an
+    absent one (never read: the kernels' HAS_MASK / HAS_DROPOUT flags are off)."""
+    valid = dummy if mask is None else mask.reshape(batch, spatial).contiguous().view(torch.uint8)
+    counts = dummy if active is None else active.to(torch.int32).contiguous()
+    return valid, counts
