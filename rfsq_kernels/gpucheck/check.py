@@ -124,6 +124,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
         seen[key] |= {("USE_INT64", c["USE_INT64"]), ("x_dtype", b["x_dtype"]), ("BLOCK_C", c["BLOCK_C"])}
         if "HAS_SCALE" in c:
             seen[key].add(("HAS_SCALE", c["HAS_SCALE"]))
+        seen[key] |= {(flag, c[flag]) for flag in ("HAS_MASK", "HAS_DROPOUT") if flag in c}
     for arch in archs:
         for kernel, paths in (("_fwd_layernorm_kernel", ("single", "chunked")),
                               ("_bwd_layernorm_kernel", ("single", "chunked")),
@@ -133,6 +134,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
             if arch in NO_SPILL_ARCHS:  # other targets compile the structural grid only
                 want |= {("USE_INT64", v) for v in (False, True)}
                 want |= {("x_dtype", d) for d in ("fp32", "bf16", "fp16")}
+                want |= {(flag, v) for flag in ("HAS_MASK", "HAS_DROPOUT") for v in (False, True)}
             if "elementwise" in kernel:
                 want |= {("HAS_SCALE", v) for v in (False, True)}
             missing = want - seen[(arch, kernel)]

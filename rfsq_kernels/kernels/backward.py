@@ -22,12 +22,9 @@ from .stages import (elem_replay, elem_stage, fsq_dcode, ln_params, ln_replay, l
 
 
 @triton.jit
-def _stage_mask(mask, valid, n_act, k, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+def _stage_mask(mask, n_act, k, HAS_DROPOUT: tl.constexpr):
     """Tile positions whose ``q_k`` exists (``mask``: the tile's channels x valid positions)."""
-    if HAS_DROPOUT:
-        return mask & stage_keep(valid, n_act, k, HAS_DROPOUT)[None, :]
-    else:
-        return mask
+    return stage_keep(mask, n_act, k, HAS_DROPOUT)
 
 
 @triton.jit(do_not_specialize=["C", "n_sblk"])
@@ -58,14 +55,14 @@ def _bwd_elementwise_kernel(
     g = load_tile(g_ptr, b, offs_c, offs_s, sgb, sgc, sgs, mask)
     G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for k in tl.static_range(K - 1, -1, -1):
-        r = elem_replay(x, scale_ptr, hl, off, sh, hw, valid, n_act, k, HAS_SCALE, HAS_MASK, HAS_DROPOUT,
+        r = elem_replay(x, scale_ptr, hl, off, sh, hw, mask, n_act, k, HAS_SCALE, HAS_MASK, HAS_DROPOUT,
                         USE_LIBDEVICE)
         a = 1.0
         if HAS_SCALE:
             a = tl.load(scale_ptr + k).to(tl.float32)
         q, t, _rnd = elem_stage(r, a, hl, off, sh, hw, HAS_SCALE, USE_LIBDEVICE)
         J = fsq_dcode(t, hl, hw)
-        v = tl.where(_stage_mask(mask, valid, n_act, k, HAS_MASK, HAS_DROPOUT), g - G, 0.0)
+        v = tl.where(_stage_mask(mask, n_act, k, HAS_DROPOUT), g - G, 0.0)
         if HAS_SCALE:
             part = tl.sum(masked_row_sum(v * (J * r - q), mask), axis=0) / a
             tl.store(dscale_part_ptr + pid * K + k, part)
@@ -75,7 +72,7 @@ def _bwd_elementwise_kernel(
 
 @triton.jit
 def _ln_bwd_tile(x, g_minus_G, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                 hl, off, sh, hw, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 hl, off, sh, hw, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                  USE_LIBDEVICE: tl.constexpr):
     """Per-position quantities of layernorm stage ``k`` (runtime index) for one tile.
 
@@ -83,11 +80,11 @@ def _ln_bwd_tile(x, g_minus_G, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr, stat_ba
     ``h = dL/dn`` through the code (``v * sd / w * dcode/dn``), ``xhat = (r - mu) / sd`` and ``cn = (code - b) / w``.
     """
     r = ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                  hl, off, sh, hw, k, valid, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+                  hl, off, sh, hw, k, mask, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
     mu, sd = ln_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C)
     w, bb = ln_params(w_ptr, b_ptr, k, offs_c, mask_c, C)
     _q, code, t, _rnd = ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE)
-    v = tl.where(_stage_mask(mask, valid, n_act, k, HAS_MASK, HAS_DROPOUT), g_minus_G, 0.0)
+    v = tl.where(_stage_mask(mask, n_act, k, HAS_DROPOUT), g_minus_G, 0.0)
     h = v * (sd / w) * fsq_dcode(t, hl, hw)
     return v, h, (r - mu) / sd, (code - bb) / w
 
@@ -153,7 +150,7 @@ def _ln_bwd_chunk(s0, k, b, x_ptr, g_ptr, scratch_ptr, mean_ptr, std_ptr, w_ptr,
     if k < K - 1:
         G = load_tile(scratch_ptr, b, offs_c, offs_s, ssb, S, 1, mask)
     v, h, xhat, cn = _ln_bwd_tile(x, g - G, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr,
-                                  stat_base, offs_c, mask_c, C, hl, off, sh, hw, valid, n_act,
+                                  stat_base, offs_c, mask_c, C, hl, off, sh, hw, n_act,
                                   HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
     return offs_s, mask, inside, G, v, h, xhat, cn
 
@@ -183,10 +180,7 @@ def _bwd_layernorm_kernel(
     stat_base = b * K * C
     if SINGLE:
         offs_s = widen(tl.arange(0, BLOCK_S), USE_INT64)
-        mask_s = offs_s < S
-        inside = mask_c[:, None] & mask_s[None, :]
-        valid = load_valid(valid_ptr, b, offs_s, mask_s, S, HAS_MASK)
-        mask = mask_c[:, None] & valid[None, :]
+        mask = mask_c[:, None] & load_valid(valid_ptr, b, offs_s, offs_s < S, S, HAS_MASK)[None, :]
         # Registers hold V = g - G_{k+1} (instead of g and G) and the stage being worked on; the
         # input is re-read (from L1/L2: one image) for each stage's replay and g once more at
         # the end (dx = g - V). Keeping x and g live too spilled on sm_80 (64 registers/thread
@@ -196,7 +190,7 @@ def _bwd_layernorm_kernel(
             k = K - 1 - k_rev
             x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
             v, h, xhat, cn = _ln_bwd_tile(x, V, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
-                                          offs_c, mask_c, C, hl, off, sh, hw, valid, n_act,
+                                          offs_c, mask_c, C, hl, off, sh, hw, n_act,
                                           HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
             sum_v, sum_h = tl.sum(v, axis=1), tl.sum(h, axis=1)
             sum_vc, sum_hx = tl.sum(v * cn, axis=1), masked_row_sum(h * xhat, mask)
@@ -207,12 +201,14 @@ def _bwd_layernorm_kernel(
             V = V - h * (w / sd)
             _w_sd, dmu, dsd = _ln_bwd_coeffs(sum_v, sum_h, sum_vc, sum_hx, k, w_ptr, std_ptr,
                                              dw_part_ptr, db_part_ptr, stat_base, offs_c, mask_c, C)
-            dstat = (dmu + dsd * xhat) / n
-            if HAS_MASK:  # only valid positions enter the statistics
-                dstat = tl.where(mask, dstat, 0.0)
-            V = V - dstat
+            # (Padding picks up the statistics' share here too, but V there never reaches a valid
+            # position -- v is masked -- and dx is zeroed there at the store.)
+            V = V - (dmu + dsd * xhat) / n
         g = load_tile(g_ptr, b, offs_c, offs_s, sgb, sgc, sgs, mask)
-        store_tile(dx_ptr, g - V, b, offs_c, offs_s, sdb, sdc, sds, inside)
+        dx = g - V
+        if HAS_MASK:
+            dx = tl.where(mask, dx, 0.0)
+        store_tile(dx_ptr, dx, b, offs_c, offs_s, sdb, sdc, sds, mask_c[:, None] & (offs_s < S)[None, :])
     else:
         # scratch is a contiguous float32 (B, C, S) buffer (image stride ssb = C * S).
         for k_rev in range(K):
@@ -295,7 +291,7 @@ def rfsq_backward_launch(
     valid, active = config.mask_and_counts(mask, active_stages, B, S, x)
     sparse = dict(HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None)
     if strategy == "layernorm":
-        tiles = config.layernorm_tiles(C, S, "backward")
+        tiles = config.layernorm_tiles(C, S, "backward", sparse=mask is not None or active_stages is not None)
         scratch = grad_z if tiles.single else torch.empty((B, C, S), dtype=torch.float32, device=z.device)
         use_int64 = use_int64 or config.needs_int64(scratch)
         dw_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
@@ -308,7 +304,7 @@ def rfsq_backward_launch(
         grad_w.copy_(dw_part.sum(0))
         grad_b.copy_(db_part.sum(0))
     else:
-        tiles = config.elementwise_tiles(C, S)
+        tiles = config.elementwise_tiles(C, S, sparse=mask is not None or active_stages is not None)
         n_sblk = triton.cdiv(S, tiles.block_s)
         has_scale = strategy == "scale"
         part = torch.empty((B * n_sblk, stages) if has_scale else (1,), dtype=torch.float32, device=z.device)

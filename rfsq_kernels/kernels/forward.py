@@ -33,7 +33,7 @@ def _ln_emit(r, acc, mu, sd, k, w_ptr, b_ptr, offs_c, mask_c, C, hl, off, sh, hw
     w, bb = ln_params(w_ptr, b_ptr, k, offs_c, mask_c, C)
     q, _code, _t, rounded = ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE)
     _store_index(idx_ptr, idx_row, k, rounded, hw, top, basis, mask_s, valid, n_act, HAS_MASK, HAS_DROPOUT)
-    q = keep_only(q, valid, n_act, k, HAS_MASK, HAS_DROPOUT)
+    q = keep_only(q, valid[None, :], n_act, k, HAS_MASK, HAS_DROPOUT)
     return r - q, acc + q
 
 
@@ -78,7 +78,7 @@ def _fwd_elementwise_kernel(
             a = tl.load(scale_ptr + k).to(tl.float32)
         q, _t, rounded = elem_stage(r, a, hl, off, sh, hw, HAS_SCALE, USE_LIBDEVICE)
         _store_index(idx_ptr, idx_row, k, rounded, hw, top, basis, mask_s, valid, n_act, HAS_MASK, HAS_DROPOUT)
-        q = keep_only(q, valid, n_act, k, HAS_MASK, HAS_DROPOUT)
+        q = keep_only(q, valid[None, :], n_act, k, HAS_MASK, HAS_DROPOUT)
         acc = acc + q
         r = r - q
     store_tile(q_ptr, acc, b, offs_c, offs_s, sqb, sqc, sqs, mask)
@@ -97,7 +97,7 @@ def _ln_replay_chunk(s0, b, x_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, o
     mask = mask_c[:, None] & valid[None, :]
     x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
     r = ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                  hl, off, sh, hw, k, valid, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+                  hl, off, sh, hw, k, mask, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
     return mask, r
 
 
@@ -247,7 +247,7 @@ def rfsq_forward_launch(
             K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, SINGLE=tiles.single,
             num_warps=tiles.num_warps, **common)
     else:
-        tiles = config.elementwise_tiles(C, S)
+        tiles = config.elementwise_tiles(C, S, sparse=mask is not None or active_stages is not None)
         n_sblk = triton.cdiv(S, tiles.block_s)
         has_scale = strategy == "scale"
         _fwd_elementwise_kernel[(B * n_sblk,)](

@@ -204,7 +204,7 @@ def load_active(active_ptr, b, K, HAS_DROPOUT: tl.constexpr):
 
 @triton.jit
 def stage_keep(valid, n_act, k, HAS_DROPOUT: tl.constexpr):
-    """``[BLOCK_S]`` bool: positions that stage ``k`` quantizes (valid, and ``k < n_act``)."""
+    """Positions that stage ``k`` quantizes: ``valid`` (any shape) and ``k < n_act``."""
     if HAS_DROPOUT:
         return valid & (k < n_act)
     else:
@@ -213,8 +213,9 @@ def stage_keep(valid, n_act, k, HAS_DROPOUT: tl.constexpr):
 
 @triton.jit
 def keep_only(q, valid, n_act, k, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """``q`` with the positions stage ``k`` skips set to 0 (a no-op without mask/dropout)."""
+    """``q`` with the positions stage ``k`` skips set to 0 (a no-op without mask/dropout);
+    ``valid`` broadcasts against ``q`` (a ``[1, BLOCK_S]`` row or the tile's mask)."""
     if HAS_MASK or HAS_DROPOUT:
-        return tl.where(stage_keep(valid, n_act, k, HAS_DROPOUT)[None, :], q, 0.0)
+        return tl.where(stage_keep(valid, n_act, k, HAS_DROPOUT), q, 0.0)
     else:
         return q
