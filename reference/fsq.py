@@ -16,7 +16,9 @@ from .codebook import (
     fsq_constants,
     indices_to_digits,
 )
-from .validation import check_indices, check_latent
+from .layout import check_input, first_to_last, from_channel_last, last_to_first, to_channel_last
+from .state import ConfigStateMixin
+from .validation import check_indices
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -53,42 +55,62 @@ def fsq_quantize(
     return codes, digits
 
 
-class FSQ(LevelsMixin, nn.Module):
-    """Single-stage FSQ over a channel-first latent ``(B, C, *spatial)`` with ``C == len(levels)``.
+class FSQ(ConfigStateMixin, LevelsMixin, nn.Module):
+    """Single-stage FSQ over a latent with ``C == len(levels)`` channels.
 
-    ``forward(z) -> (quantized, indices)``: ``quantized`` has ``z``'s shape and dtype (math in
-    float32), ``indices`` has shape ``(B, *spatial)`` (int32, or int64 for codebooks >= 2**31).
+    ``z`` is channel-first ``(B, C, *spatial)`` (default), channel-last ``(B, *spatial, C)`` with
+    ``channel_first=False``, or ``(B, C)``. ``forward(z) -> (quantized, indices)``: ``quantized``
+    has ``z``'s shape and dtype (math in float32), ``indices`` has shape ``(B, *spatial)`` (int32,
+    or int64 for codebooks >= 2**31). ``levels`` is stored in (and checked against) the state_dict.
     """
 
-    def __init__(self, levels: Sequence[int]):
+    def __init__(self, levels: Sequence[int], *, channel_first: bool = True):
         super().__init__()
         self.levels = check_levels(levels)
+        self.channel_first = bool(channel_first)
 
     @property
     def bits_per_token(self) -> float:
         """log2(codebook_size)."""
         return math.log2(self.codebook_size)
 
+    def config(self) -> dict:
+        """Stored in the state_dict; loading a checkpoint with other levels raises."""
+        return {"levels": list(self.levels)}
+
+    def _to_first(self, z: torch.Tensor, name: str = "z") -> torch.Tensor:
+        check_input(z, self.num_channels, self.channel_first, name)
+        return last_to_first(to_channel_last(z, self.channel_first))
+
+    def _from_first(self, t: torch.Tensor, flat: bool) -> torch.Tensor:
+        return from_channel_last(first_to_last(t, flat), self.channel_first)
+
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        check_latent(z, self.num_channels)
-        codes, digits = fsq_quantize(z, self.levels)
-        return codes.to(z.dtype), digits_to_indices(digits, self.levels)
+        codes, digits = fsq_quantize(self._to_first(z), self.levels)
+        indices = digits_to_indices(digits, self.levels)
+        flat = z.ndim == 2
+        return self._from_first(codes.to(z.dtype), flat), indices.squeeze(-1) if flat else indices
 
     def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
-        """Normalized codes ``(B, C, *spatial)`` (as returned by forward) -> indices ``(B, *spatial)``."""
-        check_latent(codes, self.num_channels, "codes")
+        """Normalized codes (as returned by forward, in the module's layout) -> indices ``(B, *spatial)``."""
+        flat = codes.ndim == 2
+        codes = self._to_first(codes, "codes")
         _, _, _, half_w = fsq_constants(self.levels)
         hw = channel_view(half_w, codes.ndim, codes.device)
         top = channel_view([lv - 1 for lv in self.levels], codes.ndim, codes.device)
         digits = torch.round(torch.nan_to_num(codes.float(), nan=0.0) * hw + hw)
         digits = torch.minimum(torch.clamp(digits, min=0.0), top).to(torch.int64)
-        return digits_to_indices(digits, self.levels)
+        indices = digits_to_indices(digits, self.levels)
+        return indices.squeeze(-1) if flat else indices
 
     def indices_to_codes(self, indices: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Indices ``(B, *spatial)`` -> normalized codes ``(B, C, *spatial)`` (float32 unless ``dtype``)."""
+        """Indices ``(B, *spatial)`` -> normalized codes in the module's layout (float32 unless ``dtype``);
+        ``(B,)`` -> ``(B, C)``. Indices outside ``[0, codebook_size)`` raise (FSQ has no sentinel)."""
         check_indices(indices, self.codebook_size)
-        codes = digits_to_codes(indices_to_digits(indices, self.levels), self.levels)
+        flat = indices.ndim == 1
+        codes = digits_to_codes(indices_to_digits(indices.unsqueeze(-1) if flat else indices, self.levels), self.levels)
+        codes = self._from_first(codes, flat)
         return codes if dtype is None else codes.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"levels={list(self.levels)}"
+        return f"levels={list(self.levels)}" + ("" if self.channel_first else ", channel_first=False")

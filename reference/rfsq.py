@@ -7,7 +7,7 @@ normalization), rounds it with FSQ, maps the code back, and subtracts it:
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,15 @@ from .codebook import (
     index_dtype,
     indices_to_digits,
 )
+from .dropout import check_active_stages, check_mask, draw_active_stages, stage_keep, valid_count
 from .fsq import fsq_quantize
+from .layout import check_input, first_to_last, from_channel_last, last_to_first, spatial_shape, to_channel_last
+from .sentinel import SENTINEL, check_sentinel_layout, split_sentinel
+from .state import ConfigStateMixin
 from .validation import check_eps, check_indices, check_latent, check_side, check_stages, check_strategy
+
+#: ``stages`` at call time: None (all), an int k (the first k), or a ``(B,)`` tensor of per-sample counts.
+StageCount = Union[None, int, torch.Tensor]
 
 
 def scale_param_init(initial_scale: float) -> float:
@@ -64,6 +71,8 @@ def rfsq_forward(
     ln_bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
     compute_dtype: torch.dtype = torch.float32,
+    mask: Optional[torch.Tensor] = None,
+    active_stages: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The K-stage RFSQ loop; returns ``(quantized, indices, mean, std)``.
 
@@ -73,15 +82,31 @@ def rfsq_forward(
       empty tensors of shape ``(0,)``.
 
     ``scale_param`` is ``(K,)`` (``a_k = softplus(p_k)``); ``ln_weight``/``ln_bias`` are ``(K, C)``.
+
+    ``mask`` (optional, ``(B, *spatial)`` bool, True = valid): padded positions are ignored — their
+    input is never read into the math (NaN padding is harmless), their output is 0, their index
+    is the sentinel -1 in every stage and their gradient is 0; the layernorm statistics are taken
+    over the valid positions only (biased variance over ``n_b`` valid positions), so a sample's
+    result does not depend on its padding. An all-masked sample has mean 0 and ``std = sqrt(eps)``.
+
+    ``active_stages`` (optional, ``(B,)`` integer): sample ``b`` runs stages ``k < k_b`` only
+    (quantize dropout); for ``k >= k_b`` its ``q_k`` is 0, its indices are -1, its residual is
+    unchanged and its layernorm side information is ``(mean 0, std 1)``.
     """
     nd = z.ndim
     dims = _spatial_dims(nd)
     if z.shape[0] == 0 or z[0, 0].numel() == 0:
         return _empty_result(z, levels, stages, strategy)
     residual = z.to(compute_dtype)
+    valid = count = None
+    if mask is not None:
+        valid = mask.unsqueeze(1)
+        residual = torch.where(valid, residual, torch.zeros((), dtype=compute_dtype, device=z.device))
+        count = valid_count(mask, compute_dtype).view(-1, *([1] * (nd - 1)))
     quantized = torch.zeros_like(residual)
     indices, means, stds = [], [], []
     for k in range(stages):
+        keep = stage_keep(valid, active_stages, k, nd)
         if strategy == "none":
             codes, digits = fsq_quantize(residual, levels, compute_dtype)
             q = codes
@@ -90,20 +115,33 @@ def rfsq_forward(
             codes, digits = fsq_quantize(a * residual, levels, compute_dtype)
             q = codes / a
         elif strategy == "layernorm":
-            var, mu = torch.var_mean(residual, dim=dims, correction=0, keepdim=True)
+            if valid is None:
+                var, mu = torch.var_mean(residual, dim=dims, correction=0, keepdim=True)
+            else:  # statistics over the valid positions only (the residual is 0 elsewhere)
+                mu = residual.sum(dim=dims, keepdim=True) / count
+                centred = torch.where(valid, residual - mu, torch.zeros((), dtype=compute_dtype, device=z.device))
+                var = (centred * centred).sum(dim=dims, keepdim=True) / count
             sd = torch.sqrt(var + eps)
             w = _per_channel(ln_weight, k, nd).to(compute_dtype)
             b = _per_channel(ln_bias, k, nd).to(compute_dtype)
             normed = w * (residual - mu) / sd + b
             codes, digits = fsq_quantize(normed, levels, compute_dtype)
             q = ((codes - b) / w) * sd + mu
-            means.append(mu.detach().flatten(1).float())
-            stds.append(sd.detach().flatten(1).float())
+            mu, sd = mu.detach().flatten(1).float(), sd.detach().flatten(1).float()
+            if active_stages is not None:  # a dropped stage stores the neutral (0, 1)
+                on = (active_stages.to(torch.int64) > k).view(-1, 1)
+                mu, sd = torch.where(on, mu, 0.0), torch.where(on, sd, 1.0)
+            means.append(mu)
+            stds.append(sd)
         else:
             raise ValueError(f"strategy must be one of ('none', 'scale', 'layernorm'), got {strategy!r}")
+        index = digits_to_indices(digits, levels)
+        if keep is not None:
+            q = torch.where(keep, q, torch.zeros((), dtype=q.dtype, device=q.device))
+            index = torch.where(keep.squeeze(1), index, torch.full((), SENTINEL, dtype=index.dtype, device=index.device))
         quantized = quantized + q
         residual = residual - q
-        indices.append(digits_to_indices(digits, levels))
+        indices.append(index)
     idx = torch.stack(indices, dim=-1) if indices else z.new_zeros((0,), dtype=index_dtype(levels))
     if strategy == "layernorm":
         mean, std = torch.stack(means, dim=1), torch.stack(stds, dim=1)
@@ -136,11 +174,16 @@ def rfsq_decode_stages(
 
     Uses the same float32 operations in the same order as :func:`rfsq_forward`, so
     ``sum(rfsq_decode_stages(...))`` reproduces the forward output bit for bit.
+
+    ``indices`` may hold the first ``K' <= K`` stages only (``indices[..., :k]``, with
+    ``mean[:, :k]``/``std[:, :k]``): that decodes the k-stage reconstruction. The sentinel -1
+    (dropped stage, masked position) decodes to 0 (see :mod:`.sentinel`).
     """
     stages = indices.shape[-1]
     out = []
     for k in range(stages):
-        codes = digits_to_codes(indices_to_digits(indices[..., k], levels), levels)
+        present, clean = split_sentinel(indices[..., k])
+        codes = digits_to_codes(indices_to_digits(clean, levels), levels)
         nd = codes.ndim
         if strategy == "none":
             q = codes
@@ -153,11 +196,11 @@ def rfsq_decode_stages(
             w = _per_channel(ln_weight, k, nd).float()
             b = _per_channel(ln_bias, k, nd).float()
             q = ((codes - b) / w) * sd + mu
-        out.append(q)
+        out.append(torch.where(present.unsqueeze(1), q, torch.zeros((), dtype=q.dtype, device=q.device)))
     return out
 
 
-class RFSQ(LevelsMixin, nn.Module):
+class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
     """Pure-PyTorch RFSQ module (the reference). ``forward(z) -> (quantized, indices)``.
 
     Args:
@@ -166,6 +209,17 @@ class RFSQ(LevelsMixin, nn.Module):
         levels: FSQ levels per channel; default ``[8,8,8,4]`` for 2 stages and ``[4,4,4,4,4]`` for 4.
         initial_scale: ``'scale'`` strategy: ``softplus(p_k)`` starts at exactly this value.
         eps: variance epsilon of the ``'layernorm'`` strategy, a finite number > 0.
+        dim: width of the input/output when it differs from ``len(levels)``: ``nn.Linear``
+            projections ``dim -> len(levels)`` before and ``len(levels) -> dim`` after quantizing.
+        channel_first: True (default): ``(B, C, *spatial)``; False: ``(B, *spatial, C)`` (read in
+            place, no copy). ``(B, C)`` inputs work in both (not with ``'layernorm'``).
+        quantize_dropout: in training (``self.training`` and grad enabled), each sample uses only
+            its first ``k_b`` stages (SoundStream's variable bitrate); dropped stages get index -1.
+        quantize_dropout_cutoff_index: ``k_b`` is drawn uniformly from ``[cutoff + 1, K]``.
+        quantize_dropout_multiple_of: round ``k_b`` up to a multiple of this (capped at K).
+        quantize_dropout_per_sample: True (default): one ``k_b`` per sample; False: one per batch
+            (vector-quantize-pytorch's behaviour).
+        projection_has_bias: bias of the ``dim`` projections.
 
     Range of the ``'layernorm'`` statistics: they are computed in float32, so the per-image, per-channel
     variance over the spatial positions overflows once it passes float32's max (3.4e38). This reference
@@ -173,10 +227,13 @@ class RFSQ(LevelsMixin, nn.Module):
     which holds for ``|z| <= 9.2e18 / sqrt(N)`` (N spatial positions per image, 2.9e17 at 32x32).
     Beyond that the channel's statistics become inf and its outputs NaN; indices stay in range.
     ``decode``/``decode_stages``/``indices_to_codes`` reject indices outside ``[0, codebook_size)``
+    (except the sentinel -1 as a suffix along the stage axis: dropped stages, masked positions)
     and a wrong stages dim with a ``ValueError``.
 
     Parameters: ``scale_param`` ``(K,)`` for ``'scale'``; ``ln_weight``/``ln_bias`` ``(K, C)`` for
-    ``'layernorm'``; none for ``'none'``.
+    ``'layernorm'``; ``project_in``/``project_out`` when ``dim != len(levels)``. The state_dict also
+    stores ``levels``/``stages``/``strategy``/``dim`` (``_extra_state``); loading a checkpoint of
+    another configuration raises.
     """
 
     def __init__(
@@ -186,6 +243,14 @@ class RFSQ(LevelsMixin, nn.Module):
         levels: Optional[Sequence[int]] = None,
         initial_scale: float = 1.0,
         eps: float = 1e-5,
+        *,
+        dim: Optional[int] = None,
+        channel_first: bool = True,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        quantize_dropout_per_sample: bool = True,
+        projection_has_bias: bool = True,
     ):
         super().__init__()
         self.stages = check_stages(stages)
@@ -200,6 +265,21 @@ class RFSQ(LevelsMixin, nn.Module):
         elif strategy == "layernorm":
             self.ln_weight = nn.Parameter(torch.ones(stages, channels))
             self.ln_bias = nn.Parameter(torch.zeros(stages, channels))
+        self.dim = _check_positive_int(channels if dim is None else dim, "dim")
+        self.has_projections = self.dim != channels
+        if self.has_projections:
+            self.project_in = nn.Linear(self.dim, channels, bias=projection_has_bias)
+            self.project_out = nn.Linear(channels, self.dim, bias=projection_has_bias)
+        self.channel_first = bool(channel_first)
+        cutoff = quantize_dropout_cutoff_index
+        if isinstance(cutoff, bool) or not isinstance(cutoff, int) or not 0 <= cutoff < self.stages:
+            raise ValueError(f"quantize_dropout_cutoff_index must be an int in [0, stages-1 = {self.stages - 1}] "
+                             f"(at least cutoff+1 stages are kept), got {cutoff!r}")
+        self.quantize_dropout = bool(quantize_dropout) and self.stages > 1
+        self.quantize_dropout_cutoff_index = cutoff
+        self.quantize_dropout_multiple_of = _check_positive_int(quantize_dropout_multiple_of,
+                                                                "quantize_dropout_multiple_of")
+        self.quantize_dropout_per_sample = bool(quantize_dropout_per_sample)
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -208,70 +288,219 @@ class RFSQ(LevelsMixin, nn.Module):
         return self.stages * math.log2(self.codebook_size)
 
     @property
+    def num_quantizers(self) -> int:
+        """K (vector-quantize-pytorch's name)."""
+        return self.stages
+
+    @property
     def scales(self) -> Optional[torch.Tensor]:
         """``a_k = softplus(p_k)`` for the ``'scale'`` strategy, else None."""
         return F.softplus(self.scale_param) if self.strategy == "scale" else None
 
-    def _params(self):
-        return (
-            getattr(self, "scale_param", None),
-            getattr(self, "ln_weight", None),
-            getattr(self, "ln_bias", None),
-        )
+    def config(self) -> dict:
+        """What the parameters mean; stored in (and checked against) the state_dict."""
+        return {"levels": list(self.levels), "stages": self.stages, "strategy": self.strategy, "dim": self.dim}
 
-    # -- forward / codec --------------------------------------------------------------------
-    def quantize(self, z: torch.Tensor):
-        """Full result ``(quantized, indices, mean, std)``; see :func:`rfsq_forward`."""
+    def _params(self, num_stages: Optional[int] = None):
+        params = (getattr(self, "scale_param", None), getattr(self, "ln_weight", None),
+                  getattr(self, "ln_bias", None))
+        if num_stages is None or num_stages == self.stages:
+            return params
+        return tuple(None if p is None else p[:num_stages] for p in params)
+
+    # -- the quantizer on channel-first, codebook-width latents ------------------------------
+    def _resolve_stages(self, z: torch.Tensor, stages: StageCount, dropout: bool) -> Tuple[int, Optional[torch.Tensor]]:
+        """``(number of stages to run, per-sample active-stage counts or None)``."""
+        if stages is None:
+            if dropout and self.quantize_dropout and self.training and torch.is_grad_enabled():
+                return self.stages, draw_active_stages(
+                    z.shape[0], self.stages, self.quantize_dropout_cutoff_index,
+                    self.quantize_dropout_multiple_of, self.quantize_dropout_per_sample, z.device)
+            return self.stages, None
+        if isinstance(stages, torch.Tensor):
+            return self.stages, check_active_stages(stages, z.shape[0], self.stages, z.device)
+        if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= self.stages:
+            raise ValueError(f"stages must be an int in [1, {self.stages}] or a (B,) tensor of per-sample "
+                             f"counts, got {stages!r}")
+        return stages, None
+
+    def _run(self, z: torch.Tensor, num_stages: int, mask: Optional[torch.Tensor],
+             active: Optional[torch.Tensor]):
+        """The K-stage loop on a checked channel-first latent (the fused module overrides this)."""
+        return rfsq_forward(z, self.levels, num_stages, self.strategy, *self._params(num_stages), eps=self.eps,
+                            mask=mask, active_stages=active)
+
+    def quantize(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, stages: StageCount = None):
+        """Full result ``(quantized, indices, mean, std)`` of a channel-first ``(B, C, *spatial)``
+        latent with ``C == len(levels)`` (no layout change, no projection, no dropout); see
+        :func:`rfsq_forward`. ``stages``: None (all), an int k (the first k stages; outputs have
+        k stages) or a ``(B,)`` integer tensor of per-sample counts (-1 indices beyond them)."""
         check_latent(z, self.num_channels)
-        return rfsq_forward(z, self.levels, self.stages, self.strategy, *self._params(), eps=self.eps)
+        check_mask(mask, z.shape[0], z.shape[2:], z.device)
+        num_stages, active = self._resolve_stages(z, stages, dropout=False)
+        return self._run(z, num_stages, mask, active)
 
-    def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        quantized, indices, _, _ = self.quantize(z)
-        return quantized, indices
+    # -- the user-facing API (layout, projections, dropout) ----------------------------------
+    def _encode_input(self, z: torch.Tensor, mask: Optional[torch.Tensor]):
+        """User tensor -> ``(channel-first codebook-width latent, mask, flat)``."""
+        check_input(z, self.dim, self.channel_first)
+        flat = z.ndim == 2
+        if flat and self.strategy == "layernorm":
+            raise ValueError(
+                f"z of shape {tuple(z.shape)} is (B, C): strategy='layernorm' normalizes each channel over "
+                f"the spatial positions of a sample, and a (B, C) input has one, so the side information "
+                f"would carry the whole signal; use strategy='none'/'scale', or pass (B, C, N) / (B, N, C)")
+        check_mask(mask, z.shape[0], spatial_shape(z, self.channel_first), z.device)
+        x = to_channel_last(z, self.channel_first)
+        if self.has_projections:
+            x = self.project_in(x)
+        x = last_to_first(x)
+        if flat and mask is not None:
+            mask = mask.unsqueeze(-1)
+        return x, mask, flat
 
-    def encode(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _decode_output(self, q: torch.Tensor, flat: bool) -> torch.Tensor:
+        """Channel-first codebook-width result -> the user's layout and width."""
+        if not self.has_projections:
+            if flat:
+                return q.squeeze(-1)
+            return q if self.channel_first else q.movedim(1, -1)
+        y = self.project_out(first_to_last(q, flat))
+        return y if flat else from_channel_last(y, self.channel_first)
+
+    def forward(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, stages: StageCount = None,
+                return_all_codes: bool = False):
+        """``(quantized, indices)`` (plus ``all_codes`` with ``return_all_codes=True``).
+
+        ``z``: ``(B, C, *spatial)`` (``channel_first``) or ``(B, *spatial, C)``, or ``(B, C)``, with
+        ``C == dim``; ``quantized`` has ``z``'s shape, layout and dtype; ``indices`` is
+        ``(B, *spatial, K)`` (``(B, K)`` for ``(B, C)`` input) with -1 for dropped stages and masked
+        positions. ``mask``: ``(B, *spatial)`` bool, True = valid. ``stages``: None (all stages, or
+        quantize dropout in training), an int k (the first k stages; ``indices`` has k columns) or
+        a ``(B,)`` tensor of per-sample counts. ``all_codes``: the per-stage reconstructions
+        ``(K, B, ...)`` in the codebook width and the module's layout (not differentiable), as
+        :meth:`get_codes_from_indices` returns them.
+        """
+        x, mask, flat = self._encode_input(z, mask)
+        num_stages, active = self._resolve_stages(x, stages, dropout=True)
+        quantized, indices, mean, std = self._run(x, num_stages, mask, active)
+        out = self._decode_output(quantized, flat)
+        if flat:
+            indices = indices.squeeze(1)
+        if not return_all_codes:
+            return out, indices
+        with torch.no_grad():
+            parts = rfsq_decode_stages(indices.unsqueeze(1) if flat else indices, self.levels, self.strategy,
+                                       *self._params(num_stages), mean=mean if mean.numel() else None,
+                                       std=std if std.numel() else None)
+        return out, indices, self._stack_codes(parts, flat)
+
+    def encode(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, stages: StageCount = None
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``z -> (indices, side)``. ``side`` is float32 ``(B, K, 2, C)`` holding the LN mean
         (``side[:, k, 0]``) and std (``side[:, k, 1]``) of every image, stage and channel — the
-        ``2*C*K`` floats per image a codec must store; it is ``(B, K, 2, 0)`` (empty) otherwise."""
+        ``2*C*K`` floats per image a codec must store; it is ``(B, K, 2, 0)`` (empty) otherwise.
+        ``mask``/``stages`` as in :meth:`forward` (no dropout: encoding is deterministic)."""
         with torch.no_grad():
-            _, indices, mean, std = self.quantize(z)
+            x, mask, flat = self._encode_input(z, mask)
+            num_stages, active = self._resolve_stages(x, stages, dropout=False)
+            _, indices, mean, std = self._run(x, num_stages, mask, active)
+        if flat:
+            indices = indices.squeeze(1)
         if self.strategy == "layernorm":
             side = torch.stack([mean, std], dim=2)
         else:
-            side = torch.zeros((z.shape[0], self.stages, 2, 0), dtype=torch.float32, device=z.device)
+            side = torch.zeros((z.shape[0], num_stages, 2, 0), dtype=torch.float32, device=z.device)
         return indices, side
 
+    def _check_indices(self, indices: torch.Tensor) -> None:
+        """Decoder input checks: an integer tensor ``(B, *spatial, K')`` (``(B, K')`` for ``(B, C)``
+        inputs) with ``1 <= K' <= K`` (the first K' stages), values in ``[0, codebook_size)`` or the
+        sentinel -1 as a suffix along the stage axis (see :mod:`.sentinel`)."""
+        check_indices(indices, self.codebook_size, allow_sentinel=True)
+        if not (2 <= indices.ndim <= 5 and 1 <= indices.shape[-1] <= self.stages):
+            raise ValueError(
+                f"indices must have shape (B, *spatial, K={self.stages}) with 1 to 3 spatial dims (as returned by "
+                f"encode/forward; (B, K) for (B, C) inputs; indices[..., :k] for the first k stages), got "
+                f"{tuple(indices.shape)}")
+        check_sentinel_layout(indices)
+
     def _check_codes(self, indices: torch.Tensor, side: Optional[torch.Tensor]) -> None:
-        check_indices(indices, self.codebook_size, self.stages)
-        channels = self.num_channels if self.strategy == "layernorm" else 0
-        check_side(side, (indices.shape[0], self.stages, 2, channels), required=self.strategy == "layernorm")
+        """:meth:`_check_indices` plus the side information matching their stages."""
+        self._check_indices(indices)
+        layernorm = self.strategy == "layernorm"
+        stages = indices.shape[-1]
+        if layernorm and isinstance(side, torch.Tensor) and side.ndim == 4 and side.shape[1] != stages:
+            raise ValueError(f"side must be the (B, K', 2, C) statistics of the same stages as indices (K' = {stages}; "
+                             f"for indices[..., :k] pass side[:, :k]), got {tuple(side.shape)}")
+        check_side(side, (indices.shape[0], stages, 2, self.num_channels if layernorm else 0), required=layernorm)
 
     def decode_stages(self, indices: torch.Tensor, side: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
-        """Per-stage float32 reconstructions ``[q_0, ..., q_{K-1}]`` from ``encode``'s output."""
+        """Per-stage float32 reconstructions ``[q_0, ..., q_{K'-1}]`` (channel-first, codebook
+        width) from ``encode``'s output; ``indices[..., :k]`` with ``side[:, :k]`` gives the first k.
+        The sentinel -1 decodes to 0."""
         self._check_codes(indices, side)
         mean = std = None
         if self.strategy == "layernorm":
             mean, std = side[:, :, 0], side[:, :, 1]
         with torch.no_grad():
-            return rfsq_decode_stages(indices, self.levels, self.strategy, *self._params(), mean=mean, std=std)
+            return rfsq_decode_stages(indices, self.levels, self.strategy, *self._params(indices.shape[-1]),
+                                      mean=mean, std=std)
 
     def decode(
         self, indices: torch.Tensor, side: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """``(indices, side) -> quantized``; equals ``forward(z)[0]`` exactly (``dtype`` = z's dtype)."""
-        stages = self.decode_stages(indices, side)
+        """``(indices, side) -> quantized`` in the module's layout and width; equals
+        ``forward(z)[0]`` exactly (``dtype`` = z's dtype). ``indices[..., :k]`` (with
+        ``side[:, :k]``) gives the k-stage reconstruction."""
+        flat = indices.ndim == 2
+        stages = self.decode_stages(indices.unsqueeze(1) if flat else indices, side)
         total = torch.zeros_like(stages[0])
         for q in stages:
             total = total + q
-        return total.to(dtype)
+        return self._decode_output(total.to(dtype), flat)
+
+    def get_output_from_indices(self, indices: torch.Tensor, side: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """vector-quantize-pytorch's name for :meth:`decode` (float32)."""
+        return self.decode(indices, side)
+
+    def _stack_codes(self, parts: List[torch.Tensor], flat: bool) -> torch.Tensor:
+        codes = torch.stack(parts, dim=0)  # (K, B, C, *spatial)
+        if flat:
+            return codes.squeeze(-1)
+        return codes if self.channel_first else codes.movedim(2, -1)
+
+    def get_codes_from_indices(self, indices: torch.Tensor, side: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-stage reconstructions ``q_k`` stacked as ``(K', B, C, *spatial)`` (``channel_first``)
+        or ``(K', B, *spatial, C)`` — codebook width (before ``project_out``); they sum to the
+        quantized latent. Dropped stages and masked positions are 0."""
+        flat = indices.ndim == 2
+        return self._stack_codes(self.decode_stages(indices.unsqueeze(1) if flat else indices, side), flat)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Normalized FSQ codes of every stage: ``(B, *spatial, K)`` -> ``(B, K, C, *spatial)``
-        (the values in [-1, 1] before un-conditioning; needs no side information)."""
-        check_indices(indices, self.codebook_size, self.stages)
-        codes = [digits_to_codes(indices_to_digits(indices[..., k], self.levels), self.levels)
-                 for k in range(indices.shape[-1])]
+        (the values in [-1, 1] before un-conditioning; needs no side information; -1 gives 0)."""
+        self._check_indices(indices)
+        codes = []
+        for k in range(indices.shape[-1]):
+            present, clean = split_sentinel(indices[..., k])
+            c = digits_to_codes(indices_to_digits(clean, self.levels), self.levels)
+            codes.append(c * present.unsqueeze(1))
         return torch.stack(codes, dim=1)
 
     def extra_repr(self) -> str:
-        return f"stages={self.stages}, strategy={self.strategy!r}, levels={list(self.levels)}"
+        extra = f"stages={self.stages}, strategy={self.strategy!r}, levels={list(self.levels)}"
+        if self.has_projections:
+            extra += f", dim={self.dim}"
+        if not self.channel_first:
+            extra += ", channel_first=False"
+        if self.quantize_dropout:
+            extra += (f", quantize_dropout=True, cutoff_index={self.quantize_dropout_cutoff_index}, "
+                      f"multiple_of={self.quantize_dropout_multiple_of}, per_sample={self.quantize_dropout_per_sample}")
+        return extra
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value

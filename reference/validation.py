@@ -84,8 +84,9 @@ def check_indices(
     lo, hi = torch.aminmax(indices)
     lo, hi = (int(v) for v in torch.stack([lo, hi]).tolist())
     if lo < low or hi >= codebook_size:
-        raise ValueError(f"{name} must lie in [{low}, {codebook_size - 1}] (codebook_size = {codebook_size} codes per "
-                         f"stage), got values in [{lo}, {hi}]: corrupted or produced by another quantizer?")
+        sentinel = f" (or [-1, {codebook_size - 1}]: -1 marks a dropped stage / masked position)" if allow_sentinel else ""
+        raise ValueError(f"{name} must lie in [0, {codebook_size - 1}]{sentinel} (codebook_size = {codebook_size} codes "
+                         f"per stage), got values in [{lo}, {hi}]: corrupted or produced by another quantizer?")
 
 
 def check_side(side: Optional[torch.Tensor], expected: Tuple[int, ...], required: bool) -> None:

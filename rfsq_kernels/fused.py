@@ -29,44 +29,47 @@ __all__ = ["rfsq_fused"]
 @torch.library.custom_op("rfsq_kernels::rfsq_forward", mutates_args=())
 def _forward_op(
     z: Tensor, scale: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
-    levels: List[int], stages: int, strategy: str, eps: float,
+    mask: Optional[Tensor], active: Optional[Tensor], levels: List[int], stages: int, strategy: str, eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return rfsq_forward_launch(z, levels, stages, strategy, scale, ln_weight, ln_bias, eps)
+    return rfsq_forward_launch(z, levels, stages, strategy, scale, ln_weight, ln_bias, eps,
+                               mask=mask, active_stages=active)
 
 
 @_forward_op.register_fake
-def _forward_fake(z, scale, ln_weight, ln_bias, levels, stages, strategy, eps):
+def _forward_fake(z, scale, ln_weight, ln_bias, mask, active, levels, stages, strategy, eps):
     return forward_outputs(z, levels, stages, strategy)
 
 
 @torch.library.custom_op("rfsq_kernels::rfsq_backward", mutates_args=())
 def _backward_op(
     grad_q: Tensor, z: Tensor, scale: Optional[Tensor], ln_weight: Optional[Tensor],
-    ln_bias: Optional[Tensor], mean: Tensor, std: Tensor, levels: List[int], stages: int, strategy: str,
+    ln_bias: Optional[Tensor], mean: Tensor, std: Tensor, mask: Optional[Tensor], active: Optional[Tensor],
+    levels: List[int], stages: int, strategy: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return rfsq_backward_launch(grad_q, z, levels, stages, strategy, scale, ln_weight, ln_bias, mean, std)
+    return rfsq_backward_launch(grad_q, z, levels, stages, strategy, scale, ln_weight, ln_bias, mean, std,
+                                mask=mask, active_stages=active)
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_q, z, scale, ln_weight, ln_bias, mean, std, levels, stages, strategy):
+def _backward_fake(grad_q, z, scale, ln_weight, ln_bias, mean, std, mask, active, levels, stages, strategy):
     return backward_outputs(z, stages, strategy, scale, ln_weight, ln_bias)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    z, scale, ln_weight, ln_bias, levels, stages, strategy, _eps = inputs
+    z, scale, ln_weight, ln_bias, mask, active, levels, stages, strategy, _eps = inputs
     _, indices, mean, std = output
-    ctx.save_for_backward(z, scale, ln_weight, ln_bias, mean, std)
+    ctx.save_for_backward(z, scale, ln_weight, ln_bias, mean, std, mask, active)
     ctx.levels, ctx.stages, ctx.strategy = levels, stages, strategy
     ctx.mark_non_differentiable(indices, mean, std)
 
 
 def _backward(ctx, grad_q, _grad_indices, _grad_mean, _grad_std):
-    z, scale, ln_weight, ln_bias, mean, std = ctx.saved_tensors
+    z, scale, ln_weight, ln_bias, mean, std, mask, active = ctx.saved_tensors
     grad_z, grad_scale, grad_w, grad_b = torch.ops.rfsq_kernels.rfsq_backward(
-        grad_q, z, scale, ln_weight, ln_bias, mean, std, ctx.levels, ctx.stages, ctx.strategy)
+        grad_q, z, scale, ln_weight, ln_bias, mean, std, mask, active, ctx.levels, ctx.stages, ctx.strategy)
     layernorm = ctx.strategy == "layernorm"
     return (grad_z, grad_scale if ctx.strategy == "scale" else None,
-            grad_w if layernorm else None, grad_b if layernorm else None, None, None, None, None)
+            grad_w if layernorm else None, grad_b if layernorm else None, None, None, None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -81,8 +84,12 @@ def rfsq_fused(
     ln_weight: Optional[Tensor] = None,
     ln_bias: Optional[Tensor] = None,
     eps: float = 1e-5,
+    mask: Optional[Tensor] = None,
+    active_stages: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused K-stage RFSQ: same contract as :func:`rfsq_kernels.reference.rfsq_forward`.
+    """Fused K-stage RFSQ: same contract as :func:`rfsq_kernels.reference.rfsq_forward`, ``mask``
+    (``(B, *spatial)`` bool, True = valid) and ``active_stages`` (``(B,)`` integer per-sample stage
+    counts, read on the device: one compiled kernel serves every mix, no host sync) included.
 
     Returns ``(quantized, indices, mean, std)``: ``quantized`` in ``z``'s dtype and layout
     (contiguous / channels_last / channels_last_3d kept), ``indices`` ``(B, *spatial, K)`` int32
@@ -106,4 +113,7 @@ def rfsq_fused(
             if p is None or tuple(p.shape) != want:
                 raise ValueError(f"strategy='layernorm' needs {name} of shape {want}, got "
                                  f"{None if p is None else tuple(p.shape)}")
-    return torch.ops.rfsq_kernels.rfsq_forward(z, scale, ln_weight, ln_bias, levels, stages, strategy, float(eps))
+    if active_stages is not None:
+        active_stages = active_stages.to(torch.int32)
+    return torch.ops.rfsq_kernels.rfsq_forward(z, scale, ln_weight, ln_bias, mask, active_stages, levels, stages,
+                                               strategy, float(eps))

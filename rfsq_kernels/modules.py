@@ -8,16 +8,18 @@ import torch
 from .backend import check_backend, use_fused
 from .reference import FSQ
 from .reference import RFSQ as _ReferenceRFSQ
-from .reference import check_latent, rfsq_forward
 
 __all__ = ["RFSQ", "FSQ"]
 
 
 class RFSQ(_ReferenceRFSQ):
-    """Robust Residual FSQ: ``forward(z) -> (quantized, indices)``.
+    """Robust Residual FSQ: ``forward(z, mask=None, stages=None, return_all_codes=False)
+    -> (quantized, indices[, all_codes])``.
 
-    ``z`` is channel-first ``(B, C, *spatial)`` (rank 3, 4 or 5) with ``C == len(levels)``, any float
-    dtype (math in float32, output in ``z``'s dtype). ``indices`` is ``(B, *spatial, K)``.
+    ``z`` is ``(B, C, *spatial)`` (``channel_first=True``, the default) or ``(B, *spatial, C)``
+    (``channel_first=False``, read in place), or ``(B, C)``; ``C == dim`` (default ``len(levels)``);
+    any float dtype (math in float32, output in ``z``'s dtype). ``indices`` is ``(B, *spatial, K)``
+    with the sentinel -1 for dropped stages and masked positions.
 
     Args:
         stages: number of residual stages K (default 2).
@@ -28,6 +30,9 @@ class RFSQ(_ReferenceRFSQ):
             for ``|z| <= 9.2e18 / sqrt(spatial positions)`` on every backend (see the reference RFSQ).
         backend: ``'auto'`` (fused Triton kernels for CUDA tensors, reference otherwise),
             ``'triton'`` or ``'reference'``. The ``state_dict`` is the same for every backend.
+        dim, channel_first, quantize_dropout, quantize_dropout_cutoff_index,
+        quantize_dropout_multiple_of, quantize_dropout_per_sample, projection_has_bias:
+            see :class:`rfsq_kernels.reference.RFSQ`.
     """
 
     def __init__(
@@ -38,19 +43,32 @@ class RFSQ(_ReferenceRFSQ):
         initial_scale: float = 1.0,
         eps: float = 1e-5,
         backend: str = "auto",
+        *,
+        dim: Optional[int] = None,
+        channel_first: bool = True,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        quantize_dropout_per_sample: bool = True,
+        projection_has_bias: bool = True,
     ):
-        super().__init__(stages=stages, strategy=strategy, levels=levels, initial_scale=initial_scale, eps=eps)
+        super().__init__(stages=stages, strategy=strategy, levels=levels, initial_scale=initial_scale, eps=eps,
+                         dim=dim, channel_first=channel_first, quantize_dropout=quantize_dropout,
+                         quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
+                         quantize_dropout_multiple_of=quantize_dropout_multiple_of,
+                         quantize_dropout_per_sample=quantize_dropout_per_sample,
+                         projection_has_bias=projection_has_bias)
         self.backend = check_backend(backend)
 
-    def quantize(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Full result ``(quantized, indices, mean, std)``; mean/std are the LN statistics
-        ``(B, K, C)`` (empty for other strategies)."""
-        check_latent(z, self.num_channels)
+    def _run(self, z: torch.Tensor, num_stages: int, mask: Optional[torch.Tensor],
+             active: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The K-stage loop on a checked channel-first latent: fused kernels or the reference."""
         if use_fused(self.backend, z):
             from .fused import rfsq_fused
 
-            return rfsq_fused(z, self.levels, self.stages, self.strategy, *self._params(), eps=self.eps)
-        return rfsq_forward(z, self.levels, self.stages, self.strategy, *self._params(), eps=self.eps)
+            return rfsq_fused(z, self.levels, num_stages, self.strategy, *self._params(num_stages), eps=self.eps,
+                              mask=mask, active_stages=active)
+        return super()._run(z, num_stages, mask, active)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"

@@ -39,29 +39,45 @@ def pack_np(digits: np.ndarray, levels) -> np.ndarray:
     return out
 
 
-def rfsq_np(z: np.ndarray, levels, stages, strategy, scales=None, ln_w=None, ln_b=None, eps=1e-5):
-    """K-stage RFSQ in float64. Returns (quantized, indices (B, *spatial, K), margin)."""
-    r = z.astype(np.float64)
-    total = np.zeros_like(r)
-    idx, margin = [], np.inf
-    axes = tuple(range(2, z.ndim))
-    bshape = (1, -1) + (1,) * (z.ndim - 2)
-    for k in range(stages):
-        if strategy == "none":
-            codes, digits, m = fsq_np(r, levels)
-            q = codes
-        elif strategy == "scale":
-            a = scales[k]
-            codes, digits, m = fsq_np(a * r, levels)
-            q = codes / a
-        else:
-            mu = r.mean(axis=axes, keepdims=True)
-            sd = np.sqrt(((r - mu) ** 2).mean(axis=axes, keepdims=True) + eps)
-            w, b = ln_w[k].reshape(bshape), ln_b[k].reshape(bshape)
-            codes, digits, m = fsq_np(w * (r - mu) / sd + b, levels)
-            q = (codes - b) / w * sd + mu
-        margin = min(margin, m)
-        total += q
-        r = r - q
-        idx.append(pack_np(digits, levels))
-    return total, np.stack(idx, axis=-1), margin
+def rfsq_np(z: np.ndarray, levels, stages, strategy, scales=None, ln_w=None, ln_b=None, eps=1e-5,
+            mask=None, active=None):
+    """K-stage RFSQ in float64. Returns (quantized, indices (B, *spatial, K), margin).
+
+    ``mask`` (B, *spatial) bool, True = valid: padded positions are skipped (output 0, index -1) and
+    the LN statistics use the valid positions only (none valid: mean 0, variance 0).
+    ``active`` (B,) ints: sample b runs stages k < active[b] only (index -1 beyond).
+    Written per sample with explicit loops over the valid positions, independent of the reference.
+    """
+    B = z.shape[0]
+    spatial = z.shape[2:]
+    valid = np.ones((B,) + spatial, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    k_b = np.full(B, stages) if active is None else np.asarray(active)
+    total = np.zeros(z.shape, dtype=np.float64)
+    idx = np.full((B,) + spatial + (stages,), -1, dtype=np.int64)
+    margin = np.inf
+    for b in range(B):
+        sel = valid[b]                      # (*spatial) bool
+        r = z[b][:, sel].astype(np.float64)  # (C, n_valid): padding is never read
+        out = np.zeros_like(r)
+        for k in range(min(int(k_b[b]), stages)):
+            if r.shape[1] == 0:
+                break
+            x = r[None]
+            if strategy == "none":
+                codes, digits, m = fsq_np(x, levels)
+                q = codes[0]
+            elif strategy == "scale":
+                codes, digits, m = fsq_np(scales[k] * x, levels)
+                q = codes[0] / scales[k]
+            else:
+                mu = r.mean(axis=1, keepdims=True)
+                sd = np.sqrt(((r - mu) ** 2).mean(axis=1, keepdims=True) + eps)
+                w, bb = ln_w[k][:, None], ln_b[k][:, None]
+                codes, digits, m = fsq_np((w * (r - mu) / sd + bb)[None], levels)
+                q = (codes[0] - bb) / w * sd + mu
+            margin = min(margin, m)
+            out += q
+            r = r - q
+            idx[b][sel, k] = pack_np(digits, levels)[0]
+        total[b][:, sel] = out
+    return total, idx, margin

@@ -24,14 +24,14 @@ STRATEGIES = ["none", "scale", "layernorm"]
 
 # -- 8. decode --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("shift,where", [(2048, "max"), (-1, "min"), (2**20, "max")])
+@pytest.mark.parametrize("shift,where", [(2048, "max"), (-2, "min"), (2**20, "max")])
 def test_decode_rejects_indices_outside_the_codebook(seed, strategy, shift, where):
     m = RFSQ(stages=2, strategy=strategy)
     z = torch.randn(2, 4, 5, 3)
     idx, side = m.encode(z)
     bad = idx.clone()
-    if shift == -1:
-        bad[1, 2, 0, 1] = -1
+    if shift == -2:  # (-1 is the dropped-stage / masked-position sentinel: tests/test_reference_mask_dropout.py)
+        bad[1, 2, 0, 1] = -2
     else:
         bad = bad + shift
     for call in (lambda: m.decode(bad, side), lambda: m.decode_stages(bad, side), lambda: m.indices_to_codes(bad)):
@@ -44,8 +44,9 @@ def test_decode_rejects_indices_outside_the_codebook(seed, strategy, shift, wher
 def test_decode_and_indices_to_codes_check_the_stages_dim(strategy):
     m = RFSQ(stages=2, strategy=strategy)
     idx, side = m.encode(torch.randn(2, 4, 6, 5))
+    # (idx[..., :k] is a legitimate input: the first k stages, tests/test_reference_mask_dropout.py)
     for call in (lambda: m.indices_to_codes(idx[..., 0]), lambda: m.decode(idx[..., 0], side),
-                 lambda: m.indices_to_codes(idx[0, ..., :1])):
+                 lambda: m.indices_to_codes(torch.cat([idx, idx], dim=-1))):
         with pytest.raises(ValueError, match=r"indices must have shape \(B, \*spatial, K=2\)"):
             call()
     assert m.indices_to_codes(idx).shape == (2, 2, 4, 6, 5)

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from fused_helpers import assert_close_grads, draw_input, make_params
+import rfsq_kernels.fused  # noqa: F401  (registers the custom ops used directly below)
 from rfsq_kernels import RFSQ
 
 
@@ -69,14 +70,18 @@ def test_autocast_bf16(seed):
     torch.testing.assert_close(grads["quant.ln_weight"], rgrads["quant.ln_weight"], rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["plain", "mask+counts"])
 @pytest.mark.parametrize("strategy", ["none", "scale", "layernorm"])
-def test_opcheck(seed, strategy):
+def test_opcheck(seed, strategy, sparse):
     levels, stages = [8, 5, 3, 4], 2
     params = make_params(levels, stages, strategy)
     z = draw_input((2, 4, 3, 5), levels, stages, strategy, params).requires_grad_()
     scale = None
     if strategy == "scale":
         scale = torch.nn.functional.softplus(params["scale_param"].detach()).requires_grad_()
-    args = (z, scale, params.get("ln_weight"), params.get("ln_bias"), levels, stages, strategy, 1e-5)
+    mask = active = None
+    if sparse:  # padding mask (B, *spatial) and per-sample stage counts (B,) int32
+        mask, active = torch.rand(2, 3, 5) > 0.3, torch.tensor([1, 2], dtype=torch.int32)
+    args = (z, scale, params.get("ln_weight"), params.get("ln_bias"), mask, active, levels, stages, strategy, 1e-5)
     # schema, autograd registration, fake tensor and aot_dispatch_dynamic (which runs the backward op)
     torch.library.opcheck(torch.ops.rfsq_kernels.rfsq_forward.default, args)

@@ -128,8 +128,8 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
         seen[key] |= {(name, v) for name, v in c.items() if isinstance(v, bool) and name != "USE_LIBDEVICE"}
     for (arch, kernel), values in sorted(seen.items()):
         flags = {name for name, v in values if isinstance(v, bool)}
-        if arch not in NO_SPILL_ARCHS:  # the structural grid has 32-bit offsets only
-            flags.discard("USE_INT64")
+        if arch not in NO_SPILL_ARCHS:  # the structural grid: 32-bit offsets, no masks or stage counts
+            flags -= {"USE_INT64", "HAS_MASK", "HAS_DROPOUT"}
         for name in sorted(flags):
             if {(name, False), (name, True)} - values:
                 problems.append(f"- sweep reached only one value of {name} for {kernel} on sm_{arch}: "
@@ -143,6 +143,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
             if arch in NO_SPILL_ARCHS:  # other targets compile the structural grid only
                 want |= {("USE_INT64", v) for v in (False, True)}
                 want |= {("x_dtype", d) for d in ("fp32", "bf16", "fp16")}
+                want |= {(flag, v) for flag in ("HAS_MASK", "HAS_DROPOUT") for v in (False, True)}
             if "elementwise" in kernel:
                 want |= {("HAS_SCALE", v) for v in (False, True)}
             if "layernorm" in kernel:

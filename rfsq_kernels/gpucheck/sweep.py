@@ -47,11 +47,14 @@ class Case:
     levels: Tuple[int, ...]
     dtype: torch.dtype
     shape: Tuple[int, ...]
+    mask: bool = False      # a (B, *spatial) padding mask is passed
+    dropout: bool = False   # per-sample stage counts (quantize dropout) are passed
 
     def __str__(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
+        extra = (" mask" if self.mask else "") + (" dropout" if self.dropout else "")
         return (f"{self.direction} strategy={self.strategy} K={self.stages} C={len(self.levels)} "
-                f"levels={list(self.levels)} dtype={dt} shape={'x'.join(map(str, self.shape))}")
+                f"levels={list(self.levels)} dtype={dt} shape={'x'.join(map(str, self.shape))}{extra}")
 
 
 def levels_for(channels: int) -> List[Tuple[int, ...]]:
@@ -87,6 +90,19 @@ def structure_cases() -> List[Case]:
     return all_cases(spatial=SPATIAL[1:], dtypes=(torch.float32,), offsets=(32,))
 
 
+def sparse_cases() -> List[Case]:
+    """Masks and per-sample stage counts (their own constexpr specializations): direction x
+    strategy x K=8 x the training and the large image, float32, 32-bit offsets; both flags at
+    C in {5, 16}, each flag alone at C=5."""
+    out = []
+    for base in all_cases(stages=(8,), channels=(5, 16), dtypes=(torch.float32,), spatial=SPATIAL[1:],
+                          offsets=(32,)):
+        flags = [(True, True)] + ([(True, False), (False, True)] if len(base.levels) == 5 else [])
+        out += [Case(base.direction, base.strategy, base.stages, base.levels, base.dtype, base.shape, m, d)
+                for m, d in flags]
+    return out
+
+
 def default_cases() -> List[Case]:
     """The grid ``make test`` compiles (deduplicated: a few hundred binaries per target):
 
@@ -96,7 +112,8 @@ def default_cases() -> List[Case]:
     * boundary: direction x {scale, layernorm} x K=8 x C in {5, 16} x every dtype x 32/64-bit
       offsets x all three images -- every load/store type and offset width, at the heaviest
       stage count, the paper's and the largest channel tile, with and without 16-divisible
-      sizes.
+      sizes;
+    * sparse: :func:`sparse_cases` (padding masks, per-sample stage counts).
 
     The complete product of all axes is :func:`all_cases` (``--full``): thousands of binaries
     per target, hours on 2 cores.
@@ -104,7 +121,7 @@ def default_cases() -> List[Case]:
     structure = structure_cases()
     boundary = all_cases(strategies=("scale", "layernorm"), stages=(8,), channels=(5, 16))
     seen, out = set(), []
-    for case in structure + boundary:
+    for case in structure + boundary + sparse_cases():
         if case not in seen:
             seen.add(case)
             out.append(case)
@@ -122,8 +139,10 @@ def run_case(case: Case) -> None:
     if case.strategy == "layernorm":
         ln_weight = torch.empty((k, c), dtype=torch.float32, device=meta)
         ln_bias = torch.empty((k, c), dtype=torch.float32, device=meta)
+    sparse = dict(mask=torch.empty((case.shape[0], *case.shape[2:]), dtype=torch.bool, device=meta) if case.mask else None,
+                  active_stages=torch.empty((case.shape[0],), dtype=torch.int32, device=meta) if case.dropout else None)
     if case.direction == "forward":
-        rfsq_forward_launch(z, list(case.levels), k, case.strategy, scale, ln_weight, ln_bias)
+        rfsq_forward_launch(z, list(case.levels), k, case.strategy, scale, ln_weight, ln_bias, **sparse)
         return
     mean = std = None
     if case.strategy == "layernorm":
@@ -131,7 +150,7 @@ def run_case(case: Case) -> None:
         std = torch.empty_like(mean)
     grad_q = torch.empty_like(z)
     rfsq_backward_launch(grad_q, z, list(case.levels), k, case.strategy, scale, ln_weight, ln_bias,
-                         mean, std)
+                         mean, std, **sparse)
 
 
 @dataclass

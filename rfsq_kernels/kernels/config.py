@@ -36,6 +36,11 @@ and each stage's statistics depend on every earlier stage):
 images). The forward loops over the K stages at run time; the backward unrolls them, so the
 compiler shares its O(K^2) replay across the unrolled stages. Bigger tiles spilled at K=8.
 
+**Masks and per-sample stage counts** (``HAS_MASK``/``HAS_DROPOUT``) keep a few more values live
+per element. Their launches halve the tile where the offline compile check found spills: none/scale
+chunks of 1024 elements at 4 per thread, and a layernorm backward that keeps at most 4096 elements
+in one tile (4 per thread at 32 warps) and otherwise uses those half chunks.
+
 ``MAX_BLOCK_ELEMS`` is the knob that tests lower to force the chunked/split paths: it also
 caps the chunk, so ``MAX_BLOCK_ELEMS = 64`` gives 64-element chunks.
 """
@@ -57,6 +62,8 @@ CHUNK_ELEMS = 2048
 CHUNK_ELEMS_PER_THREAD = 8
 SINGLE_ELEMS_PER_THREAD = 4
 SINGLE_WARPS = {"forward": (4, 16), "backward": (4, 32)}
+#: Elements per thread of a full chunk when a mask or per-sample stage counts are passed.
+SPARSE_ELEMS_PER_THREAD = 4
 
 _TABLES: Dict[Tuple[Tuple[int, ...], torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -82,28 +89,34 @@ def _warps(elems: int, per_thread: int, least: int, most: int) -> int:
     return min(max(elems // (32 * per_thread), least), most)
 
 
-def _chunk_tiles(block_c: int, spatial: int) -> Tiles:
-    chunk = min(CHUNK_ELEMS, MAX_BLOCK_ELEMS)
+def _chunk_tiles(block_c: int, spatial: int, sparse: bool = False) -> Tiles:
+    chunk, per_thread = min(CHUNK_ELEMS, MAX_BLOCK_ELEMS), CHUNK_ELEMS_PER_THREAD
+    if sparse:
+        chunk, per_thread = max(chunk // 2, 2), SPARSE_ELEMS_PER_THREAD
     block_s = max(min(next_pow2(spatial), chunk // block_c), 2)
-    return Tiles(block_c, block_s, _warps(block_c * block_s, CHUNK_ELEMS_PER_THREAD, 1, 8),
+    return Tiles(block_c, block_s, _warps(block_c * block_s, per_thread, 1, 8),
                  block_s >= spatial)
 
 
 def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
-                    int64: bool = False) -> Tiles:
+                    int64: bool = False, sparse: bool = False) -> Tiles:
     """Tile of the layernorm ``direction`` (``forward``/``backward``) kernel for ``channels`` x
-    ``spatial``; ``int64``: the launch uses 64-bit offsets (see module docstring)."""
+    ``spatial``; ``int64``: the launch uses 64-bit offsets; ``sparse``: a mask or per-sample
+    stage counts are passed (see module docstring)."""
     block_c, block_s = next_pow2(channels), next_pow2(spatial)
     single_max = MAX_BLOCK_ELEMS // 2 if int64 and direction == "forward" else MAX_BLOCK_ELEMS
+    sparse = sparse and direction == "backward"
+    if sparse:
+        single_max //= 2
     if block_c * block_s <= single_max:
         warps = _warps(block_c * block_s, SINGLE_ELEMS_PER_THREAD, *SINGLE_WARPS[direction])
         return Tiles(block_c, max(block_s, 2), warps, True)
-    return replace(_chunk_tiles(block_c, spatial), single=False)
+    return replace(_chunk_tiles(block_c, spatial, sparse), single=False)
 
 
-def elementwise_tiles(channels: int, spatial: int) -> Tiles:
+def elementwise_tiles(channels: int, spatial: int, sparse: bool = False) -> Tiles:
     """Tile of the none/scale kernels for ``channels`` x ``spatial`` (see module docstring)."""
-    return _chunk_tiles(next_pow2(channels), spatial)
+    return _chunk_tiles(next_pow2(channels), spatial, sparse)
 
 
 def use_libdevice(t: torch.Tensor) -> bool:
@@ -169,3 +182,13 @@ def max_offset(t: torch.Tensor) -> int:
 def needs_int64(*tensors: torch.Tensor) -> bool:
     """True when some element offset of these tensors may not fit in int32."""
     return any(max_offset(t) >= 2**31 - 1 for t in tensors)
+
+
+def mask_and_counts(mask: Optional[torch.Tensor], active: Optional[torch.Tensor], batch: int, spatial: int,
+                    dummy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Kernel views of the optional padding mask ``(B, *spatial)`` bool -> ``(B, S)`` uint8 (no copy
+    when contiguous) and per-sample stage counts ``(B,)`` -> int32; ``dummy`` stands in for an
+    absent one (never read: the kernels' HAS_MASK / HAS_DROPOUT flags are off)."""
+    valid = dummy if mask is None else mask.reshape(batch, spatial).contiguous().view(torch.uint8)
+    counts = dummy if active is None else active.to(torch.int32).contiguous()
+    return valid, counts

@@ -112,16 +112,17 @@ def elem_stage(r, a, hl, off, sh, hw, HAS_SCALE: tl.constexpr, USE_LIBDEVICE: tl
 
 
 @triton.jit
-def elem_replay(x, scale_ptr, hl, off, sh, hw, NSTAGES: tl.constexpr, HAS_SCALE: tl.constexpr,
-                USE_LIBDEVICE: tl.constexpr):
-    """Residual ``r_NSTAGES`` of an elementwise strategy, recomputed from the input tile ``x``."""
+def elem_replay(x, scale_ptr, hl, off, sh, hw, valid, n_act, NSTAGES: tl.constexpr, HAS_SCALE: tl.constexpr,
+                HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """Residual ``r_NSTAGES`` of an elementwise strategy, recomputed from the input tile ``x``
+    (positions/stages the forward skipped subtract nothing)."""
     r = x
     for j in tl.static_range(NSTAGES):
         a = 1.0
         if HAS_SCALE:
             a = tl.load(scale_ptr + j).to(tl.float32)
         q, _t, _rnd = elem_stage(r, a, hl, off, sh, hw, HAS_SCALE, USE_LIBDEVICE)
-        r = r - q
+        r = r - keep_only(q, valid, n_act, j, HAS_MASK, HAS_DROPOUT)
     return r
 
 
@@ -153,17 +154,19 @@ def ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE: tl.constexpr):
 
 @triton.jit
 def _ln_undo_stage(r, j, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                   hl, off, sh, hw, USE_LIBDEVICE: tl.constexpr):
+                   hl, off, sh, hw, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   USE_LIBDEVICE: tl.constexpr):
     """``r_{j+1} = r_j - q_j`` for layernorm stage ``j`` with its saved statistics."""
     mu, sd = ln_stats(mean_ptr, std_ptr, stat_base, j, offs_c, mask_c, C)
     w, bb = ln_params(w_ptr, b_ptr, j, offs_c, mask_c, C)
     q, _code, _t, _rnd = ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE)
-    return r - q
+    return r - keep_only(q, valid, n_act, j, HAS_MASK, HAS_DROPOUT)
 
 
 @triton.jit
 def ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-              hl, off, sh, hw, nstages, USE_LIBDEVICE: tl.constexpr):
+              hl, off, sh, hw, nstages, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              USE_LIBDEVICE: tl.constexpr):
     """Residual ``r_nstages`` of the layernorm strategy from the input tile and saved statistics.
 
     A runtime loop (``nstages`` is the caller's runtime stage index): code size and compile time
@@ -172,5 +175,47 @@ def ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
     r = x
     for j in range(nstages):
         r = _ln_undo_stage(r, j, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                           hl, off, sh, hw, USE_LIBDEVICE)
+                           hl, off, sh, hw, valid, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
     return r
+
+
+# -- masks (padded positions) and per-sample stage counts (quantize dropout) -------------------
+# Both are constexpr-gated (HAS_MASK, HAS_DROPOUT): without them the compiled code is unchanged.
+
+
+@triton.jit
+def load_valid(mask_ptr, b, offs_s, mask_s, S, HAS_MASK: tl.constexpr):
+    """``[BLOCK_S]`` bool: position in range and, with ``HAS_MASK``, not padding (``(B, S)`` uint8)."""
+    if HAS_MASK:
+        m = tl.load(mask_ptr + b * S + offs_s, mask=mask_s, other=0)
+        return mask_s & (m != 0)
+    else:
+        return mask_s
+
+
+@triton.jit
+def load_active(active_ptr, b, K, HAS_DROPOUT: tl.constexpr):
+    """Number of stages image ``b`` runs (``(B,)`` int32), or K without dropout."""
+    if HAS_DROPOUT:
+        return tl.load(active_ptr + b)
+    else:
+        return K
+
+
+@triton.jit
+def stage_keep(valid, n_act, k, HAS_DROPOUT: tl.constexpr):
+    """Positions that stage ``k`` quantizes: ``valid`` (any shape) and ``k < n_act``."""
+    if HAS_DROPOUT:
+        return valid & (k < n_act)
+    else:
+        return valid
+
+
+@triton.jit
+def keep_only(q, valid, n_act, k, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """``q`` with the positions stage ``k`` skips set to 0 (a no-op without mask/dropout);
+    ``valid`` broadcasts against ``q`` (a ``[1, BLOCK_S]`` row or the tile's mask)."""
+    if HAS_MASK or HAS_DROPOUT:
+        return tl.where(stage_keep(valid, n_act, k, HAS_DROPOUT), q, 0.0)
+    else:
+        return q

@@ -1,0 +1,117 @@
+"""Fused kernels with masks (padded positions) and per-sample stage counts (quantize dropout)
+against the reference: quantized, indices (incl. the -1 sentinel), LN statistics and every
+gradient; single-tile and chunked paths, odd sizes, all-masked and one-valid samples (CPU: Triton
+interpreter, few and large programs)."""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_helpers import compare, make_params, run_both, to_layout
+from numpy_rfsq import rfsq_np
+from rfsq_kernels import RFSQ
+from rfsq_kernels.fused import rfsq_fused
+from rfsq_kernels.kernels import config
+from rfsq_kernels.reference import SENTINEL, rfsq_forward
+
+STRATEGIES = ["none", "scale", "layernorm"]
+
+
+def _np_kwargs(strategy, params):
+    if strategy == "scale":
+        return {"scales": F.softplus(params["scale_param"].detach()).double().numpy()}
+    if strategy == "layernorm":
+        return {"ln_w": params["ln_weight"].detach().double().numpy(),
+                "ln_b": params["ln_bias"].detach().double().numpy()}
+    return {}
+
+
+def _mask_and_counts(batch, spatial, stages):
+    """Sample 0 all padding, sample 1 one valid position, the rest random; counts 0..K."""
+    mask = torch.rand(batch, *spatial) > 0.35
+    mask[0] = False
+    mask[1] = False
+    mask[1].view(-1)[-1] = True
+    active = torch.randint(0, stages + 1, (batch,), dtype=torch.int32)
+    active[2] = stages
+    active[-1] = 0 if batch > 3 else active[-1]
+    return mask, active
+
+
+def _draw(shape, levels, stages, strategy, params, mask, active, dtype=torch.float32, channels_last=False):
+    """Input whose valid, active pre-rounding values all lie >= 5e-4 from a .5 boundary (the
+    independent float64 loop reports the margin); padding is NaN (it must never be read)."""
+    for _ in range(200):
+        z = (1.5 * torch.randn(shape)).to(dtype)
+        margin = rfsq_np(z.double().numpy(), levels, stages, strategy, **_np_kwargs(strategy, params),
+                         mask=mask.numpy(), active=active.numpy())[2]
+        if margin > 5e-4:
+            z = z.masked_fill(~mask.unsqueeze(1), float("nan"))
+            return to_layout(z, channels_last)
+    raise RuntimeError("could not draw a boundary-free input")
+
+
+def _both(mask, active):
+    fused = functools.partial(rfsq_fused, mask=mask, active_stages=active)
+    ref = functools.partial(rfsq_forward, mask=mask, active_stages=active)
+    return fused, ref
+
+
+@pytest.mark.parametrize("path", ["single", "chunked"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_mask_and_counts_match_reference(seed, monkeypatch, strategy, path):
+    if path == "chunked":  # several spatial tiles (none/scale), the multi-pass layernorm (S=45 in chunks of 16)
+        monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
+    levels, stages = [8, 5, 3, 4], 3
+    shape = (5, 4, 5, 9)
+    params = make_params(levels, stages, strategy)
+    mask, active = _mask_and_counts(shape[0], shape[2:], stages)
+    z = _draw(shape, levels, stages, strategy, params, mask, active)
+    fused, ref = run_both(*_both(mask, active), z, levels, stages, strategy, params, grad=torch.randn(shape))
+    compare(fused, ref)
+    q, idx, mean, std = fused["out"]
+    assert (idx[0] == SENTINEL).all() and (q[0] == 0).all() and (fused["grads"]["z"][0] == 0).all()
+    assert ((idx == SENTINEL) == (~mask[..., None] | (torch.arange(stages) >= active.view(-1, 1, 1, 1)))).all()
+    assert torch.isfinite(fused["grads"]["z"]).all()
+    if strategy == "layernorm":
+        assert torch.isfinite(mean).all() and torch.isfinite(std).all()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_rank3_bf16_channels_last_mask_only(seed, strategy):
+    levels, stages = [7, 2, 16], 2
+    shape = (3, 3, 37)
+    params = make_params(levels, stages, strategy)
+    mask, _ = _mask_and_counts(3, (37,), stages)
+    active = torch.full((3,), stages, dtype=torch.int32)
+    z = _draw(shape, levels, stages, strategy, params, mask, active, dtype=torch.bfloat16, channels_last=True)
+    compare(*run_both(*_both(mask, None), z, levels, stages, strategy, params, grad=torch.randn(shape)))
+
+
+@pytest.mark.parametrize("strategy", ["scale", "layernorm"])
+def test_counts_only_with_stride0_grad(seed, strategy):
+    levels, stages = [4, 4, 4, 4, 4], 4
+    shape = (4, 5, 6, 5)
+    params = make_params(levels, stages, strategy)
+    active = torch.tensor([1, 4, 0, 2], dtype=torch.int32)
+    mask = torch.ones(4, 6, 5, dtype=torch.bool)
+    z = _draw(shape, levels, stages, strategy, params, mask, active)
+    fused, ref = run_both(*_both(None, active), z, levels, stages, strategy, params, grad=None)
+    compare(fused, ref)
+    if strategy == "layernorm":  # dropped stages store (0, 1)
+        assert torch.equal(fused["out"][2][2], torch.zeros(4, 5)) and torch.equal(fused["out"][3][2], torch.ones(4, 5))
+
+
+def test_module_dropout_and_mask_through_triton(seed):
+    m = RFSQ(stages=4, strategy="layernorm", backend="triton", quantize_dropout=True).train()
+    ref = RFSQ(stages=4, strategy="layernorm", backend="reference")
+    ref.load_state_dict(m.state_dict())
+    z = torch.randn(3, 5, 16, requires_grad=True)
+    mask = torch.ones(3, 16, dtype=torch.bool)
+    mask[1, 9:] = False
+    q, idx = m(z, mask=mask)
+    kept = (idx[:, 0] != SENTINEL).sum(-1)
+    rq, ridx = ref(z, mask=mask, stages=kept)
+    assert torch.equal(idx, ridx)
+    torch.testing.assert_close(q, rq, rtol=1e-5, atol=1e-5)
