@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from training.data import denormalize
+
+
+#: codebooks up to this size get a dense (stages, codes) histogram; larger ones (e.g. FSQ [256]*5,
+#: 2**40 codes) are counted sparsely from the codes that actually occur.
+DENSE_HISTOGRAM_MAX = 2**24
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -46,7 +51,9 @@ def evaluate(
     quant = model.quantizer
     K, V = quant.stages, quant.codebook_size
     sums = torch.zeros(5 + K, dtype=torch.float64, device=device)  # n, l1, lpips, psnr, z_sq, resid_sq[K]
-    counts = torch.zeros(K, V, dtype=torch.float64, device=device)
+    dense = V <= DENSE_HISTOGRAM_MAX  # a (K, V) histogram; sparse (per-stage dicts) for huge codebooks
+    counts = torch.zeros(K, V if dense else 1, dtype=torch.float64, device=device)
+    sparse: List[Dict[int, int]] = [{} for _ in range(K)]
     elems = torch.zeros(1, dtype=torch.float64, device=device)  # number of latent elements
     originals, recons = [], []
     for batch in loader:
@@ -75,15 +82,28 @@ def evaluate(
             sums[5 + k] += resid.pow(2).sum().double()
         flat = idx.reshape(-1, K).long()
         for k in range(K):
-            counts[k] += torch.bincount(flat[:, k], minlength=V)[:V].double()
+            if dense:
+                counts[k] += torch.bincount(flat[:, k], minlength=V)[:V].double()
+            else:
+                for code, c in zip(*(t.tolist() for t in torch.unique(flat[:, k], return_counts=True))):
+                    sparse[k][code] = sparse[k].get(code, 0) + c
         if sum(len(o) for o in originals) < 8:  # the first 8 images, for the reconstruction grid
             originals.append(x01.cpu())
             recons.append(r01.cpu())
     _all_reduce(sums), _all_reduce(counts), _all_reduce(elems)
     model.train(was_training)
     n = max(sums[0].item(), 1.0)
-    probs = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=1)
+    if dense:
+        probs = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=1)
+        used = [(counts[k] > 0).double().mean().item() for k in range(K)]
+    else:  # this rank's tokens only under DDP
+        entropy, used = torch.zeros(K, dtype=torch.float64), []
+        for k in range(K):
+            c = torch.tensor(list(sparse[k].values()) or [0], dtype=torch.float64)
+            p = c / c.sum().clamp_min(1)
+            entropy[k] = -(p * torch.log(p.clamp_min(1e-30))).sum()
+            used.append(len(sparse[k]) / V)
     e = max(elems.item(), 1.0)
     metrics = {
         "images": int(sums[0].item()),
@@ -91,7 +111,7 @@ def evaluate(
         "lpips": (sums[2].item() / n) if lpips_model is not None else None,
         "psnr": sums[3].item() / n,
         "bits_per_token": quant.bits_per_token,
-        "codebook_usage": [round((counts[k] > 0).double().mean().item(), 6) for k in range(K)],
+        "codebook_usage": [round(u, 6) if u >= 1e-6 else u for u in used],
         "perplexity": [round(math.exp(entropy[k].item()), 3) for k in range(K)],
         "latent_rms": math.sqrt(sums[4].item() / e),
         "residual_rms": [math.sqrt(sums[5 + k].item() / e) for k in range(K)],
