@@ -105,3 +105,18 @@ def test_evaluate_cli_on_a_folder_of_images(grid, tmp_path, capsys):
     assert "broken.png is unreadable" in capsys.readouterr().err
     assert evaluate_main([d, "--val-dir", str(tmp_path / "missing")]) == 1
     assert evaluate_main([str(tmp_path)]) == 1  # not a run directory
+
+
+def test_holdout_split_is_by_image_and_keeps_the_stereo_pair_together():
+    import torch
+
+    from training.data import DataError, embedded_photo_names, split_embedded
+
+    names = embedded_photo_names()
+    photos = [torch.full((3, 4, 4), float(i)) for i in range(len(names))]
+    train, val = split_embedded(photos, ["chelsea", "stereo_motorcycle"])
+    held = {int(p[0, 0, 0]) for p in val}
+    assert {names[i] for i in held} == {"chelsea", "stereo_motorcycle:left", "stereo_motorcycle:right"}
+    assert held.isdisjoint(int(p[0, 0, 0]) for p in train) and len(train) + len(val) == len(photos)
+    with pytest.raises(DataError, match="unknown photo"):
+        split_embedded(photos, ["nope"])

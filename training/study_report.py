@@ -178,7 +178,7 @@ def plot_rate_distortion(data, path: str) -> None:
 
     fams = {"baseline": "tab:gray", "fsq": "tab:blue", "none": "tab:orange", "scale": "tab:green",
             "layernorm": "tab:red", "lucidrains": "tab:purple"}
-    markers = {"vq-ema": "s", "lfq": "D", "fsq": "o", "fsq22": "o", "fsq40": "o", "rfsq2-none": "^",
+    markers = {"vq-ema": "s", "lfq": "D", "fsq": "o", "fsq22": "p", "fsq40": "h", "rfsq2-none": "^",
                "rfsq2-scale": "^", "rfsq2-ln": "^", "rfsq4-none": "v", "rfsq4-scale": "v", "rfsq4-ln": "v",
                "lucid2": "P", "lucid4": "X"}
     steps_list = list(data)
