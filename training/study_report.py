@@ -34,7 +34,9 @@ PAIRS = (
     ("rfsq2-ln", "rfsq2-none"), ("rfsq2-ln", "rfsq2-scale"), ("rfsq2-scale", "rfsq2-none"),
     ("rfsq4-ln", "rfsq4-none"), ("rfsq4-ln", "rfsq4-scale"), ("rfsq4-scale", "rfsq4-none"),
     ("rfsq2-none", "lucid2"), ("rfsq2-ln", "lucid2"), ("rfsq4-none", "lucid4"), ("rfsq4-ln", "lucid4"),
-    ("fsq", "lfq"), ("fsq", "vq-ema"), ("rfsq4-ln", "rfsq2-ln"),
+    ("lucid2", "fsq22"), ("lucid4", "fsq40"),
+    ("fsq", "lfq"), ("fsq", "vq-ema"), ("vq-ema", "lfq"), ("rfsq2-none", "fsq"), ("rfsq2-scale", "fsq"),
+    ("rfsq2-ln", "fsq"), ("rfsq4-none", "rfsq2-ln"), ("rfsq4-ln", "rfsq2-ln"),
 )
 
 
@@ -169,6 +171,11 @@ def _ranking(by_name: Dict[str, List[dict]], names: List[str], key: str) -> str:
     return out
 
 
+_X_OFFSET = {"fsq22": -1.2, "rfsq2-none": -0.6, "rfsq2-ln": 0.6, "lucid2": 1.2,
+             "fsq40": -1.2, "rfsq4-none": -0.6, "rfsq4-ln": 0.6, "lucid4": 1.2,
+             "vq-ema": -0.6, "lfq": 0.6}
+
+
 def plot_rate_distortion(data, path: str) -> None:
     """Bits/token vs PSNR and vs LPIPS: one marker per method (filled: shortest runs; hollow: longest)."""
     import matplotlib
@@ -191,11 +198,12 @@ def plot_rate_distortion(data, path: str) -> None:
                 if not vals:
                     continue
                 m, s = mean_spread(vals)
-                bits = runs[0]["bits_per_token"] + (0.6 if hollow else 0)  # nudge long runs sideways
+                # spread the methods of one bit rate sideways so that their markers do not hide each other
+                bits = runs[0]["bits_per_token"] + _X_OFFSET.get(name, 0.0) + (0.3 if hollow else 0.0)
                 col = fams[CONFIGS[name][2]]
                 ax.errorbar(bits, m, yerr=s, fmt=markers[name], color=col, mfc="none" if hollow else col, ms=8,
                             capsize=3, label=f"{CONFIGS[name][1]}" if si == 0 else None)
-        ax.set_xlabel("bits / token")
+        ax.set_xlabel("bits / token (methods of one rate drawn side by side)")
         ax.set_ylabel({"psnr": "held-out PSNR (dB) ↑", "lpips": "held-out LPIPS-VGG ↓"}[key])
         ax.grid(alpha=0.3)
     title = f"filled: {steps_list[0]} steps" + (f"; hollow: {steps_list[-1]} steps (main configs)" if len(steps_list) > 1 else "")
@@ -209,16 +217,17 @@ def plot_rate_distortion(data, path: str) -> None:
 
 def plot_residual_decay(data, path: str) -> Optional[str]:
     """RMS of the residual entering each stage (stage 1: the latent) for K=4 none/scale/layernorm
-    (and lucidrains' ResidualFSQ), absolute and relative to the latent, at the longest length that has them."""
+    (and lucidrains' ResidualFSQ), absolute and relative to the latent, at the run length that has most of them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = ["rfsq4-none", "rfsq4-scale", "rfsq4-ln", "lucid4"]
-    steps = max((s for s, by in data.items() if any(n in by for n in names[:3])), default=None)
-    if steps is None:
+    present = {s: sum(n in by for n in names) for s, by in data.items()}
+    if not any(present.values()):
         return None
+    steps = max(present, key=lambda s: (present[s], s))  # the length that has the most of them
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name in names:
         runs = data[steps].get(name)
