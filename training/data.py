@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import zlib
-from typing import Iterator, List, NamedTuple, Sequence, Tuple, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -132,6 +132,61 @@ def load_embedded_photos(short_side: int = 256) -> List[torch.Tensor]:
                           mode="bilinear", antialias=True, align_corners=False)[0]
         photos.append(t.clamp(0, 1))
     return photos
+
+
+def embedded_photo_names() -> List[str]:
+    """Names of :func:`load_embedded_photos`'s tensors, in order (the stereo pair gives two views,
+    ``stereo_motorcycle:left`` and ``stereo_motorcycle:right``)."""
+    names = []
+    for name in RGB_PHOTOS:
+        names += [f"{name}:left", f"{name}:right"] if name == "stereo_motorcycle" else [name]
+    return names + list(GREY_PHOTOS)
+
+
+def split_embedded(photos: List[torch.Tensor], heldout: Sequence[str]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Split the embedded photos *by image* into ``(train, held-out)``.
+
+    ``heldout`` names photos of :data:`RGB_PHOTOS` / :data:`GREY_PHOTOS`; both views of the stereo
+    pair go to the same side (they show the same scene). Raises :class:`DataError` on an unknown name
+    or when nothing is left to train on.
+    """
+    known = set(RGB_PHOTOS) | set(GREY_PHOTOS)
+    unknown = sorted(set(heldout) - known)
+    if unknown:
+        raise DataError(f"--holdout-photos: unknown photo(s) {unknown}; choose from {sorted(known)}")
+    names = embedded_photo_names()
+    if len(names) != len(photos):
+        raise DataError(f"expected {len(names)} embedded photos, got {len(photos)}")
+    is_out = [n.split(":")[0] in set(heldout) for n in names]
+    train = [p for p, out in zip(photos, is_out) if not out]
+    val = [p for p, out in zip(photos, is_out) if out]
+    if not train:
+        raise DataError("--holdout-photos holds out every embedded photo; nothing is left to train on")
+    return train, val
+
+
+class TiledCrops(Dataset):
+    """Every ``size`` x ``size`` crop of each photo on a grid of step ``stride`` (the last row and
+    column are aligned to the far edges, so the whole photo is covered): a fixed evaluation set."""
+
+    def __init__(self, photos: List[torch.Tensor], size: int = 128, stride: Optional[int] = None):
+        stride = stride or size
+        self.items = []
+        for img in photos:
+            h, w = img.shape[1:]
+            if h < size or w < size:
+                raise DataError(f"a {h}x{w} photo is smaller than the {size}x{size} crop")
+            ys = sorted(set(list(range(0, h - size + 1, stride)) + [h - size]))
+            xs = sorted(set(list(range(0, w - size + 1, stride)) + [w - size]))
+            for y in ys:
+                for x in xs:
+                    self.items.append(normalize(img[:, y:y + size, x:x + size].contiguous()))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.items[i]
 
 
 def _item_seed(*parts: int) -> int:

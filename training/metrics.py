@@ -11,6 +11,7 @@ import torch.distributed as dist
 from training.data import denormalize
 
 
+
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)

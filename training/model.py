@@ -1,12 +1,47 @@
 """The paper's encoder/decoder and a uniform adapter over the four quantizers."""
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from rfsq_kernels import FSQ, LFQ, RFSQ, VQEMA
+from rfsq_kernels.reference import default_levels
+
+
+class LucidrainsResidualFSQ(nn.Module):
+    """``vector_quantize_pytorch.ResidualFSQ`` (the benchmark peer of ``bench/backends.py``: same
+    levels and stage count, ``dim = len(levels)``, defaults otherwise: fixed per-stage scales
+    ``levels**-k``, a tanh soft clamp of the input, no learned conditioning) on channel-first latents.
+
+    ``forward(z (B, C, H, W)) -> (quantized (B, C, H, W), indices (B, H, W, K))``;
+    :meth:`decode_stages` gives each stage's contribution (in the latent space) from those indices.
+    """
+
+    def __init__(self, levels: Sequence[int], stages: int):
+        super().__init__()
+        try:
+            from vector_quantize_pytorch import ResidualFSQ
+        except ImportError as e:
+            raise ValueError("--quantizer lucidrains needs vector-quantize-pytorch (pip install -e '.[bench]')") from e
+        self.levels, self.stages = list(levels), stages
+        self.peer = ResidualFSQ(levels=self.levels, num_quantizers=stages, dim=len(self.levels))
+        self.codebook_size = self.peer.codebook_size
+        self.bits_per_token = float(stages * math.log2(self.codebook_size))
+
+    def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        b, c, h, w = z.shape
+        q, idx = self.peer(z.float().movedim(1, -1).reshape(b, h * w, c))
+        return q.reshape(b, h, w, c).movedim(-1, 1).to(z.dtype), idx.reshape(b, h, w, self.stages)
+
+    @torch.no_grad()
+    def decode_stages(self, indices: torch.Tensor) -> List[torch.Tensor]:
+        """Per-stage contributions ``[q_0, ..., q_{K-1}]`` (B, C, H, W) of ``indices`` (B, H, W, K)."""
+        b, h, w, k = indices.shape
+        codes = self.peer.get_codes_from_indices(indices.reshape(b, h * w, k))  # (K, B, N, C)
+        return [c.reshape(b, h, w, -1).movedim(-1, 1).float() for c in codes]
 
 
 class QuantizerAdapter(nn.Module):
@@ -23,7 +58,7 @@ class QuantizerAdapter(nn.Module):
 
     @property
     def stages(self) -> int:
-        return self.quantizer.stages if self.kind == "rfsq" else 1
+        return self.quantizer.stages if self.kind in ("rfsq", "lucidrains") else 1
 
     @property
     def codebook_size(self) -> int:
@@ -35,7 +70,7 @@ class QuantizerAdapter(nn.Module):
         return float(self.quantizer.bits_per_token)
 
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.kind in ("rfsq", "fsq"):
+        if self.kind in ("rfsq", "fsq", "lucidrains"):
             q, idx = self.quantizer(z)
             aux = z.new_zeros((), dtype=torch.float32)
         else:
@@ -49,6 +84,8 @@ class QuantizerAdapter(nn.Module):
         """Per-stage reconstructions ``[q_0, ..., q_{K-1}]`` (float32) of ``z``."""
         if self.kind == "rfsq":
             return self.quantizer.decode_stages(*self.quantizer.encode(z))
+        if self.kind == "lucidrains":
+            return self.quantizer.decode_stages(self.quantizer(z)[1])
         q, _, _ = self.forward(z)
         return [q.float()]
 
@@ -70,19 +107,21 @@ def build_quantizer(
                  initial_scale=rfsq_initial_scale, backend=backend)
     elif quantizer == "fsq":
         q = FSQ(levels if levels is not None else [8, 8, 8, 8])
+    elif quantizer == "lucidrains":
+        q = LucidrainsResidualFSQ(levels if levels is not None else default_levels(rfsq_stages), rfsq_stages)
     elif quantizer == "lfq":
         q = LFQ(dim=lfq_dim, commitment_weight=1.0)
     elif quantizer == "ema":
         q = VQEMA(n_embed=n_embed, dim=embed_dim, decay=0.99, eps=1e-5, commitment_weight=1.0)
     else:
-        raise ValueError(f"unknown quantizer {quantizer!r}; choose rfsq, fsq, lfq or ema")
+        raise ValueError(f"unknown quantizer {quantizer!r}; choose rfsq, fsq, lfq, ema or lucidrains")
     return QuantizerAdapter(q, quantizer)
 
 
 def latent_channels(adapter: QuantizerAdapter) -> int:
     """C of the latent the quantizer expects: len(levels), the LFQ dim or the VQ code dim."""
     q = adapter.quantizer
-    if adapter.kind in ("rfsq", "fsq"):
+    if adapter.kind in ("rfsq", "fsq", "lucidrains"):
         return len(q.levels)
     return q.dim
 

