@@ -9,7 +9,7 @@ non-detached residual chain, for the input and every parameter.
 import pytest
 import torch
 
-import rfsq_kernels.reference.fsq as fsq_module
+from frozen_rounding import freeze_rounding, unfreeze_rounding
 from rfsq_kernels import RFSQ
 from rfsq_kernels.reference import rfsq_forward
 
@@ -33,30 +33,19 @@ def test_gradcheck_with_frozen_rounding(strategy, stages, seed, monkeypatch):
     z = (torch.randn(2, 3, 4, 3, dtype=torch.float64) * 1.5).requires_grad_()
     params = _params(strategy, stages, len(levels))
 
-    offsets = []
+    def forward(z, **p):
+        return rfsq_forward(z, levels, stages, strategy, **p, compute_dtype=torch.float64)[0]
 
-    def record(x):
-        off = (torch.round(x) - x).detach()
-        offsets.append(off)
-        return x + off
-
-    monkeypatch.setattr(fsq_module, "round_ste", record)
-    rfsq_forward(z, levels, stages, strategy, **params, compute_dtype=torch.float64)
+    frozen, offsets = freeze_rounding(monkeypatch, forward, z, params)
     assert len(offsets) == stages
-
-    def frozen(z, *values):
-        replay = iter(offsets)
-        monkeypatch.setattr(fsq_module, "round_ste", lambda x: x + next(replay))
-        return rfsq_forward(z, levels, stages, strategy, **dict(zip(params, values)),
-                            compute_dtype=torch.float64)[0]
 
     assert torch.autograd.gradcheck(frozen, (z, *params.values()), eps=1e-6, atol=1e-6, rtol=1e-5)
 
     # The real (unfrozen) forward has exactly this gradient at the base point.
     g = torch.randn(z.shape, dtype=torch.float64)
     expect = torch.autograd.grad((frozen(z, *params.values()) * g).sum(), (z, *params.values()))
-    monkeypatch.setattr(fsq_module, "round_ste", lambda x: x + (torch.round(x) - x).detach())
-    out = rfsq_forward(z, levels, stages, strategy, **params, compute_dtype=torch.float64)[0]
+    unfreeze_rounding(monkeypatch)
+    out = forward(z, **params)
     got = torch.autograd.grad((out * g).sum(), (z, *params.values()))
     for a, b in zip(got, expect):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import rfsq_kernels.reference.fsq as fsq_module
+from frozen_rounding import freeze_rounding, unfreeze_rounding
 from numpy_rfsq import rfsq_np
 from rfsq_kernels import RFSQ
 from rfsq_kernels.reference import SENTINEL, draw_active_stages, rfsq_forward
@@ -120,26 +120,15 @@ def test_gradcheck_with_mask_and_stage_counts(strategy, seed, monkeypatch):
     mask[1, 2] = True
     mask[3, :2] = True
     active = torch.tensor([3, 2, 1, 2])  # stage 2 runs only for sample 0, which is all padding
-    offsets = []
 
-    def record(x):
-        off = (torch.round(x) - x).detach()
-        offsets.append(off)
-        return x + off
+    def forward(z, **p):
+        return rfsq_forward(z, levels, stages, strategy, **p, compute_dtype=torch.float64, mask=mask,
+                            active_stages=active)[0]
 
-    monkeypatch.setattr(fsq_module, "round_ste", record)
-    rfsq_forward(z, levels, stages, strategy, **params, compute_dtype=torch.float64, mask=mask, active_stages=active)
-
-    def frozen(z, *values):
-        replay = iter(offsets)
-        monkeypatch.setattr(fsq_module, "round_ste", lambda x: x + next(replay))
-        return rfsq_forward(z, levels, stages, strategy, **dict(zip(params, values)),
-                            compute_dtype=torch.float64, mask=mask, active_stages=active)[0]
-
+    frozen, _offsets = freeze_rounding(monkeypatch, forward, z, params)
     assert torch.autograd.gradcheck(frozen, (z, *params.values()), eps=1e-6, atol=1e-6, rtol=1e-5)
-    monkeypatch.setattr(fsq_module, "round_ste", lambda x: x + (torch.round(x) - x).detach())
-    out = rfsq_forward(z, levels, stages, strategy, **params, compute_dtype=torch.float64,
-                       mask=mask, active_stages=active)[0]
+    unfreeze_rounding(monkeypatch)
+    out = forward(z, **params)
     g = torch.randn_like(out)
     grads = torch.autograd.grad((out * g).sum(), (z, *params.values()))
     assert torch.equal(grads[0] * ~mask.unsqueeze(1), torch.zeros_like(z)), "padded positions get no gradient"
