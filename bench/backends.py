@@ -127,22 +127,22 @@ def skip_reason(backend: str, case: Case, device: torch.device, gate_only_ok: bo
 def _reference_fn(case: Case, mod: RFSQ) -> Callable:
     levels, stages, strategy, eps = list(case.levels), case.stages, case.strategy, mod.eps
 
-    def fn(z, scale_param, ln_weight, ln_bias):
-        q, idx, _, _ = rfsq_forward(z, levels, stages, strategy, scale_param, ln_weight, ln_bias, eps=eps)
+    def fn(z, params):
+        q, idx, _, _ = rfsq_forward(z, levels, stages, strategy, **params, eps=eps)
         return q, idx
 
     return fn
 
 
 def _bind(fn: Callable, mod: RFSQ) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
-    scale, w, b = mod._params()
-    return lambda z: fn(z, scale, w, b)
+    params = mod.strategy_parameters()
+    return lambda z: fn(z, params)
 
 
 def build(backend: str, case: Case, device: torch.device) -> Built:
     """Build ``backend`` for ``case`` on ``device`` (call :func:`skip_reason` first)."""
     ref = reference_module(case, device)
-    params = tuple(p for p in ref._params() if p is not None)
+    params = tuple(ref.strategy_parameters().values())
     if backend == "eager":
         return Built(_bind(_reference_fn(case, ref), ref), params)
     if backend in ("compile", "compile_cudagraphs"):
@@ -155,7 +155,7 @@ def build(backend: str, case: Case, device: torch.device) -> Built:
         fused = RFSQ(stages=case.stages, strategy=case.strategy, levels=list(case.levels), backend="triton")
         fused.load_state_dict(ref.state_dict())
         fused = fused.to(device)
-        return Built(lambda z: fused(z), tuple(p for p in fused._params() if p is not None))
+        return Built(lambda z: fused(z), tuple(fused.strategy_parameters().values()))
     if backend == "lucidrains":
         from vector_quantize_pytorch import ResidualFSQ
 

@@ -15,9 +15,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from rfsq_kernels.reference import index_dtype
+from rfsq_kernels.reference import STRATEGIES, get_strategy, index_dtype
 
-STRATEGIES: Tuple[str, ...] = ("none", "scale", "layernorm")
 MODES: Tuple[str, ...] = ("fwd", "fwdbwd")
 
 # Levels per configuration (C == len(levels)).
@@ -79,7 +78,7 @@ def floor_bytes(case: Case, mode: str) -> int:
     i = torch.empty((), dtype=index_dtype(list(case.levels))).element_size()
     n, p = case.numel, case.positions
     fwd = 2 * n * e + p * case.stages * i
-    if case.strategy == "layernorm":
+    if get_strategy(case.strategy).per_image_stats:  # the (B, K, C) mean and std
         fwd += 2 * case.shape[0] * case.stages * case.shape[1] * 4
     if mode == "fwd":
         return fwd

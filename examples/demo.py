@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rfsq_kernels import RFSQ
+from rfsq_kernels.reference import STRATEGIES
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 
@@ -65,7 +66,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--strategy", default="layernorm", choices=["none", "scale", "layernorm"])
+    p.add_argument("--strategy", default="layernorm", choices=STRATEGIES)
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--out", default="runs/demo")
     args = p.parse_args()

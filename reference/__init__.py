@@ -17,13 +17,15 @@ from .codebook import (
 from .dropout import draw_active_stages
 from .fsq import FSQ, fsq_quantize, round_ste
 from .lfq import LFQ
-from .rfsq import RFSQ, rfsq_decode_stages, rfsq_forward, scale_param_init
+from .rfsq import RFSQ, rfsq_decode_stages, rfsq_forward
 from .sentinel import SENTINEL, check_sentinel_layout, split_sentinel
-from .validation import STRATEGIES, check_eps, check_indices, check_latent, check_side, check_stages, check_strategy
+from .strategies import STRATEGIES, STRATEGY_TABLE, ParamSpec, Strategy, get_strategy, scale_param_init
+from .validation import check_eps, check_indices, check_latent, check_side, check_stages, check_strategy
 from .vq_ema import VQEMA
 
 __all__ = [
-    "DEFAULT_LEVELS", "FSQ", "LFQ", "RFSQ", "SENTINEL", "STRATEGIES", "VQEMA", "check_eps", "check_indices",
+    "DEFAULT_LEVELS", "FSQ", "LFQ", "ParamSpec", "RFSQ", "SENTINEL", "STRATEGIES", "STRATEGY_TABLE", "Strategy",
+    "VQEMA", "get_strategy", "check_eps", "check_indices",
     "check_latent", "check_levels", "check_sentinel_layout", "check_side", "draw_active_stages", "split_sentinel",
     "check_stages", "check_strategy", "codebook_size", "default_levels", "digits_to_codes",
     "digits_to_indices", "fsq_constants", "fsq_quantize", "index_basis", "index_dtype",

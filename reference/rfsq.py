@@ -7,7 +7,7 @@ normalization), rounds it with FSQ, maps the code back, and subtracts it:
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,29 +27,11 @@ from .fsq import fsq_quantize
 from .layout import check_input, first_to_last, from_channel_last, last_to_first, spatial_shape, to_channel_last
 from .sentinel import SENTINEL, check_sentinel_layout, split_sentinel
 from .state import ConfigStateMixin
-from .validation import check_eps, check_indices, check_latent, check_side, check_stages, check_strategy
+from .strategies import Strategy, get_strategy
+from .validation import check_eps, check_indices, check_latent, check_side, check_stages
 
 #: ``stages`` at call time: None (all), an int k (the first k), or a ``(B,)`` tensor of per-sample counts.
 StageCount = Union[None, int, torch.Tensor]
-
-
-def scale_param_init(initial_scale: float) -> float:
-    """The float32 ``p`` with ``softplus(p) == initial_scale`` exactly (SPEC: ``log(expm1(s))``).
-
-    ``log(expm1(s))`` rounded to float32 can miss ``s`` by one ulp after softplus; the nearest
-    float32 neighbours are searched for one that hits it exactly.
-    """
-    if not (initial_scale > 0 and math.isfinite(initial_scale)):
-        raise ValueError(f"initial_scale must be a positive finite number, got {initial_scale}")
-    target = torch.tensor(initial_scale, dtype=torch.float32)
-    p = torch.tensor(math.log(math.expm1(initial_scale)), dtype=torch.float32)
-    best = p
-    for _ in range(8):
-        a = F.softplus(p)
-        if a == target:
-            return p.item()
-        p = torch.nextafter(p, torch.tensor(float("inf")) if a < target else torch.tensor(float("-inf")))
-    return best.item()
 
 
 def _spatial_dims(ndim: int) -> Tuple[int, ...]:
@@ -104,37 +86,21 @@ def rfsq_forward(
         residual = torch.where(valid, residual, torch.zeros((), dtype=compute_dtype, device=z.device))
         count = valid_count(mask, compute_dtype).view(-1, *([1] * (nd - 1)))
     quantized = torch.zeros_like(residual)
+    spec = get_strategy(strategy)
+    stage_math = STAGE_MATH[spec.name]
+    params = {"scale_param": scale_param, "ln_weight": ln_weight, "ln_bias": ln_bias}
+    ctx = StageContext(levels, compute_dtype, eps, dims, valid, count)
     indices, means, stds = [], [], []
     for k in range(stages):
         keep = stage_keep(valid, active_stages, k, nd)
-        if strategy == "none":
-            codes, digits = fsq_quantize(residual, levels, compute_dtype)
-            q = codes
-        elif strategy == "scale":
-            a = F.softplus(scale_param[k].to(compute_dtype))
-            codes, digits = fsq_quantize(a * residual, levels, compute_dtype)
-            q = codes / a
-        elif strategy == "layernorm":
-            if valid is None:
-                var, mu = torch.var_mean(residual, dim=dims, correction=0, keepdim=True)
-            else:  # statistics over the valid positions only (the residual is 0 elsewhere)
-                mu = residual.sum(dim=dims, keepdim=True) / count
-                centred = torch.where(valid, residual - mu, torch.zeros((), dtype=compute_dtype, device=z.device))
-                var = (centred * centred).sum(dim=dims, keepdim=True) / count
-            sd = torch.sqrt(var + eps)
-            w = _per_channel(ln_weight, k, nd).to(compute_dtype)
-            b = _per_channel(ln_bias, k, nd).to(compute_dtype)
-            normed = w * (residual - mu) / sd + b
-            codes, digits = fsq_quantize(normed, levels, compute_dtype)
-            q = ((codes - b) / w) * sd + mu
-            mu, sd = mu.detach().flatten(1).float(), sd.detach().flatten(1).float()
+        q, digits, stats = stage_math(residual, k, params, ctx)
+        if spec.per_image_stats:
+            mu, sd = stats
             if active_stages is not None:  # a dropped stage stores the neutral (0, 1)
                 on = (active_stages.to(torch.int64) > k).view(-1, 1)
                 mu, sd = torch.where(on, mu, 0.0), torch.where(on, sd, 1.0)
             means.append(mu)
             stds.append(sd)
-        else:
-            raise ValueError(f"strategy must be one of ('none', 'scale', 'layernorm'), got {strategy!r}")
         index = digits_to_indices(digits, levels)
         if keep is not None:
             q = torch.where(keep, q, torch.zeros((), dtype=q.dtype, device=q.device))
@@ -143,17 +109,60 @@ def rfsq_forward(
         residual = residual - q
         indices.append(index)
     idx = torch.stack(indices, dim=-1) if indices else z.new_zeros((0,), dtype=index_dtype(levels))
-    if strategy == "layernorm":
+    if spec.per_image_stats:
         mean, std = torch.stack(means, dim=1), torch.stack(stds, dim=1)
     else:
         mean = std = torch.zeros((0,), dtype=torch.float32, device=z.device)
     return quantized.to(z.dtype), idx, mean, std
 
 
+class StageContext(NamedTuple):
+    """What a stage's math needs besides the residual and the parameters."""
+
+    levels: Sequence[int]
+    compute_dtype: torch.dtype
+    eps: float
+    dims: Tuple[int, ...]  # spatial dims of the channel-first residual
+    valid: Optional[torch.Tensor]  # (B, 1, *spatial) bool, or None without a mask
+    count: Optional[torch.Tensor]  # valid positions per image, (B, 1, ...), or None without a mask
+
+
+def _stage_none(r: torch.Tensor, k: int, params: Dict[str, Optional[torch.Tensor]], ctx: StageContext):
+    codes, digits = fsq_quantize(r, ctx.levels, ctx.compute_dtype)
+    return codes, digits, None
+
+
+def _stage_scale(r: torch.Tensor, k: int, params: Dict[str, Optional[torch.Tensor]], ctx: StageContext):
+    a = F.softplus(params["scale_param"][k].to(ctx.compute_dtype))
+    codes, digits = fsq_quantize(a * r, ctx.levels, ctx.compute_dtype)
+    return codes / a, digits, None
+
+
+def _stage_layernorm(r: torch.Tensor, k: int, params: Dict[str, Optional[torch.Tensor]], ctx: StageContext):
+    cdt, nd = ctx.compute_dtype, r.ndim
+    if ctx.valid is None:
+        var, mu = torch.var_mean(r, dim=ctx.dims, correction=0, keepdim=True)
+    else:  # statistics over the valid positions only (the residual is 0 elsewhere)
+        mu = r.sum(dim=ctx.dims, keepdim=True) / ctx.count
+        centred = torch.where(ctx.valid, r - mu, torch.zeros((), dtype=cdt, device=r.device))
+        var = (centred * centred).sum(dim=ctx.dims, keepdim=True) / ctx.count
+    sd = torch.sqrt(var + ctx.eps)
+    w = _per_channel(params["ln_weight"], k, nd).to(cdt)
+    b = _per_channel(params["ln_bias"], k, nd).to(cdt)
+    codes, digits = fsq_quantize(w * (r - mu) / sd + b, ctx.levels, cdt)
+    q = ((codes - b) / w) * sd + mu
+    return q, digits, (mu.detach().flatten(1).float(), sd.detach().flatten(1).float())
+
+
+#: Per-stage forward math of each strategy: ``(r_k, k, params, ctx) -> (q_k, digits, stats)``,
+#: ``stats`` the stage's ``(B, C)`` float32 ``(mean, std)`` when the strategy has per-image statistics.
+STAGE_MATH: Dict[str, Callable] = {"none": _stage_none, "scale": _stage_scale, "layernorm": _stage_layernorm}
+
+
 def _empty_result(z, levels, stages, strategy):
     """Outputs of the right shapes for a zero-size batch (or zero spatial extent)."""
     idx = torch.zeros((z.shape[0], *z.shape[2:], stages), dtype=index_dtype(levels), device=z.device)
-    if strategy == "layernorm":
+    if get_strategy(strategy).per_image_stats:
         mean = std = torch.zeros((z.shape[0], stages, z.shape[1]), dtype=torch.float32, device=z.device)
     else:
         mean = std = torch.zeros((0,), dtype=torch.float32, device=z.device)
@@ -180,24 +189,37 @@ def rfsq_decode_stages(
     (dropped stage, masked position) decodes to 0 (see :mod:`.sentinel`).
     """
     stages = indices.shape[-1]
+    decode = DECODE_MATH[get_strategy(strategy).name]
+    params = {"scale_param": scale_param, "ln_weight": ln_weight, "ln_bias": ln_bias}
     out = []
     for k in range(stages):
         present, clean = split_sentinel(indices[..., k])
         codes = digits_to_codes(indices_to_digits(clean, levels), levels)
-        nd = codes.ndim
-        if strategy == "none":
-            q = codes
-        elif strategy == "scale":
-            q = codes / F.softplus(scale_param[k].float())
-        else:
-            shape = (codes.shape[0], codes.shape[1]) + (1,) * (nd - 2)
-            mu = mean[:, k].reshape(shape)
-            sd = std[:, k].reshape(shape)
-            w = _per_channel(ln_weight, k, nd).float()
-            b = _per_channel(ln_bias, k, nd).float()
-            q = ((codes - b) / w) * sd + mu
+        q = decode(codes, k, params, mean, std)
         out.append(torch.where(present.unsqueeze(1), q, torch.zeros((), dtype=q.dtype, device=q.device)))
     return out
+
+
+def _decode_none(codes, k, params, mean, std):
+    return codes
+
+
+def _decode_scale(codes, k, params, mean, std):
+    return codes / F.softplus(params["scale_param"][k].float())
+
+
+def _decode_layernorm(codes, k, params, mean, std):
+    nd = codes.ndim
+    shape = (codes.shape[0], codes.shape[1]) + (1,) * (nd - 2)
+    mu, sd = mean[:, k].reshape(shape), std[:, k].reshape(shape)
+    w = _per_channel(params["ln_weight"], k, nd).float()
+    b = _per_channel(params["ln_bias"], k, nd).float()
+    return ((codes - b) / w) * sd + mu
+
+
+#: Per-stage decode of each strategy: ``(float32 codes (B, C, *spatial), k, params, mean, std) -> q_k``,
+#: the same float32 operations in the same order as its :data:`STAGE_MATH` entry.
+DECODE_MATH: Dict[str, Callable] = {"none": _decode_none, "scale": _decode_scale, "layernorm": _decode_layernorm}
 
 
 class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
@@ -254,17 +276,14 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
     ):
         super().__init__()
         self.stages = check_stages(stages)
-        self.strategy = check_strategy(strategy)
+        self.strategy = get_strategy(strategy).name
         self.levels = check_levels(levels) if levels is not None else default_levels(stages)
         self.initial_scale = float(initial_scale)
         self.eps = check_eps(eps)
         channels = len(self.levels)
-        if strategy == "scale":
-            p = scale_param_init(self.initial_scale)
-            self.scale_param = nn.Parameter(torch.full((stages,), p, dtype=torch.float32))
-        elif strategy == "layernorm":
-            self.ln_weight = nn.Parameter(torch.ones(stages, channels))
-            self.ln_bias = nn.Parameter(torch.zeros(stages, channels))
+        for spec in self.strategy_spec.params:
+            value = spec.initial_value(self.initial_scale)
+            setattr(self, spec.name, nn.Parameter(torch.full(spec.shape(stages, channels), value, dtype=torch.float32)))
         self.dim = _check_positive_int(channels if dim is None else dim, "dim")
         self.has_projections = self.dim != channels
         if self.has_projections:
@@ -295,18 +314,26 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
     @property
     def scales(self) -> Optional[torch.Tensor]:
         """``a_k = softplus(p_k)`` for the ``'scale'`` strategy, else None."""
-        return F.softplus(self.scale_param) if self.strategy == "scale" else None
+        return F.softplus(self.scale_param) if hasattr(self, "scale_param") else None
 
     def config(self) -> dict:
         """What the parameters mean; stored in (and checked against) the state_dict."""
         return {"levels": list(self.levels), "stages": self.stages, "strategy": self.strategy, "dim": self.dim}
 
-    def _params(self, num_stages: Optional[int] = None):
-        params = (getattr(self, "scale_param", None), getattr(self, "ln_weight", None),
-                  getattr(self, "ln_bias", None))
+    @property
+    def strategy_spec(self) -> Strategy:
+        """The strategy's row of :data:`~rfsq_kernels.reference.strategies.STRATEGY_TABLE`."""
+        return get_strategy(self.strategy)
+
+    def strategy_parameters(self, num_stages: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """The strategy's learnable parameters by name, in table order (``{}`` for ``'none'``;
+        ``scale_param`` for ``'scale'``; ``ln_weight``, ``ln_bias`` for ``'layernorm'``), as keyword
+        arguments of :func:`rfsq_forward` / :func:`rfsq_decode_stages` / ``rfsq_fused``.
+        ``num_stages``: the rows of the first ``num_stages`` stages only (views, still trainable)."""
+        params = {spec.name: getattr(self, spec.name) for spec in self.strategy_spec.params}
         if num_stages is None or num_stages == self.stages:
             return params
-        return tuple(None if p is None else p[:num_stages] for p in params)
+        return {name: p[:num_stages] for name, p in params.items()}
 
     # -- the quantizer on channel-first, codebook-width latents ------------------------------
     def _resolve_stages(self, z: torch.Tensor, stages: StageCount, dropout: bool) -> Tuple[int, Optional[torch.Tensor]]:
@@ -327,7 +354,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
     def _run(self, z: torch.Tensor, num_stages: int, mask: Optional[torch.Tensor],
              active: Optional[torch.Tensor]):
         """The K-stage loop on a checked channel-first latent (the fused module overrides this)."""
-        return rfsq_forward(z, self.levels, num_stages, self.strategy, *self._params(num_stages), eps=self.eps,
+        return rfsq_forward(z, self.levels, num_stages, self.strategy, **self.strategy_parameters(num_stages), eps=self.eps,
                             mask=mask, active_stages=active)
 
     def quantize(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, stages: StageCount = None):
@@ -345,9 +372,9 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         """User tensor -> ``(channel-first codebook-width latent, mask, flat)``."""
         check_input(z, self.dim, self.channel_first)
         flat = z.ndim == 2
-        if flat and self.strategy == "layernorm":
+        if flat and self.strategy_spec.per_image_stats:
             raise ValueError(
-                f"z of shape {tuple(z.shape)} is (B, C): strategy='layernorm' normalizes each channel over "
+                f"z of shape {tuple(z.shape)} is (B, C): strategy={self.strategy!r} normalizes each channel over "
                 f"the spatial positions of a sample, and a (B, C) input has one, so the side information "
                 f"would carry the whole signal; use strategy='none'/'scale', or pass (B, C, N) / (B, N, C)")
         check_mask(mask, z.shape[0], spatial_shape(z, self.channel_first), z.device)
@@ -391,7 +418,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
             return out, indices
         with torch.no_grad():
             parts = rfsq_decode_stages(indices.unsqueeze(1) if flat else indices, self.levels, self.strategy,
-                                       *self._params(num_stages), mean=mean if mean.numel() else None,
+                                       **self.strategy_parameters(num_stages), mean=mean if mean.numel() else None,
                                        std=std if std.numel() else None)
         return out, indices, self._stack_codes(parts, flat)
 
@@ -407,7 +434,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
             _, indices, mean, std = self._run(x, num_stages, mask, active)
         if flat:
             indices = indices.squeeze(1)
-        if self.strategy == "layernorm":
+        if self.strategy_spec.per_image_stats:
             side = torch.stack([mean, std], dim=2)
         else:
             side = torch.zeros((z.shape[0], num_stages, 2, 0), dtype=torch.float32, device=z.device)
@@ -428,7 +455,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
     def _check_codes(self, indices: torch.Tensor, side: Optional[torch.Tensor]) -> None:
         """:meth:`_check_indices` plus the side information matching their stages."""
         self._check_indices(indices)
-        layernorm = self.strategy == "layernorm"
+        layernorm = self.strategy_spec.per_image_stats
         stages = indices.shape[-1]
         if layernorm and isinstance(side, torch.Tensor) and side.ndim == 4 and side.shape[1] != stages:
             raise ValueError(f"side must be the (B, K', 2, C) statistics of the same stages as indices (K' = {stages}; "
@@ -441,10 +468,10 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         The sentinel -1 decodes to 0."""
         self._check_codes(indices, side)
         mean = std = None
-        if self.strategy == "layernorm":
+        if self.strategy_spec.per_image_stats:
             mean, std = side[:, :, 0], side[:, :, 1]
         with torch.no_grad():
-            return rfsq_decode_stages(indices, self.levels, self.strategy, *self._params(indices.shape[-1]),
+            return rfsq_decode_stages(indices, self.levels, self.strategy, **self.strategy_parameters(indices.shape[-1]),
                                       mean=mean, std=std)
 
     def decode(

@@ -8,14 +8,13 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-STRATEGIES = ("none", "scale", "layernorm")
+from .strategies import STRATEGIES, get_strategy  # noqa: F401  (STRATEGIES: re-exported)
 
 
 def check_strategy(strategy: str) -> str:
-    """Return ``strategy`` if it is one of ``none``, ``scale``, ``layernorm``; raise otherwise."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    return strategy
+    """Return ``strategy`` if it names a row of the strategy table (``none``, ``scale``,
+    ``layernorm``); raise a ``ValueError`` naming the choices otherwise."""
+    return get_strategy(strategy).name
 
 
 def check_stages(stages: int) -> int:

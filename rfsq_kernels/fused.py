@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .kernels.backward import backward_outputs, rfsq_backward_launch
 from .kernels.forward import forward_outputs, rfsq_forward_launch
-from .reference import check_levels, check_stages, check_strategy
+from .reference import check_levels, check_stages, get_strategy
 
 __all__ = ["rfsq_fused"]
 
@@ -67,9 +67,10 @@ def _backward(ctx, grad_q, _grad_indices, _grad_mean, _grad_std):
     z, scale, ln_weight, ln_bias, mean, std, mask, active = ctx.saved_tensors
     grad_z, grad_scale, grad_w, grad_b = torch.ops.rfsq_kernels.rfsq_backward(
         grad_q, z, scale, ln_weight, ln_bias, mean, std, mask, active, ctx.levels, ctx.stages, ctx.strategy)
-    layernorm = ctx.strategy == "layernorm"
-    return (grad_z, grad_scale if ctx.strategy == "scale" else None,
-            grad_w if layernorm else None, grad_b if layernorm else None, None, None, None, None, None, None)
+    names = get_strategy(ctx.strategy).param_names
+    grads = {"scale_param": grad_scale, "ln_weight": grad_w, "ln_bias": grad_b}
+    return (grad_z, *(grads[n] if n in names else None for n in ("scale_param", "ln_weight", "ln_bias")),
+            None, None, None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -100,19 +101,17 @@ def rfsq_fused(
     """
     levels = list(check_levels(levels))
     stages = check_stages(stages)
-    strategy = check_strategy(strategy)
-    scale = None
-    if strategy == "scale":
-        if scale_param is None or tuple(scale_param.shape) != (stages,):
-            raise ValueError(f"strategy='scale' needs scale_param of shape ({stages},), got "
-                             f"{None if scale_param is None else tuple(scale_param.shape)}")
-        scale = F.softplus(scale_param.float())
-    elif strategy == "layernorm":
-        want = (stages, len(levels))
-        for name, p in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-            if p is None or tuple(p.shape) != want:
-                raise ValueError(f"strategy='layernorm' needs {name} of shape {want}, got "
-                                 f"{None if p is None else tuple(p.shape)}")
+    spec = get_strategy(strategy)
+    given = {"scale_param": scale_param, "ln_weight": ln_weight, "ln_bias": ln_bias}
+    for p in spec.params:
+        want, got = p.shape(stages, len(levels)), given[p.name]
+        if got is None or tuple(got.shape) != want:
+            raise ValueError(f"strategy={strategy!r} needs {p.name} of shape {want}, got "
+                             f"{None if got is None else tuple(got.shape)}")
+    # The kernels take a = softplus(p) (float32): autograd applies the softplus derivative.
+    scale = F.softplus(scale_param.float()) if "scale_param" in spec.param_names else None
+    if "ln_weight" not in spec.param_names:  # parameters of another strategy are not the op's inputs
+        ln_weight = ln_bias = None
     if active_stages is not None:
         active_stages = active_stages.to(torch.int32)
     return torch.ops.rfsq_kernels.rfsq_forward(z, scale, ln_weight, ln_bias, mask, active_stages, levels, stages,

@@ -66,7 +66,8 @@ class RFSQ(_ReferenceRFSQ):
         if use_fused(self.backend, z):
             from .fused import rfsq_fused
 
-            return rfsq_fused(z, self.levels, num_stages, self.strategy, *self._params(num_stages), eps=self.eps,
+            return rfsq_fused(z, self.levels, num_stages, self.strategy, **self.strategy_parameters(num_stages),
+                              eps=self.eps,
                               mask=mask, active_stages=active)
         return super()._run(z, num_stages, mask, active)
 
