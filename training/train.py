@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
-from rfsq_kernels.reference import DEFAULT_LEVELS
+from rfsq_kernels.reference import DEFAULT_LEVELS, STRATEGIES
 from training import checkpoint as ckpt
 from training.data import (DataError, EmbeddedTrain, EmbeddedVal, SafeImageFolder, ShardedSampler, TiledCrops,
                            collate_skip, load_embedded_photos, split_embedded)
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rfsq (ours), fsq, lfq, ema (VQ-EMA) or lucidrains (vector_quantize_pytorch.ResidualFSQ "
                         "with --levels and --rfsq-stages; no conditioning) (default rfsq)")
     g.add_argument("--rfsq-stages", type=int_flag(1), default=2, help="RFSQ residual stages K (default 2)")
-    g.add_argument("--rfsq-strategy", choices=["none", "scale", "layernorm"], default="layernorm",
+    g.add_argument("--rfsq-strategy", choices=STRATEGIES, default="layernorm",
                    help="RFSQ conditioning: none, scale (learnable a_k) or layernorm (default)")
     g.add_argument("--rfsq-initial-scale", type=float_flag(0, low_inclusive=False), default=1.0,
                    help="scale strategy: softplus(p_k) starts at exactly this value (default 1.0)")
