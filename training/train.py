@@ -51,6 +51,11 @@ from training.stop_signals import StopRequest, stop_on_signals
 log = logging.getLogger("rfsq.train")
 MAX_NAMED_UNREADABLE = 20  # unreadable files named in the log; the rest are counted (and in results.json)
 
+# How this file reads, top to bottom: the command line; logging and --output-dir; data loaders and the LR
+# schedule; the Run (setup_run, resume); what one iteration uses (batches, train_step, log_step, validate,
+# save_checkpoint); the loop (train); main(), which sets up the distributed context, the run and the
+# signal handlers, and maps errors to exit codes.
+
 
 # ---------------------------------------------------------------------------------------------
 # Command line
@@ -176,7 +181,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers
+# Logging and the output directory
 # ---------------------------------------------------------------------------------------------
 class _TqdmHandler(logging.Handler):
     def emit(self, record):
@@ -239,6 +244,9 @@ def prepare_output_dir(args) -> None:
     ckpt.remove_stale_temps(d)
 
 
+# ---------------------------------------------------------------------------------------------
+# Data and LR schedule
+# ---------------------------------------------------------------------------------------------
 def lr_lambda(total_steps: int, warmup: float):
     """Linear warmup (``warmup`` fraction of ``total_steps`` if < 1, else steps) then linear decay to 0."""
     w = max(1, int(round(warmup * total_steps)) if warmup < 1 else int(warmup))
@@ -445,7 +453,7 @@ def resume(run: Run) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# What the loop does: batches, one step, evaluation, checkpoints, metrics rows
+# What one iteration uses: batches, one step, evaluation, checkpoints, metrics rows
 # ---------------------------------------------------------------------------------------------
 def batches(run: Run) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield ``(epoch, images)`` until the run has ``total_steps`` steps or a stop is requested on any rank.
@@ -461,10 +469,10 @@ def batches(run: Run) -> Iterator[Tuple[int, torch.Tensor]]:
             run.train_set.set_epoch(run.epoch)
         run.sampler.set_epoch(run.epoch, skip=run.batch_in_epoch * args.batch_size)
         seen, steps_before, whole_epoch = 0, run.step, run.batch_in_epoch == 0
-        for x, bad in run.train_loader:
+        for images, bad in run.train_loader:
             # Checked before anything else, so that a stop request or a run of unreadable batches can
             # never spin here; under DDP all ranks agree.
-            stop_now, empty = any_rank(run.dist, run.stop.requested, x.numel() == 0)
+            stop_now, empty = any_rank(run.dist, run.stop.requested, images.numel() == 0)
             if stop_now:
                 return
             run.batch_in_epoch += 1
@@ -472,7 +480,7 @@ def batches(run: Run) -> Iterator[Tuple[int, torch.Tensor]]:
             note_unreadable(run, bad)
             if empty:
                 continue
-            yield run.epoch, x
+            yield run.epoch, images
             if run.step >= run.total_steps:
                 return
         if seen and run.step == steps_before and whole_epoch:
@@ -483,12 +491,12 @@ def batches(run: Run) -> Iterator[Tuple[int, torch.Tensor]]:
         run.epoch, run.batch_in_epoch = run.epoch + 1, 0
 
 
-def train_step(run: Run, x: torch.Tensor) -> Optional[Dict[str, float]]:
-    """One optimizer step on the batch ``x``. Returns the loss terms averaged over ranks (``loss``, ``l1``,
+def train_step(run: Run, images: torch.Tensor) -> Optional[Dict[str, float]]:
+    """One optimizer step on a batch of ``images``. Returns the loss terms averaged over ranks (``loss``, ``l1``,
     ``lpips``, ``aux``) and ``stop`` (a stop was requested on some rank), or None when the loss is not
     finite: then nothing is stepped and the error is logged."""
     args, d = run.args, run.dist
-    x = x.to(d.device, non_blocking=True)
+    x = images.to(d.device, non_blocking=True)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with run.autocast():
@@ -518,7 +526,7 @@ def train_step(run: Run, x: torch.Tensor) -> Optional[Dict[str, float]]:
     return {"loss": loss_v, "l1": l1_v, "lpips": lp_v, "aux": aux_v, "stop": stop_v > 0}
 
 
-def log_step(run: Run, losses: Dict[str, float], images_per_s: float, bar, tty: bool) -> None:
+def log_step(run: Run, epoch: int, losses: Dict[str, float], images_per_s: float, bar, tty: bool) -> None:
     """Advance the progress bar; every --log-every steps (and at step 1) append a train row to metrics.jsonl
     and, without a terminal (or every 10th row with one), log it."""
     args, step = run.args, run.step
@@ -527,7 +535,7 @@ def log_step(run: Run, losses: Dict[str, float], images_per_s: float, bar, tty: 
                     refresh=False)
     if step % args.log_every == 0 or step == 1:
         lr = run.scheduler.get_last_lr()[0]
-        append_metrics(run, {"split": "train", "step": step, "epoch": run.epoch, "lr": lr,
+        append_metrics(run, {"split": "train", "step": step, "epoch": epoch, "lr": lr,
                              "loss": losses["loss"], "l1": losses["l1"],
                              "lpips": losses["lpips"] if run.lpips_in_loss else None,
                              "aux": losses["aux"], "images_per_s": images_per_s})
@@ -610,7 +618,7 @@ def stop_early(run: Run, exit_code: int) -> int:
     return exit_code
 
 
-def finish(run: Run, metrics: Dict) -> None:
+def report_results(run: Run, metrics: Dict) -> None:
     """After the final evaluation: collect every rank's unreadable files, warn about them, and (rank 0)
     write results.json."""
     args, d = run.args, run.dist
@@ -665,12 +673,12 @@ def train(run: Run) -> int:
         if run.eval_pending and run.step < run.total_steps:  # the previous run died during this evaluation
             validate(run)
         t0 = time.time()
-        for epoch, x in batches(run):
-            losses = train_step(run, x)
+        for epoch, images in batches(run):
+            losses = train_step(run, images)
             if losses is None:  # non-finite loss: logged; the last checkpoint stays the good one
                 return 1
             images_per_s = (run.step - step0) * images_per_step / max(run.train_time + time.time() - t0, 1e-9)
-            log_step(run, losses, images_per_s, bar, tty)
+            log_step(run, epoch, losses, images_per_s, bar, tty)
             if losses["stop"] or (args.stop_at_step and run.step >= args.stop_at_step):
                 return stop_early(run, 130 if losses["stop"] else 0)
             if run.step % run.eval_every == 0 and run.step < run.total_steps:
@@ -685,7 +693,7 @@ def train(run: Run) -> int:
     finally:
         bar.close()
     metrics = validate(run)
-    finish(run, metrics)
+    report_results(run, metrics)
     return 0
 
 
