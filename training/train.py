@@ -220,7 +220,7 @@ RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.jsonl", "results.json", "c
              "reconstructions.png", "loss.png", "val_metrics.png")
 
 
-def prepare_output_dir(args) -> None:
+def prepare_output_dir(args: argparse.Namespace) -> None:
     """Create --output-dir; refuse one that holds a run unless --resume or --overwrite says what to do
     with it; with --overwrite delete that run's files; always delete temp files of a killed run."""
     d = args.output_dir
@@ -247,7 +247,7 @@ def prepare_output_dir(args) -> None:
 # ---------------------------------------------------------------------------------------------
 # Data and LR schedule
 # ---------------------------------------------------------------------------------------------
-def lr_lambda(total_steps: int, warmup: float):
+def lr_lambda(total_steps: int, warmup: float) -> Callable[[int], float]:
     """Linear warmup (``warmup`` fraction of ``total_steps`` if < 1, else steps) then linear decay to 0."""
     w = max(1, int(round(warmup * total_steps)) if warmup < 1 else int(warmup))
 
@@ -264,7 +264,8 @@ def _worker_init(_):
     # workers are shut down by it; they must not die first and turn a clean stop into a loader error)
 
 
-def make_loaders(args, rank: int, world: int, pin: bool):
+def make_loaders(args: argparse.Namespace, rank: int, world: int,
+                 pin: bool) -> Tuple[DataLoader, ShardedSampler, Dataset, DataLoader]:
     """(train loader, train sampler, train dataset, val loader)."""
     if args.holdout_photos and (args.train_dir or args.val_dir):
         raise DataError("--holdout-photos splits the embedded photos; it cannot be combined with --train-dir/--val-dir")
