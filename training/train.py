@@ -21,7 +21,9 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 if __package__ in (None, ""):  # run as a script: make `training` and `rfsq_kernels` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,23 +31,30 @@ if __package__ in (None, ""):  # run as a script: make `training` and `rfsq_kern
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from rfsq_kernels.reference import DEFAULT_LEVELS
+from rfsq_kernels.reference import DEFAULT_LEVELS, STRATEGIES
 from training import checkpoint as ckpt
 from training.data import (DataError, EmbeddedTrain, EmbeddedVal, SafeImageFolder, ShardedSampler, TiledCrops,
                            collate_skip, load_embedded_photos, split_embedded)
+from training.distributed import Dist, any_rank, setup_distributed, teardown_distributed
 from training.flag_types import float_flag, int_flag, join_negative_values
 from training.lpips_loss import ReconstructionLoss, load_lpips
 from training.lpips_weights import LPIPSWeightsError
-from training.metrics import evaluate
+from training.metrics import evaluate  # the name tests patch: validate() below looks it up at call time
 from training.model import AutoEncoder, build_quantizer
 from training.jsonio import dumps, read_jsonl, write_json_atomic, write_text_atomic
 from training.plots import plot_curves, save_grid
 from training.presets import PAPER_TABLE1, PRESETS, identity_differences, preset_of, run_identity
+from training.stop_signals import StopRequest, stop_on_signals
 
 log = logging.getLogger("rfsq.train")
 MAX_NAMED_UNREADABLE = 20  # unreadable files named in the log; the rest are counted (and in results.json)
+
+# How this file reads, top to bottom: the command line; logging and --output-dir; data loaders and the LR
+# schedule; the Run (setup_run, resume); what one iteration uses (batches, train_step, log_step, validate,
+# save_checkpoint); the loop (train); main(), which sets up the distributed context, the run and the
+# signal handlers, and maps errors to exit codes.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rfsq (ours), fsq, lfq, ema (VQ-EMA) or lucidrains (vector_quantize_pytorch.ResidualFSQ "
                         "with --levels and --rfsq-stages; no conditioning) (default rfsq)")
     g.add_argument("--rfsq-stages", type=int_flag(1), default=2, help="RFSQ residual stages K (default 2)")
-    g.add_argument("--rfsq-strategy", choices=["none", "scale", "layernorm"], default="layernorm",
+    g.add_argument("--rfsq-strategy", choices=STRATEGIES, default="layernorm",
                    help="RFSQ conditioning: none, scale (learnable a_k) or layernorm (default)")
     g.add_argument("--rfsq-initial-scale", type=float_flag(0, low_inclusive=False), default=1.0,
                    help="scale strategy: softplus(p_k) starts at exactly this value (default 1.0)")
@@ -172,7 +181,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers
+# Logging and the output directory
 # ---------------------------------------------------------------------------------------------
 class _TqdmHandler(logging.Handler):
     def emit(self, record):
@@ -211,7 +220,7 @@ RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.jsonl", "results.json", "c
              "reconstructions.png", "loss.png", "val_metrics.png")
 
 
-def prepare_output_dir(args) -> None:
+def prepare_output_dir(args: argparse.Namespace) -> None:
     """Create --output-dir; refuse one that holds a run unless --resume or --overwrite says what to do
     with it; with --overwrite delete that run's files; always delete temp files of a killed run."""
     d = args.output_dir
@@ -235,16 +244,10 @@ def prepare_output_dir(args) -> None:
     ckpt.remove_stale_temps(d)
 
 
-def _any_rank(flags: Tuple[bool, ...], ddp: bool, device: torch.device) -> Tuple[bool, ...]:
-    """Each of ``flags``, True when it is set on any rank (one tiny all-reduce under DDP)."""
-    if not ddp:
-        return tuple(flags)
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t)
-    return tuple(v > 0 for v in t.tolist())
-
-
-def lr_lambda(total_steps: int, warmup: float):
+# ---------------------------------------------------------------------------------------------
+# Data and LR schedule
+# ---------------------------------------------------------------------------------------------
+def lr_lambda(total_steps: int, warmup: float) -> Callable[[int], float]:
     """Linear warmup (``warmup`` fraction of ``total_steps`` if < 1, else steps) then linear decay to 0."""
     w = max(1, int(round(warmup * total_steps)) if warmup < 1 else int(warmup))
 
@@ -261,7 +264,8 @@ def _worker_init(_):
     # workers are shut down by it; they must not die first and turn a clean stop into a loader error)
 
 
-def make_loaders(args, rank: int, world: int, pin: bool):
+def make_loaders(args: argparse.Namespace, rank: int, world: int,
+                 pin: bool) -> Tuple[DataLoader, ShardedSampler, Dataset, DataLoader]:
     """(train loader, train sampler, train dataset, val loader)."""
     if args.holdout_photos and (args.train_dir or args.val_dir):
         raise DataError("--holdout-photos splits the embedded photos; it cannot be combined with --train-dir/--val-dir")
@@ -292,43 +296,433 @@ def make_loaders(args, rank: int, world: int, pin: bool):
 
 
 # ---------------------------------------------------------------------------------------------
+# The run: everything a training process holds, built once by setup_run
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One training process's run: what :func:`setup_run` builds, the loop advances and checkpoints hold."""
+
+    args: argparse.Namespace
+    dist: Dist
+    t_start: float  # when main() started (results.json's wall time counts from it)
+    # data
+    train_set: Dataset
+    sampler: ShardedSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    # model, loss, optimization
+    raw_model: AutoEncoder  # unwrapped: what is saved and evaluated
+    model: torch.nn.Module  # what is trained: raw_model, torch.compile'd and/or DDP-wrapped
+    lpips_model: Optional[torch.nn.Module]
+    lpips_source: str  # where the LPIPS weights came from, or why there are none
+    loss_fn: ReconstructionLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], ContextManager]
+    # schedule and identity
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+    preset: str  # what the flags amount to: a --preset with overridden quantizer flags is "custom"
+    identity: Dict  # the configuration a checkpoint must match to be resumed (presets.run_identity)
+    # position: what a checkpoint stores and resume restores
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` consumed (skipped empty ones included)
+    best: float = math.inf  # best validation score so far (LPIPS, else L1)
+    eval_pending: bool = False  # the checkpoint was written just before an evaluation that did not finish
+    # this process's bookkeeping
+    unreadable: Dict[str, str] = field(default_factory=dict)  # path -> reason, train and val
+    train_time: float = 0.0
+    eval_time: float = 0.0
+    stop: StopRequest = field(default_factory=StopRequest)
+
+    @property
+    def lpips_in_loss(self) -> bool:
+        """LPIPS is a term of the training loss (not only reported in validation)."""
+        return self.lpips_model is not None and self.args.lpips_loss_weight > 0
+
+    @property
+    def metrics_path(self) -> str:
+        """OUTPUT_DIR/metrics.jsonl: one JSON row per logged train step and per evaluation."""
+        return os.path.join(self.args.output_dir, "metrics.jsonl")
+
+
+def setup_run(args: argparse.Namespace, d: Dist, t_start: float) -> Run:
+    """Data, model, loss, optimizer and LR schedule; resumed from a checkpoint when --resume finds one;
+    then compiled / DDP-wrapped. Logs the configuration and (rank 0) writes config.json."""
+    device = d.device
+    if args.quantizer_backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError("--quantizer-backend triton needs a CUDA GPU (or TRITON_INTERPRET=1, very slow); "
+                         "use --quantizer-backend auto or reference on CPU")
+    train_loader, sampler, train_set, val_loader = make_loaders(args, d.rank, d.world, device.type == "cuda")
+    torch.manual_seed(args.seed)  # identical init on every rank
+    quantizer = build_quantizer(args.quantizer, args.rfsq_stages, args.rfsq_strategy, args.rfsq_initial_scale,
+                                args.levels, args.embed_dim, args.n_embed, args.lfq_dim, args.quantizer_backend)
+    model = AutoEncoder(quantizer, width=args.model_width).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(args.seed + d.rank)  # per-rank RNG from here on
+    if args.no_lpips:
+        lpips_model, lpips_source = None, "disabled (--no-lpips)"
+    else:
+        lpips_model, lpips_source = load_lpips(args.lpips_weights)
+        lpips_model = lpips_model.to(device)
+        if args.channels_last:
+            lpips_model = lpips_model.to(memory_format=torch.channels_last)
+    lpips_in_loss = lpips_model is not None and args.lpips_loss_weight > 0
+    loss_fn = ReconstructionLoss(lpips_model if lpips_in_loss else None, args.lpips_loss_weight)
+
+    steps_per_epoch = len(train_loader)
+    total_steps = args.max_steps if args.max_steps is not None else args.max_train_epochs * steps_per_epoch
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
+                                 **({"fused": True} if device.type == "cuda" else {}))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    preset = preset_of(vars(args))
+    if args.preset and preset != args.preset:
+        log.info("--preset %s with overridden quantizer flags: a custom configuration, not the paper's %s",
+                 args.preset, PAPER_TABLE1.get(args.preset, (args.preset,))[0])
+    run = Run(
+        args=args, dist=d, t_start=t_start,
+        train_set=train_set, sampler=sampler, train_loader=train_loader, val_loader=val_loader,
+        raw_model=model, model=model, lpips_model=lpips_model, lpips_source=lpips_source, loss_fn=loss_fn,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, args.warmup)),
+        scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
+        autocast=partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else nullcontext,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        eval_every=args.eval_every or (steps_per_epoch if args.train_dir else 100),
+        preset=preset, identity=run_identity(vars(args)),
+    )
+    resume(run)
+
+    if args.compile:
+        run.model = torch.compile(run.model)
+    if d.ddp:
+        run.model = DDP(run.model, device_ids=[d.local_rank] if device.type == "cuda" else None,
+                        broadcast_buffers=False)
+
+    q = quantizer
+    log.info("quantizer %s (%s): %d stage(s) x %d codes, %.1f bits/token, backend %s | device %s x %d | "
+             "batch %d/process, %d steps (%d/epoch), eval every %d | LPIPS: %s | amp %s, channels_last %s, compile %s",
+             preset, args.quantizer, q.stages, q.codebook_size, q.bits_per_token,
+             args.quantizer_backend, device, d.world, args.batch_size, total_steps, steps_per_epoch, run.eval_every,
+             lpips_source, args.amp, args.channels_last, args.compile)
+    if d.master:
+        write_json_atomic(os.path.join(args.output_dir, "config.json"),
+                          {**vars(args), "world_size": d.world, "total_steps": total_steps})
+    return run
+
+
+def resume(run: Run) -> None:
+    """Restore ``run`` from the checkpoint --resume names (if any): weights, optimizer, schedule, position
+    and RNG. Rank 0 drops the metrics.jsonl rows logged after that checkpoint (and those of the evaluation
+    it redoes); a fresh run drops the rows of a run that died before its first checkpoint."""
+    args, d = run.args, run.dist
+    resume_path, state = ckpt.find_resume(args.output_dir, args.resume)
+    if not resume_path:
+        if args.resume == "auto":
+            log.info("--resume auto: no checkpoint in %s, starting fresh", args.output_dir)
+        if d.master and os.path.exists(run.metrics_path):
+            os.remove(run.metrics_path)
+        return
+    differences = identity_differences(state["quantizer_config"], run.identity)
+    if differences:
+        raise ValueError(f"{resume_path} was trained with a different configuration: {'; '.join(differences)}. "
+                         "Resume with the checkpoint's settings, or start a new run with --overwrite or "
+                         "another --output-dir")
+    run.raw_model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.step, run.epoch, run.batch_in_epoch, run.best = state["step"], state["epoch"], state["batch_in_epoch"], state["best"]
+    run.eval_pending = bool(state.get("eval_pending", False))
+    if d.world == 1:
+        ckpt.set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(args.seed + d.rank + 1000003 * run.step)
+    if d.master:
+        redo_eval = run.eval_pending or run.step >= run.total_steps
+        rows = [r for r in read_jsonl(run.metrics_path)
+                if r["step"] < run.step or (r["step"] == run.step and not (redo_eval and r["split"] == "val"))]
+        write_text_atomic(run.metrics_path, "".join(dumps(r) + "\n" for r in rows))
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, run.step, run.epoch, run.batch_in_epoch)
+    if run.step >= run.total_steps:
+        log.info("the run is already complete (%d/%d steps): evaluating it again; --overwrite trains it anew",
+                 run.step, run.total_steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# What one iteration uses: batches, one step, evaluation, checkpoints, metrics rows
+# ---------------------------------------------------------------------------------------------
+def batches(run: Run) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Yield ``(epoch, images)`` until the run has ``total_steps`` steps or a stop is requested on any rank.
+
+    Keeps ``run.epoch`` and ``run.batch_in_epoch`` current, so a checkpoint written during a step resumes
+    with exactly the batches that were left (the sampler skips the consumed ones). Batches in which every
+    image is unreadable are counted and skipped, on all ranks when one rank's is empty; an epoch of them
+    only is a DataError, never a silent spin.
+    """
+    args = run.args
+    while run.step < run.total_steps:
+        if isinstance(run.train_set, EmbeddedTrain):
+            run.train_set.set_epoch(run.epoch)
+        run.sampler.set_epoch(run.epoch, skip=run.batch_in_epoch * args.batch_size)
+        seen, steps_before, whole_epoch = 0, run.step, run.batch_in_epoch == 0
+        for images, bad in run.train_loader:
+            # Checked before anything else, so that a stop request or a run of unreadable batches can
+            # never spin here; under DDP all ranks agree.
+            stop_now, empty = any_rank(run.dist, run.stop.requested, images.numel() == 0)
+            if stop_now:
+                return
+            run.batch_in_epoch += 1
+            seen += 1
+            note_unreadable(run, bad)
+            if empty:
+                continue
+            yield run.epoch, images
+            if run.step >= run.total_steps:
+                return
+        if seen and run.step == steps_before and whole_epoch:
+            examples = "; ".join(f"{p} ({r})" for p, r in sorted(run.unreadable.items())[:3])
+            raise DataError(f"epoch {run.epoch} yielded no readable image in {seen} batch(es): "
+                            f"{len(run.unreadable)} unreadable file(s), e.g. {examples or 'none named'}. "
+                            f"Check the files in --train-dir {args.train_dir}")
+        run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+
+
+def train_step(run: Run, images: torch.Tensor) -> Optional[Dict[str, float]]:
+    """One optimizer step on a batch of ``images``. Returns the loss terms averaged over ranks (``loss``, ``l1``,
+    ``lpips``, ``aux``) and ``stop`` (a stop was requested on some rank), or None when the loss is not
+    finite: then nothing is stepped and the error is logged."""
+    args, d = run.args, run.dist
+    x = images.to(d.device, non_blocking=True)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with run.autocast():
+        recon, _, _, aux = run.model(x)
+        loss, parts = run.loss_fn(recon, x, aux)
+    # one small all-reduce: mean loss terms, non-finite check and Ctrl-C agreement on all ranks
+    stats = torch.stack([loss.detach().float(), parts["l1"], parts["lpips"], parts["aux"],
+                         torch.tensor(float(run.stop.requested), device=d.device)])
+    if d.ddp:
+        dist.all_reduce(stats)
+        stats[:4] /= d.world
+    loss_v, l1_v, lp_v, aux_v, stop_v = stats.tolist()
+    if not math.isfinite(loss_v):
+        log.error("non-finite loss (%s; L1 %s, LPIPS %s, aux %s) at step %d: stopping without "
+                  "saving; the last good checkpoint is %s. Try a lower --lr, or --amp none.",
+                  loss_v, l1_v, lp_v, aux_v, run.step + 1, os.path.join(args.output_dir, ckpt.LAST))
+        return None
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if args.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.step += 1
+    return {"loss": loss_v, "l1": l1_v, "lpips": lp_v, "aux": aux_v, "stop": stop_v > 0}
+
+
+def log_step(run: Run, epoch: int, losses: Dict[str, float], images_per_s: float, bar, tty: bool) -> None:
+    """Advance the progress bar; every --log-every steps (and at step 1) append a train row to metrics.jsonl
+    and, without a terminal (or every 10th row with one), log it."""
+    args, step = run.args, run.step
+    bar.update(1)
+    bar.set_postfix(loss=f"{losses['loss']:.4f}", l1=f"{losses['l1']:.4f}", img_s=f"{images_per_s:.1f}",
+                    refresh=False)
+    if step % args.log_every == 0 or step == 1:
+        lr = run.scheduler.get_last_lr()[0]
+        append_metrics(run, {"split": "train", "step": step, "epoch": epoch, "lr": lr,
+                             "loss": losses["loss"], "l1": losses["l1"],
+                             "lpips": losses["lpips"] if run.lpips_in_loss else None,
+                             "aux": losses["aux"], "images_per_s": images_per_s})
+        if not tty or step % (args.log_every * 10) == 0:
+            log.info("step %d/%d  loss %.4f  L1 %.4f  LPIPS %s  aux %.4f  lr %.2e  %.1f img/s",
+                     step, run.total_steps, losses["loss"], losses["l1"],
+                     f"{losses['lpips']:.4f}" if run.lpips_in_loss else "n/a", losses["aux"], lr, images_per_s)
+
+
+def validate(run: Run) -> Dict:
+    """Evaluate on the validation set (:func:`training.metrics.evaluate`, all ranks), append the val row,
+    draw reconstructions.png and the curves, and checkpoint: before (marked eval_pending, so that a crash
+    here costs no steps) and after (ckpt_best.pt too when the score, LPIPS else L1, improved)."""
+    args = run.args
+    t_eval = time.time()
+    save_checkpoint(run, eval_pending=True)
+    metrics, sample = evaluate(run.raw_model, run.val_loader, run.lpips_model, run.dist.device, run.autocast,
+                               args.channels_last, unreadable=run.unreadable)
+    if metrics["images"] == 0:
+        examples = "; ".join(f"{p} ({r})" for p, r in sorted(run.unreadable.items())[:3])
+        raise DataError(f"evaluation found no readable validation image (e.g. {examples or 'none named'}); "
+                        f"check --val-dir {args.val_dir}")
+    score = metrics["lpips"] if metrics["lpips"] is not None else metrics["l1"]
+    is_best = score < run.best
+    run.best = min(run.best, score)
+    append_metrics(run, {"split": "val", "step": run.step, "epoch": run.epoch, **metrics})
+    if run.dist.master and sample is not None:
+        save_grid(*sample, os.path.join(args.output_dir, "reconstructions.png"))
+        plot_curves(args.output_dir)
+    lp = "n/a" if metrics["lpips"] is None else f"{metrics['lpips']:.4f}"
+    log.info("val step %d: L1 %.4f  LPIPS %s  PSNR %.2f dB  usage %s  perplexity %s  residual RMS %s (latent %.3f)",
+             run.step, metrics["l1"], lp, metrics["psnr"], metrics["codebook_usage"], metrics["perplexity"],
+             [round(r, 4) for r in metrics["residual_rms"]], metrics["latent_rms"])
+    save_checkpoint(run, best_too=is_best)
+    run.eval_time += time.time() - t_eval
+    return metrics
+
+
+def checkpoint_state(run: Run, eval_pending: bool = False) -> Dict:
+    """What ckpt_last.pt / ckpt_best.pt hold (training.checkpoint.REQUIRED_KEYS and more)."""
+    return {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "step": run.step,
+            "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch, "best": run.best, "rng": ckpt.rng_state(),
+            "quantizer_config": run.identity, "eval_pending": eval_pending,
+            "args": {k: v for k, v in vars(run.args).items()}}
+
+
+def save_checkpoint(run: Run, best_too: bool = False, eval_pending: bool = False) -> None:
+    """Rank 0 writes ckpt_last.pt (and ckpt_best.pt when ``best_too``) atomically; other ranks do nothing."""
+    if run.dist.master:
+        state = checkpoint_state(run, eval_pending)
+        ckpt.atomic_save(state, os.path.join(run.args.output_dir, ckpt.LAST))
+        if best_too:
+            ckpt.atomic_save(state, os.path.join(run.args.output_dir, ckpt.BEST))
+
+
+def append_metrics(run: Run, row: Dict) -> None:
+    """Rank 0 appends ``row`` to metrics.jsonl."""
+    if run.dist.master:
+        with open(run.metrics_path, "a") as f:
+            f.write(dumps(row) + "\n")
+
+
+def note_unreadable(run: Run, samples) -> None:
+    """Record the unreadable training images of a batch; the first MAX_NAMED_UNREADABLE are named in the log."""
+    for s in samples:
+        if s.path not in run.unreadable:
+            run.unreadable[s.path] = s.reason
+            n = len(run.unreadable)
+            if n <= MAX_NAMED_UNREADABLE:
+                log.warning("skipping unreadable image %s (%s)%s", s.path, s.reason,
+                            "; further ones are only counted" if n == MAX_NAMED_UNREADABLE else "")
+
+
+def stop_early(run: Run, exit_code: int) -> int:
+    """Save ckpt_last.pt at the current step, say how to continue, and return ``exit_code``."""
+    save_checkpoint(run)
+    log.warning("stopped at step %d; checkpoint saved to %s (continue with --resume)", run.step,
+                os.path.join(run.args.output_dir, ckpt.LAST))
+    return exit_code
+
+
+def report_results(run: Run, metrics: Dict) -> None:
+    """After the final evaluation: collect every rank's unreadable files, warn about them, and (rank 0)
+    write results.json."""
+    args, d = run.args, run.dist
+    if d.ddp:
+        everyone: List = [None] * d.world
+        dist.all_gather_object(everyone, run.unreadable)
+        run.unreadable = {p: r for u in everyone for p, r in u.items()}
+    if run.unreadable:
+        log.warning("skipped %d unreadable image file(s), e.g. %s (all in results.json)", len(run.unreadable),
+                    ", ".join(sorted(run.unreadable)[:3]))
+    if not d.master:
+        return
+    q, paper = run.raw_model.quantizer, PAPER_TABLE1.get(run.preset)
+    wall = round(time.time() - run.t_start, 1)
+    results = {
+        "preset": run.preset, "quantizer": args.quantizer, "stages": q.stages, "codebook_size": q.codebook_size,
+        "bits_per_token": q.bits_per_token, "quantizer_config": run.identity, "steps": run.step, "epochs": run.epoch,
+        "world_size": d.world, "batch_size_per_process": args.batch_size,
+        "images_seen": run.step * args.batch_size * d.world,
+        "data": "imagefolder" if args.train_dir else "embedded scikit-image photos",
+        "heldout_photos": args.holdout_photos,
+        "lpips_weights": run.lpips_source, "skipped_images": len(run.unreadable),
+        "skipped_files": sorted(run.unreadable)[:1000],
+        "wall_time_s": wall, "train_time_s": round(run.train_time, 1), "eval_time_s": round(run.eval_time, 1),
+        "val": metrics,
+        "paper": None if paper is None else {"name": paper[0], "l1": paper[1], "lpips": paper[2], "psnr": paper[3]},
+    }
+    path = os.path.join(args.output_dir, "results.json")
+    write_json_atomic(path, results)
+    log.info("done: %d steps in %.1f s (this process: training %.1f s, evaluation %.1f s, start-up and "
+             "saving %.1f s); results in %s", run.step, wall, run.train_time, run.eval_time,
+             max(0.0, wall - run.train_time - run.eval_time), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------
+def train(run: Run) -> int:
+    """Train until --max-steps (or the epochs), evaluating every --eval-every steps and at the end;
+    returns the exit code: 0 done or stopped by --stop-at-step, 1 non-finite loss, 130 stopped by a signal."""
+    from tqdm import tqdm
+
+    args = run.args
+    tty = sys.stderr.isatty()
+    # Without a terminal (nohup, SLURM, a pipe) the bar's \r frames would garble the log: log lines only.
+    bar = tqdm(total=run.total_steps, initial=run.step, disable=not (run.dist.master and tty), dynamic_ncols=True,
+               unit="step", mininterval=0.5)
+    images_per_step = args.batch_size * run.dist.world
+    step0 = run.step
+    run.model.train()
+    try:
+        if run.eval_pending and run.step < run.total_steps:  # the previous run died during this evaluation
+            validate(run)
+        t0 = time.time()
+        for epoch, images in batches(run):
+            losses = train_step(run, images)
+            if losses is None:  # non-finite loss: logged; the last checkpoint stays the good one
+                return 1
+            images_per_s = (run.step - step0) * images_per_step / max(run.train_time + time.time() - t0, 1e-9)
+            log_step(run, epoch, losses, images_per_s, bar, tty)
+            if losses["stop"] or (args.stop_at_step and run.step >= args.stop_at_step):
+                return stop_early(run, 130 if losses["stop"] else 0)
+            if run.step % run.eval_every == 0 and run.step < run.total_steps:
+                run.train_time += time.time() - t0
+                validate(run)
+                t0 = time.time()
+            elif run.step % args.save_every == 0:
+                save_checkpoint(run)
+        run.train_time += time.time() - t0
+        if run.step < run.total_steps:  # batches() ended early: a stop was requested before a step
+            return stop_early(run, 130)
+    finally:
+        bar.close()
+    metrics = validate(run)
+    report_results(run, metrics)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 def main(argv: Optional[List[str]] = None) -> int:
     """Train; returns the process exit code (0 ok, 1 error / non-finite loss, 130 interrupted)."""
     t_start = time.time()
     args = parse_args(argv)
-
-    # -- distributed / device ------------------------------------------------------------------
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        rank, world, local_rank = 0, 1, 0
-    master = rank == 0
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
-    handlers = setup_logging(master)
+    d = setup_distributed()
+    handlers = setup_logging(d.master)
     try:
         refused = None
-        if master:  # only rank 0 writes into --output-dir
+        if d.master:  # only rank 0 writes into --output-dir
             try:
                 prepare_output_dir(args)
             except OutputDirError as e:
                 refused = e
-        if _any_rank((refused is not None,), ddp, device)[0]:
+        if any_rank(d, refused is not None)[0]:
             log.error("%s", refused if refused is not None else "rank 0 refused --output-dir; see its log")
             return 1
-        if master:
+        if d.master:
             handlers.append(log_to_file(args.output_dir))
-        code = _train(args, rank, world, local_rank, master, ddp, device, t_start)
-        if ddp and code == 0:
+        run = setup_run(args, d, t_start)
+        with stop_on_signals(run.stop):
+            code = train(run)
+        if d.ddp and code == 0:
             # Leave together: a gloo rank that tears its process group down while its peer is
             # still writing the final checkpoint can abort ("terminate called ...", seen in CI).
             dist.barrier()
@@ -343,308 +737,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for h in handlers:
             log.removeHandler(h)
             h.close()
-        if ddp and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(args, rank, world, local_rank, master, ddp, device, t_start) -> int:
-    # -- data, model, loss -----------------------------------------------------------------------
-    if args.quantizer_backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ValueError("--quantizer-backend triton needs a CUDA GPU (or TRITON_INTERPRET=1, very slow); "
-                         "use --quantizer-backend auto or reference on CPU")
-    train_loader, sampler, train_set, val_loader = make_loaders(args, rank, world, device.type == "cuda")
-    torch.manual_seed(args.seed)  # identical init on every rank
-    quantizer = build_quantizer(args.quantizer, args.rfsq_stages, args.rfsq_strategy, args.rfsq_initial_scale,
-                                args.levels, args.embed_dim, args.n_embed, args.lfq_dim, args.quantizer_backend)
-    model = AutoEncoder(quantizer, width=args.model_width).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    torch.manual_seed(args.seed + rank)  # per-rank RNG from here on
-    if args.no_lpips:
-        lpips_model, lpips_source = None, "disabled (--no-lpips)"
-    else:
-        lpips_model, lpips_source = load_lpips(args.lpips_weights)
-        lpips_model = lpips_model.to(device)
-        if args.channels_last:
-            lpips_model = lpips_model.to(memory_format=torch.channels_last)
-    lpips_in_loss = lpips_model is not None and args.lpips_loss_weight > 0
-    loss_fn = ReconstructionLoss(lpips_model if lpips_in_loss else None, args.lpips_loss_weight)
-
-    steps_per_epoch = len(train_loader)
-    total_steps = args.max_steps if args.max_steps is not None else args.max_train_epochs * steps_per_epoch
-    eval_every = args.eval_every or (steps_per_epoch if args.train_dir else 100)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                                 **({"fused": True} if device.type == "cuda" else {}))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, args.warmup))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    preset = preset_of(vars(args))  # what the flags amount to: a --preset with overridden flags is "custom"
-    if args.preset and preset != args.preset:
-        log.info("--preset %s with overridden quantizer flags: a custom configuration, not the paper's %s",
-                 args.preset, PAPER_TABLE1.get(args.preset, (args.preset,))[0])
-
-    # -- resume ---------------------------------------------------------------------------------
-    step, epoch, batch_in_epoch, best, eval_pending = 0, 0, 0, math.inf, False
-    identity = run_identity(vars(args))
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    resume_path, state = ckpt.find_resume(args.output_dir, args.resume)
-    if resume_path:
-        differences = identity_differences(state["quantizer_config"], identity)
-        if differences:
-            raise ValueError(f"{resume_path} was trained with a different configuration: {'; '.join(differences)}. "
-                             "Resume with the checkpoint's settings, or start a new run with --overwrite or "
-                             "another --output-dir")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, batch_in_epoch, best = state["step"], state["epoch"], state["batch_in_epoch"], state["best"]
-        eval_pending = bool(state.get("eval_pending", False))
-        if world == 1:
-            ckpt.set_rng_state(state["rng"])
-        else:
-            torch.manual_seed(args.seed + rank + 1000003 * step)
-        if master:  # forget what a previous run logged after this checkpoint (and the evaluation it redoes)
-            redo_eval = eval_pending or step >= total_steps
-            rows = [r for r in read_jsonl(metrics_path)
-                    if r["step"] < step or (r["step"] == step and not (redo_eval and r["split"] == "val"))]
-            write_text_atomic(metrics_path, "".join(dumps(r) + "\n" for r in rows))
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, step, epoch, batch_in_epoch)
-        if step >= total_steps:
-            log.info("the run is already complete (%d/%d steps): evaluating it again; --overwrite trains it anew",
-                     step, total_steps)
-    else:
-        if args.resume == "auto":
-            log.info("--resume auto: no checkpoint in %s, starting fresh", args.output_dir)
-        if master and os.path.exists(metrics_path):  # rows of a run that died before its first checkpoint
-            os.remove(metrics_path)
-
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
-
-    q = quantizer
-    log.info("quantizer %s (%s): %d stage(s) x %d codes, %.1f bits/token, backend %s | device %s x %d | "
-             "batch %d/process, %d steps (%d/epoch), eval every %d | LPIPS: %s | amp %s, channels_last %s, compile %s",
-             preset, args.quantizer, q.stages, q.codebook_size, q.bits_per_token,
-             args.quantizer_backend, device, world, args.batch_size, total_steps, steps_per_epoch, eval_every,
-             lpips_source, args.amp, args.channels_last, args.compile)
-    if master:
-        write_json_atomic(os.path.join(args.output_dir, "config.json"),
-                          {**vars(args), "world_size": world, "total_steps": total_steps})
-
-    # -- bookkeeping ------------------------------------------------------------------------------
-    unreadable: Dict[str, str] = {}  # path -> reason, train and val, this rank
-    timers = {"train": 0.0, "eval": 0.0}
-
-    def note_unreadable(samples) -> None:
-        for s in samples:
-            if s.path not in unreadable:
-                unreadable[s.path] = s.reason
-                if len(unreadable) <= MAX_NAMED_UNREADABLE:
-                    log.warning("skipping unreadable image %s (%s)%s", s.path, s.reason,
-                                "; further ones are only counted" if len(unreadable) == MAX_NAMED_UNREADABLE else "")
-
-    def state_dict(pending: bool) -> dict:
-        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "best": best, "rng": ckpt.rng_state(),
-                "quantizer_config": identity, "eval_pending": pending, "args": {k: v for k, v in vars(args).items()}}
-
-    def save(best_too: bool = False, eval_pending: bool = False) -> None:
-        if master:
-            s = state_dict(eval_pending)
-            ckpt.atomic_save(s, os.path.join(args.output_dir, ckpt.LAST))
-            if best_too:
-                ckpt.atomic_save(s, os.path.join(args.output_dir, ckpt.BEST))
-
-    def write_row(row: dict) -> None:
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(dumps(row) + "\n")
-
-    def run_eval() -> dict:
-        nonlocal best
-        t_eval = time.time()
-        save(eval_pending=True)  # a crash in evaluation must not cost the steps since the last save
-        metrics, sample = evaluate(raw_model, val_loader, lpips_model, device, autocast, args.channels_last,
-                                   unreadable=unreadable)
-        if metrics["images"] == 0:
-            examples = "; ".join(f"{p} ({r})" for p, r in sorted(unreadable.items())[:3])
-            raise DataError(f"evaluation found no readable validation image (e.g. {examples or 'none named'}); "
-                            f"check --val-dir {args.val_dir}")
-        score = metrics["lpips"] if metrics["lpips"] is not None else metrics["l1"]
-        is_best = score < best
-        best = min(best, score)
-        write_row({"split": "val", "step": step, "epoch": epoch, **metrics})
-        if master and sample is not None:
-            save_grid(*sample, os.path.join(args.output_dir, "reconstructions.png"))
-            plot_curves(args.output_dir)
-        lp = "n/a" if metrics["lpips"] is None else f"{metrics['lpips']:.4f}"
-        log.info("val step %d: L1 %.4f  LPIPS %s  PSNR %.2f dB  usage %s  perplexity %s  residual RMS %s (latent %.3f)",
-                 step, metrics["l1"], lp, metrics["psnr"], metrics["codebook_usage"], metrics["perplexity"],
-                 [round(r, 4) for r in metrics["residual_rms"]], metrics["latent_rms"])
-        save(best_too=is_best)
-        timers["eval"] += time.time() - t_eval
-        return metrics
-
-    stop = {"requested": False}
-
-    def on_signal(signum, frame):
-        # SIGINT (Ctrl-C) or SIGTERM (torchrun/SLURM shutting workers down): stop at the end of this step,
-        # save, exit. Only a second Ctrl-C aborts at once (torchrun follows a Ctrl-C with a SIGTERM).
-        if stop["requested"] and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if not stop["requested"]:
-            log.warning("%s: finishing this step, saving a checkpoint and exiting (Ctrl-C again aborts now)",
-                        signal.Signals(signum).name)
-        stop["requested"] = True
-
-    def stopped(at: int, code: int) -> int:
-        save()
-        log.warning("stopped at step %d; checkpoint saved to %s (continue with --resume)", at,
-                    os.path.join(args.output_dir, ckpt.LAST))
-        return code
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
-
-    # -- training loop ----------------------------------------------------------------------------
-    from tqdm import tqdm
-
-    tty = sys.stderr.isatty()
-    # Without a terminal (nohup, SLURM, a pipe) the bar's \r frames would garble the log: log lines only.
-    bar = tqdm(total=total_steps, initial=step, disable=not (master and tty), dynamic_ncols=True, unit="step",
-               mininterval=0.5)
-    step0, exit_code, metrics, halted = step, 0, None, False  # halted: stopped early (signal, NaN, --stop-at-step)
-    model.train()
-    try:
-        if eval_pending and step < total_steps:  # the previous run died during this evaluation
-            metrics = run_eval()
-        t0 = time.time()
-        while step < total_steps and not halted:
-            if isinstance(train_set, EmbeddedTrain):
-                train_set.set_epoch(epoch)
-            sampler.set_epoch(epoch, skip=batch_in_epoch * args.batch_size)
-            batches, steps_before, whole_epoch = 0, step, batch_in_epoch == 0
-            for x, bad in train_loader:
-                # Checked before anything else, so that a stop request or a run of unreadable batches
-                # can never spin here; under DDP all ranks agree (one rank's empty batch skips it on all).
-                stop_now, empty = _any_rank((stop["requested"], x.numel() == 0), ddp, device)
-                if stop_now:
-                    exit_code, halted = stopped(step, 130), True
-                    break
-                batch_in_epoch += 1
-                batches += 1
-                note_unreadable(bad)
-                if empty:
-                    continue
-                x = x.to(device, non_blocking=True)
-                if args.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast():
-                    recon, _, _, aux = model(x)
-                    loss, parts = loss_fn(recon, x, aux)
-                # one small all-reduce: mean loss terms, non-finite check and Ctrl-C agreement on all ranks
-                stats = torch.stack([loss.detach().float(), parts["l1"], parts["lpips"], parts["aux"],
-                                     torch.tensor(float(stop["requested"]), device=device)])
-                if ddp:
-                    dist.all_reduce(stats)
-                    stats[:4] /= world
-                loss_v, l1_v, lp_v, aux_v, stop_v = stats.tolist()
-                if not math.isfinite(loss_v):
-                    log.error("non-finite loss (%s; L1 %s, LPIPS %s, aux %s) at step %d: stopping without "
-                              "saving; the last good checkpoint is %s. Try a lower --lr, or --amp none.",
-                              loss_v, l1_v, lp_v, aux_v, step + 1, os.path.join(args.output_dir, ckpt.LAST))
-                    exit_code, halted = 1, True
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if args.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-
-                ips = (step - step0) * args.batch_size * world / max(timers["train"] + time.time() - t0, 1e-9)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_v:.4f}", l1=f"{l1_v:.4f}", img_s=f"{ips:.1f}", refresh=False)
-                if step % args.log_every == 0 or step == 1:
-                    write_row({"split": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                               "loss": loss_v, "l1": l1_v, "lpips": lp_v if lpips_in_loss else None,
-                               "aux": aux_v, "images_per_s": ips})
-                    if not tty or step % (args.log_every * 10) == 0:
-                        log.info("step %d/%d  loss %.4f  L1 %.4f  LPIPS %s  aux %.4f  lr %.2e  %.1f img/s",
-                                 step, total_steps, loss_v, l1_v, f"{lp_v:.4f}" if lpips_in_loss else "n/a",
-                                 aux_v, scheduler.get_last_lr()[0], ips)
-                if stop_v > 0 or (args.stop_at_step and step >= args.stop_at_step):
-                    exit_code, halted = stopped(step, 130 if stop_v > 0 else 0), True
-                    break
-                if step % eval_every == 0 and step < total_steps:
-                    timers["train"] += time.time() - t0
-                    metrics = run_eval()
-                    t0 = time.time()
-                elif step % args.save_every == 0:
-                    save()
-                if step >= total_steps:
-                    break
-            else:
-                if batches and step == steps_before and whole_epoch:
-                    examples = "; ".join(f"{p} ({r})" for p, r in sorted(unreadable.items())[:3])
-                    raise DataError(f"epoch {epoch} yielded no readable image in {batches} batch(es): "
-                                    f"{len(unreadable)} unreadable file(s), e.g. {examples or 'none named'}. "
-                                    f"Check the files in --train-dir {args.train_dir}")
-                epoch, batch_in_epoch = epoch + 1, 0
-        timers["train"] += time.time() - t0
-        bar.close()
-        if halted or step < total_steps:
-            return exit_code
-
-        # -- final evaluation, results ---------------------------------------------------------------
-        metrics = run_eval()
-        if ddp:
-            everyone: List = [None] * world
-            dist.all_gather_object(everyone, unreadable)
-            unreadable = {p: r for d in everyone for p, r in d.items()}
-        if unreadable:
-            log.warning("skipped %d unreadable image file(s), e.g. %s (all in results.json)", len(unreadable),
-                        ", ".join(sorted(unreadable)[:3]))
-        if master:
-            paper = PAPER_TABLE1.get(preset)
-            wall = round(time.time() - t_start, 1)
-            results = {
-                "preset": preset, "quantizer": args.quantizer, "stages": q.stages, "codebook_size": q.codebook_size,
-                "bits_per_token": q.bits_per_token, "quantizer_config": identity, "steps": step, "epochs": epoch,
-                "world_size": world, "batch_size_per_process": args.batch_size,
-                "images_seen": step * args.batch_size * world,
-                "data": "imagefolder" if args.train_dir else "embedded scikit-image photos",
-                "heldout_photos": args.holdout_photos,
-                "lpips_weights": lpips_source, "skipped_images": len(unreadable),
-                "skipped_files": sorted(unreadable)[:1000],
-                "wall_time_s": wall, "train_time_s": round(timers["train"], 1), "eval_time_s": round(timers["eval"], 1),
-                "val": metrics,
-                "paper": None if paper is None else {"name": paper[0], "l1": paper[1], "lpips": paper[2], "psnr": paper[3]},
-            }
-            path = os.path.join(args.output_dir, "results.json")
-            write_json_atomic(path, results)
-            log.info("done: %d steps in %.1f s (this process: training %.1f s, evaluation %.1f s, start-up and "
-                     "saving %.1f s); results in %s", step, wall, timers["train"], timers["eval"],
-                     max(0.0, wall - timers["train"] - timers["eval"]), path)
-        return 0
-    finally:
-        bar.close()
-        for signum, handler in old_handlers.items():
-            signal.signal(signum, handler)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+        teardown_distributed(d)
 
 
 if __name__ == "__main__":
