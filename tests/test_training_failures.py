@@ -146,7 +146,7 @@ def test_checkpoint_is_saved_before_evaluation(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise MemoryError("evaluation ran out of memory")
 
-    monkeypatch.setattr(train_mod, "evaluate", crash)
+    monkeypatch.setattr(train_mod, "compute_metrics", crash)
     out = tmp_path / "run"
     with pytest.raises(MemoryError):
         train(out, "--max-steps", "4", "--eval-every", "2", "--no-lpips")
@@ -234,14 +234,14 @@ def test_skipped_images_are_counted_per_file_and_named(tmp_path):
 def test_run_outputs_standard_json_full_wall_time_no_cr_and_honest_labels(tmp_path, monkeypatch, capsys):
     """One run: results.json without Infinity/NaN, wall time covering evaluation and start-up, no tqdm
     \\r frames when stderr is not a terminal, a custom --n-embed not labelled as the paper's VQ-EMA."""
-    real = train_mod.evaluate
+    real = train_mod.compute_metrics
 
     def slow_inf_eval(*a, **k):
         time.sleep(0.3)
         metrics, sample = real(*a, **k)
         return {**metrics, "psnr": float("inf"), "latent_rms": float("nan")}, sample
 
-    monkeypatch.setattr(train_mod, "evaluate", slow_inf_eval)
+    monkeypatch.setattr(train_mod, "compute_metrics", slow_inf_eval)
     out = tmp_path / "run"
     t = time.time()
     assert train(out, "--preset", "vq-ema", "--n-embed", "64", "--max-steps", "2", "--eval-every", "1",

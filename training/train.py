@@ -41,7 +41,7 @@ from training.distributed import Dist, any_rank, setup_distributed, teardown_dis
 from training.flag_types import float_flag, int_flag, join_negative_values
 from training.lpips_loss import ReconstructionLoss, load_lpips
 from training.lpips_weights import LPIPSWeightsError
-from training.metrics import evaluate  # the name tests patch: validate() below looks it up at call time
+from training.metrics import evaluate as compute_metrics  # looked up at call time: tests patch it
 from training.model import AutoEncoder, build_quantizer
 from training.jsonio import dumps, read_jsonl, write_json_atomic, write_text_atomic
 from training.plots import plot_curves, save_grid
@@ -52,7 +52,7 @@ log = logging.getLogger("rfsq.train")
 MAX_NAMED_UNREADABLE = 20  # unreadable files named in the log; the rest are counted (and in results.json)
 
 # How this file reads, top to bottom: the command line; logging and --output-dir; data loaders and the LR
-# schedule; the Run (setup_run, resume); what one iteration uses (batches, train_step, log_step, validate,
+# schedule; the Run (setup_run, resume); what one iteration uses (batches, train_step, log_step, evaluate,
 # save_checkpoint); the loop (train); main(), which sets up the distributed context, the run and the
 # signal handlers, and maps errors to exit codes.
 
@@ -546,14 +546,14 @@ def log_step(run: Run, epoch: int, losses: Dict[str, float], images_per_s: float
                      f"{losses['lpips']:.4f}" if run.lpips_in_loss else "n/a", losses["aux"], lr, images_per_s)
 
 
-def validate(run: Run) -> Dict:
+def evaluate(run: Run) -> Dict:
     """Evaluate on the validation set (:func:`training.metrics.evaluate`, all ranks), append the val row,
     draw reconstructions.png and the curves, and checkpoint: before (marked eval_pending, so that a crash
     here costs no steps) and after (ckpt_best.pt too when the score, LPIPS else L1, improved)."""
     args = run.args
     t_eval = time.time()
     save_checkpoint(run, eval_pending=True)
-    metrics, sample = evaluate(run.raw_model, run.val_loader, run.lpips_model, run.dist.device, run.autocast,
+    metrics, sample = compute_metrics(run.raw_model, run.val_loader, run.lpips_model, run.dist.device, run.autocast,
                                args.channels_last, unreadable=run.unreadable)
     if metrics["images"] == 0:
         examples = "; ".join(f"{p} ({r})" for p, r in sorted(run.unreadable.items())[:3])
@@ -672,7 +672,7 @@ def train(run: Run) -> int:
     run.model.train()
     try:
         if run.eval_pending and run.step < run.total_steps:  # the previous run died during this evaluation
-            validate(run)
+            evaluate(run)
         t0 = time.time()
         for epoch, images in batches(run):
             losses = train_step(run, images)
@@ -684,7 +684,7 @@ def train(run: Run) -> int:
                 return stop_early(run, 130 if losses["stop"] else 0)
             if run.step % run.eval_every == 0 and run.step < run.total_steps:
                 run.train_time += time.time() - t0
-                validate(run)
+                evaluate(run)
                 t0 = time.time()
             elif run.step % args.save_every == 0:
                 save_checkpoint(run)
@@ -693,7 +693,7 @@ def train(run: Run) -> int:
             return stop_early(run, 130)
     finally:
         bar.close()
-    metrics = validate(run)
+    metrics = evaluate(run)
     report_results(run, metrics)
     return 0
 
