@@ -8,6 +8,7 @@ from rfsq_kernels.fused import rfsq_fused
 from rfsq_kernels.kernels import config
 from rfsq_kernels.reference import STRATEGIES, rfsq_forward
 from rfsq_kernels.testing import random_strategy_params
+
 # odd extents that never divide a power-of-two block
 SHAPES = {3: (2, 37), 4: (2, 5, 7), 5: (2, 3, 4, 5)}
 LEVELS = {1: [7, 2, 16], 2: [8, 8, 8, 4], 4: [4, 4, 4, 4, 4]}
