@@ -23,6 +23,7 @@ import torch
 from bench.cases import Case, is_compile_representative
 from rfsq_kernels import RFSQ
 from rfsq_kernels.reference import rfsq_forward
+from rfsq_kernels.testing import randomize_
 
 BACKENDS: Tuple[str, ...] = ("fused", "eager", "compile", "compile_cudagraphs", "lucidrains")
 PEERS: Tuple[str, ...] = BACKENDS[1:]
@@ -54,16 +55,11 @@ class Built:
 
 
 def reference_module(case: Case, device: torch.device) -> RFSQ:
-    """The reference ``RFSQ`` for ``case`` with deterministic, non-trivial parameters
-    (scale ``a_k`` around 1, LN weight around 1 and bias around 0, seeded)."""
+    """The reference ``RFSQ`` for ``case`` with deterministic, non-trivial parameters: the test
+    suite's :func:`rfsq_kernels.testing.randomize_` (scale ``a_k`` around 1, LN weight around 1 and
+    bias around 0) drawn from a generator seeded with ``PARAM_SEED``."""
     mod = RFSQ(stages=case.stages, strategy=case.strategy, levels=list(case.levels), backend="reference")
-    gen = torch.Generator().manual_seed(PARAM_SEED)
-    with torch.no_grad():
-        if case.strategy == "scale":
-            mod.scale_param.add_(0.2 * torch.randn(mod.scale_param.shape, generator=gen))
-        elif case.strategy == "layernorm":
-            mod.ln_weight.mul_(1 + 0.1 * torch.randn(mod.ln_weight.shape, generator=gen))
-            mod.ln_bias.add_(0.1 * torch.randn(mod.ln_bias.shape, generator=gen))
+    randomize_(mod, generator=torch.Generator().manual_seed(PARAM_SEED))
     return mod.to(device)
 
 

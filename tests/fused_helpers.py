@@ -1,73 +1,21 @@
 """Shared helpers of the fused-kernel tests: boundary-free random inputs, tolerant comparisons.
 
-Rounding-boundary policy: an element whose pre-rounding value ``bounded`` (recomputed per stage
-in float64 with the reference's formulas) lies within ``BOUNDARY_TOL`` of a ``.5`` boundary may
-legitimately round differently in the kernel and in the float32 reference (different tanh
-implementations, different summation order of the LN statistics) and, for layernorm, change the
-statistics of every later stage. Instead of excluding such positions we redraw the whole input
-until no element of any stage is that close, so every comparison below covers every element
-with fixed, tight tolerances.
+Rounding-boundary policy (tests/numpy_rfsq.py, ``BOUNDARY_TOL``): an element whose pre-rounding
+value lies too close to a ``.5`` boundary may legitimately round differently in the kernel and in
+the float32 reference and, for layernorm, change the statistics of every later stage. Instead of
+excluding such positions we redraw the whole input until the float64 oracle finds no element of
+any stage that close, so every comparison below covers every element with fixed, tight tolerances.
+Random parameters come from :mod:`rfsq_kernels.testing`.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from rfsq_kernels.reference import fsq_constants
+from numpy_rfsq import draw_clear_of_boundaries
 
-BOUNDARY_TOL = 5e-4
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def prerounding_values(z, levels, stages, strategy, params, eps=1e-5) -> List[torch.Tensor]:
-    """Per-stage ``bounded`` values of the reference chain, in float64."""
-    half_l, offset, shift, _ = fsq_constants(levels)
-    nd = z.ndim
-    view = lambda v: torch.tensor(v, dtype=torch.float64).view(-1, *([1] * (nd - 2)))  # noqa: E731
-    hl, off, sh = view(half_l), view(offset), view(shift)
-    hw = view([lv // 2 for lv in levels])
-    r = z.detach().double()
-    dims = tuple(range(2, nd))
-    out = []
-    for k in range(stages):
-        if strategy == "none":
-            u, undo = r, (lambda c: c)
-        elif strategy == "scale":
-            a = F.softplus(params["scale_param"][k].detach().double())
-            u, undo = a * r, (lambda c, a=a: c / a)
-        else:
-            var, mu = torch.var_mean(r, dim=dims, correction=0, keepdim=True)
-            sd = torch.sqrt(var + eps)
-            w = params["ln_weight"][k].detach().double().view(1, -1, *([1] * (nd - 2)))
-            b = params["ln_bias"][k].detach().double().view(1, -1, *([1] * (nd - 2)))
-            u = w * (r - mu) / sd + b
-            undo = lambda c, w=w, b=b, sd=sd, mu=mu: ((c - b) / w) * sd + mu  # noqa: E731
-        bounded = torch.tanh(u + sh) * hl - off
-        out.append(bounded)
-        r = r - undo(torch.round(bounded) / hw)
-    return out
-
-
-def near_boundary(z, levels, stages, strategy, params, tol: float = BOUNDARY_TOL) -> bool:
-    """True if any stage's ``bounded`` lies within ``tol`` of a ``.5`` rounding boundary."""
-    for bounded in prerounding_values(z, levels, stages, strategy, params):
-        frac = bounded - torch.floor(bounded)
-        if bool(((frac - 0.5).abs() < tol).any()):
-            return True
-    return False
-
-
-def make_params(levels: Sequence[int], stages: int, strategy: str) -> Dict[str, torch.Tensor]:
-    """Random (non-default) parameters so that every parameter gradient is exercised."""
-    C = len(levels)
-    if strategy == "scale":
-        return {"scale_param": (0.5413 + 0.3 * torch.randn(stages)).requires_grad_()}
-    if strategy == "layernorm":
-        return {"ln_weight": (0.6 + 0.8 * torch.rand(stages, C)).requires_grad_(),
-                "ln_bias": (0.2 * torch.randn(stages, C)).requires_grad_()}
-    return {}
 
 
 def to_layout(z: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -83,11 +31,9 @@ def to_layout(z: torch.Tensor, channels_last: bool) -> torch.Tensor:
 def draw_input(shape, levels, stages, strategy, params, dtype=torch.float32, channels_last=False,
                spread: float = 1.5, max_tries: int = 500) -> torch.Tensor:
     """A random latent (in ``dtype``, chosen layout) with no element near a rounding boundary."""
-    for _ in range(max_tries):
-        z = (spread * torch.randn(shape)).to(dtype)
-        if not near_boundary(z, levels, stages, strategy, params):
-            return to_layout(z, channels_last)
-    raise RuntimeError("could not draw a boundary-free input; use a smaller shape")
+    z = draw_clear_of_boundaries(shape, levels, stages, strategy, params, dtype=dtype, spread=spread,
+                                 tries=max_tries)[0]
+    return to_layout(z, channels_last)
 
 
 def bf16_step(ref: torch.Tensor) -> torch.Tensor:
@@ -133,7 +79,7 @@ def run_both(fused_fn, ref_fn, z, levels, stages, strategy, params, grad=None):
         zz = z.detach().clone().requires_grad_()
         # clone preserves the layout (channels_last stays channels_last)
         ps = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
-        out = fn(zz, levels, stages, strategy, ps.get("scale_param"), ps.get("ln_weight"), ps.get("ln_bias"))
+        out = fn(zz, levels, stages, strategy, **ps)
         loss = out[0].sum() if grad is None else (out[0].float() * grad).sum()
         loss.backward()
         grads = {"z": zz.grad, **{k: v.grad for k, v in ps.items()}}

@@ -6,16 +6,17 @@ from rfsq_kernels import FSQ, LFQ, RFSQ, VQEMA
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(levels=[]), ValueError, "levels must not be empty"),
-    (dict(levels=[8, 1, 4]), ValueError, r"levels\[1\]=1"),
-    (dict(levels=[8, 2.5]), TypeError, r"levels\[1\] must be an int"),
-    (dict(levels=8), TypeError, "levels must be a sequence"),
-    (dict(strategy="ln"), ValueError, "strategy must be one of"),
-    (dict(backend="cuda"), ValueError, "backend must be one of"),
-    (dict(stages=0), ValueError, "stages must be >= 1"),
-    (dict(stages=2.0), TypeError, "stages must be an int"),
-    (dict(stages=3), ValueError, "stages=3 has no default levels"),
-    (dict(strategy="scale", initial_scale=0.0), ValueError, "initial_scale must be a positive"),
+    pytest.param(dict(levels=[]), ValueError, "levels must not be empty", id="levels-empty"),
+    pytest.param(dict(levels=[8, 1, 4]), ValueError, r"levels\[1\]=1", id="levels-one"),
+    pytest.param(dict(levels=[8, 2.5]), TypeError, r"levels\[1\] must be an int", id="levels-float"),
+    pytest.param(dict(levels=8), TypeError, "levels must be a sequence", id="levels-scalar"),
+    pytest.param(dict(strategy="ln"), ValueError, "strategy must be one of", id="strategy-unknown"),
+    pytest.param(dict(backend="cuda"), ValueError, "backend must be one of", id="backend-unknown"),
+    pytest.param(dict(stages=0), ValueError, "stages must be >= 1", id="stages-0"),
+    pytest.param(dict(stages=2.0), TypeError, "stages must be an int", id="stages-float"),
+    pytest.param(dict(stages=3), ValueError, "stages=3 has no default levels", id="stages-3-no-default-levels"),
+    pytest.param(dict(strategy="scale", initial_scale=0.0), ValueError, "initial_scale must be a positive",
+                 id="initial_scale-0"),
 ])
 def test_bad_constructor_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -24,12 +25,13 @@ def test_bad_constructor_arguments(kwargs, exc, match):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("z,exc,match", [
-    (torch.randn(2, 3, 8, 8), ValueError, "has 3 channels .* expects 4"),
-    (torch.randn(2, 4), ValueError, "strategy='layernorm' normalizes each channel over"),
-    (torch.randn(4), ValueError, "channel-first"),
-    (torch.randint(0, 5, (2, 4, 8, 8)), TypeError, "floating-point"),
-    (torch.ones(2, 4, 8, 8, dtype=torch.bool), TypeError, "floating-point"),
-    ([[1.0]], TypeError, "must be a torch.Tensor"),
+    pytest.param(torch.randn(2, 3, 8, 8), ValueError, "has 3 channels .* expects 4", id="channel-count"),
+    pytest.param(torch.randn(2, 4), ValueError, "strategy='layernorm' normalizes each channel over",
+                 id="layernorm-without-positions"),
+    pytest.param(torch.randn(4), ValueError, "channel-first", id="rank-1"),
+    pytest.param(torch.randint(0, 5, (2, 4, 8, 8)), TypeError, "floating-point", id="integer-dtype"),
+    pytest.param(torch.ones(2, 4, 8, 8, dtype=torch.bool), TypeError, "floating-point", id="bool-dtype"),
+    pytest.param([[1.0]], TypeError, "must be a torch.Tensor", id="not-a-tensor"),
 ])
 def test_bad_latents(backend, z, exc, match):
     with pytest.raises(exc, match=match):

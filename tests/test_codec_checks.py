@@ -15,11 +15,10 @@ import torch
 
 import rfsq_kernels.fused  # noqa: F401  (imports triton now, under conftest's TRITON_INTERPRET, like the fused tests)
 from rfsq_kernels import FSQ, LFQ, RFSQ, VQEMA
-from rfsq_kernels.reference import check_indices, rfsq_forward
+from rfsq_kernels.reference import STRATEGIES, check_indices, rfsq_forward
 from rfsq_kernels.reference import RFSQ as ReferenceRFSQ
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = ["none", "scale", "layernorm"]
 
 
 # -- 8. decode --------------------------------------------------------------------------------------

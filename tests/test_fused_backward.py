@@ -3,12 +3,12 @@ path, stride-0 incoming gradients and bitwise determinism (CPU: Triton interpret
 import pytest
 import torch
 
-from fused_helpers import compare, draw_input, make_params, run_both
+from fused_helpers import compare, draw_input, run_both
 from rfsq_kernels.fused import rfsq_fused
 from rfsq_kernels.kernels import config
-from rfsq_kernels.reference import rfsq_forward
+from rfsq_kernels.reference import STRATEGIES, rfsq_forward
+from rfsq_kernels.testing import random_strategy_params
 
-STRATEGIES = ["none", "scale", "layernorm"]
 # odd extents that never divide a power-of-two block
 SHAPES = {3: (2, 37), 4: (2, 5, 7), 5: (2, 3, 4, 5)}
 LEVELS = {1: [7, 2, 16], 2: [8, 8, 8, 4], 4: [4, 4, 4, 4, 4]}
@@ -19,16 +19,21 @@ def _shape(rank, levels):
     return (b, len(levels), *spatial)
 
 
-@pytest.mark.parametrize("variant", ["fp32-contiguous", "bf16-channels_last"])
+def _dtype_layout(dtype: torch.dtype, channels_last: bool):
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    return pytest.param(dtype, channels_last, id=f"{name}-{'channels_last' if channels_last else 'contiguous'}")
+
+
+@pytest.mark.parametrize("dtype,channels_last", [_dtype_layout(torch.float32, False),
+                                                 _dtype_layout(torch.bfloat16, True)])
 @pytest.mark.parametrize("rank", [3, 4, 5])
 @pytest.mark.parametrize("stages", [1, 2, 4])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_matches_reference(seed, strategy, stages, rank, variant):
-    dtype = torch.bfloat16 if variant.startswith("bf16") else torch.float32
+def test_matches_reference(seed, strategy, stages, rank, dtype, channels_last):
     levels = LEVELS[stages]
-    params = make_params(levels, stages, strategy)
+    params = random_strategy_params(strategy, stages, len(levels))
     z = draw_input(_shape(rank, levels), levels, stages, strategy, params, dtype=dtype,
-                   channels_last=variant.endswith("channels_last"))
+                   channels_last=channels_last)
     g = torch.randn(z.shape)
     fused, ref = run_both(rfsq_fused, rfsq_forward, z, levels, stages, strategy, params, grad=g)
     compare(fused, ref)
@@ -37,13 +42,12 @@ def test_matches_reference(seed, strategy, stages, rank, variant):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("variant", ["fp32-channels_last", "bf16-contiguous"])
-def test_other_dtype_layout_pairs(seed, strategy, variant):
+@pytest.mark.parametrize("dtype,channels_last", [_dtype_layout(torch.float32, True),
+                                                 _dtype_layout(torch.bfloat16, False)])
+def test_other_dtype_layout_pairs(seed, strategy, dtype, channels_last):
     levels, stages = [8, 5, 3, 4], 2
-    dtype = torch.bfloat16 if variant.startswith("bf16") else torch.float32
-    params = make_params(levels, stages, strategy)
-    z = draw_input((2, 4, 5, 7), levels, stages, strategy, params, dtype=dtype,
-                   channels_last=variant.endswith("channels_last"))
+    params = random_strategy_params(strategy, stages, len(levels))
+    z = draw_input((2, 4, 5, 7), levels, stages, strategy, params, dtype=dtype, channels_last=channels_last)
     compare(*run_both(rfsq_fused, rfsq_forward, z, levels, stages, strategy, params))
 
 
@@ -51,7 +55,7 @@ def test_other_dtype_layout_pairs(seed, strategy, variant):
 def test_expanded_incoming_grad(seed, strategy):
     """``out.sum().backward()`` feeds a stride-0 expanded gradient; it must be read correctly."""
     levels, stages = [8, 5, 3, 4], 3
-    params = make_params(levels, stages, strategy)
+    params = random_strategy_params(strategy, stages, len(levels))
     z = draw_input((2, 4, 6, 5), levels, stages, strategy, params)
     fused, ref = run_both(rfsq_fused, rfsq_forward, z, levels, stages, strategy, params, grad=None)
     compare(fused, ref)
@@ -64,7 +68,7 @@ def test_chunked_path(seed, monkeypatch, strategy):
     monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
     levels, stages = [8, 5, 3, 4], 2
     assert config.layernorm_tiles(4, 45) == config.Tiles(4, 16, 1, False)  # chunked, 16 per chunk
-    params = make_params(levels, stages, strategy)
+    params = random_strategy_params(strategy, stages, len(levels))
     z = draw_input((2, 4, 5, 9), levels, stages, strategy, params)
     g = torch.randn(z.shape)
     compare(*run_both(rfsq_fused, rfsq_forward, z, levels, stages, strategy, params, grad=g))
@@ -73,7 +77,7 @@ def test_chunked_path(seed, monkeypatch, strategy):
 def test_chunked_bf16_channels_last(seed, monkeypatch):
     monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
     levels, stages, strategy = [8, 5, 3, 4], 2, "layernorm"
-    params = make_params(levels, stages, strategy)
+    params = random_strategy_params(strategy, stages, len(levels))
     z = draw_input((1, 4, 5, 7), levels, stages, strategy, params, dtype=torch.bfloat16, channels_last=True)
     compare(*run_both(rfsq_fused, rfsq_forward, z, levels, stages, strategy, params))
 
@@ -85,7 +89,7 @@ def test_backward_is_deterministic(seed, monkeypatch, strategy, chunked):
     if chunked:
         monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
     levels, stages = [8, 5, 3, 4], 2
-    params = make_params(levels, stages, strategy)
+    params = random_strategy_params(strategy, stages, len(levels))
     z = torch.randn(3, 4, 6, 7)
     g = torch.randn(z.shape)
     runs = [run_both(rfsq_fused, rfsq_fused, z, levels, stages, strategy, params, grad=g) for _ in range(2)]

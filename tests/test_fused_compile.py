@@ -3,9 +3,11 @@ import pytest
 import torch
 from torch import nn
 
-from fused_helpers import assert_close_grads, draw_input, make_params
+from fused_helpers import assert_close_grads, draw_input
 import rfsq_kernels.fused  # noqa: F401  (registers the custom ops used directly below)
 from rfsq_kernels import RFSQ
+from rfsq_kernels.reference import STRATEGIES
+from rfsq_kernels.testing import random_strategy_params
 
 
 class _Tiny(nn.Module):
@@ -71,10 +73,10 @@ def test_autocast_bf16(seed):
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["plain", "mask+counts"])
-@pytest.mark.parametrize("strategy", ["none", "scale", "layernorm"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_opcheck(seed, strategy, sparse):
     levels, stages = [8, 5, 3, 4], 2
-    params = make_params(levels, stages, strategy)
+    params = random_strategy_params(strategy, stages, len(levels), requires_grad=True)
     z = draw_input((2, 4, 3, 5), levels, stages, strategy, params).requires_grad_()
     scale = None
     if strategy == "scale":

@@ -3,17 +3,18 @@ C=16 and int64 indices, non-finite input, layouts, the module path, bad input an
 import pytest
 import torch
 
-from fused_helpers import assert_close_values, draw_input, make_params
+from fused_helpers import assert_close_values, draw_input
 from rfsq_kernels import RFSQ
 from rfsq_kernels.fused import rfsq_fused
 from rfsq_kernels.kernels import config
-from rfsq_kernels.reference import codebook_size, rfsq_forward
+from rfsq_kernels.reference import STRATEGIES, codebook_size, rfsq_forward
+from rfsq_kernels.testing import random_strategy_params
 
 
 def _compare_forward(z, levels, stages, strategy, params):
-    args = (z, levels, stages, strategy, params.get("scale_param"), params.get("ln_weight"), params.get("ln_bias"))
     with torch.no_grad():
-        out, ref = rfsq_fused(*args), rfsq_forward(*args)
+        out = rfsq_fused(z, levels, stages, strategy, **params)
+        ref = rfsq_forward(z, levels, stages, strategy, **params)
     assert out[1].dtype == ref[1].dtype and torch.equal(out[1], ref[1])
     for name, a, e in zip(("quantized", "mean", "std"), (out[0], out[2], out[3]), (ref[0], ref[2], ref[3])):
         assert_close_values(a, e, name)
@@ -22,10 +23,10 @@ def _compare_forward(z, levels, stages, strategy, params):
 
 @pytest.mark.parametrize("levels", [[5], [2, 3], [8, 8, 8, 4, 7, 6], [3] * 16, [16] * 8],
                          ids=["C1", "C2", "C6", "C16", "int64-index"])
-@pytest.mark.parametrize("strategy", ["none", "scale", "layernorm"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_level_sets(seed, strategy, levels):
     stages = 2
-    params = make_params(levels, stages, strategy)
+    params = random_strategy_params(strategy, stages, len(levels))
     z = draw_input((2, len(levels), 3, 5), levels, stages, strategy, params)
     out = _compare_forward(z, levels, stages, strategy, params)
     assert out[1].dtype == (torch.int64 if codebook_size(levels) >= 2**31 else torch.int32)
@@ -35,23 +36,21 @@ def test_level_sets(seed, strategy, levels):
 def test_many_stages(seed, stages):
     levels = [4, 4, 4, 4, 4]
     for strategy in ("none", "layernorm"):
-        params = make_params(levels, stages, strategy)
+        params = random_strategy_params(strategy, stages, len(levels))
         z = draw_input((1, 5, 4, 6), levels, stages, strategy, params, max_tries=2000)
         _compare_forward(z, levels, stages, strategy, params)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # NaN arithmetic in the interpreter
-@pytest.mark.parametrize("strategy", ["none", "scale", "layernorm"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_non_finite_input_gives_valid_indices(seed, strategy):
     levels, stages = [8, 5, 3, 4], 2
-    params = make_params(levels, stages, strategy)
+    params = random_strategy_params(strategy, stages, len(levels))
     z = torch.randn(2, 4, 3, 5)
     z[0, 0, 0, 0], z[0, 1, 1, 1], z[1, 2, 2, 2] = float("nan"), float("inf"), float("-inf")
-    q, idx, _, _ = rfsq_fused(z, levels, stages, strategy, params.get("scale_param"),
-                              params.get("ln_weight"), params.get("ln_bias"))
+    q, idx, _, _ = rfsq_fused(z, levels, stages, strategy, **params)
     assert int(idx.min()) >= 0 and int(idx.max()) < codebook_size(levels)
-    ref_idx = rfsq_forward(z, levels, stages, strategy, params.get("scale_param"),
-                           params.get("ln_weight"), params.get("ln_bias"))[1]
+    ref_idx = rfsq_forward(z, levels, stages, strategy, **params)[1]
     if strategy != "layernorm":  # LN: NaN/inf poisons the (b, c) statistics; only the range is checked
         assert torch.equal(idx, ref_idx)
 
@@ -59,7 +58,7 @@ def test_non_finite_input_gives_valid_indices(seed, strategy):
 def test_non_flattenable_spatial_layout(seed):
     """Spatial dims that cannot be one strided index go through one explicit contiguous copy."""
     levels, stages, strategy = [8, 5, 3, 4], 2, "scale"
-    params = make_params(levels, stages, strategy)
+    params = random_strategy_params(strategy, stages, len(levels))
     base = draw_input((2, 4, 7, 5), levels, stages, strategy, params)
     z = base.transpose(2, 3)  # (B, C, W, H) view: H and W strides are not nested
     assert config.flat_spatial_stride(z) is None
@@ -77,7 +76,7 @@ def test_module_backend_triton(seed, strategy):
     fused = RFSQ(stages=2, strategy=strategy, levels=levels, backend="triton")
     ref = RFSQ(stages=2, strategy=strategy, levels=levels, backend="reference")
     ref.load_state_dict(fused.state_dict())
-    params = dict(fused.named_parameters())
+    params = fused.strategy_parameters()
     z = draw_input((2, 4, 6, 5), levels, 2, strategy, params)
     with torch.no_grad():
         (q, idx), (rq, ridx) = fused(z), ref(z)
@@ -88,9 +87,9 @@ def test_module_backend_triton(seed, strategy):
 
 
 @pytest.mark.parametrize("bad, error", [
-    (torch.randn(2, 3, 4, 4), ValueError),           # wrong channel count
-    (torch.randn(2, 4), ValueError),                 # rank < 3
-    (torch.ones(2, 4, 4, 4, dtype=torch.int32), TypeError),  # integer dtype
+    pytest.param(torch.randn(2, 3, 4, 4), ValueError, id="wrong-channel-count"),
+    pytest.param(torch.randn(2, 4), ValueError, id="rank-below-3"),
+    pytest.param(torch.ones(2, 4, 4, 4, dtype=torch.int32), TypeError, id="integer-dtype"),
 ])
 def test_bad_input_errors_on_fused_path(bad, error):
     model = RFSQ(stages=2, strategy="layernorm", levels=[8, 8, 8, 4], backend="triton")
@@ -102,41 +101,11 @@ def test_bad_input_errors_on_fused_path(bad, error):
 @pytest.mark.parametrize("strategy", ["none", "layernorm"])
 def test_empty_inputs(strategy, shape):
     levels, stages = [8, 8, 8, 4], 2
-    params = make_params(levels, stages, strategy)
+    params = random_strategy_params(strategy, stages, len(levels), requires_grad=True)
     z = torch.randn(shape, requires_grad=True)
-    args = (levels, stages, strategy, params.get("scale_param"), params.get("ln_weight"), params.get("ln_bias"))
-    out, ref = rfsq_fused(z, *args), rfsq_forward(z, *args)
+    out = rfsq_fused(z, levels, stages, strategy, **params)
+    ref = rfsq_forward(z, levels, stages, strategy, **params)
     for a, e in zip(out, ref):
         assert a.shape == e.shape and a.dtype == e.dtype
     out[0].sum().backward()
     assert z.grad.shape == z.shape
-
-
-import triton  # noqa: E402  (conftest has set TRITON_INTERPRET before any triton import)
-import triton.language as tl  # noqa: E402
-
-from rfsq_kernels.kernels.math import round_half_even, tanh_f32  # noqa: E402
-
-
-@triton.jit
-def _math_probe(x_ptr, round_ptr, tanh_ptr, n, BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask)
-    tl.store(round_ptr + offs, round_half_even(x, USE_LIBDEVICE), mask=mask)
-    tl.store(tanh_ptr + offs, tanh_f32(x, USE_LIBDEVICE), mask=mask)
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered")
-def test_math_helpers_match_torch():
-    """Ties to even like torch.round (the fallback under the interpreter, libdevice.rint on GPU);
-    tanh without overflow for huge and infinite arguments; NaN propagates."""
-    x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5, 0.49999997, -0.49999997, 2.5000002, 7.0,
-                      1e30, -1e30, float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-8, 0.3])
-    if torch.cuda.is_available():
-        x = x.cuda()
-    rounded, tanh = torch.empty_like(x), torch.empty_like(x)
-    _math_probe[(1,)](x, rounded, tanh, x.numel(), BLOCK=32, USE_LIBDEVICE=config.use_libdevice(x))
-    assert torch.equal(rounded.nan_to_num(123.0), torch.round(x).nan_to_num(123.0))
-    assert bool(tanh[-5].isnan())
-    torch.testing.assert_close(tanh.nan_to_num(0.0), torch.tanh(x).nan_to_num(0.0), rtol=0, atol=2e-7)

@@ -6,25 +6,14 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fused_helpers import compare, make_params, run_both, to_layout
-from numpy_rfsq import rfsq_np
+from fused_helpers import compare, run_both, to_layout
+from numpy_rfsq import draw_clear_of_boundaries
 from rfsq_kernels import RFSQ
 from rfsq_kernels.fused import rfsq_fused
 from rfsq_kernels.kernels import config
-from rfsq_kernels.reference import SENTINEL, rfsq_forward
-
-STRATEGIES = ["none", "scale", "layernorm"]
-
-
-def _np_kwargs(strategy, params):
-    if strategy == "scale":
-        return {"scales": F.softplus(params["scale_param"].detach()).double().numpy()}
-    if strategy == "layernorm":
-        return {"ln_w": params["ln_weight"].detach().double().numpy(),
-                "ln_b": params["ln_bias"].detach().double().numpy()}
-    return {}
+from rfsq_kernels.reference import SENTINEL, STRATEGIES, rfsq_forward
+from rfsq_kernels.testing import random_strategy_params
 
 
 def _mask_and_counts(batch, spatial, stages):
@@ -40,16 +29,10 @@ def _mask_and_counts(batch, spatial, stages):
 
 
 def _draw(shape, levels, stages, strategy, params, mask, active, dtype=torch.float32, channels_last=False):
-    """Input whose valid, active pre-rounding values all lie >= 5e-4 from a .5 boundary (the
-    independent float64 loop reports the margin); padding is NaN (it must never be read)."""
-    for _ in range(200):
-        z = (1.5 * torch.randn(shape)).to(dtype)
-        margin = rfsq_np(z.double().numpy(), levels, stages, strategy, **_np_kwargs(strategy, params),
-                         mask=mask.numpy(), active=active.numpy())[2]
-        if margin > 5e-4:
-            z = z.masked_fill(~mask.unsqueeze(1), float("nan"))
-            return to_layout(z, channels_last)
-    raise RuntimeError("could not draw a boundary-free input")
+    """Input whose valid, active pre-rounding values all lie clear of .5 boundaries (the float64
+    oracle's ``BOUNDARY_TOL``); padding is NaN (it must never be read)."""
+    z = draw_clear_of_boundaries(shape, levels, stages, strategy, params, mask=mask, active=active, dtype=dtype)[0]
+    return to_layout(z.masked_fill(~mask.unsqueeze(1), float("nan")), channels_last)
 
 
 def _both(mask, active):
@@ -65,7 +48,7 @@ def test_mask_and_counts_match_reference(seed, monkeypatch, strategy, path):
         monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
     levels, stages = [8, 5, 3, 4], 3
     shape = (5, 4, 5, 9)
-    params = make_params(levels, stages, strategy)
+    params = random_strategy_params(strategy, stages, len(levels))
     mask, active = _mask_and_counts(shape[0], shape[2:], stages)
     z = _draw(shape, levels, stages, strategy, params, mask, active)
     fused, ref = run_both(*_both(mask, active), z, levels, stages, strategy, params, grad=torch.randn(shape))
@@ -82,7 +65,7 @@ def test_mask_and_counts_match_reference(seed, monkeypatch, strategy, path):
 def test_rank3_bf16_channels_last_mask_only(seed, strategy):
     levels, stages = [7, 2, 16], 2
     shape = (3, 3, 37)
-    params = make_params(levels, stages, strategy)
+    params = random_strategy_params(strategy, stages, len(levels))
     mask, _ = _mask_and_counts(3, (37,), stages)
     active = torch.full((3,), stages, dtype=torch.int32)
     z = _draw(shape, levels, stages, strategy, params, mask, active, dtype=torch.bfloat16, channels_last=True)
@@ -93,7 +76,7 @@ def test_rank3_bf16_channels_last_mask_only(seed, strategy):
 def test_counts_only_with_stride0_grad(seed, strategy):
     levels, stages = [4, 4, 4, 4, 4], 4
     shape = (4, 5, 6, 5)
-    params = make_params(levels, stages, strategy)
+    params = random_strategy_params(strategy, stages, len(levels))
     active = torch.tensor([1, 4, 0, 2], dtype=torch.int32)
     mask = torch.ones(4, 6, 5, dtype=torch.bool)
     z = _draw(shape, levels, stages, strategy, params, mask, active)

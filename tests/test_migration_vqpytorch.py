@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from numpy_rfsq import BOUNDARY_TOL
 from rfsq_kernels import FSQ, RFSQ
 from rfsq_kernels.reference import indices_to_digits
 
@@ -26,14 +27,14 @@ def _bounded(z: torch.Tensor, levels, sign: int) -> torch.Tensor:
     return torch.tanh(z.double() + torch.atanh(offset / half_l)) * half_l - offset
 
 
-def _near_boundary(b: torch.Tensor, tol: float = 1e-4) -> torch.Tensor:
-    return ((b - torch.floor(b)) - 0.5).abs() < tol
+def _near_boundary(b: torch.Tensor) -> torch.Tensor:
+    return ((b - torch.floor(b)) - 0.5).abs() < BOUNDARY_TOL
 
 
 def _draw(shape, levels):
-    """Channel-last input with no element within 1e-4 of a .5 boundary in either convention
-    (float32 vs float64 could flip those); returns it and the elements where the conventions
-    round differently."""
+    """Channel-last input with no element within ``BOUNDARY_TOL`` of a .5 boundary in either
+    convention (float32 vs float64 could flip those); returns it and the elements where the
+    conventions round differently."""
     z = torch.randn(shape) * 1.5
     for _ in range(100):
         bad = (_near_boundary(_bounded(z, levels, +1)) | _near_boundary(_bounded(z, levels, -1))).any(-1)

@@ -8,15 +8,8 @@ import torch
 import rfsq_kernels.reference.rfsq as reference_rfsq
 from rfsq_kernels import FSQ, RFSQ
 from rfsq_kernels.kernels import config
-
-STRATEGIES = ["none", "scale", "layernorm"]
-
-
-def _perturb(m):
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.rand_like(p) * 0.3)
-    return m
+from rfsq_kernels.reference import STRATEGIES
+from rfsq_kernels.testing import randomize_
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -29,7 +22,7 @@ def test_channel_last_is_read_in_place_by_the_reference(strategy, seed, monkeypa
         return real(z, *args, **kwargs)
 
     monkeypatch.setattr(reference_rfsq, "rfsq_forward", spy)
-    first = _perturb(RFSQ(stages=2, strategy=strategy, backend="reference"))
+    first = randomize_(RFSQ(stages=2, strategy=strategy, backend="reference"))
     last = RFSQ(stages=2, strategy=strategy, backend="reference", channel_first=False)
     last.load_state_dict(first.state_dict())
     z_last = torch.randn(3, 6, 7, 4)  # (B, H, W, C), contiguous
@@ -65,7 +58,7 @@ def test_channel_last_is_read_in_place_by_the_fused_kernels(seed, monkeypatch):
 
 @pytest.mark.parametrize("strategy", ["none", "scale"])
 def test_batch_by_channel_inputs(strategy, seed):
-    m = _perturb(RFSQ(stages=3, strategy=strategy, levels=[8, 5, 5]))
+    m = randomize_(RFSQ(stages=3, strategy=strategy, levels=[8, 5, 5]))
     z = torch.randn(6, 3)
     q, idx = m(z)
     assert q.shape == (6, 3) and idx.shape == (6, 3)
@@ -83,7 +76,7 @@ def test_batch_by_channel_inputs(strategy, seed):
 @pytest.mark.parametrize("channel_first", [True, False])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_dim_projections(strategy, channel_first, seed):
-    m = _perturb(RFSQ(stages=2, strategy=strategy, levels=[8, 5, 5], dim=16, channel_first=channel_first))
+    m = randomize_(RFSQ(stages=2, strategy=strategy, levels=[8, 5, 5], dim=16, channel_first=channel_first))
     assert isinstance(m.project_in, torch.nn.Linear) and m.project_in.in_features == 16
     z = torch.randn(2, 16, 5, 3) if channel_first else torch.randn(2, 5, 3, 16)
     q, idx, codes = m(z, return_all_codes=True)
@@ -103,7 +96,7 @@ def test_dim_projections(strategy, channel_first, seed):
 @pytest.mark.parametrize("channel_first", [True, False])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_all_codes_are_the_per_stage_reconstructions(strategy, channel_first, seed):
-    m = _perturb(RFSQ(stages=4, strategy=strategy, channel_first=channel_first))
+    m = randomize_(RFSQ(stages=4, strategy=strategy, channel_first=channel_first))
     z = torch.randn(2, 5, 6, 3) if channel_first else torch.randn(2, 6, 3, 5)
     mask = torch.rand(2, 6, 3) > 0.3
     q, idx, codes = m(z, mask=mask, return_all_codes=True)
@@ -129,7 +122,7 @@ def test_fsq_layouts_and_flat_inputs(seed):
 
 
 @pytest.mark.parametrize("other", [dict(levels=[8, 8, 8, 8]), dict(stages=4, levels=[8, 8, 8, 4]),
-                                   dict(strategy="scale"), dict(dim=8)])
+                                   dict(strategy="scale"), dict(dim=8)], ids=["levels", "stages", "strategy", "dim"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_loading_another_configuration_fails_clearly(strategy, other):
     saved = RFSQ(stages=2, strategy=strategy, levels=[8, 8, 8, 4]).state_dict()
@@ -143,7 +136,7 @@ def test_loading_another_configuration_fails_clearly(strategy, other):
 
 
 def test_checkpoints_round_trip_and_old_ones_still_load():
-    m = _perturb(RFSQ(stages=2, strategy="layernorm", backend="triton"))
+    m = randomize_(RFSQ(stages=2, strategy="layernorm", backend="triton"))
     buf = io.BytesIO()
     torch.save({"model": m.state_dict()}, buf)
     buf.seek(0)
@@ -162,9 +155,11 @@ def test_checkpoints_round_trip_and_old_ones_still_load():
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(dim=0), ValueError, "dim must be an int >= 1"),
-    (dict(quantize_dropout=True, quantize_dropout_cutoff_index=2), ValueError, r"cutoff_index must be an int in \[0, stages-1 = 1\]"),
-    (dict(quantize_dropout_multiple_of=0), ValueError, "quantize_dropout_multiple_of must be an int >= 1"),
+    pytest.param(dict(dim=0), ValueError, "dim must be an int >= 1", id="dim"),
+    pytest.param(dict(quantize_dropout=True, quantize_dropout_cutoff_index=2), ValueError,
+                 r"cutoff_index must be an int in \[0, stages-1 = 1\]", id="dropout_cutoff_index"),
+    pytest.param(dict(quantize_dropout_multiple_of=0), ValueError, "quantize_dropout_multiple_of must be an int >= 1",
+                 id="dropout_multiple_of"),
 ])
 def test_bad_new_constructor_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -172,14 +167,17 @@ def test_bad_new_constructor_arguments(kwargs, exc, match):
 
 
 @pytest.mark.parametrize("call,exc,match", [
-    (lambda m, z: m(z, mask=torch.ones(2, 5)), TypeError, "mask must be a bool tensor"),
-    (lambda m, z: m(z, mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, r"mask must have shape \(B, \*spatial\) = \(2, 5\)"),
-    (lambda m, z: m(z, stages=0), ValueError, r"stages must be an int in \[1, 2\]"),
-    (lambda m, z: m(z, stages=3), ValueError, r"stages must be an int in \[1, 2\]"),
-    (lambda m, z: m(z, stages=torch.tensor([1, 3])), ValueError, r"must lie in \[0, 2\]"),
-    (lambda m, z: m(z, stages=torch.tensor([1])), ValueError, r"shape \(B,\) = \(2,\)"),
-    (lambda m, z: m(z, stages=torch.tensor([1.0, 2.0])), TypeError, "integer"),
-    (lambda m, z: m(z.transpose(1, 2)), ValueError, "has 5 channels"),
+    pytest.param(lambda m, z: m(z, mask=torch.ones(2, 5)), TypeError, "mask must be a bool tensor", id="float-mask"),
+    pytest.param(lambda m, z: m(z, mask=torch.ones(2, 4, dtype=torch.bool)), ValueError,
+                 r"mask must have shape \(B, \*spatial\) = \(2, 5\)", id="mask-shape"),
+    pytest.param(lambda m, z: m(z, stages=0), ValueError, r"stages must be an int in \[1, 2\]", id="stages-0"),
+    pytest.param(lambda m, z: m(z, stages=3), ValueError, r"stages must be an int in \[1, 2\]", id="stages-3"),
+    pytest.param(lambda m, z: m(z, stages=torch.tensor([1, 3])), ValueError, r"must lie in \[0, 2\]",
+                 id="per-sample-stages-range"),
+    pytest.param(lambda m, z: m(z, stages=torch.tensor([1])), ValueError, r"shape \(B,\) = \(2,\)",
+                 id="per-sample-stages-shape"),
+    pytest.param(lambda m, z: m(z, stages=torch.tensor([1.0, 2.0])), TypeError, "integer", id="per-sample-stages-float"),
+    pytest.param(lambda m, z: m(z.transpose(1, 2)), ValueError, "has 5 channels", id="channel-count"),
 ])
 def test_bad_call_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -188,7 +186,7 @@ def test_bad_call_arguments(call, exc, match):
 
 def test_fused_module_serves_k_stages_and_flat_inputs(seed):
     """backend='triton' (interpreter on CPU): the first k stages, and (B, C) inputs."""
-    fused = _perturb(RFSQ(stages=4, strategy="layernorm", backend="triton"))
+    fused = randomize_(RFSQ(stages=4, strategy="layernorm", backend="triton"))
     ref = RFSQ(stages=4, strategy="layernorm", backend="reference")
     ref.load_state_dict(fused.state_dict())
     z = torch.randn(2, 5, 6, 7)
@@ -196,7 +194,7 @@ def test_fused_module_serves_k_stages_and_flat_inputs(seed):
     rq, ridx = ref(z, stages=2)
     assert idx.shape == (2, 6, 7, 2) and torch.equal(idx, ridx)
     torch.testing.assert_close(q, rq, rtol=1e-5, atol=1e-5)
-    fused = _perturb(RFSQ(stages=2, strategy="scale", levels=[8, 5, 5], backend="triton"))
+    fused = randomize_(RFSQ(stages=2, strategy="scale", levels=[8, 5, 5], backend="triton"))
     ref = RFSQ(stages=2, strategy="scale", levels=[8, 5, 5], backend="reference")
     ref.load_state_dict(fused.state_dict())
     z = torch.randn(9, 3)

@@ -10,20 +10,10 @@ import pytest
 import torch
 
 from frozen_rounding import freeze_rounding, unfreeze_rounding
+from numpy_rfsq import draw_clear_of_boundaries
 from rfsq_kernels import RFSQ
-from rfsq_kernels.reference import rfsq_forward
-
-STRATEGIES = ["none", "scale", "layernorm"]
-
-
-def _params(strategy, stages, channels, dtype=torch.float64):
-    p = {}
-    if strategy == "scale":
-        p["scale_param"] = (torch.randn(stages) * 0.5 + 1.0).to(dtype).requires_grad_()
-    if strategy == "layernorm":
-        p["ln_weight"] = (torch.rand(stages, channels) + 0.5).to(dtype).requires_grad_()
-        p["ln_bias"] = (torch.randn(stages, channels) * 0.3).to(dtype).requires_grad_()
-    return p
+from rfsq_kernels.reference import STRATEGIES, rfsq_forward
+from rfsq_kernels.testing import random_strategy_params, randomize_
 
 
 @pytest.mark.parametrize("stages", [1, 3])
@@ -31,7 +21,7 @@ def _params(strategy, stages, channels, dtype=torch.float64):
 def test_gradcheck_with_frozen_rounding(strategy, stages, seed, monkeypatch):
     levels = (5, 4, 3)
     z = (torch.randn(2, 3, 4, 3, dtype=torch.float64) * 1.5).requires_grad_()
-    params = _params(strategy, stages, len(levels))
+    params = random_strategy_params(strategy, stages, len(levels), dtype=torch.float64, requires_grad=True)
 
     def forward(z, **p):
         return rfsq_forward(z, levels, stages, strategy, **p, compute_dtype=torch.float64)[0]
@@ -54,21 +44,8 @@ def test_gradcheck_with_frozen_rounding(strategy, stages, seed, monkeypatch):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_float32_module_gradients_match_float64(strategy, seed):
     """The module's float32 gradients agree with the float64 computation on the same graph."""
-    m = RFSQ(stages=2, strategy=strategy, levels=[5, 4, 3])
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.rand_like(p) * 0.3)
-    for _ in range(20):
-        z = torch.randn(2, 3, 5, 4) * 1.5
-        from numpy_rfsq import rfsq_np  # noqa: PLC0415
-
-        kw = {}
-        if strategy == "scale":
-            kw["scales"] = m.scales.detach().double().numpy()
-        if strategy == "layernorm":
-            kw = {"ln_w": m.ln_weight.detach().double().numpy(), "ln_b": m.ln_bias.detach().double().numpy()}
-        if rfsq_np(z.double().numpy(), m.levels, 2, strategy, **kw)[2] > 1e-4:
-            break
+    m = randomize_(RFSQ(stages=2, strategy=strategy, levels=[5, 4, 3]))
+    z = draw_clear_of_boundaries((2, 3, 5, 4), m.levels, 2, strategy, m.strategy_parameters())[0]
     g = torch.randn_like(z)
     params = list(m.parameters())
     z32 = z.clone().requires_grad_()

@@ -8,33 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from frozen_rounding import freeze_rounding, unfreeze_rounding
-from numpy_rfsq import rfsq_np
+from numpy_rfsq import draw_clear_of_boundaries
 from rfsq_kernels import RFSQ
-from rfsq_kernels.reference import SENTINEL, draw_active_stages, rfsq_forward
+from rfsq_kernels.reference import SENTINEL, STRATEGIES, draw_active_stages, rfsq_forward
+from rfsq_kernels.testing import random_strategy_params, randomize_
 
-STRATEGIES = ["none", "scale", "layernorm"]
 LEVELS = (8, 5, 4, 3)
-
-
-def _params(strategy, stages, channels=len(LEVELS), dtype=torch.float32):
-    p = {}
-    if strategy == "scale":
-        p["scale_param"] = (torch.randn(stages) * 0.5 + 1.0).to(dtype)
-    if strategy == "layernorm":
-        p["ln_weight"] = (torch.rand(stages, channels) + 0.5).to(dtype)
-        p["ln_bias"] = (torch.randn(stages, channels) * 0.3).to(dtype)
-    return p
-
-
-def _np_kwargs(strategy, p):
-    if strategy == "scale":
-        return {"scales": F.softplus(p["scale_param"]).double().numpy()}
-    if strategy == "layernorm":
-        return {"ln_w": p["ln_weight"].double().numpy(), "ln_b": p["ln_bias"].double().numpy()}
-    return {}
 
 
 def _mask(batch, spatial):
@@ -47,25 +28,14 @@ def _mask(batch, spatial):
     return mask
 
 
-def _draw(shape, strategy, stages, p, mask, active, tries=50):
-    for _ in range(tries):
-        z = torch.randn(shape) * 1.5
-        z_np = z.double().numpy()
-        q, idx, margin = rfsq_np(z_np, LEVELS, stages, strategy, **_np_kwargs(strategy, p),
-                                 mask=mask.numpy(), active=active.numpy())
-        if margin > 1e-4:
-            return z, q, idx
-    pytest.fail("could not draw an input clear of rounding boundaries")
-
-
 @pytest.mark.parametrize("shape", [(5, 4, 13), (5, 4, 3, 5)], ids=["rank3", "rank4"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_mask_and_stage_counts_match_independent_numpy(strategy, shape, seed):
     stages = 3
-    p = _params(strategy, stages)
+    p = random_strategy_params(strategy, stages, len(LEVELS))
     mask = _mask(shape[0], shape[2:])
     active = torch.tensor([3, 1, 2, 0, 3], dtype=torch.int32)
-    z, expect_q, expect_idx = _draw(shape, strategy, stages, p, mask, active)
+    z, expect_q, expect_idx = draw_clear_of_boundaries(shape, LEVELS, stages, strategy, p, mask=mask, active=active)
     z[~mask.unsqueeze(1).expand_as(z)] = float("nan")  # padding is never read
     q, idx, mean, std = rfsq_forward(z, LEVELS, stages, strategy, **p, mask=mask, active_stages=active)
     np.testing.assert_array_equal(idx.numpy(), expect_idx)
@@ -84,15 +54,8 @@ def test_padding_does_not_change_a_sample(strategy, seed):
     """The same clip padded by different amounts (padding = garbage) gives the same result on its
     valid positions: identical indices, the same values and LN statistics (float32 summation order
     is the only difference)."""
-    m = RFSQ(stages=4, strategy=strategy, levels=list(LEVELS))
-    with torch.no_grad():
-        for prm in m.parameters():
-            prm.add_(torch.rand_like(prm) * 0.3)
-    kw = _np_kwargs(strategy, {n: prm.detach() for n, prm in m.named_parameters()})
-    for _ in range(50):
-        clip = torch.randn(1, 4, 21) * 1.5
-        if rfsq_np(clip.double().numpy(), LEVELS, 4, strategy, **kw)[2] > 1e-4:
-            break
+    m = randomize_(RFSQ(stages=4, strategy=strategy, levels=list(LEVELS)))
+    clip = draw_clear_of_boundaries((1, 4, 21), LEVELS, 4, strategy, m.strategy_parameters())[0]
     ref_q, ref_idx = m(clip)
     ref_side = m.encode(clip)[1]
     for pad, garbage in ((3, float("nan")), (40, 1e6), (0, 0.0)):
@@ -113,7 +76,7 @@ def test_gradcheck_with_mask_and_stage_counts(strategy, seed, monkeypatch):
     """Frozen-rounding gradcheck (see test_reference_grad.py) with a mask and per-sample counts."""
     stages, levels = 3, (5, 4, 3)
     z = (torch.randn(4, 3, 7, dtype=torch.float64) * 1.5).requires_grad_()
-    params = {k: v.double().requires_grad_() for k, v in _params(strategy, stages, 3).items()}
+    params = random_strategy_params(strategy, stages, len(levels), dtype=torch.float64, requires_grad=True)
     mask = torch.rand(4, 7) > 0.3
     mask[0, :] = False
     mask[1, :] = False

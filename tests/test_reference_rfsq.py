@@ -4,54 +4,22 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from numpy_rfsq import rfsq_np
+from numpy_rfsq import draw_clear_of_boundaries
 from rfsq_kernels import RFSQ
 from rfsq_kernels.reference import RFSQ as ReferenceRFSQ
+from rfsq_kernels.reference import STRATEGIES
+from rfsq_kernels.testing import randomize_
 
-STRATEGIES = ["none", "scale", "layernorm"]
 SHAPES = {3: (2, 5, 33), 4: (2, 5, 7, 9), 5: (2, 5, 3, 5, 4)}
-
-
-def randomize_parameters(m: RFSQ) -> None:
-    """Move the learnable parameters away from their init so every one of them matters."""
-    with torch.no_grad():
-        if m.strategy == "scale":
-            m.scale_param.copy_(torch.randn_like(m.scale_param) * 0.5 + 1.0)
-        if m.strategy == "layernorm":
-            m.ln_weight.copy_(torch.rand_like(m.ln_weight) + 0.5)
-            m.ln_bias.copy_(torch.randn_like(m.ln_bias) * 0.3)
-
-
-def draw_clear_of_boundaries(m: RFSQ, shape, tries: int = 50):
-    """Draw z until no pre-rounding value of any stage lies within 1e-4 of a .5 boundary.
-
-    float32 (torch) and float64 (numpy) may round such values differently — a legitimate flip
-    that would then change every later stage. Redrawing excludes exactly those inputs instead
-    of loosening the comparison.
-    """
-    params = {}
-    if m.strategy == "scale":
-        params["scales"] = F.softplus(m.scale_param).detach().double().numpy()
-    if m.strategy == "layernorm":
-        params["ln_w"] = m.ln_weight.detach().double().numpy()
-        params["ln_b"] = m.ln_bias.detach().double().numpy()
-    for _ in range(tries):
-        z = torch.randn(shape) * 1.5
-        expect_q, expect_idx, margin = rfsq_np(z.double().numpy(), m.levels, m.stages, m.strategy, **params)
-        if margin > 1e-4:
-            return z, expect_q, expect_idx
-    pytest.fail("could not draw an input clear of rounding boundaries")
 
 
 @pytest.mark.parametrize("rank", [3, 4, 5])
 @pytest.mark.parametrize("stages", [1, 2, 4])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_rfsq_matches_independent_numpy_loop(strategy, stages, rank, seed):
-    m = RFSQ(stages=stages, strategy=strategy, levels=[8, 5, 4, 3, 2])
-    randomize_parameters(m)
-    z, expect_q, expect_idx = draw_clear_of_boundaries(m, SHAPES[rank])
+    m = randomize_(RFSQ(stages=stages, strategy=strategy, levels=[8, 5, 4, 3, 2]))
+    z, expect_q, expect_idx = draw_clear_of_boundaries(SHAPES[rank], m.levels, stages, strategy, m.strategy_parameters())
     q, idx = m(z)
     assert idx.shape == (*z.shape[:1], *z.shape[2:], stages) and idx.dtype == torch.int32
     np.testing.assert_array_equal(idx.numpy(), expect_idx)
@@ -61,8 +29,7 @@ def test_rfsq_matches_independent_numpy_loop(strategy, stages, rank, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_encode_decode_reproduces_forward_exactly(strategy, dtype, seed):
-    m = RFSQ(stages=4, strategy=strategy)
-    randomize_parameters(m)
+    m = randomize_(RFSQ(stages=4, strategy=strategy))
     z = (torch.randn(3, 5, 6, 7) * 2).to(dtype)
     q, idx = m(z)
     indices, side = m.encode(z)
@@ -114,7 +81,7 @@ def test_defaults_and_properties():
 
 
 @pytest.mark.parametrize("strategy,keys", [
-    ("none", []), ("scale", ["scale_param"]), ("layernorm", ["ln_weight", "ln_bias"])])
+    ("none", []), ("scale", ["scale_param"]), ("layernorm", ["ln_weight", "ln_bias"])], ids=["none", "scale", "layernorm"])
 def test_state_dict_keys_are_the_same_for_every_backend(strategy, keys):
     dicts = [RFSQ(stages=2, strategy=strategy, backend=b).state_dict() for b in ("auto", "triton", "reference")]
     for sd in dicts:
