@@ -54,8 +54,7 @@ def counting_memory() -> Iterator[Dict[str, int]]:
 def case_bytes(case, images: int = 1) -> Dict[str, int]:
     """``{fwd_load, fwd_store, bwd_load, bwd_store}`` of one case, scaled to its batch."""
     from bench.cases import make_input
-    from rfsq_kernels.kernels.backward import rfsq_backward_launch
-    from rfsq_kernels.kernels.forward import rfsq_forward_launch
+    from rfsq_kernels.kernels.launch import rfsq_backward_launch, rfsq_forward_launch
 
     small = type(case)(case.group, (images, *case.shape[1:]), case.levels, case.stages, case.strategy, case.dtype)
     z = make_input(small, torch.device("cpu"))

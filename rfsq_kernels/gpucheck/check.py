@@ -70,8 +70,8 @@ def _run_task(arch: int, direction: str, family: str, full: bool) -> Tuple[List[
 def barrier_offsets(kernel_name: str) -> Tuple[str, List[int]]:
     """``(file, offsets)``: where the named kernel's ``tl.debug_barrier()`` calls are, as line
     offsets from its ``def`` line."""
-    from ..kernels import backward, forward
-    fn = getattr(forward, kernel_name, None) or getattr(backward, kernel_name)
+    from ..kernels import elementwise, layernorm
+    fn = getattr(layernorm, kernel_name, None) or getattr(elementwise, kernel_name)
     lines, _start = inspect.getsourcelines(fn.fn)
     def_index = next(i for i, text in enumerate(lines) if text.lstrip().startswith("def "))
     return inspect.getsourcefile(fn.fn), [i - def_index for i, text in enumerate(lines)

@@ -23,8 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..kernels.backward import rfsq_backward_launch
-from ..kernels.forward import rfsq_forward_launch
+from ..kernels.launch import rfsq_backward_launch, rfsq_forward_launch
 from .driver import Launch, offline_target
 from rfsq_kernels.reference import index_dtype
 
@@ -203,9 +202,9 @@ def _cpu_seconds() -> float:
 
 def compiled_kernels(arch: int) -> Dict[str, object]:
     """Every ``CompiledKernel`` the project's kernels hold for device ``arch``, by hash."""
-    from ..kernels import backward, forward
+    from ..kernels import elementwise, layernorm
     out = {}
-    for module in (forward, backward):
+    for module in (elementwise, layernorm):
         for obj in vars(module).values():
             caches = getattr(obj, "device_caches", None)
             if caches is None or arch not in caches:

@@ -98,85 +98,14 @@ def pack_index(rounded, hw, top, basis):
 
 
 @triton.jit
-def elem_stage(r, a, hl, off, sh, hw, HAS_SCALE: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """One ``none``/``scale`` stage: ``q = FSQ(a * r) / a`` (``q = FSQ(r)`` without scale).
-
-    Returns ``(q, t, rounded)``.
-    """
-    if HAS_SCALE:
-        code, t, rounded = fsq_code(a * r, hl, off, sh, hw, USE_LIBDEVICE)
-        return code / a, t, rounded
-    else:
-        code, t, rounded = fsq_code(r, hl, off, sh, hw, USE_LIBDEVICE)
-        return code, t, rounded
-
-
-@triton.jit
-def elem_replay(x, scale_ptr, hl, off, sh, hw, valid, n_act, NSTAGES: tl.constexpr, HAS_SCALE: tl.constexpr,
-                HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """Residual ``r_NSTAGES`` of an elementwise strategy, recomputed from the input tile ``x``
-    (positions/stages the forward skipped subtract nothing)."""
-    r = x
-    for j in tl.static_range(NSTAGES):
-        a = 1.0
-        if HAS_SCALE:
-            a = tl.load(scale_ptr + j).to(tl.float32)
-        q, _t, _rnd = elem_stage(r, a, hl, off, sh, hw, HAS_SCALE, USE_LIBDEVICE)
-        r = r - keep_only(q, valid, n_act, j, HAS_MASK, HAS_DROPOUT)
-    return r
-
-
-@triton.jit
-def ln_params(w_ptr, b_ptr, k, offs_c, mask_c, C):
-    """Row ``k`` of the ``(K, C)`` LN weight and bias as float32 ``[BLOCK_C, 1]`` columns."""
-    w = tl.load(w_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)[:, None]
-    bb = tl.load(b_ptr + k * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
-    return w, bb
-
-
-@triton.jit
-def ln_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C):
-    """Saved ``(mu, sd)`` of stage ``k`` (``(B, K, C)`` buffers, ``stat_base = b * K * C``)."""
-    mu = tl.load(mean_ptr + stat_base + k * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    sd = tl.load(std_ptr + stat_base + k * C + offs_c, mask=mask_c, other=1.0)[:, None]
-    return mu, sd
-
-
-@triton.jit
-def ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE: tl.constexpr):
-    """One ``layernorm`` stage in the reference's op order; returns ``(q, code, t, rounded)``.
-
-    ``n = w * (r - mu) / sd + b``; ``q = ((FSQ(n) - b) / w) * sd + mu``.
-    """
-    code, t, rounded = fsq_code(w * (r - mu) / sd + bb, hl, off, sh, hw, USE_LIBDEVICE)
-    return ((code - bb) / w) * sd + mu, code, t, rounded
-
-
-@triton.jit
-def _ln_undo_stage(r, j, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                   hl, off, sh, hw, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   USE_LIBDEVICE: tl.constexpr):
-    """``r_{j+1} = r_j - q_j`` for layernorm stage ``j`` with its saved statistics."""
-    mu, sd = ln_stats(mean_ptr, std_ptr, stat_base, j, offs_c, mask_c, C)
-    w, bb = ln_params(w_ptr, b_ptr, j, offs_c, mask_c, C)
-    q, _code, _t, _rnd = ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE)
-    return r - keep_only(q, valid, n_act, j, HAS_MASK, HAS_DROPOUT)
-
-
-@triton.jit
-def ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-              hl, off, sh, hw, nstages, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              USE_LIBDEVICE: tl.constexpr):
-    """Residual ``r_nstages`` of the layernorm strategy from the input tile and saved statistics.
-
-    A runtime loop (``nstages`` is the caller's runtime stage index): code size and compile time
-    do not grow with K, and only one stage's values are live at a time.
-    """
-    r = x
-    for j in range(nstages):
-        r = _ln_undo_stage(r, j, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                           hl, off, sh, hw, valid, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
-    return r
+def store_index(idx_ptr, idx_row, k, rounded, hw, top, basis, mask_s, valid, n_act,
+                 HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """Write stage ``k``'s packed index for the tile's positions (``idx_row = (b*S + s) * K``);
+    positions the stage skips (padding, dropped stage) get the sentinel -1."""
+    index = pack_index(rounded, hw, top, basis)
+    if HAS_MASK or HAS_DROPOUT:
+        index = tl.where(stage_keep(valid, n_act, k, HAS_DROPOUT), index, -1)
+    tl.store(idx_ptr + idx_row + k, index.to(idx_ptr.dtype.element_ty), mask=mask_s)
 
 
 # -- masks (padded positions) and per-sample stage counts (quantize dropout) -------------------
@@ -219,3 +148,9 @@ def keep_only(q, valid, n_act, k, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.conste
         return tl.where(stage_keep(valid, n_act, k, HAS_DROPOUT), q, 0.0)
     else:
         return q
+
+
+@triton.jit
+def stage_mask(mask, n_act, k, HAS_DROPOUT: tl.constexpr):
+    """Tile positions whose ``q_k`` exists (``mask``: the tile's channels x valid positions)."""
+    return stage_keep(mask, n_act, k, HAS_DROPOUT)

@@ -1,73 +1,190 @@
-"""Backward kernels: exact gradient of the reference graph, recomputing the forward chain.
-
-Nothing per-stage is saved by the forward: the residual ``r_k`` is recomputed from the input
-(and, for layernorm, the saved per-(b, k, c) mean/std) while the stages are walked backwards.
-With ``v_k = dL/dq_k = g - G_{k+1}`` (``g = dL/dquantized``, ``G_k = dL/dr_k``, ``G_K = 0``),
-``G_k = G_{k+1} + J_k^T v_k`` where ``J_k = dq_k/dr_k``. Parameter gradients are written as
-per-program partial sums and reduced on the host in a fixed order (no float atomics), so two
-backward passes on the same input are bitwise identical.
-"""
-from __future__ import annotations
-
-import math
-from typing import Optional, Sequence, Tuple
-
-import torch
+"""Kernels of the ``layernorm`` strategy: one program per image (per-image statistics)."""
 import triton
 import triton.language as tl
 
-from . import config
-from .stages import (elem_replay, elem_stage, fsq_dcode, ln_params, ln_replay, ln_stage, ln_stats, load_active,
-                     load_levels, load_tile, load_valid, masked_row_sum, stage_keep, store_tile, widen)
+from .stages import (fsq_code, fsq_dcode, keep_only, load_active, load_levels, load_tile, load_valid,
+                     masked_row_sum, stage_mask, store_index, store_tile, widen)
 
 
 @triton.jit
-def _stage_mask(mask, n_act, k, HAS_DROPOUT: tl.constexpr):
-    """Tile positions whose ``q_k`` exists (``mask``: the tile's channels x valid positions)."""
-    return stage_keep(mask, n_act, k, HAS_DROPOUT)
+def ln_params(w_ptr, b_ptr, k, offs_c, mask_c, C):
+    """Row ``k`` of the ``(K, C)`` LN weight and bias as float32 ``[BLOCK_C, 1]`` columns."""
+    w = tl.load(w_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)[:, None]
+    bb = tl.load(b_ptr + k * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
+    return w, bb
 
 
-@triton.jit(do_not_specialize=["C", "n_sblk"])
-def _bwd_elementwise_kernel(
-    x_ptr, g_ptr, dx_ptr, scale_ptr, dscale_part_ptr, consts_ptr, basis_ptr, valid_ptr, active_ptr,
-    C, S, n_sblk, sxb, sxc, sxs, sgb, sgc, sgs, sdb, sdc, sds,
-    K: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+@triton.jit
+def ln_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C):
+    """Saved ``(mu, sd)`` of stage ``k`` (``(B, K, C)`` buffers, ``stat_base = b * K * C``)."""
+    mu = tl.load(mean_ptr + stat_base + k * C + offs_c, mask=mask_c, other=0.0)[:, None]
+    sd = tl.load(std_ptr + stat_base + k * C + offs_c, mask=mask_c, other=1.0)[:, None]
+    return mu, sd
+
+
+@triton.jit
+def ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE: tl.constexpr):
+    """One ``layernorm`` stage in the reference's op order; returns ``(q, code, t, rounded)``.
+
+    ``n = w * (r - mu) / sd + b``; ``q = ((FSQ(n) - b) / w) * sd + mu``.
+    """
+    code, t, rounded = fsq_code(w * (r - mu) / sd + bb, hl, off, sh, hw, USE_LIBDEVICE)
+    return ((code - bb) / w) * sd + mu, code, t, rounded
+
+
+@triton.jit
+def _ln_undo_stage(r, j, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
+                   hl, off, sh, hw, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   USE_LIBDEVICE: tl.constexpr):
+    """``r_{j+1} = r_j - q_j`` for layernorm stage ``j`` with its saved statistics."""
+    mu, sd = ln_stats(mean_ptr, std_ptr, stat_base, j, offs_c, mask_c, C)
+    w, bb = ln_params(w_ptr, b_ptr, j, offs_c, mask_c, C)
+    q, _code, _t, _rnd = ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE)
+    return r - keep_only(q, valid, n_act, j, HAS_MASK, HAS_DROPOUT)
+
+
+@triton.jit
+def ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
+              hl, off, sh, hw, nstages, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              USE_LIBDEVICE: tl.constexpr):
+    """Residual ``r_nstages`` of the layernorm strategy from the input tile and saved statistics.
+
+    A runtime loop (``nstages`` is the caller's runtime stage index): code size and compile time
+    do not grow with K, and only one stage's values are live at a time.
+    """
+    r = x
+    for j in range(nstages):
+        r = _ln_undo_stage(r, j, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
+                           hl, off, sh, hw, valid, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+    return r
+
+
+@triton.jit
+def _ln_emit(r, acc, mu, sd, k, w_ptr, b_ptr, offs_c, mask_c, C, hl, off, sh, hw, top, basis,
+             idx_ptr, idx_row, mask_s, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+             USE_LIBDEVICE: tl.constexpr):
+    """Quantize layernorm stage ``k`` with known statistics; returns ``(r_{k+1}, acc + q_k)``."""
+    w, bb = ln_params(w_ptr, b_ptr, k, offs_c, mask_c, C)
+    q, _code, _t, rounded = ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE)
+    store_index(idx_ptr, idx_row, k, rounded, hw, top, basis, mask_s, valid, n_act, HAS_MASK, HAS_DROPOUT)
+    q = keep_only(q, valid[None, :], n_act, k, HAS_MASK, HAS_DROPOUT)
+    return r - q, acc + q
+
+
+@triton.jit
+def _ln_store_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C, mu, sd, n_act, HAS_DROPOUT: tl.constexpr):
+    """Write stage ``k``'s statistics; a dropped stage stores the neutral ``(0, 1)``."""
+    if HAS_DROPOUT:
+        mu = tl.where(k < n_act, mu, 0.0)
+        sd = tl.where(k < n_act, sd, 1.0)
+    tl.store(mean_ptr + stat_base + k * C + offs_c, mu, mask=mask_c)
+    tl.store(std_ptr + stat_base + k * C + offs_c, sd, mask=mask_c)
+
+
+@triton.jit
+def _ln_replay_chunk(s0, b, x_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C, S,
+                     sxb, sxc, sxs, hl, off, sh, hw, valid_ptr, n_act, k, BLOCK_S: tl.constexpr,
+                     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                     USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """Load positions ``s0 .. s0+BLOCK_S`` of image ``b`` and replay stages ``0..k-1`` on them
+    (runtime loop; ``k`` is the runtime stage index): ``(mask, r_k)`` for one chunk of the
+    chunked layernorm statistics passes (``mask``: the tile's valid positions)."""
+    offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
+    valid = load_valid(valid_ptr, b, offs_s, offs_s < S, S, HAS_MASK)
+    mask = mask_c[:, None] & valid[None, :]
+    x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
+    r = ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
+                  hl, off, sh, hw, k, mask, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+    return mask, r
+
+
+@triton.jit(do_not_specialize=["C", "K"])
+def _fwd_layernorm_kernel(
+    x_ptr, q_ptr, idx_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, consts_ptr, basis_ptr, valid_ptr, active_ptr,
+    C, S, sxb, sxc, sxs, sqb, sqc, sqs, eps,
+    K, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
-    """``none``/``scale``: J_k is diagonal, so every position is independent.
+    """``layernorm``: one program per image (statistics reduce over all its positions).
 
-    ``dq/dr = dcode/du`` (the scale cancels) and, for ``scale``,
-    ``dL/da_k = sum v_k * (dcode/du * r_k - q_k) / a_k`` (one partial per program and stage).
-    The residual is replayed from the input for every stage: O(K^2) cheap math, no extra memory.
+    ``SINGLE`` (S <= BLOCK_S): the whole image stays in registers for all K stages.
+    Otherwise the chunked multi-pass path: per stage, a mean pass and a centred-variance pass
+    over chunks (residual recomputed from the input and the statistics already written), then
+    one output pass for quantized and indices. With ``HAS_MASK`` the statistics divide by the
+    number of valid positions (at least 1) and padding reads as 0; with ``HAS_DROPOUT`` stages
+    ``k >= n_act`` of image b quantize nothing. Both paths loop over stages at run time (not
+    unrolled): one binary serves every K, one stage's values are live at a time, and the
+    chunked path's O(K^2) replay no longer makes the compile slow (over a minute at K=8 when
+    unrolled) or spill registers.
     """
-    pid = tl.program_id(0)
-    b = widen(pid // n_sblk, USE_INT64)
-    offs_s = widen((pid % n_sblk) * BLOCK_S + tl.arange(0, BLOCK_S), USE_INT64)
+    b = widen(tl.program_id(0), USE_INT64)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
-    mask_s = offs_s < S
-    inside = mask_c[:, None] & mask_s[None, :]
-    valid = load_valid(valid_ptr, b, offs_s, mask_s, S, HAS_MASK)
+    hl, off, sh, hw, top, basis = load_levels(consts_ptr, basis_ptr, offs_c, mask_c, C)
     n_act = load_active(active_ptr, b, K, HAS_DROPOUT)
-    mask = mask_c[:, None] & valid[None, :]
-    hl, off, sh, hw, _top, _basis = load_levels(consts_ptr, basis_ptr, offs_c, mask_c, C)
-    x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
-    g = load_tile(g_ptr, b, offs_c, offs_s, sgb, sgc, sgs, mask)
-    G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    for k in tl.static_range(K - 1, -1, -1):
-        r = elem_replay(x, scale_ptr, hl, off, sh, hw, mask, n_act, k, HAS_SCALE, HAS_MASK, HAS_DROPOUT,
-                        USE_LIBDEVICE)
-        a = 1.0
-        if HAS_SCALE:
-            a = tl.load(scale_ptr + k).to(tl.float32)
-        q, t, _rnd = elem_stage(r, a, hl, off, sh, hw, HAS_SCALE, USE_LIBDEVICE)
-        J = fsq_dcode(t, hl, hw)
-        v = tl.where(_stage_mask(mask, n_act, k, HAS_DROPOUT), g - G, 0.0)
-        if HAS_SCALE:
-            part = tl.sum(masked_row_sum(v * (J * r - q), mask), axis=0) / a
-            tl.store(dscale_part_ptr + pid * K + k, part)
-        G = G + v * J
-    store_tile(dx_ptr, G, b, offs_c, offs_s, sdb, sdc, sds, inside)
+    stat_base = b * K * C
+    if SINGLE:
+        offs_s = widen(tl.arange(0, BLOCK_S), USE_INT64)
+        mask_s = offs_s < S
+        valid = load_valid(valid_ptr, b, offs_s, mask_s, S, HAS_MASK)
+        mask = mask_c[:, None] & valid[None, :]
+        n = S
+        if HAS_MASK:
+            n = tl.maximum(tl.sum(valid.to(tl.float32), axis=0), 1.0)
+        r = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
+        acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+        idx_row = (b * S + offs_s) * K
+        for k in range(K):
+            mu = masked_row_sum(r, mask) / n
+            d = r - mu[:, None]
+            sd = tl.sqrt(masked_row_sum(d * d, mask) / n + eps)
+            _ln_store_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C, mu, sd, n_act, HAS_DROPOUT)
+            r, acc = _ln_emit(r, acc, mu[:, None], sd[:, None], k, w_ptr, b_ptr, offs_c, mask_c, C,
+                              hl, off, sh, hw, top, basis, idx_ptr, idx_row, mask_s, valid, n_act,
+                              HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+        store_tile(q_ptr, acc, b, offs_c, offs_s, sqb, sqc, sqs, mask_c[:, None] & mask_s[None, :])
+    else:
+        for k in range(K):
+            total = tl.zeros([BLOCK_C], dtype=tl.float32)
+            count = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for s0 in range(0, S, BLOCK_S):
+                mask, r = _ln_replay_chunk(s0, b, x_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
+                                           offs_c, mask_c, C, S, sxb, sxc, sxs, hl, off, sh, hw,
+                                           valid_ptr, n_act, k, BLOCK_S, HAS_MASK, HAS_DROPOUT,
+                                           USE_INT64, USE_LIBDEVICE)
+                total += masked_row_sum(r, mask)
+                if HAS_MASK:
+                    count += tl.sum(mask.to(tl.float32), axis=1)
+            n = S
+            if HAS_MASK:
+                n = tl.maximum(count, 1.0)
+            mu = total / n
+            total = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for s0 in range(0, S, BLOCK_S):
+                mask, r = _ln_replay_chunk(s0, b, x_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
+                                           offs_c, mask_c, C, S, sxb, sxc, sxs, hl, off, sh, hw,
+                                           valid_ptr, n_act, k, BLOCK_S, HAS_MASK, HAS_DROPOUT,
+                                           USE_INT64, USE_LIBDEVICE)
+                d = r - mu[:, None]
+                total += masked_row_sum(d * d, mask)
+            sd = tl.sqrt(total / n + eps)
+            _ln_store_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C, mu, sd, n_act, HAS_DROPOUT)
+            # Later passes re-read these statistics, possibly from other threads of the program.
+            tl.debug_barrier()
+        for s0 in range(0, S, BLOCK_S):
+            offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
+            mask_s = offs_s < S
+            valid = load_valid(valid_ptr, b, offs_s, mask_s, S, HAS_MASK)
+            r = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask_c[:, None] & valid[None, :])
+            acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+            idx_row = (b * S + offs_s) * K
+            for k in range(K):
+                # New names: mu/sd above are [BLOCK_C]; a loop must not rebind them as [BLOCK_C, 1].
+                mu_col, sd_col = ln_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C)
+                r, acc = _ln_emit(r, acc, mu_col, sd_col, k, w_ptr, b_ptr, offs_c, mask_c, C,
+                                  hl, off, sh, hw, top, basis, idx_ptr, idx_row, mask_s, valid, n_act,
+                                  HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+            store_tile(q_ptr, acc, b, offs_c, offs_s, sqb, sqc, sqs, mask_c[:, None] & mask_s[None, :])
 
 
 @triton.jit
@@ -84,7 +201,7 @@ def _ln_bwd_tile(x, g_minus_G, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr, stat_ba
     mu, sd = ln_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C)
     w, bb = ln_params(w_ptr, b_ptr, k, offs_c, mask_c, C)
     _q, code, t, _rnd = ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE)
-    v = tl.where(_stage_mask(mask, n_act, k, HAS_DROPOUT), g_minus_G, 0.0)
+    v = tl.where(stage_mask(mask, n_act, k, HAS_DROPOUT), g_minus_G, 0.0)
     h = v * (sd / w) * fsq_dcode(t, hl, hw)
     return v, h, (r - mu) / sd, (code - bb) / w
 
@@ -240,79 +357,3 @@ def _bwd_layernorm_kernel(
                     store_tile(scratch_ptr, G, b, offs_c, offs_s, ssb, S, 1, inside)
             # The next stage reads G_k back, possibly from other threads of the program.
             tl.debug_barrier()
-
-
-def backward_outputs(
-    z: torch.Tensor, stages: int, strategy: str,
-    scale: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shapes/dtypes of ``(grad_z, grad_scale, grad_ln_weight, grad_ln_bias)``; unused
-    parameter gradients are empty ``(0,)`` tensors. Shared with the fake implementation."""
-    def empty() -> torch.Tensor:  # a fresh one per output: custom-op outputs must not alias
-        return z.new_zeros((0,), dtype=torch.float32)
-
-    grad_scale = torch.empty_like(scale) if strategy == "scale" else empty()
-    if strategy == "layernorm":
-        return config.new_output(z), grad_scale, torch.empty_like(ln_weight), torch.empty_like(ln_bias)
-    return config.new_output(z), grad_scale, empty(), empty()
-
-
-def rfsq_backward_launch(
-    grad_q: torch.Tensor,
-    z: torch.Tensor,
-    levels: Sequence[int],
-    stages: int,
-    strategy: str,
-    scale: Optional[torch.Tensor] = None,
-    ln_weight: Optional[torch.Tensor] = None,
-    ln_bias: Optional[torch.Tensor] = None,
-    mean: Optional[torch.Tensor] = None,
-    std: Optional[torch.Tensor] = None,
-    mask: Optional[torch.Tensor] = None,
-    active_stages: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(grad_z, grad_scale, grad_ln_weight, grad_ln_bias)`` of ``sum(grad_q * quantized)``.
-
-    ``scale`` is ``a = softplus(scale_param)`` (the gradient returned is d/da; autograd applies
-    the softplus derivative); ``mean``/``std`` are the forward's saved LN statistics.
-    ``grad_q`` may have any strides (an expanded stride-0 gradient is read in place).
-    """
-    grad_z, grad_scale, grad_w, grad_b = backward_outputs(z, stages, strategy, scale, ln_weight, ln_bias)
-    B, C = z.shape[0], z.shape[1]
-    S = math.prod(z.shape[2:])
-    if B == 0 or S == 0:
-        return grad_z.zero_(), grad_scale.zero_(), grad_w.zero_(), grad_b.zero_()
-    x, (sxb, sxc, sxs) = config.strided_view(z)
-    g, (sgb, sgc, sgs) = config.strided_view(grad_q)
-    sdb, sdc, sds = grad_z.stride(0), grad_z.stride(1), config.flat_spatial_stride(grad_z)
-    consts, basis = config.level_tables(levels, z.device)
-    use_int64 = config.needs_int64(x, g, grad_z)
-    use_libdevice = config.use_libdevice(z)
-    valid, active = config.mask_and_counts(mask, active_stages, B, S, x)
-    sparse = dict(HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None)
-    if strategy == "layernorm":
-        tiles = config.layernorm_tiles(C, S, "backward", sparse=mask is not None or active_stages is not None)
-        scratch = grad_z if tiles.single else torch.empty((B, C, S), dtype=torch.float32, device=z.device)
-        use_int64 = use_int64 or config.needs_int64(scratch)
-        dw_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
-        db_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
-        _bwd_layernorm_kernel[(B,)](
-            x, g, grad_z, scratch, mean, std, ln_weight, ln_bias, dw_part, db_part, consts, basis, valid, active,
-            C, S, sxb, sxc, sxs, sgb, sgc, sgs, sdb, sdc, sds, C * S,
-            K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, SINGLE=tiles.single,
-            USE_INT64=use_int64, USE_LIBDEVICE=use_libdevice, num_warps=tiles.num_warps, **sparse)
-        grad_w.copy_(dw_part.sum(0))
-        grad_b.copy_(db_part.sum(0))
-    else:
-        tiles = config.elementwise_tiles(C, S, sparse=mask is not None or active_stages is not None)
-        n_sblk = triton.cdiv(S, tiles.block_s)
-        has_scale = strategy == "scale"
-        part = torch.empty((B * n_sblk, stages) if has_scale else (1,), dtype=torch.float32, device=z.device)
-        _bwd_elementwise_kernel[(B * n_sblk,)](
-            x, g, grad_z, scale if has_scale else x, part, consts, basis, valid, active,
-            C, S, n_sblk, sxb, sxc, sxs, sgb, sgc, sgs, sdb, sdc, sds,
-            K=stages, HAS_SCALE=has_scale, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
-            USE_INT64=use_int64, USE_LIBDEVICE=use_libdevice, num_warps=tiles.num_warps, **sparse)
-        if has_scale:
-            grad_scale.copy_(part.sum(0))
-    return grad_z, grad_scale, grad_w, grad_b
