@@ -25,7 +25,9 @@ def default_archs() -> List[int]:
 
 
 def _family(strategy: str) -> str:
-    return "layernorm" if strategy == "layernorm" else "elementwise"
+    """The kernel family a strategy launches (strategy table: per-image statistics or not)."""
+    from rfsq_kernels.reference import get_strategy
+    return "layernorm" if get_strategy(strategy).per_image_stats else "elementwise"
 
 
 def _jsonable(v):

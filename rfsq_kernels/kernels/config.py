@@ -52,7 +52,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from ..backend import interpreter_enabled
-from ..reference.codebook import fsq_constants, index_basis
+from ..reference.codebook import fsq_constants, index_basis, index_dtype
 
 #: Largest padded image (``BLOCK_C * next_pow2(S)``) that the layernorm kernels keep in one tile.
 MAX_BLOCK_ELEMS = 8192
@@ -77,7 +77,7 @@ class Tiles:
     block_c: int
     block_s: int
     num_warps: int
-    single: bool
+    one_tile: bool
 
 
 def next_pow2(n: int) -> int:
@@ -111,7 +111,7 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
     if block_c * block_s <= single_max:
         warps = _warps(block_c * block_s, SINGLE_ELEMS_PER_THREAD, *SINGLE_WARPS[direction])
         return Tiles(block_c, max(block_s, 2), warps, True)
-    return replace(_chunk_tiles(block_c, spatial, sparse), single=False)
+    return replace(_chunk_tiles(block_c, spatial, sparse), one_tile=False)
 
 
 def elementwise_tiles(channels: int, spatial: int, sparse: bool = False) -> Tiles:
@@ -164,6 +164,11 @@ def strided_view(t: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
     return t, (t.stride(0), t.stride(1), st)
 
 
+def flat_strides(t: torch.Tensor) -> Tuple[int, int, int]:
+    """``(stride_b, stride_c, stride_s)`` of a tensor made by :func:`new_output`."""
+    return t.stride(0), t.stride(1), flat_spatial_stride(t)
+
+
 def new_output(z: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Uninitialised tensor shaped like ``z`` in ``z``'s memory format when that layout has
     flattenable spatial dims (contiguous, channels_last, channels_last_3d), else contiguous.
@@ -184,11 +189,24 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
     return any(max_offset(t) >= 2**31 - 1 for t in tensors)
 
 
-def mask_and_counts(mask: Optional[torch.Tensor], active: Optional[torch.Tensor], batch: int, spatial: int,
-                    dummy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def mask_and_counts(mask: Optional[torch.Tensor], active: Optional[torch.Tensor], batch: int,
+                    spatial: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Kernel views of the optional padding mask ``(B, *spatial)`` bool -> ``(B, S)`` uint8 (no copy
-    when contiguous) and per-sample stage counts ``(B,)`` -> int32; ``dummy`` stands in for an
-    absent one (never read: the kernels' HAS_MASK / HAS_DROPOUT flags are off)."""
-    valid = dummy if mask is None else mask.reshape(batch, spatial).contiguous().view(torch.uint8)
-    counts = dummy if active is None else active.to(torch.int32).contiguous()
+    when contiguous) and per-sample stage counts ``(B,)`` -> int32. An absent one stays ``None``:
+    Triton passes ``None`` as a constexpr, and the kernels' HAS_MASK / HAS_DROPOUT flags are off."""
+    valid = None if mask is None else mask.reshape(batch, spatial).contiguous().view(torch.uint8)
+    counts = None if active is None else active.to(torch.int32).contiguous()
     return valid, counts
+
+
+def quantized_and_indices(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised ``quantized`` (``z``'s shape, dtype and layout) and ``indices``
+    ``(B, *spatial, K)`` of the levels' index dtype: the forward outputs every family returns."""
+    indices = z.new_empty((z.shape[0], *z.shape[2:], stages), dtype=index_dtype(levels))
+    return new_output(z), indices
+
+
+def empty_output(z: torch.Tensor) -> torch.Tensor:
+    """A fresh empty float32 ``(0,)`` tensor: an output the strategy does not have (one per
+    output: custom-op outputs must not alias)."""
+    return z.new_zeros((0,), dtype=torch.float32)

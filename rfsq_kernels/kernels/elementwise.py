@@ -1,7 +1,14 @@
 """Kernels of the elementwise strategies (``none``/``scale``): positions are independent."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
 import triton
 import triton.language as tl
 
+from . import config
 from .stages import (fsq_code, fsq_dcode, keep_only, load_active, load_levels, load_tile, load_valid,
                      masked_row_sum, stage_mask, store_index, store_tile, widen)
 
@@ -113,3 +120,65 @@ def _bwd_elementwise_kernel(
             tl.store(dscale_part_ptr + pid * K + k, part)
         G = G + v * J
     store_tile(dx_ptr, G, b, offs_c, offs_s, sdb, sdc, sds, inside)
+
+
+def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, ...]:
+    """Uninitialised ``(quantized, indices, mean, std)``; no statistics (empty mean/std)."""
+    quantized, indices = config.quantized_and_indices(z, levels, stages)
+    return quantized, indices, config.empty_output(z), config.empty_output(z)
+
+
+def forward(z: torch.Tensor, levels: Sequence[int], stages: int, scale: Optional[torch.Tensor],
+            mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """Fused ``none`` (``scale is None``) or ``scale`` forward: ``(quantized, indices, mean, std)``."""
+    quantized, indices, mean, std = forward_outputs(z, levels, stages)
+    B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
+    if B == 0 or S == 0:
+        return quantized.zero_(), indices.zero_(), mean.zero_(), std.zero_()
+    x, x_strides = config.strided_view(z)
+    consts, basis = config.level_tables(levels, z.device)
+    valid, active = config.mask_and_counts(mask, active_stages, B, S)
+    tiles = config.elementwise_tiles(C, S, sparse=mask is not None or active_stages is not None)
+    n_sblk = triton.cdiv(S, tiles.block_s)
+    _fwd_elementwise_kernel[(B * n_sblk,)](
+        x, quantized, indices, scale, consts, basis, valid, active,
+        C, S, n_sblk, *x_strides, *config.flat_strides(quantized),
+        K=stages, HAS_SCALE=scale is not None, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
+        HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
+        USE_INT64=config.needs_int64(x, quantized, indices), USE_LIBDEVICE=config.use_libdevice(z),
+        num_warps=tiles.num_warps)
+    return quantized, indices, mean, std
+
+
+def backward_outputs(z: torch.Tensor, scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """Uninitialised ``(grad_z, grad_scale, grad_ln_weight, grad_ln_bias)``; absent gradients empty."""
+    grad_scale = config.empty_output(z) if scale is None else torch.empty_like(scale)
+    return config.new_output(z), grad_scale, config.empty_output(z), config.empty_output(z)
+
+
+def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int,
+             scale: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+             active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """Fused ``none``/``scale`` backward: ``(grad_z, grad_scale, grad_ln_weight, grad_ln_bias)``."""
+    grad_z, grad_scale, grad_w, grad_b = backward_outputs(z, scale)
+    B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
+    if B == 0 or S == 0:
+        return grad_z.zero_(), grad_scale.zero_(), grad_w.zero_(), grad_b.zero_()
+    x, x_strides = config.strided_view(z)
+    g, g_strides = config.strided_view(grad_q)
+    consts, basis = config.level_tables(levels, z.device)
+    valid, active = config.mask_and_counts(mask, active_stages, B, S)
+    tiles = config.elementwise_tiles(C, S, sparse=mask is not None or active_stages is not None)
+    n_sblk = triton.cdiv(S, tiles.block_s)
+    # dL/da_k as one partial sum per (program, stage), reduced below in a fixed order.
+    part = None if scale is None else torch.empty((B * n_sblk, stages), dtype=torch.float32, device=z.device)
+    _bwd_elementwise_kernel[(B * n_sblk,)](
+        x, g, grad_z, scale, part, consts, basis, valid, active,
+        C, S, n_sblk, *x_strides, *g_strides, *config.flat_strides(grad_z),
+        K=stages, HAS_SCALE=scale is not None, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
+        HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
+        USE_INT64=config.needs_int64(x, g, grad_z), USE_LIBDEVICE=config.use_libdevice(z),
+        num_warps=tiles.num_warps)
+    if part is not None:
+        grad_scale.copy_(part.sum(0))
+    return grad_z, grad_scale, grad_w, grad_b

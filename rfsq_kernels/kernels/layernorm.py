@@ -1,7 +1,14 @@
 """Kernels of the ``layernorm`` strategy: one program per image (per-image statistics)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
 import triton
 import triton.language as tl
 
+from . import config
 from .stages import (fsq_code, fsq_dcode, keep_only, load_active, load_levels, load_tile, load_valid,
                      masked_row_sum, stage_mask, store_index, store_tile, widen)
 
@@ -357,3 +364,68 @@ def _bwd_layernorm_kernel(
                     store_tile(scratch_ptr, G, b, offs_c, offs_s, ssb, S, 1, inside)
             # The next stage reads G_k back, possibly from other threads of the program.
             tl.debug_barrier()
+
+
+def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, ...]:
+    """Uninitialised ``(quantized, indices, mean, std)``; mean/std are float32 ``(B, K, C)``."""
+    quantized, indices = config.quantized_and_indices(z, levels, stages)
+    B, C = z.shape[0], z.shape[1]
+    mean = z.new_empty((B, stages, C), dtype=torch.float32)
+    std = z.new_empty((B, stages, C), dtype=torch.float32)
+    return quantized, indices, mean, std
+
+
+def forward(z: torch.Tensor, levels: Sequence[int], stages: int, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+            eps: float, mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """Fused ``layernorm`` forward: ``(quantized, indices, mean, std)``."""
+    quantized, indices, mean, std = forward_outputs(z, levels, stages)
+    B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
+    if B == 0 or S == 0:
+        return quantized.zero_(), indices.zero_(), mean.zero_(), std.zero_()
+    x, x_strides = config.strided_view(z)
+    consts, basis = config.level_tables(levels, z.device)
+    valid, active = config.mask_and_counts(mask, active_stages, B, S)
+    use_int64 = config.needs_int64(x, quantized, indices)
+    tiles = config.layernorm_tiles(C, S, "forward", use_int64)
+    _fwd_layernorm_kernel[(B,)](
+        x, quantized, indices, mean, std, ln_weight, ln_bias, consts, basis, valid, active,
+        C, S, *x_strides, *config.flat_strides(quantized), float(eps),
+        K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, SINGLE=tiles.one_tile,
+        HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
+        USE_INT64=use_int64, USE_LIBDEVICE=config.use_libdevice(z), num_warps=tiles.num_warps)
+    return quantized, indices, mean, std
+
+
+def backward_outputs(z: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Uninitialised ``(grad_z, grad_scale, grad_ln_weight, grad_ln_bias)``; grad_scale empty."""
+    return config.new_output(z), config.empty_output(z), torch.empty_like(ln_weight), torch.empty_like(ln_bias)
+
+
+def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int,
+             ln_weight: torch.Tensor, ln_bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """Fused ``layernorm`` backward: ``(grad_z, grad_scale, grad_ln_weight, grad_ln_bias)``."""
+    grad_z, grad_scale, grad_w, grad_b = backward_outputs(z, ln_weight, ln_bias)
+    B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
+    if B == 0 or S == 0:
+        return grad_z.zero_(), grad_scale.zero_(), grad_w.zero_(), grad_b.zero_()
+    x, x_strides = config.strided_view(z)
+    g, g_strides = config.strided_view(grad_q)
+    consts, basis = config.level_tables(levels, z.device)
+    valid, active = config.mask_and_counts(mask, active_stages, B, S)
+    tiles = config.layernorm_tiles(C, S, "backward", sparse=mask is not None or active_stages is not None)
+    # G_{k+1} between the chunked path's stages; the one-tile path keeps it in registers.
+    scratch = grad_z if tiles.one_tile else torch.empty((B, C, S), dtype=torch.float32, device=z.device)
+    # Parameter gradients as one partial sum per (image, stage, channel), reduced below in a fixed order.
+    dw_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
+    db_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
+    _bwd_layernorm_kernel[(B,)](
+        x, g, grad_z, scratch, mean, std, ln_weight, ln_bias, dw_part, db_part, consts, basis, valid, active,
+        C, S, *x_strides, *g_strides, *config.flat_strides(grad_z), C * S,
+        K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, SINGLE=tiles.one_tile,
+        HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
+        USE_INT64=config.needs_int64(x, g, grad_z, scratch), USE_LIBDEVICE=config.use_libdevice(z),
+        num_warps=tiles.num_warps)
+    grad_w.copy_(dw_part.sum(0))
+    grad_b.copy_(db_part.sum(0))
+    return grad_z, grad_scale, grad_w, grad_b
