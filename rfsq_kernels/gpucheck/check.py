@@ -58,8 +58,8 @@ def _run_task(arch: int, direction: str, family: str, full: bool) -> Tuple[List[
                 compile_cpu_s=round(result.compile_cpu_s[launch.hash], 2), case=str(case),
                 grid=list(launch.grid), launches=0, paths=set())
         rec["launches"] += 1
-        if "SINGLE" in launch.constexprs:
-            rec["paths"].add("single" if launch.constexprs["SINGLE"] else "chunked")
+        if "ONE_TILE" in launch.constexprs:
+            rec["paths"].add("single" if launch.constexprs["ONE_TILE"] else "chunked")
         else:
             rec["paths"].add("split" if split else "single")
     for rec in records.values():
@@ -83,7 +83,7 @@ def barrier_offsets(kernel_name: str) -> Tuple[str, List[int]]:
 def _coherence(rec: dict, compiled) -> List[str]:
     """Coherence problems of binaries that communicate through global memory inside a program
     (the chunked layernorm paths: statistics, G scratch); [] for the others."""
-    if rec["constexprs"].get("SINGLE", True):
+    if rec["constexprs"].get("ONE_TILE", True):
         return []
     return coherence_problems(compiled.asm["ptx"], sass_instructions(compiled.asm["cubin"]),
                               *barrier_offsets(rec["kernel"]))
@@ -149,7 +149,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
             if "elementwise" in kernel:
                 want |= {("HAS_SCALE", v) for v in (False, True)}
             if "layernorm" in kernel:
-                want |= {("SINGLE", v) for v in (False, True)}
+                want |= {("ONE_TILE", v) for v in (False, True)}
             missing = want - seen[(arch, kernel)]
             if missing:
                 problems.append(f"- sweep never reached {sorted(missing)} of {kernel} on sm_{arch}")

@@ -1,4 +1,6 @@
-"""Kernels of the elementwise strategies (``none``/``scale``): positions are independent."""
+"""Kernels of the elementwise strategies (``none``, and ``scale`` with ``HAS_SCALE``): forward,
+backward, launchers and output allocation. Positions are independent, so one program owns one
+(image, spatial tile). Design: ``docs/kernel-design.md``."""
 from __future__ import annotations
 
 import math
@@ -9,117 +11,134 @@ import triton
 import triton.language as tl
 
 from . import config
-from .stages import (fsq_code, fsq_dcode, keep_only, load_active, load_levels, load_tile, load_valid,
-                     masked_row_sum, stage_mask, store_index, store_tile, widen)
+from .stages import (fsq_code, fsq_dcode, keep_only, load_active, load_digit_range, load_levels, load_tile,
+                     masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, widen)
 
 
 @triton.jit
-def elem_stage(r, a, hl, off, sh, hw, HAS_SCALE: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+def stage_scale(scale_ptr, k, HAS_SCALE: tl.constexpr):
+    """``a_k`` as float32 (``scale_ptr``: ``(K,)``), or 1.0 without ``HAS_SCALE``."""
+    if HAS_SCALE:
+        return tl.load(scale_ptr + k).to(tl.float32)
+    else:
+        return 1.0
+
+
+@triton.jit
+def elem_stage(r, a, fsq, HAS_SCALE: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """One ``none``/``scale`` stage: ``q = FSQ(a * r) / a`` (``q = FSQ(r)`` without scale).
 
     Returns ``(q, t, rounded)``.
     """
     if HAS_SCALE:
-        code, t, rounded = fsq_code(a * r, hl, off, sh, hw, USE_LIBDEVICE)
+        code, t, rounded = fsq_code(a * r, fsq, USE_LIBDEVICE)
         return code / a, t, rounded
     else:
-        code, t, rounded = fsq_code(r, hl, off, sh, hw, USE_LIBDEVICE)
+        code, t, rounded = fsq_code(r, fsq, USE_LIBDEVICE)
         return code, t, rounded
 
 
 @triton.jit
-def elem_replay(x, scale_ptr, hl, off, sh, hw, valid, n_act, NSTAGES: tl.constexpr, HAS_SCALE: tl.constexpr,
+def elem_replay(x, scale_ptr, fsq, valid, n_act, NSTAGES: tl.constexpr, HAS_SCALE: tl.constexpr,
                 HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """Residual ``r_NSTAGES`` of an elementwise strategy, recomputed from the input tile ``x``
-    (positions/stages the forward skipped subtract nothing)."""
+    """Residual ``r_NSTAGES`` recomputed from the input tile ``x`` (unrolled; positions and
+    stages the forward skipped subtract nothing)."""
     r = x
     for j in tl.static_range(NSTAGES):
-        a = 1.0
-        if HAS_SCALE:
-            a = tl.load(scale_ptr + j).to(tl.float32)
-        q, _t, _rnd = elem_stage(r, a, hl, off, sh, hw, HAS_SCALE, USE_LIBDEVICE)
+        a = stage_scale(scale_ptr, j, HAS_SCALE)
+        q, _t, _rounded = elem_stage(r, a, fsq, HAS_SCALE, USE_LIBDEVICE)
         r = r - keep_only(q, valid, n_act, j, HAS_MASK, HAS_DROPOUT)
     return r
 
 
-@triton.jit(do_not_specialize=["C", "n_sblk", "K"])
+@triton.jit(do_not_specialize=["C", "tiles_per_image", "K"])
 def _fwd_elementwise_kernel(
     x_ptr, q_ptr, idx_ptr, scale_ptr, consts_ptr, basis_ptr, valid_ptr, active_ptr,
-    C, S, n_sblk, sxb, sxc, sxs, sqb, sqc, sqs, K,
+    C, S, tiles_per_image, stride_xb, stride_xc, stride_xs, stride_qb, stride_qc, stride_qs, K,
     HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
-    """``none``/``scale``: one program per (image, spatial tile), all K stages in registers.
+    """``none``/``scale`` forward: one program per (image, spatial tile), all K stages in
+    registers (a runtime stage loop: the residual is carried, nothing is replayed).
 
-    The stages are a runtime loop (the residual is carried, nothing is replayed), so one binary
-    serves every K.
+    stride_<tensor><dim>: x = input, q = quantized; dims b = image, c = channel, s = flattened
+    spatial. ``scale_ptr`` / ``valid_ptr`` / ``active_ptr`` are None unless HAS_SCALE / HAS_MASK /
+    HAS_DROPOUT.
     """
     pid = tl.program_id(0)
-    b = widen(pid // n_sblk, USE_INT64)
-    offs_s = widen((pid % n_sblk) * BLOCK_S + tl.arange(0, BLOCK_S), USE_INT64)
+    img = widen(pid // tiles_per_image, USE_INT64)
+    x_ptr += img * stride_xb
+    q_ptr += img * stride_qb
+    if HAS_MASK:
+        valid_ptr += img * S
+    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_ptr, S, BLOCK_S,
+                                          HAS_MASK, USE_INT64)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
-    mask_s = offs_s < S
-    mask = mask_c[:, None] & mask_s[None, :]
-    valid = load_valid(valid_ptr, b, offs_s, mask_s, S, HAS_MASK)
-    n_act = load_active(active_ptr, b, K, HAS_DROPOUT)
-    hl, off, sh, hw, top, basis = load_levels(consts_ptr, basis_ptr, offs_c, mask_c, C)
-    r = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask_c[:, None] & valid[None, :])
+    n_act = load_active(active_ptr, img, K, HAS_DROPOUT)
+    fsq = load_levels(consts_ptr, offs_c, mask_c, C)
+    digits = load_digit_range(consts_ptr, basis_ptr, offs_c, mask_c, C)
+    r = load_tile((x_ptr, stride_xc, stride_xs), offs_c, offs_s, mask_c[:, None] & valid[None, :])
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    idx_row = (b * S + offs_s) * K
+    index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_index
     for k in range(K):
-        a = 1.0
-        if HAS_SCALE:
-            a = tl.load(scale_ptr + k).to(tl.float32)
-        q, _t, rounded = elem_stage(r, a, hl, off, sh, hw, HAS_SCALE, USE_LIBDEVICE)
-        store_index(idx_ptr, idx_row, k, rounded, hw, top, basis, mask_s, valid, n_act, HAS_MASK, HAS_DROPOUT)
+        a = stage_scale(scale_ptr, k, HAS_SCALE)
+        q, _t, rounded = elem_stage(r, a, fsq, HAS_SCALE, USE_LIBDEVICE)
+        store_index(index_rows, k, rounded, fsq, digits, valid, n_act, HAS_MASK, HAS_DROPOUT)
         q = keep_only(q, valid[None, :], n_act, k, HAS_MASK, HAS_DROPOUT)
         acc = acc + q
         r = r - q
-    store_tile(q_ptr, acc, b, offs_c, offs_s, sqb, sqc, sqs, mask)
+    store_tile((q_ptr, stride_qc, stride_qs), acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
 
 
-@triton.jit(do_not_specialize=["C", "n_sblk"])
+@triton.jit(do_not_specialize=["C", "tiles_per_image"])
 def _bwd_elementwise_kernel(
-    x_ptr, g_ptr, dx_ptr, scale_ptr, dscale_part_ptr, consts_ptr, basis_ptr, valid_ptr, active_ptr,
-    C, S, n_sblk, sxb, sxc, sxs, sgb, sgc, sgs, sdb, sdc, sds,
+    x_ptr, g_ptr, dx_ptr, scale_ptr, dscale_part_ptr, consts_ptr, valid_ptr, active_ptr,
+    C, S, tiles_per_image, stride_xb, stride_xc, stride_xs, stride_gb, stride_gc, stride_gs,
+    stride_dxb, stride_dxc, stride_dxs,
     K: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
-    """``none``/``scale``: J_k is diagonal, so every position is independent.
+    """``none``/``scale`` backward: J_k is diagonal, so every position is independent.
 
     ``dq/dr = dcode/du`` (the scale cancels) and, for ``scale``,
-    ``dL/da_k = sum v_k * (dcode/du * r_k - q_k) / a_k`` (one partial per program and stage).
-    The residual is replayed from the input for every stage: O(K^2) cheap math, no extra memory.
+    ``dL/da_k = sum v_k * (dcode/du * r_k - q_k) / a_k`` (one partial per program and stage in
+    ``dscale_part_ptr``, ``(programs, K)``). The residual is replayed from the input for every
+    stage; the stages are unrolled, so the compiler shares the O(K^2) replay.
+
+    stride_<tensor><dim>: x = input, g = grad of quantized, dx = grad of input; dims b = image,
+    c = channel, s = flattened spatial. ``scale_ptr``, ``dscale_part_ptr`` / ``valid_ptr`` /
+    ``active_ptr`` are None unless HAS_SCALE / HAS_MASK / HAS_DROPOUT.
     """
     pid = tl.program_id(0)
-    b = widen(pid // n_sblk, USE_INT64)
-    offs_s = widen((pid % n_sblk) * BLOCK_S + tl.arange(0, BLOCK_S), USE_INT64)
+    img = widen(pid // tiles_per_image, USE_INT64)
+    x_ptr += img * stride_xb
+    g_ptr += img * stride_gb
+    dx_ptr += img * stride_dxb
+    if HAS_MASK:
+        valid_ptr += img * S
+    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_ptr, S, BLOCK_S,
+                                          HAS_MASK, USE_INT64)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
-    mask_s = offs_s < S
     inside = mask_c[:, None] & mask_s[None, :]
-    valid = load_valid(valid_ptr, b, offs_s, mask_s, S, HAS_MASK)
-    n_act = load_active(active_ptr, b, K, HAS_DROPOUT)
+    n_act = load_active(active_ptr, img, K, HAS_DROPOUT)
     mask = mask_c[:, None] & valid[None, :]
-    hl, off, sh, hw, _top, _basis = load_levels(consts_ptr, basis_ptr, offs_c, mask_c, C)
-    x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
-    g = load_tile(g_ptr, b, offs_c, offs_s, sgb, sgc, sgs, mask)
+    fsq = load_levels(consts_ptr, offs_c, mask_c, C)
+    x = load_tile((x_ptr, stride_xc, stride_xs), offs_c, offs_s, mask)
+    g = load_tile((g_ptr, stride_gc, stride_gs), offs_c, offs_s, mask)
     G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for k in tl.static_range(K - 1, -1, -1):
-        r = elem_replay(x, scale_ptr, hl, off, sh, hw, mask, n_act, k, HAS_SCALE, HAS_MASK, HAS_DROPOUT,
-                        USE_LIBDEVICE)
-        a = 1.0
-        if HAS_SCALE:
-            a = tl.load(scale_ptr + k).to(tl.float32)
-        q, t, _rnd = elem_stage(r, a, hl, off, sh, hw, HAS_SCALE, USE_LIBDEVICE)
-        J = fsq_dcode(t, hl, hw)
-        v = tl.where(stage_mask(mask, n_act, k, HAS_DROPOUT), g - G, 0.0)
+        r = elem_replay(x, scale_ptr, fsq, mask, n_act, k, HAS_SCALE, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+        a = stage_scale(scale_ptr, k, HAS_SCALE)
+        q, t, _rounded = elem_stage(r, a, fsq, HAS_SCALE, USE_LIBDEVICE)
+        J = fsq_dcode(t, fsq)
+        v = tl.where(stage_keep(mask, n_act, k, HAS_DROPOUT), g - G, 0.0)
         if HAS_SCALE:
             part = tl.sum(masked_row_sum(v * (J * r - q), mask), axis=0) / a
             tl.store(dscale_part_ptr + pid * K + k, part)
         G = G + v * J
-    store_tile(dx_ptr, G, b, offs_c, offs_s, sdb, sdc, sds, inside)
+    store_tile((dx_ptr, stride_dxc, stride_dxs), G, offs_c, offs_s, inside)
 
 
 def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, ...]:
@@ -139,10 +158,10 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, scale: Optional
     consts, basis = config.level_tables(levels, z.device)
     valid, active = config.mask_and_counts(mask, active_stages, B, S)
     tiles = config.elementwise_tiles(C, S, sparse=mask is not None or active_stages is not None)
-    n_sblk = triton.cdiv(S, tiles.block_s)
-    _fwd_elementwise_kernel[(B * n_sblk,)](
+    tiles_per_image = triton.cdiv(S, tiles.block_s)
+    _fwd_elementwise_kernel[(B * tiles_per_image,)](
         x, quantized, indices, scale, consts, basis, valid, active,
-        C, S, n_sblk, *x_strides, *config.flat_strides(quantized),
+        C, S, tiles_per_image, *x_strides, *config.flat_strides(quantized),
         K=stages, HAS_SCALE=scale is not None, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
         HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
         USE_INT64=config.needs_int64(x, quantized, indices), USE_LIBDEVICE=config.use_libdevice(z),
@@ -166,15 +185,15 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
         return grad_z.zero_(), grad_scale.zero_(), grad_w.zero_(), grad_b.zero_()
     x, x_strides = config.strided_view(z)
     g, g_strides = config.strided_view(grad_q)
-    consts, basis = config.level_tables(levels, z.device)
+    consts, _basis = config.level_tables(levels, z.device)
     valid, active = config.mask_and_counts(mask, active_stages, B, S)
     tiles = config.elementwise_tiles(C, S, sparse=mask is not None or active_stages is not None)
-    n_sblk = triton.cdiv(S, tiles.block_s)
+    tiles_per_image = triton.cdiv(S, tiles.block_s)
     # dL/da_k as one partial sum per (program, stage), reduced below in a fixed order.
-    part = None if scale is None else torch.empty((B * n_sblk, stages), dtype=torch.float32, device=z.device)
-    _bwd_elementwise_kernel[(B * n_sblk,)](
-        x, g, grad_z, scale, part, consts, basis, valid, active,
-        C, S, n_sblk, *x_strides, *g_strides, *config.flat_strides(grad_z),
+    part = None if scale is None else torch.empty((B * tiles_per_image, stages), dtype=torch.float32, device=z.device)
+    _bwd_elementwise_kernel[(B * tiles_per_image,)](
+        x, g, grad_z, scale, part, consts, valid, active,
+        C, S, tiles_per_image, *x_strides, *g_strides, *config.flat_strides(grad_z),
         K=stages, HAS_SCALE=scale is not None, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
         HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
         USE_INT64=config.needs_int64(x, g, grad_z), USE_LIBDEVICE=config.use_libdevice(z),

@@ -1,4 +1,11 @@
-"""Kernels of the ``layernorm`` strategy: one program per image (per-image statistics)."""
+"""Kernels of the ``layernorm`` strategy (per-image statistics): forward, backward, launchers and
+output allocation. Each stage's mean/std reduce over all positions of an image, so one program
+owns one image. Design: ``docs/kernel-design.md``.
+
+Besides the bundles of :mod:`.stages`, these helpers take ``ln = (mean_ptr, std_ptr, weight_ptr,
+bias_ptr)`` -- the image's ``(K, C)`` rows of the saved statistics and the ``(K, C)`` parameters --
+and ``chan = (offs_c, mask_c, C)``, the program's channel lanes.
+"""
 from __future__ import annotations
 
 import math
@@ -9,232 +16,229 @@ import triton
 import triton.language as tl
 
 from . import config
-from .stages import (fsq_code, fsq_dcode, keep_only, load_active, load_levels, load_tile, load_valid,
-                     masked_row_sum, stage_mask, store_index, store_tile, widen)
+from .stages import (fsq_code, fsq_dcode, keep_only, load_active, load_digit_range, load_levels, load_tile,
+                     masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, widen)
 
 
 @triton.jit
-def ln_params(w_ptr, b_ptr, k, offs_c, mask_c, C):
-    """Row ``k`` of the ``(K, C)`` LN weight and bias as float32 ``[BLOCK_C, 1]`` columns."""
-    w = tl.load(w_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)[:, None]
-    bb = tl.load(b_ptr + k * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
-    return w, bb
+def ln_params(ln, k, chan):
+    """Row ``k`` of the LN weight and bias as float32 ``[BLOCK_C, 1]`` columns."""
+    _mean_ptr, _std_ptr, weight_ptr, bias_ptr = ln
+    offs_c, mask_c, C = chan
+    weight = tl.load(weight_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)[:, None]
+    bias = tl.load(bias_ptr + k * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
+    return weight, bias
 
 
 @triton.jit
-def ln_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C):
-    """Saved ``(mu, sd)`` of stage ``k`` (``(B, K, C)`` buffers, ``stat_base = b * K * C``)."""
-    mu = tl.load(mean_ptr + stat_base + k * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    sd = tl.load(std_ptr + stat_base + k * C + offs_c, mask=mask_c, other=1.0)[:, None]
+def ln_stats(ln, k, chan):
+    """Saved ``(mu, sd)`` of stage ``k`` as ``[BLOCK_C, 1]`` columns."""
+    mean_ptr, std_ptr, _weight_ptr, _bias_ptr = ln
+    offs_c, mask_c, C = chan
+    mu = tl.load(mean_ptr + k * C + offs_c, mask=mask_c, other=0.0)[:, None]
+    sd = tl.load(std_ptr + k * C + offs_c, mask=mask_c, other=1.0)[:, None]
     return mu, sd
 
 
 @triton.jit
-def ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE: tl.constexpr):
+def ln_stage(r, mu, sd, weight, bias, fsq, USE_LIBDEVICE: tl.constexpr):
     """One ``layernorm`` stage in the reference's op order; returns ``(q, code, t, rounded)``.
 
-    ``n = w * (r - mu) / sd + b``; ``q = ((FSQ(n) - b) / w) * sd + mu``.
+    ``n = weight * (r - mu) / sd + bias``; ``q = ((FSQ(n) - bias) / weight) * sd + mu``.
     """
-    code, t, rounded = fsq_code(w * (r - mu) / sd + bb, hl, off, sh, hw, USE_LIBDEVICE)
-    return ((code - bb) / w) * sd + mu, code, t, rounded
+    code, t, rounded = fsq_code(weight * (r - mu) / sd + bias, fsq, USE_LIBDEVICE)
+    return ((code - bias) / weight) * sd + mu, code, t, rounded
 
 
 @triton.jit
-def _ln_undo_stage(r, j, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                   hl, off, sh, hw, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   USE_LIBDEVICE: tl.constexpr):
-    """``r_{j+1} = r_j - q_j`` for layernorm stage ``j`` with its saved statistics."""
-    mu, sd = ln_stats(mean_ptr, std_ptr, stat_base, j, offs_c, mask_c, C)
-    w, bb = ln_params(w_ptr, b_ptr, j, offs_c, mask_c, C)
-    q, _code, _t, _rnd = ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE)
-    return r - keep_only(q, valid, n_act, j, HAS_MASK, HAS_DROPOUT)
-
-
-@triton.jit
-def ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-              hl, off, sh, hw, nstages, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+def ln_replay(x, ln, chan, fsq, nstages, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               USE_LIBDEVICE: tl.constexpr):
-    """Residual ``r_nstages`` of the layernorm strategy from the input tile and saved statistics.
+    """Residual ``r_nstages`` from the input tile ``x`` and the saved statistics.
 
     A runtime loop (``nstages`` is the caller's runtime stage index): code size and compile time
     do not grow with K, and only one stage's values are live at a time.
     """
     r = x
     for j in range(nstages):
-        r = _ln_undo_stage(r, j, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                           hl, off, sh, hw, valid, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+        mu, sd = ln_stats(ln, j, chan)
+        weight, bias = ln_params(ln, j, chan)
+        q, _code, _t, _rounded = ln_stage(r, mu, sd, weight, bias, fsq, USE_LIBDEVICE)
+        r = r - keep_only(q, valid, n_act, j, HAS_MASK, HAS_DROPOUT)
     return r
 
 
 @triton.jit
-def _ln_emit(r, acc, mu, sd, k, w_ptr, b_ptr, offs_c, mask_c, C, hl, off, sh, hw, top, basis,
-             idx_ptr, idx_row, mask_s, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-             USE_LIBDEVICE: tl.constexpr):
-    """Quantize layernorm stage ``k`` with known statistics; returns ``(r_{k+1}, acc + q_k)``."""
-    w, bb = ln_params(w_ptr, b_ptr, k, offs_c, mask_c, C)
-    q, _code, _t, rounded = ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE)
-    store_index(idx_ptr, idx_row, k, rounded, hw, top, basis, mask_s, valid, n_act, HAS_MASK, HAS_DROPOUT)
+def _ln_emit(r, acc, mu, sd, k, ln, chan, fsq, digits, index_rows, valid, n_act,
+             HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """Quantize stage ``k`` with known statistics and store its indices; returns ``(r_{k+1}, acc + q_k)``."""
+    weight, bias = ln_params(ln, k, chan)
+    q, _code, _t, rounded = ln_stage(r, mu, sd, weight, bias, fsq, USE_LIBDEVICE)
+    store_index(index_rows, k, rounded, fsq, digits, valid, n_act, HAS_MASK, HAS_DROPOUT)
     q = keep_only(q, valid[None, :], n_act, k, HAS_MASK, HAS_DROPOUT)
     return r - q, acc + q
 
 
 @triton.jit
-def _ln_store_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C, mu, sd, n_act, HAS_DROPOUT: tl.constexpr):
-    """Write stage ``k``'s statistics; a dropped stage stores the neutral ``(0, 1)``."""
+def _ln_store_stats(ln, k, chan, mu, sd, n_act, HAS_DROPOUT: tl.constexpr):
+    """Write stage ``k``'s ``[BLOCK_C]`` statistics; a dropped stage stores the neutral ``(0, 1)``."""
+    mean_ptr, std_ptr, _weight_ptr, _bias_ptr = ln
+    offs_c, mask_c, C = chan
     if HAS_DROPOUT:
         mu = tl.where(k < n_act, mu, 0.0)
         sd = tl.where(k < n_act, sd, 1.0)
-    tl.store(mean_ptr + stat_base + k * C + offs_c, mu, mask=mask_c)
-    tl.store(std_ptr + stat_base + k * C + offs_c, sd, mask=mask_c)
-
-
-@triton.jit
-def _ln_replay_chunk(s0, b, x_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C, S,
-                     sxb, sxc, sxs, hl, off, sh, hw, valid_ptr, n_act, k, BLOCK_S: tl.constexpr,
-                     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """Load positions ``s0 .. s0+BLOCK_S`` of image ``b`` and replay stages ``0..k-1`` on them
-    (runtime loop; ``k`` is the runtime stage index): ``(mask, r_k)`` for one chunk of the
-    chunked layernorm statistics passes (``mask``: the tile's valid positions)."""
-    offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
-    valid = load_valid(valid_ptr, b, offs_s, offs_s < S, S, HAS_MASK)
-    mask = mask_c[:, None] & valid[None, :]
-    x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
-    r = ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                  hl, off, sh, hw, k, mask, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
-    return mask, r
+    tl.store(mean_ptr + k * C + offs_c, mu, mask=mask_c)
+    tl.store(std_ptr + k * C + offs_c, sd, mask=mask_c)
 
 
 @triton.jit(do_not_specialize=["C", "K"])
 def _fwd_layernorm_kernel(
-    x_ptr, q_ptr, idx_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, consts_ptr, basis_ptr, valid_ptr, active_ptr,
-    C, S, sxb, sxc, sxs, sqb, sqc, sqs, eps,
-    K, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr,
+    x_ptr, q_ptr, idx_ptr, mean_ptr, std_ptr, weight_ptr, bias_ptr, consts_ptr, basis_ptr, valid_ptr, active_ptr,
+    C, S, stride_xb, stride_xc, stride_xs, stride_qb, stride_qc, stride_qs, eps,
+    K, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
-    """``layernorm``: one program per image (statistics reduce over all its positions).
+    """``layernorm`` forward: one program per image, stages as a runtime loop.
 
-    ``SINGLE`` (S <= BLOCK_S): the whole image stays in registers for all K stages.
-    Otherwise the chunked multi-pass path: per stage, a mean pass and a centred-variance pass
-    over chunks (residual recomputed from the input and the statistics already written), then
-    one output pass for quantized and indices. With ``HAS_MASK`` the statistics divide by the
-    number of valid positions (at least 1) and padding reads as 0; with ``HAS_DROPOUT`` stages
-    ``k >= n_act`` of image b quantize nothing. Both paths loop over stages at run time (not
-    unrolled): one binary serves every K, one stage's values are live at a time, and the
-    chunked path's O(K^2) replay no longer makes the compile slow (over a minute at K=8 when
-    unrolled) or spill registers.
+    ``ONE_TILE`` (S <= BLOCK_S): the image stays in registers for all K stages. Otherwise, per
+    stage, a mean sweep and a centred-variance sweep over chunks (residual replayed from the
+    input and the statistics already written), then one output pass. With ``HAS_MASK`` the
+    statistics count valid positions only (at least 1); with ``HAS_DROPOUT`` stages
+    ``k >= n_act`` quantize nothing.
+
+    stride_<tensor><dim>: x = input, q = quantized; dims b = image, c = channel, s = flattened
+    spatial. ``valid_ptr`` / ``active_ptr`` are None unless HAS_MASK / HAS_DROPOUT.
     """
-    b = widen(tl.program_id(0), USE_INT64)
+    img = widen(tl.program_id(0), USE_INT64)
+    x_ptr += img * stride_xb
+    q_ptr += img * stride_qb
+    mean_ptr += img * K * C
+    std_ptr += img * K * C
+    if HAS_MASK:
+        valid_ptr += img * S
+    x_view = (x_ptr, stride_xc, stride_xs)
+    q_view = (q_ptr, stride_qc, stride_qs)
+    ln = (mean_ptr, std_ptr, weight_ptr, bias_ptr)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
-    hl, off, sh, hw, top, basis = load_levels(consts_ptr, basis_ptr, offs_c, mask_c, C)
-    n_act = load_active(active_ptr, b, K, HAS_DROPOUT)
-    stat_base = b * K * C
-    if SINGLE:
-        offs_s = widen(tl.arange(0, BLOCK_S), USE_INT64)
-        mask_s = offs_s < S
-        valid = load_valid(valid_ptr, b, offs_s, mask_s, S, HAS_MASK)
+    chan = (offs_c, mask_c, C)
+    fsq = load_levels(consts_ptr, offs_c, mask_c, C)
+    digits = load_digit_range(consts_ptr, basis_ptr, offs_c, mask_c, C)
+    n_act = load_active(active_ptr, img, K, HAS_DROPOUT)
+    if ONE_TILE:
+        offs_s, mask_s, valid = spatial_lanes(0, valid_ptr, S, BLOCK_S, HAS_MASK, USE_INT64)
         mask = mask_c[:, None] & valid[None, :]
         n = S
         if HAS_MASK:
             n = tl.maximum(tl.sum(valid.to(tl.float32), axis=0), 1.0)
-        r = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
+        r = load_tile(x_view, offs_c, offs_s, mask)
         acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-        idx_row = (b * S + offs_s) * K
+        index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_index
         for k in range(K):
             mu = masked_row_sum(r, mask) / n
             d = r - mu[:, None]
             sd = tl.sqrt(masked_row_sum(d * d, mask) / n + eps)
-            _ln_store_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C, mu, sd, n_act, HAS_DROPOUT)
-            r, acc = _ln_emit(r, acc, mu[:, None], sd[:, None], k, w_ptr, b_ptr, offs_c, mask_c, C,
-                              hl, off, sh, hw, top, basis, idx_ptr, idx_row, mask_s, valid, n_act,
-                              HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
-        store_tile(q_ptr, acc, b, offs_c, offs_s, sqb, sqc, sqs, mask_c[:, None] & mask_s[None, :])
+            _ln_store_stats(ln, k, chan, mu, sd, n_act, HAS_DROPOUT)
+            r, acc = _ln_emit(r, acc, mu[:, None], sd[:, None], k, ln, chan, fsq, digits, index_rows, valid,
+                              n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+        store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
     else:
         for k in range(K):
-            total = tl.zeros([BLOCK_C], dtype=tl.float32)
-            count = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for s0 in range(0, S, BLOCK_S):
-                mask, r = _ln_replay_chunk(s0, b, x_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
-                                           offs_c, mask_c, C, S, sxb, sxc, sxs, hl, off, sh, hw,
-                                           valid_ptr, n_act, k, BLOCK_S, HAS_MASK, HAS_DROPOUT,
-                                           USE_INT64, USE_LIBDEVICE)
-                total += masked_row_sum(r, mask)
-                if HAS_MASK:
-                    count += tl.sum(mask.to(tl.float32), axis=1)
-            n = S
-            if HAS_MASK:
-                n = tl.maximum(count, 1.0)
-            mu = total / n
-            total = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for s0 in range(0, S, BLOCK_S):
-                mask, r = _ln_replay_chunk(s0, b, x_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
-                                           offs_c, mask_c, C, S, sxb, sxc, sxs, hl, off, sh, hw,
-                                           valid_ptr, n_act, k, BLOCK_S, HAS_MASK, HAS_DROPOUT,
-                                           USE_INT64, USE_LIBDEVICE)
-                d = r - mu[:, None]
-                total += masked_row_sum(d * d, mask)
+            # Sweep 0 sums the replayed residual r_k over the image's chunks (mean); sweep 1 sums
+            # its centred squares (variance). One chunk loop, unrolled twice.
+            for sweep in tl.static_range(2):
+                total = tl.zeros([BLOCK_C], dtype=tl.float32)
+                count = tl.zeros([BLOCK_C], dtype=tl.float32)
+                for s0 in range(0, S, BLOCK_S):
+                    offs_s, _mask_s, valid = spatial_lanes(s0, valid_ptr, S, BLOCK_S, HAS_MASK, USE_INT64)
+                    mask = mask_c[:, None] & valid[None, :]
+                    r = ln_replay(load_tile(x_view, offs_c, offs_s, mask), ln, chan, fsq, k, mask, n_act,
+                                  HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+                    if sweep == 0:
+                        total += masked_row_sum(r, mask)
+                        if HAS_MASK:
+                            count += tl.sum(mask.to(tl.float32), axis=1)
+                    else:
+                        d = r - mu[:, None]
+                        total += masked_row_sum(d * d, mask)
+                if sweep == 0:
+                    n = S
+                    if HAS_MASK:
+                        n = tl.maximum(count, 1.0)
+                    mu = total / n
             sd = tl.sqrt(total / n + eps)
-            _ln_store_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C, mu, sd, n_act, HAS_DROPOUT)
+            _ln_store_stats(ln, k, chan, mu, sd, n_act, HAS_DROPOUT)
             # Later passes re-read these statistics, possibly from other threads of the program.
             tl.debug_barrier()
         for s0 in range(0, S, BLOCK_S):
-            offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
-            mask_s = offs_s < S
-            valid = load_valid(valid_ptr, b, offs_s, mask_s, S, HAS_MASK)
-            r = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask_c[:, None] & valid[None, :])
+            offs_s, mask_s, valid = spatial_lanes(s0, valid_ptr, S, BLOCK_S, HAS_MASK, USE_INT64)
+            r = load_tile(x_view, offs_c, offs_s, mask_c[:, None] & valid[None, :])
             acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-            idx_row = (b * S + offs_s) * K
+            index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_index
             for k in range(K):
                 # New names: mu/sd above are [BLOCK_C]; a loop must not rebind them as [BLOCK_C, 1].
-                mu_col, sd_col = ln_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C)
-                r, acc = _ln_emit(r, acc, mu_col, sd_col, k, w_ptr, b_ptr, offs_c, mask_c, C,
-                                  hl, off, sh, hw, top, basis, idx_ptr, idx_row, mask_s, valid, n_act,
-                                  HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
-            store_tile(q_ptr, acc, b, offs_c, offs_s, sqb, sqc, sqs, mask_c[:, None] & mask_s[None, :])
+                mu_col, sd_col = ln_stats(ln, k, chan)
+                r, acc = _ln_emit(r, acc, mu_col, sd_col, k, ln, chan, fsq, digits, index_rows, valid,
+                                  n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+            store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
 
 
 @triton.jit
-def _ln_bwd_tile(x, g_minus_G, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                 hl, off, sh, hw, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+def _ln_bwd_tile(x, g_minus_G, mask, k, ln, chan, fsq, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                  USE_LIBDEVICE: tl.constexpr):
-    """Per-position quantities of layernorm stage ``k`` (runtime index) for one tile.
+    """Per-position quantities of stage ``k`` (runtime index) for one tile, ``g_minus_G = g - G_{k+1}``.
 
-    ``g_minus_G = g - G_{k+1}``. Returns ``(v, h, xhat, cn)`` with ``v = dL/dq_k`` (masked),
-    ``h = dL/dn`` through the code (``v * sd / w * dcode/dn``), ``xhat = (r - mu) / sd`` and ``cn = (code - b) / w``.
+    Returns ``(v, h, xhat, cn)``: ``v = dL/dq_k`` (masked), ``h = dL/dn`` through the code
+    (``v * sd / weight * dcode/dn``), ``xhat = (r - mu) / sd`` and ``cn = (code - bias) / weight``.
     """
-    r = ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                  hl, off, sh, hw, k, mask, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
-    mu, sd = ln_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C)
-    w, bb = ln_params(w_ptr, b_ptr, k, offs_c, mask_c, C)
-    _q, code, t, _rnd = ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE)
-    v = tl.where(stage_mask(mask, n_act, k, HAS_DROPOUT), g_minus_G, 0.0)
-    h = v * (sd / w) * fsq_dcode(t, hl, hw)
-    return v, h, (r - mu) / sd, (code - bb) / w
+    r = ln_replay(x, ln, chan, fsq, k, mask, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+    mu, sd = ln_stats(ln, k, chan)
+    weight, bias = ln_params(ln, k, chan)
+    _q, code, t, _rounded = ln_stage(r, mu, sd, weight, bias, fsq, USE_LIBDEVICE)
+    v = tl.where(stage_keep(mask, n_act, k, HAS_DROPOUT), g_minus_G, 0.0)
+    h = v * (sd / weight) * fsq_dcode(t, fsq)
+    return v, h, (r - mu) / sd, (code - bias) / weight
 
 
 @triton.jit
-def _ln_bwd_coeffs(sum_v, sum_h, sum_vc, sum_hx, k, w_ptr, std_ptr, dw_part_ptr,
-                   db_part_ptr, stat_base, offs_c, mask_c, C):
-    """Turn the four per-channel sums of stage ``k`` into parameter-gradient partials (stored)
-    and the coefficients ``(w/sd, dL/dmu, dL/dsd)`` of ``dL/dr``, as ``[BLOCK_C, 1]`` columns.
+def _ln_sums(v, h, xhat, cn, mask):
+    """The four per-channel sums of a tile that the backward of one stage reduces:
+    ``(sum v, sum h, sum v*cn, sum h*xhat)``, each ``[BLOCK_C]``."""
+    return tl.sum(v, axis=1), tl.sum(h, axis=1), tl.sum(v * cn, axis=1), masked_row_sum(h * xhat, mask)
 
-    ``q = ((code - b) / w) * sd + mu`` with ``n = w * xhat + b``:
-    ``dL/dw = sum h*xhat - sd/w * sum v*cn``, ``dL/db = sum h - sd/w * sum v``,
-    ``dL/dmu = sum v - w/sd * sum h``, ``dL/dsd = sum v*cn - w/sd * sum h*xhat``.
+
+@triton.jit
+def _add_sums(a, b):
+    """Elementwise sum of two :func:`_ln_sums` tuples."""
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]
+
+
+@triton.jit
+def _ln_bwd_coeffs(sums, k, ln, dparts, chan):
+    """Turn stage ``k``'s four sums into parameter-gradient partials (stored through ``dparts =
+    (dweight_part_ptr, dbias_part_ptr)``, the image's ``(K, C)`` rows) and the coefficients
+    ``(weight/sd, dL/dmu, dL/dsd)`` of ``dL/dr``, as ``[BLOCK_C, 1]`` columns.
+
+    ``q = ((code - bias) / weight) * sd + mu`` with ``n = weight * xhat + bias``:
+    ``dL/dweight = sum h*xhat - sd/weight * sum v*cn``, ``dL/dbias = sum h - sd/weight * sum v``,
+    ``dL/dmu = sum v - weight/sd * sum h``, ``dL/dsd = sum v*cn - weight/sd * sum h*xhat``.
     """
-    sd = tl.load(std_ptr + stat_base + k * C + offs_c, mask=mask_c, other=1.0)
-    w = tl.load(w_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)
-    tl.store(dw_part_ptr + stat_base + k * C + offs_c, sum_hx - (sd / w) * sum_vc, mask=mask_c)
-    tl.store(db_part_ptr + stat_base + k * C + offs_c, sum_h - (sd / w) * sum_v, mask=mask_c)
-    w_sd = w / sd
+    sum_v, sum_h, sum_vc, sum_hx = sums
+    _mean_ptr, std_ptr, weight_ptr, _bias_ptr = ln
+    dweight_part_ptr, dbias_part_ptr = dparts
+    offs_c, mask_c, C = chan
+    sd = tl.load(std_ptr + k * C + offs_c, mask=mask_c, other=1.0)
+    weight = tl.load(weight_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)
+    tl.store(dweight_part_ptr + k * C + offs_c, sum_hx - (sd / weight) * sum_vc, mask=mask_c)
+    tl.store(dbias_part_ptr + k * C + offs_c, sum_h - (sd / weight) * sum_v, mask=mask_c)
+    w_sd = weight / sd
     return w_sd[:, None], (sum_v - w_sd * sum_h)[:, None], (sum_vc - w_sd * sum_hx)[:, None]
 
 
 @triton.jit
-def _ln_dr(h, xhat, w_sd, dmu, dsd, n, mask, HAS_MASK: tl.constexpr):
+def _ln_dr(h, xhat, coeffs, n, mask, HAS_MASK: tl.constexpr):
     """``dL/dr_k`` through stage k: direct path plus the mean and std paths (``n`` positions enter
     the statistics; with ``HAS_MASK`` only the valid ones, ``mask``, get the statistics' share)."""
+    w_sd, dmu, dsd = coeffs
     dr = h * w_sd + (dmu + dsd * xhat) / n
     if HAS_MASK:
         dr = tl.where(mask, dr, 0.0)
@@ -242,126 +246,118 @@ def _ln_dr(h, xhat, w_sd, dmu, dsd, n, mask, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _valid_count(valid_ptr, b, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, USE_INT64: tl.constexpr):
-    """Positions entering image ``b``'s statistics: S, or its valid ones (at least 1)."""
+def _valid_count(valid_ptr, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, USE_INT64: tl.constexpr):
+    """Positions entering the image's statistics: S, or its valid ones (at least 1)."""
     if HAS_MASK:
         count = 0.0
         for s0 in range(0, S, BLOCK_S):
-            offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
-            valid = load_valid(valid_ptr, b, offs_s, offs_s < S, S, HAS_MASK)
+            _offs_s, _mask_s, valid = spatial_lanes(s0, valid_ptr, S, BLOCK_S, HAS_MASK, USE_INT64)
             count += tl.sum(valid.to(tl.float32), axis=0)
         return tl.maximum(count, 1.0)
     else:
         return S
 
 
-@triton.jit
-def _ln_bwd_chunk(s0, k, b, x_ptr, g_ptr, scratch_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
-                  offs_c, mask_c, C, S, sxb, sxc, sxs, sgb, sgc, sgs, ssb, hl, off, sh, hw, valid_ptr, n_act,
-                  K, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
-                  HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """One chunk of the chunked layernorm backward: load x, g and ``G_{k+1}`` (scratch) for
-    positions ``s0 .. s0+BLOCK_S`` and replay stage k on them (shared by both passes; ``k`` is
-    the runtime stage index). ``mask``: the tile's valid positions; ``inside``: its in-range ones."""
-    offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
-    mask_s = offs_s < S
-    inside = mask_c[:, None] & mask_s[None, :]
-    valid = load_valid(valid_ptr, b, offs_s, mask_s, S, HAS_MASK)
-    mask = mask_c[:, None] & valid[None, :]
-    x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
-    g = load_tile(g_ptr, b, offs_c, offs_s, sgb, sgc, sgs, mask)
-    G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    if k < K - 1:
-        G = load_tile(scratch_ptr, b, offs_c, offs_s, ssb, S, 1, mask)
-    v, h, xhat, cn = _ln_bwd_tile(x, g - G, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr,
-                                  stat_base, offs_c, mask_c, C, hl, off, sh, hw, n_act,
-                                  HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
-    return offs_s, mask, inside, G, v, h, xhat, cn
-
-
 @triton.jit(do_not_specialize=["C", "K"])
 def _bwd_layernorm_kernel(
-    x_ptr, g_ptr, dx_ptr, scratch_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, dw_part_ptr, db_part_ptr,
-    consts_ptr, basis_ptr, valid_ptr, active_ptr,
-    C, S, sxb, sxc, sxs, sgb, sgc, sgs, sdb, sdc, sds, ssb,
-    K, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr,
+    x_ptr, g_ptr, dx_ptr, scratch_ptr, mean_ptr, std_ptr, weight_ptr, bias_ptr, dweight_part_ptr, dbias_part_ptr,
+    consts_ptr, valid_ptr, active_ptr,
+    C, S, stride_xb, stride_xc, stride_xs, stride_gb, stride_gc, stride_gs, stride_dxb, stride_dxc, stride_dxs,
+    K, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
-    """``layernorm``: one program per image; J_k couples the positions of each (b, c) through
-    the mean and std, like a LayerNorm backward over the spatial axis.
+    """``layernorm`` backward: one program per image; J_k couples the positions of each
+    (image, channel) through the mean and std, like a LayerNorm backward over the spatial axis.
 
-    ``SINGLE``: one tile holds the image; ``g - G`` stays in registers across the stages.
-    Otherwise two chunked passes per stage (sums, then ``G_k``); ``G_{k+1}`` lives in a float32
-    scratch buffer ``(B, C, S)`` between stages. Stages and replay are runtime loops (see the
-    forward kernel).
+    ``ONE_TILE``: one tile holds the image; ``V = g - G_{k+1}`` stays in registers across the
+    stages. Otherwise two chunked sweeps per stage (sums, then ``G_k``) with ``G_{k+1}`` in the
+    float32 ``(B, C, S)`` scratch between stages. Parameter gradients go to per-image partials
+    ``(B, K, C)``, reduced on the host.
+
+    stride_<tensor><dim>: x = input, g = grad of quantized, dx = grad of input; dims b = image,
+    c = channel, s = flattened spatial. ``scratch_ptr`` is None with ONE_TILE; ``valid_ptr`` /
+    ``active_ptr`` are None unless HAS_MASK / HAS_DROPOUT.
     """
-    b = widen(tl.program_id(0), USE_INT64)
+    img = widen(tl.program_id(0), USE_INT64)
+    x_ptr += img * stride_xb
+    g_ptr += img * stride_gb
+    dx_ptr += img * stride_dxb
+    mean_ptr += img * K * C
+    std_ptr += img * K * C
+    dweight_part_ptr += img * K * C
+    dbias_part_ptr += img * K * C
+    if HAS_MASK:
+        valid_ptr += img * S
+    x_view = (x_ptr, stride_xc, stride_xs)
+    g_view = (g_ptr, stride_gc, stride_gs)
+    dx_view = (dx_ptr, stride_dxc, stride_dxs)
+    ln = (mean_ptr, std_ptr, weight_ptr, bias_ptr)
+    dparts = (dweight_part_ptr, dbias_part_ptr)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
-    hl, off, sh, hw, _top, _basis = load_levels(consts_ptr, basis_ptr, offs_c, mask_c, C)
-    n_act = load_active(active_ptr, b, K, HAS_DROPOUT)
-    n = _valid_count(valid_ptr, b, S, BLOCK_S, HAS_MASK, USE_INT64)
-    stat_base = b * K * C
-    if SINGLE:
-        offs_s = widen(tl.arange(0, BLOCK_S), USE_INT64)
-        mask = mask_c[:, None] & load_valid(valid_ptr, b, offs_s, offs_s < S, S, HAS_MASK)[None, :]
+    chan = (offs_c, mask_c, C)
+    fsq = load_levels(consts_ptr, offs_c, mask_c, C)
+    n_act = load_active(active_ptr, img, K, HAS_DROPOUT)
+    n = _valid_count(valid_ptr, S, BLOCK_S, HAS_MASK, USE_INT64)
+    if ONE_TILE:
+        offs_s, mask_s, valid = spatial_lanes(0, valid_ptr, S, BLOCK_S, HAS_MASK, USE_INT64)
+        mask = mask_c[:, None] & valid[None, :]
         # Registers hold V = g - G_{k+1} (instead of g and G) and the stage being worked on; the
         # input is re-read (from L1/L2: one image) for each stage's replay and g once more at
         # the end (dx = g - V). Keeping x and g live too spilled on sm_80 (64 registers/thread
         # at 32 warps).
-        V = load_tile(g_ptr, b, offs_c, offs_s, sgb, sgc, sgs, mask)
+        V = load_tile(g_view, offs_c, offs_s, mask)
         for k_rev in range(K):
             k = K - 1 - k_rev
-            x = load_tile(x_ptr, b, offs_c, offs_s, sxb, sxc, sxs, mask)
-            v, h, xhat, cn = _ln_bwd_tile(x, V, mask, k, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
-                                          offs_c, mask_c, C, hl, off, sh, hw, n_act,
-                                          HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
-            sum_v, sum_h = tl.sum(v, axis=1), tl.sum(h, axis=1)
-            sum_vc, sum_hx = tl.sum(v * cn, axis=1), masked_row_sum(h * xhat, mask)
+            x = load_tile(x_view, offs_c, offs_s, mask)
+            v, h, xhat, cn = _ln_bwd_tile(x, V, mask, k, ln, chan, fsq, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+            sums = _ln_sums(v, h, xhat, cn, mask)
             # The direct path of dL/dr needs no reduction: apply it now, so that only x, V and
             # xhat stay live across the reductions' barriers.
-            w, _bb = ln_params(w_ptr, b_ptr, k, offs_c, mask_c, C)
-            _mu, sd = ln_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C)
-            V = V - h * (w / sd)
-            _w_sd, dmu, dsd = _ln_bwd_coeffs(sum_v, sum_h, sum_vc, sum_hx, k, w_ptr, std_ptr,
-                                             dw_part_ptr, db_part_ptr, stat_base, offs_c, mask_c, C)
+            weight, _bias = ln_params(ln, k, chan)
+            _mu, sd = ln_stats(ln, k, chan)
+            V = V - h * (weight / sd)
+            _w_sd, dmu, dsd = _ln_bwd_coeffs(sums, k, ln, dparts, chan)
             # (Padding picks up the statistics' share here too, but V there never reaches a valid
             # position -- v is masked -- and dx is zeroed there at the store.)
             V = V - (dmu + dsd * xhat) / n
-        g = load_tile(g_ptr, b, offs_c, offs_s, sgb, sgc, sgs, mask)
-        dx = g - V
+        dx = load_tile(g_view, offs_c, offs_s, mask) - V
         if HAS_MASK:
             dx = tl.where(mask, dx, 0.0)
-        store_tile(dx_ptr, dx, b, offs_c, offs_s, sdb, sdc, sds, mask_c[:, None] & (offs_s < S)[None, :])
+        store_tile(dx_view, dx, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
     else:
-        # scratch is a contiguous float32 (B, C, S) buffer (image stride ssb = C * S).
+        # G scratch: contiguous float32 (B, C, S), addressed as (B * C, S) rows img * C + c.
+        scratch_view = (scratch_ptr, S, 1)
+        scratch_rows = img * C + offs_c
         for k_rev in range(K):
             k = K - 1 - k_rev
-            sum_v = tl.zeros([BLOCK_C], dtype=tl.float32)
-            sum_h = tl.zeros([BLOCK_C], dtype=tl.float32)
-            sum_vc = tl.zeros([BLOCK_C], dtype=tl.float32)
-            sum_hx = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for s0 in range(0, S, BLOCK_S):
-                offs_s, mask, inside, G, v, h, xhat, cn = _ln_bwd_chunk(
-                    s0, k, b, x_ptr, g_ptr, scratch_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
-                    offs_c, mask_c, C, S, sxb, sxc, sxs, sgb, sgc, sgs, ssb, hl, off, sh, hw, valid_ptr, n_act,
-                    K, BLOCK_C, BLOCK_S, HAS_MASK, HAS_DROPOUT, USE_INT64, USE_LIBDEVICE)
-                sum_v += tl.sum(v, axis=1)
-                sum_h += tl.sum(h, axis=1)
-                sum_vc += tl.sum(v * cn, axis=1)
-                sum_hx += masked_row_sum(h * xhat, mask)
-            w_sd, dmu, dsd = _ln_bwd_coeffs(sum_v, sum_h, sum_vc, sum_hx, k, w_ptr,
-                                            std_ptr, dw_part_ptr, db_part_ptr, stat_base, offs_c, mask_c, C)
-            for s0 in range(0, S, BLOCK_S):
-                offs_s, mask, inside, G, v, h, xhat, cn = _ln_bwd_chunk(
-                    s0, k, b, x_ptr, g_ptr, scratch_ptr, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base,
-                    offs_c, mask_c, C, S, sxb, sxc, sxs, sgb, sgc, sgs, ssb, hl, off, sh, hw, valid_ptr, n_act,
-                    K, BLOCK_C, BLOCK_S, HAS_MASK, HAS_DROPOUT, USE_INT64, USE_LIBDEVICE)
-                G = G + _ln_dr(h, xhat, w_sd, dmu, dsd, n, mask, HAS_MASK)
-                if k == 0:
-                    store_tile(dx_ptr, G, b, offs_c, offs_s, sdb, sdc, sds, inside)
-                else:
-                    store_tile(scratch_ptr, G, b, offs_c, offs_s, ssb, S, 1, inside)
+            # Sweep 0 reduces the four per-channel sums of stage k over the image's chunks;
+            # sweep 1 applies dL/dr_k and stores G_k. One chunk loop, unrolled twice.
+            coeffs = None  # (weight/sd, dL/dmu, dL/dsd), set at the end of sweep 0
+            for sweep in tl.static_range(2):
+                sums = (tl.zeros([BLOCK_C], dtype=tl.float32), tl.zeros([BLOCK_C], dtype=tl.float32),
+                        tl.zeros([BLOCK_C], dtype=tl.float32), tl.zeros([BLOCK_C], dtype=tl.float32))
+                for s0 in range(0, S, BLOCK_S):
+                    offs_s, mask_s, valid = spatial_lanes(s0, valid_ptr, S, BLOCK_S, HAS_MASK, USE_INT64)
+                    mask = mask_c[:, None] & valid[None, :]
+                    x = load_tile(x_view, offs_c, offs_s, mask)
+                    g = load_tile(g_view, offs_c, offs_s, mask)
+                    G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+                    if k < K - 1:
+                        G = load_tile(scratch_view, scratch_rows, offs_s, mask)
+                    v, h, xhat, cn = _ln_bwd_tile(x, g - G, mask, k, ln, chan, fsq, n_act,
+                                                  HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+                    if sweep == 0:
+                        sums = _add_sums(sums, _ln_sums(v, h, xhat, cn, mask))
+                    else:
+                        G = G + _ln_dr(h, xhat, coeffs, n, mask, HAS_MASK)
+                        inside = mask_c[:, None] & mask_s[None, :]
+                        if k == 0:
+                            store_tile(dx_view, G, offs_c, offs_s, inside)
+                        else:
+                            store_tile(scratch_view, G, scratch_rows, offs_s, inside)
+                if sweep == 0:
+                    coeffs = _ln_bwd_coeffs(sums, k, ln, dparts, chan)
             # The next stage reads G_k back, possibly from other threads of the program.
             tl.debug_barrier()
 
@@ -376,7 +372,8 @@ def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tupl
 
 
 def forward(z: torch.Tensor, levels: Sequence[int], stages: int, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-            eps: float, mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+            eps: float, mask: Optional[torch.Tensor],
+            active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
     """Fused ``layernorm`` forward: ``(quantized, indices, mean, std)``."""
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
@@ -390,7 +387,7 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, ln_weight: torc
     _fwd_layernorm_kernel[(B,)](
         x, quantized, indices, mean, std, ln_weight, ln_bias, consts, basis, valid, active,
         C, S, *x_strides, *config.flat_strides(quantized), float(eps),
-        K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, SINGLE=tiles.one_tile,
+        K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
         HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
         USE_INT64=use_int64, USE_LIBDEVICE=config.use_libdevice(z), num_warps=tiles.num_warps)
     return quantized, indices, mean, std
@@ -411,18 +408,18 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
         return grad_z.zero_(), grad_scale.zero_(), grad_w.zero_(), grad_b.zero_()
     x, x_strides = config.strided_view(z)
     g, g_strides = config.strided_view(grad_q)
-    consts, basis = config.level_tables(levels, z.device)
+    consts, _basis = config.level_tables(levels, z.device)
     valid, active = config.mask_and_counts(mask, active_stages, B, S)
     tiles = config.layernorm_tiles(C, S, "backward", sparse=mask is not None or active_stages is not None)
     # G_{k+1} between the chunked path's stages; the one-tile path keeps it in registers.
-    scratch = grad_z if tiles.one_tile else torch.empty((B, C, S), dtype=torch.float32, device=z.device)
+    scratch = None if tiles.one_tile else torch.empty((B, C, S), dtype=torch.float32, device=z.device)
     # Parameter gradients as one partial sum per (image, stage, channel), reduced below in a fixed order.
     dw_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
     db_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
     _bwd_layernorm_kernel[(B,)](
-        x, g, grad_z, scratch, mean, std, ln_weight, ln_bias, dw_part, db_part, consts, basis, valid, active,
-        C, S, *x_strides, *g_strides, *config.flat_strides(grad_z), C * S,
-        K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, SINGLE=tiles.one_tile,
+        x, g, grad_z, scratch, mean, std, ln_weight, ln_bias, dw_part, db_part, consts, valid, active,
+        C, S, *x_strides, *g_strides, *config.flat_strides(grad_z),
+        K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
         HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
         USE_INT64=config.needs_int64(x, g, grad_z, scratch), USE_LIBDEVICE=config.use_libdevice(z),
         num_warps=tiles.num_warps)
