@@ -67,10 +67,10 @@ def _fwd_elementwise_kernel(
     """
     pid = tl.program_id(0)
     img = widen(pid // tiles_per_image, USE_INT64)
-    x_ptr += img * stride_xb
-    q_ptr += img * stride_qb
     if HAS_MASK:
         valid_ptr += img * S
+    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
+    q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
     offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_ptr, S, BLOCK_S,
                                           HAS_MASK, USE_INT64)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
@@ -78,7 +78,7 @@ def _fwd_elementwise_kernel(
     n_act = load_active(active_ptr, img, K, HAS_DROPOUT)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
     digits = load_digit_range(consts_ptr, basis_ptr, offs_c, mask_c, C)
-    r = load_tile((x_ptr, stride_xc, stride_xs), offs_c, offs_s, mask_c[:, None] & valid[None, :])
+    r = load_tile(x_view, offs_c, offs_s, mask_c[:, None] & valid[None, :])
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_index
     for k in range(K):
@@ -88,7 +88,7 @@ def _fwd_elementwise_kernel(
         q = keep_only(q, valid[None, :], n_act, k, HAS_MASK, HAS_DROPOUT)
         acc = acc + q
         r = r - q
-    store_tile((q_ptr, stride_qc, stride_qs), acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
+    store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
 
 
 @triton.jit(do_not_specialize=["C", "tiles_per_image"])
@@ -112,11 +112,11 @@ def _bwd_elementwise_kernel(
     """
     pid = tl.program_id(0)
     img = widen(pid // tiles_per_image, USE_INT64)
-    x_ptr += img * stride_xb
-    g_ptr += img * stride_gb
-    dx_ptr += img * stride_dxb
     if HAS_MASK:
         valid_ptr += img * S
+    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
+    g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
+    dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
     offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_ptr, S, BLOCK_S,
                                           HAS_MASK, USE_INT64)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
@@ -125,8 +125,8 @@ def _bwd_elementwise_kernel(
     n_act = load_active(active_ptr, img, K, HAS_DROPOUT)
     mask = mask_c[:, None] & valid[None, :]
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
-    x = load_tile((x_ptr, stride_xc, stride_xs), offs_c, offs_s, mask)
-    g = load_tile((g_ptr, stride_gc, stride_gs), offs_c, offs_s, mask)
+    x = load_tile(x_view, offs_c, offs_s, mask)
+    g = load_tile(g_view, offs_c, offs_s, mask)
     G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for k in tl.static_range(K - 1, -1, -1):
         r = elem_replay(x, scale_ptr, fsq, mask, n_act, k, HAS_SCALE, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
@@ -138,7 +138,7 @@ def _bwd_elementwise_kernel(
             part = tl.sum(masked_row_sum(v * (J * r - q), mask), axis=0) / a
             tl.store(dscale_part_ptr + pid * K + k, part)
         G = G + v * J
-    store_tile((dx_ptr, stride_dxc, stride_dxs), G, offs_c, offs_s, inside)
+    store_tile(dx_view, G, offs_c, offs_s, inside)
 
 
 def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, ...]:

@@ -109,14 +109,12 @@ def _fwd_layernorm_kernel(
     spatial. ``valid_ptr`` / ``active_ptr`` are None unless HAS_MASK / HAS_DROPOUT.
     """
     img = widen(tl.program_id(0), USE_INT64)
-    x_ptr += img * stride_xb
-    q_ptr += img * stride_qb
     mean_ptr += img * K * C
     std_ptr += img * K * C
     if HAS_MASK:
         valid_ptr += img * S
-    x_view = (x_ptr, stride_xc, stride_xs)
-    q_view = (q_ptr, stride_qc, stride_qs)
+    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
+    q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
     ln = (mean_ptr, std_ptr, weight_ptr, bias_ptr)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
@@ -279,18 +277,15 @@ def _bwd_layernorm_kernel(
     ``active_ptr`` are None unless HAS_MASK / HAS_DROPOUT.
     """
     img = widen(tl.program_id(0), USE_INT64)
-    x_ptr += img * stride_xb
-    g_ptr += img * stride_gb
-    dx_ptr += img * stride_dxb
     mean_ptr += img * K * C
     std_ptr += img * K * C
     dweight_part_ptr += img * K * C
     dbias_part_ptr += img * K * C
     if HAS_MASK:
         valid_ptr += img * S
-    x_view = (x_ptr, stride_xc, stride_xs)
-    g_view = (g_ptr, stride_gc, stride_gs)
-    dx_view = (dx_ptr, stride_dxc, stride_dxs)
+    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
+    g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
+    dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
     ln = (mean_ptr, std_ptr, weight_ptr, bias_ptr)
     dparts = (dweight_part_ptr, dbias_part_ptr)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
@@ -326,9 +321,7 @@ def _bwd_layernorm_kernel(
             dx = tl.where(mask, dx, 0.0)
         store_tile(dx_view, dx, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
     else:
-        # G scratch: contiguous float32 (B, C, S), addressed as (B * C, S) rows img * C + c.
-        scratch_view = (scratch_ptr, S, 1)
-        scratch_rows = img * C + offs_c
+        scratch_view = (scratch_ptr, img * C * S, S, 1)  # contiguous float32 (B, C, S)
         for k_rev in range(K):
             k = K - 1 - k_rev
             # Sweep 0 reduces the four per-channel sums of stage k over the image's chunks;
@@ -344,7 +337,7 @@ def _bwd_layernorm_kernel(
                     g = load_tile(g_view, offs_c, offs_s, mask)
                     G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
                     if k < K - 1:
-                        G = load_tile(scratch_view, scratch_rows, offs_s, mask)
+                        G = load_tile(scratch_view, offs_c, offs_s, mask)
                     v, h, xhat, cn = _ln_bwd_tile(x, g - G, mask, k, ln, chan, fsq, n_act,
                                                   HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
                     if sweep == 0:
@@ -355,7 +348,7 @@ def _bwd_layernorm_kernel(
                         if k == 0:
                             store_tile(dx_view, G, offs_c, offs_s, inside)
                         else:
-                            store_tile(scratch_view, G, scratch_rows, offs_s, inside)
+                            store_tile(scratch_view, G, offs_c, offs_s, inside)
                 if sweep == 0:
                     coeffs = _ln_bwd_coeffs(sums, k, ln, dparts, chan)
             # The next stage reads G_k back, possibly from other threads of the program.

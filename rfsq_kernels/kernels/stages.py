@@ -1,12 +1,15 @@
 """``@triton.jit`` helpers shared by both kernel families (design: ``docs/kernel-design.md``).
 
 Every program works on a ``[BLOCK_C, BLOCK_S]`` register tile: all (padded) channels of one
-image by a run of flattened spatial positions. Each kernel advances its base pointers to its
-image once, at the top, so the helpers address one image and travel in small bundles (tuples):
+image by a run of flattened spatial positions. Each kernel finds its image once, at the top, so
+the helpers address one image and take small bundles (tuples), described with the reasons in
+``docs/kernel-design.md`` ("Arguments"):
 
-* a tensor *view* ``(ptr, stride_c, stride_s)`` for :func:`load_tile` / :func:`store_tile`;
+* a tensor *view* ``(ptr, start, stride_c, stride_s)`` (``start = img * stride_b``) for
+  :func:`load_tile` / :func:`store_tile`;
 * the level constants ``fsq = (half_l, offset, shift, half_w)`` from :func:`load_levels`, and
-  ``digits = (top, basis)`` from :func:`load_digit_range` (index packing, forward only).
+  ``digits = (top, basis)`` from :func:`load_digit_range` (index packing, forward only);
+* ``index_rows = (idx_ptr, rows, mask_s)`` for :func:`store_index`.
 
 Padded channels load neutral constants (``half_w = 1``, ``basis = 0``) and are never stored. The
 forward and the backward replay call the same stage helpers in the same order, so the backward
@@ -36,19 +39,19 @@ def widen(v, USE_INT64: tl.constexpr):
 
 @triton.jit
 def load_tile(view, offs_c, offs_s, mask):
-    """A ``[BLOCK_C, BLOCK_S]`` tile of ``view = (ptr, stride_c, stride_s)`` (one image) as
-    float32; masked lanes read 0."""
-    ptr, stride_c, stride_s = view
-    offs = offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
+    """A ``[BLOCK_C, BLOCK_S]`` tile of ``view = (ptr, start, stride_c, stride_s)`` (one image
+    starting at ``ptr + start``) as float32; masked lanes read 0."""
+    ptr, start, stride_c, stride_s = view
+    offs = start + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
     return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def store_tile(view, val, offs_c, offs_s, mask):
-    """Store a float32 tile into ``view = (ptr, stride_c, stride_s)`` in the pointer's element
-    type (bf16/fp16/fp32/fp64)."""
-    ptr, stride_c, stride_s = view
-    offs = offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
+    """Store a float32 tile into ``view = (ptr, start, stride_c, stride_s)`` in the pointer's
+    element type (bf16/fp16/fp32/fp64)."""
+    ptr, start, stride_c, stride_s = view
+    offs = start + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
     tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=mask)
 
 
@@ -119,9 +122,8 @@ def store_index(index_rows, k, rounded, fsq, digits, valid, n_act, HAS_MASK: tl.
     (padding, dropped stage) get -1.
 
     ``index_rows = (idx_ptr, rows, mask_s)``: the base of the whole ``(B, S, K)`` index tensor,
-    ``rows = (img * S + offs_s) * K`` and the in-range positions. The indices are addressed by
-    row, not through a pointer advanced to the image: advancing it made ptxas spill the chunked
-    layernorm forward with 64-bit offsets and 16-bit inputs."""
+    ``rows = (img * S + offs_s) * K`` and the in-range positions (row-addressed: advancing
+    ``idx_ptr`` to the image made ptxas spill, see ``docs/kernel-design.md``)."""
     idx_ptr, rows, mask_s = index_rows
     index = pack_index(rounded, fsq, digits)
     if HAS_MASK or HAS_DROPOUT:
