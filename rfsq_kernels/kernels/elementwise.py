@@ -67,11 +67,11 @@ def _fwd_elementwise_kernel(
     """
     pid = tl.program_id(0)
     img = widen(pid // tiles_per_image, USE_INT64)
-    if HAS_MASK:
-        valid_ptr += img * S
+    # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
+    valid_row = (valid_ptr, img * S)
     x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
     q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
-    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_ptr, S, BLOCK_S,
+    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_row, S, BLOCK_S,
                                           HAS_MASK, USE_INT64)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
@@ -112,12 +112,12 @@ def _bwd_elementwise_kernel(
     """
     pid = tl.program_id(0)
     img = widen(pid // tiles_per_image, USE_INT64)
-    if HAS_MASK:
-        valid_ptr += img * S
+    # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
+    valid_row = (valid_ptr, img * S)
     x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
     g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
     dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
-    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_ptr, S, BLOCK_S,
+    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_row, S, BLOCK_S,
                                           HAS_MASK, USE_INT64)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C

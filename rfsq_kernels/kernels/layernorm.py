@@ -3,8 +3,10 @@ output allocation. Each stage's mean/std reduce over all positions of an image, 
 owns one image. Design: ``docs/kernel-design.md``.
 
 Besides the bundles of :mod:`.stages`, these helpers take ``ln = (mean_ptr, std_ptr, weight_ptr,
-bias_ptr)`` -- the image's ``(K, C)`` rows of the saved statistics and the ``(K, C)`` parameters --
-and ``chan = (offs_c, mask_c, C)``, the program's channel lanes.
+bias_ptr, stat_start)`` -- the ``(B, K, C)`` saved statistics, where the image's rows start
+(``stat_start = img * K * C``, also used for the ``(B, K, C)`` parameter-gradient partials
+``dparts``) and the ``(K, C)`` parameters -- and ``chan = (offs_c, mask_c, C)``, the program's
+channel lanes.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from .stages import (fsq_code, fsq_dcode, keep_only, load_active, load_digit_ran
 @triton.jit
 def ln_params(ln, k, chan):
     """Row ``k`` of the LN weight and bias as float32 ``[BLOCK_C, 1]`` columns."""
-    _mean_ptr, _std_ptr, weight_ptr, bias_ptr = ln
+    _mean_ptr, _std_ptr, weight_ptr, bias_ptr, _stat_start = ln
     offs_c, mask_c, C = chan
     weight = tl.load(weight_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)[:, None]
     bias = tl.load(bias_ptr + k * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
@@ -33,10 +35,10 @@ def ln_params(ln, k, chan):
 @triton.jit
 def ln_stats(ln, k, chan):
     """Saved ``(mu, sd)`` of stage ``k`` as ``[BLOCK_C, 1]`` columns."""
-    mean_ptr, std_ptr, _weight_ptr, _bias_ptr = ln
+    mean_ptr, std_ptr, _weight_ptr, _bias_ptr, stat_start = ln
     offs_c, mask_c, C = chan
-    mu = tl.load(mean_ptr + k * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    sd = tl.load(std_ptr + k * C + offs_c, mask=mask_c, other=1.0)[:, None]
+    mu = tl.load(mean_ptr + stat_start + k * C + offs_c, mask=mask_c, other=0.0)[:, None]
+    sd = tl.load(std_ptr + stat_start + k * C + offs_c, mask=mask_c, other=1.0)[:, None]
     return mu, sd
 
 
@@ -81,13 +83,13 @@ def _ln_emit(r, acc, mu, sd, k, ln, chan, fsq, digits, index_rows, valid, n_act,
 @triton.jit
 def _ln_store_stats(ln, k, chan, mu, sd, n_act, HAS_DROPOUT: tl.constexpr):
     """Write stage ``k``'s ``[BLOCK_C]`` statistics; a dropped stage stores the neutral ``(0, 1)``."""
-    mean_ptr, std_ptr, _weight_ptr, _bias_ptr = ln
+    mean_ptr, std_ptr, _weight_ptr, _bias_ptr, stat_start = ln
     offs_c, mask_c, C = chan
     if HAS_DROPOUT:
         mu = tl.where(k < n_act, mu, 0.0)
         sd = tl.where(k < n_act, sd, 1.0)
-    tl.store(mean_ptr + k * C + offs_c, mu, mask=mask_c)
-    tl.store(std_ptr + k * C + offs_c, sd, mask=mask_c)
+    tl.store(mean_ptr + stat_start + k * C + offs_c, mu, mask=mask_c)
+    tl.store(std_ptr + stat_start + k * C + offs_c, sd, mask=mask_c)
 
 
 @triton.jit(do_not_specialize=["C", "K"])
@@ -109,13 +111,11 @@ def _fwd_layernorm_kernel(
     spatial. ``valid_ptr`` / ``active_ptr`` are None unless HAS_MASK / HAS_DROPOUT.
     """
     img = widen(tl.program_id(0), USE_INT64)
-    mean_ptr += img * K * C
-    std_ptr += img * K * C
-    if HAS_MASK:
-        valid_ptr += img * S
+    # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
+    valid_row = (valid_ptr, img * S)
     x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
     q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
-    ln = (mean_ptr, std_ptr, weight_ptr, bias_ptr)
+    ln = (mean_ptr, std_ptr, weight_ptr, bias_ptr, img * K * C)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
     chan = (offs_c, mask_c, C)
@@ -123,7 +123,7 @@ def _fwd_layernorm_kernel(
     digits = load_digit_range(consts_ptr, basis_ptr, offs_c, mask_c, C)
     n_act = load_active(active_ptr, img, K, HAS_DROPOUT)
     if ONE_TILE:
-        offs_s, mask_s, valid = spatial_lanes(0, valid_ptr, S, BLOCK_S, HAS_MASK, USE_INT64)
+        offs_s, mask_s, valid = spatial_lanes(0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
         mask = mask_c[:, None] & valid[None, :]
         n = S
         if HAS_MASK:
@@ -147,7 +147,7 @@ def _fwd_layernorm_kernel(
                 total = tl.zeros([BLOCK_C], dtype=tl.float32)
                 count = tl.zeros([BLOCK_C], dtype=tl.float32)
                 for s0 in range(0, S, BLOCK_S):
-                    offs_s, _mask_s, valid = spatial_lanes(s0, valid_ptr, S, BLOCK_S, HAS_MASK, USE_INT64)
+                    offs_s, _mask_s, valid = spatial_lanes(s0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
                     mask = mask_c[:, None] & valid[None, :]
                     r = ln_replay(load_tile(x_view, offs_c, offs_s, mask), ln, chan, fsq, k, mask, n_act,
                                   HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
@@ -168,7 +168,7 @@ def _fwd_layernorm_kernel(
             # Later passes re-read these statistics, possibly from other threads of the program.
             tl.debug_barrier()
         for s0 in range(0, S, BLOCK_S):
-            offs_s, mask_s, valid = spatial_lanes(s0, valid_ptr, S, BLOCK_S, HAS_MASK, USE_INT64)
+            offs_s, mask_s, valid = spatial_lanes(s0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
             r = load_tile(x_view, offs_c, offs_s, mask_c[:, None] & valid[None, :])
             acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
             index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_index
@@ -221,13 +221,13 @@ def _ln_bwd_coeffs(sums, k, ln, dparts, chan):
     ``dL/dmu = sum v - weight/sd * sum h``, ``dL/dsd = sum v*cn - weight/sd * sum h*xhat``.
     """
     sum_v, sum_h, sum_vc, sum_hx = sums
-    _mean_ptr, std_ptr, weight_ptr, _bias_ptr = ln
+    _mean_ptr, std_ptr, weight_ptr, _bias_ptr, stat_start = ln
     dweight_part_ptr, dbias_part_ptr = dparts
     offs_c, mask_c, C = chan
-    sd = tl.load(std_ptr + k * C + offs_c, mask=mask_c, other=1.0)
+    sd = tl.load(std_ptr + stat_start + k * C + offs_c, mask=mask_c, other=1.0)
     weight = tl.load(weight_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)
-    tl.store(dweight_part_ptr + k * C + offs_c, sum_hx - (sd / weight) * sum_vc, mask=mask_c)
-    tl.store(dbias_part_ptr + k * C + offs_c, sum_h - (sd / weight) * sum_v, mask=mask_c)
+    tl.store(dweight_part_ptr + stat_start + k * C + offs_c, sum_hx - (sd / weight) * sum_vc, mask=mask_c)
+    tl.store(dbias_part_ptr + stat_start + k * C + offs_c, sum_h - (sd / weight) * sum_v, mask=mask_c)
     w_sd = weight / sd
     return w_sd[:, None], (sum_v - w_sd * sum_h)[:, None], (sum_vc - w_sd * sum_hx)[:, None]
 
@@ -244,12 +244,12 @@ def _ln_dr(h, xhat, coeffs, n, mask, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _valid_count(valid_ptr, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, USE_INT64: tl.constexpr):
+def _valid_count(valid_row, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, USE_INT64: tl.constexpr):
     """Positions entering the image's statistics: S, or its valid ones (at least 1)."""
     if HAS_MASK:
         count = 0.0
         for s0 in range(0, S, BLOCK_S):
-            _offs_s, _mask_s, valid = spatial_lanes(s0, valid_ptr, S, BLOCK_S, HAS_MASK, USE_INT64)
+            _offs_s, _mask_s, valid = spatial_lanes(s0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
             count += tl.sum(valid.to(tl.float32), axis=0)
         return tl.maximum(count, 1.0)
     else:
@@ -261,7 +261,7 @@ def _bwd_layernorm_kernel(
     x_ptr, g_ptr, dx_ptr, scratch_ptr, mean_ptr, std_ptr, weight_ptr, bias_ptr, dweight_part_ptr, dbias_part_ptr,
     consts_ptr, valid_ptr, active_ptr,
     C, S, stride_xb, stride_xc, stride_xs, stride_gb, stride_gc, stride_gs, stride_dxb, stride_dxc, stride_dxs,
-    K, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr,
+    stride_scratch_b, K, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
     """``layernorm`` backward: one program per image; J_k couples the positions of each
@@ -273,29 +273,26 @@ def _bwd_layernorm_kernel(
     ``(B, K, C)``, reduced on the host.
 
     stride_<tensor><dim>: x = input, g = grad of quantized, dx = grad of input; dims b = image,
-    c = channel, s = flattened spatial. ``scratch_ptr`` is None with ONE_TILE; ``valid_ptr`` /
-    ``active_ptr`` are None unless HAS_MASK / HAS_DROPOUT.
+    c = channel, s = flattened spatial; ``stride_scratch_b = C * S`` (the scratch is contiguous).
+    ``scratch_ptr`` is None with ONE_TILE; ``valid_ptr`` / ``active_ptr`` are None unless
+    HAS_MASK / HAS_DROPOUT.
     """
     img = widen(tl.program_id(0), USE_INT64)
-    mean_ptr += img * K * C
-    std_ptr += img * K * C
-    dweight_part_ptr += img * K * C
-    dbias_part_ptr += img * K * C
-    if HAS_MASK:
-        valid_ptr += img * S
+    # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
+    valid_row = (valid_ptr, img * S)
     x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
     g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
     dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
-    ln = (mean_ptr, std_ptr, weight_ptr, bias_ptr)
+    ln = (mean_ptr, std_ptr, weight_ptr, bias_ptr, img * K * C)
     dparts = (dweight_part_ptr, dbias_part_ptr)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
     chan = (offs_c, mask_c, C)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
     n_act = load_active(active_ptr, img, K, HAS_DROPOUT)
-    n = _valid_count(valid_ptr, S, BLOCK_S, HAS_MASK, USE_INT64)
+    n = _valid_count(valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
     if ONE_TILE:
-        offs_s, mask_s, valid = spatial_lanes(0, valid_ptr, S, BLOCK_S, HAS_MASK, USE_INT64)
+        offs_s, mask_s, valid = spatial_lanes(0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
         mask = mask_c[:, None] & valid[None, :]
         # Registers hold V = g - G_{k+1} (instead of g and G) and the stage being worked on; the
         # input is re-read (from L1/L2: one image) for each stage's replay and g once more at
@@ -321,7 +318,7 @@ def _bwd_layernorm_kernel(
             dx = tl.where(mask, dx, 0.0)
         store_tile(dx_view, dx, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
     else:
-        scratch_view = (scratch_ptr, img * C * S, S, 1)  # contiguous float32 (B, C, S)
+        scratch_view = (scratch_ptr, img * stride_scratch_b, S, 1)
         for k_rev in range(K):
             k = K - 1 - k_rev
             # Sweep 0 reduces the four per-channel sums of stage k over the image's chunks;
@@ -331,7 +328,7 @@ def _bwd_layernorm_kernel(
                 sums = (tl.zeros([BLOCK_C], dtype=tl.float32), tl.zeros([BLOCK_C], dtype=tl.float32),
                         tl.zeros([BLOCK_C], dtype=tl.float32), tl.zeros([BLOCK_C], dtype=tl.float32))
                 for s0 in range(0, S, BLOCK_S):
-                    offs_s, mask_s, valid = spatial_lanes(s0, valid_ptr, S, BLOCK_S, HAS_MASK, USE_INT64)
+                    offs_s, mask_s, valid = spatial_lanes(s0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
                     mask = mask_c[:, None] & valid[None, :]
                     x = load_tile(x_view, offs_c, offs_s, mask)
                     g = load_tile(g_view, offs_c, offs_s, mask)
@@ -411,7 +408,7 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     db_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
     _bwd_layernorm_kernel[(B,)](
         x, g, grad_z, scratch, mean, std, ln_weight, ln_bias, dw_part, db_part, consts, valid, active,
-        C, S, *x_strides, *g_strides, *config.flat_strides(grad_z),
+        C, S, *x_strides, *g_strides, *config.flat_strides(grad_z), C * S,
         K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
         HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
         USE_INT64=config.needs_int64(x, g, grad_z, scratch), USE_LIBDEVICE=config.use_libdevice(z),

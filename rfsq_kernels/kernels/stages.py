@@ -1,15 +1,17 @@
 """``@triton.jit`` helpers shared by both kernel families (design: ``docs/kernel-design.md``).
 
 Every program works on a ``[BLOCK_C, BLOCK_S]`` register tile: all (padded) channels of one
-image by a run of flattened spatial positions. Each kernel finds its image once, at the top, so
-the helpers address one image and take small bundles (tuples), described with the reasons in
-``docs/kernel-design.md`` ("Arguments"):
+image by a run of flattened spatial positions. Each kernel computes once, at the top, where its
+image starts in each tensor, and the helpers take small bundles (tuples) that carry that start,
+so they never see the image index or batch strides (``docs/kernel-design.md``, "Arguments",
+also says why starts rather than advanced pointers):
 
 * a tensor *view* ``(ptr, start, stride_c, stride_s)`` (``start = img * stride_b``) for
   :func:`load_tile` / :func:`store_tile`;
+* ``valid_row = (valid_ptr, img * S)`` for the padding mask, ``index_rows = (idx_ptr, rows,
+  mask_s)`` for :func:`store_index`;
 * the level constants ``fsq = (half_l, offset, shift, half_w)`` from :func:`load_levels`, and
-  ``digits = (top, basis)`` from :func:`load_digit_range` (index packing, forward only);
-* ``index_rows = (idx_ptr, rows, mask_s)`` for :func:`store_index`.
+  ``digits = (top, basis)`` from :func:`load_digit_range` (index packing, forward only).
 
 Padded channels load neutral constants (``half_w = 1``, ``basis = 0``) and are never stored. The
 forward and the backward replay call the same stage helpers in the same order, so the backward
@@ -122,8 +124,7 @@ def store_index(index_rows, k, rounded, fsq, digits, valid, n_act, HAS_MASK: tl.
     (padding, dropped stage) get -1.
 
     ``index_rows = (idx_ptr, rows, mask_s)``: the base of the whole ``(B, S, K)`` index tensor,
-    ``rows = (img * S + offs_s) * K`` and the in-range positions (row-addressed: advancing
-    ``idx_ptr`` to the image made ptxas spill, see ``docs/kernel-design.md``)."""
+    ``rows = (img * S + offs_s) * K`` and the in-range positions."""
     idx_ptr, rows, mask_s = index_rows
     index = pack_index(rounded, fsq, digits)
     if HAS_MASK or HAS_DROPOUT:
@@ -132,12 +133,12 @@ def store_index(index_rows, k, rounded, fsq, digits, valid, n_act, HAS_MASK: tl.
 
 
 @triton.jit
-def spatial_lanes(s0, valid_ptr, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, USE_INT64: tl.constexpr):
+def spatial_lanes(s0, valid_row, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, USE_INT64: tl.constexpr):
     """Positions ``s0 .. s0+BLOCK_S`` of the image: ``(offs_s, mask_s, valid)``, where ``mask_s``
     marks those in range and ``valid`` those in range and not padding."""
     offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
     mask_s = offs_s < S
-    return offs_s, mask_s, load_valid(valid_ptr, offs_s, mask_s, HAS_MASK)
+    return offs_s, mask_s, load_valid(valid_row, offs_s, mask_s, HAS_MASK)
 
 
 # -- masks (padded positions) and per-sample stage counts (quantize dropout) -------------------
@@ -146,11 +147,13 @@ def spatial_lanes(s0, valid_ptr, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexp
 
 
 @triton.jit
-def load_valid(valid_ptr, offs_s, mask_s, HAS_MASK: tl.constexpr):
-    """``[BLOCK_S]`` bool: position in range and, with ``HAS_MASK``, not padding (``valid_ptr``:
-    the image's row of the ``(B, S)`` uint8 mask)."""
+def load_valid(valid_row, offs_s, mask_s, HAS_MASK: tl.constexpr):
+    """``[BLOCK_S]`` bool: position in range and, with ``HAS_MASK``, not padding. ``valid_row =
+    (valid_ptr, img * S)``: the ``(B, S)`` uint8 mask (None without ``HAS_MASK``) and where the
+    image's row starts."""
     if HAS_MASK:
-        m = tl.load(valid_ptr + offs_s, mask=mask_s, other=0)
+        valid_ptr, start = valid_row
+        m = tl.load(valid_ptr + start + offs_s, mask=mask_s, other=0)
         return mask_s & (m != 0)
     else:
         return mask_s
