@@ -54,15 +54,16 @@ def counting_memory() -> Iterator[Dict[str, int]]:
 def case_bytes(case, images: int = 1) -> Dict[str, int]:
     """``{fwd_load, fwd_store, bwd_load, bwd_store}`` of one case, scaled to its batch."""
     from bench.cases import make_input
-    from rfsq_kernels.kernels.backward import rfsq_backward_launch
-    from rfsq_kernels.kernels.forward import rfsq_forward_launch
+    from rfsq_kernels.kernels.launch import rfsq_backward_launch, rfsq_forward_launch
+    from rfsq_kernels.reference import get_strategy
+    from rfsq_kernels.reference.strategies import GAIN, SHIFT, SOFTPLUS_SCALE
 
     small = type(case)(case.group, (images, *case.shape[1:]), case.levels, case.stages, case.strategy, case.dtype)
     z = make_input(small, torch.device("cpu"))
     k, c = case.stages, case.shape[1]
-    scale = torch.full((k,), 0.7) if case.strategy == "scale" else None
-    w = torch.ones(k, c) if case.strategy == "layernorm" else None
-    b = torch.zeros(k, c) if case.strategy == "layernorm" else None
+    fill = {SOFTPLUS_SCALE: 0.7, GAIN: 1.0, SHIFT: 0.0}  # the scale is passed as a = softplus(p)
+    params = {p.name: torch.full(p.shape(k, c), fill[p.role]) for p in get_strategy(case.strategy).params}
+    scale, w, b = (params.get(n) for n in ("scale_param", "ln_weight", "ln_bias"))
     levels = list(case.levels)
     with counting_memory() as fwd:
         q, _idx, mean, std = rfsq_forward_launch(z, levels, k, case.strategy, scale, w, b)

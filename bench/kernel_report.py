@@ -133,8 +133,8 @@ def executed_estimate(n_sass: int, loops, path: str, direction: str, stages: int
 
 def _path(consts: dict) -> str:
     """single / chunked (layernorm) or tiled (none/scale: one program per image tile)."""
-    if "SINGLE" in consts:
-        return "single" if consts["SINGLE"] else "chunked"
+    if "ONE_TILE" in consts:
+        return "single" if consts["ONE_TILE"] else "chunked"
     return "tiled"
 
 

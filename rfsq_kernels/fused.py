@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels.backward import backward_outputs, rfsq_backward_launch
-from .kernels.forward import forward_outputs, rfsq_forward_launch
+from .kernels.launch import backward_outputs, forward_outputs, rfsq_backward_launch, rfsq_forward_launch
 from .reference import check_levels, check_stages, get_strategy
 
 __all__ = ["rfsq_fused"]

@@ -25,7 +25,9 @@ def default_archs() -> List[int]:
 
 
 def _family(strategy: str) -> str:
-    return "layernorm" if strategy == "layernorm" else "elementwise"
+    """The kernel family a strategy launches (strategy table: per-image statistics or not)."""
+    from rfsq_kernels.reference import get_strategy
+    return "layernorm" if get_strategy(strategy).per_image_stats else "elementwise"
 
 
 def _jsonable(v):
@@ -56,8 +58,8 @@ def _run_task(arch: int, direction: str, family: str, full: bool) -> Tuple[List[
                 compile_cpu_s=round(result.compile_cpu_s[launch.hash], 2), case=str(case),
                 grid=list(launch.grid), launches=0, paths=set())
         rec["launches"] += 1
-        if "SINGLE" in launch.constexprs:
-            rec["paths"].add("single" if launch.constexprs["SINGLE"] else "chunked")
+        if "ONE_TILE" in launch.constexprs:
+            rec["paths"].add("single" if launch.constexprs["ONE_TILE"] else "chunked")
         else:
             rec["paths"].add("split" if split else "single")
     for rec in records.values():
@@ -70,8 +72,8 @@ def _run_task(arch: int, direction: str, family: str, full: bool) -> Tuple[List[
 def barrier_offsets(kernel_name: str) -> Tuple[str, List[int]]:
     """``(file, offsets)``: where the named kernel's ``tl.debug_barrier()`` calls are, as line
     offsets from its ``def`` line."""
-    from ..kernels import backward, forward
-    fn = getattr(forward, kernel_name, None) or getattr(backward, kernel_name)
+    from ..kernels import elementwise, layernorm
+    fn = getattr(layernorm, kernel_name, None) or getattr(elementwise, kernel_name)
     lines, _start = inspect.getsourcelines(fn.fn)
     def_index = next(i for i, text in enumerate(lines) if text.lstrip().startswith("def "))
     return inspect.getsourcefile(fn.fn), [i - def_index for i, text in enumerate(lines)
@@ -81,7 +83,7 @@ def barrier_offsets(kernel_name: str) -> Tuple[str, List[int]]:
 def _coherence(rec: dict, compiled) -> List[str]:
     """Coherence problems of binaries that communicate through global memory inside a program
     (the chunked layernorm paths: statistics, G scratch); [] for the others."""
-    if rec["constexprs"].get("SINGLE", True):
+    if rec["constexprs"].get("ONE_TILE", True):
         return []
     return coherence_problems(compiled.asm["ptx"], sass_instructions(compiled.asm["cubin"]),
                               *barrier_offsets(rec["kernel"]))
@@ -147,7 +149,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
             if "elementwise" in kernel:
                 want |= {("HAS_SCALE", v) for v in (False, True)}
             if "layernorm" in kernel:
-                want |= {("SINGLE", v) for v in (False, True)}
+                want |= {("ONE_TILE", v) for v in (False, True)}
             missing = want - seen[(arch, kernel)]
             if missing:
                 problems.append(f"- sweep never reached {sorted(missing)} of {kernel} on sm_{arch}")

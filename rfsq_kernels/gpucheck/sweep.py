@@ -19,17 +19,15 @@ import math
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
-from ..kernels.backward import rfsq_backward_launch
-from ..kernels.forward import rfsq_forward_launch
+from ..kernels.launch import rfsq_backward_launch, rfsq_forward_launch
 from .driver import Launch, offline_target
-from rfsq_kernels.reference import index_dtype
+from rfsq_kernels.reference import STRATEGIES, get_strategy, index_dtype
 
 DIRECTIONS = ("forward", "backward")
-STRATEGIES = ("none", "scale", "layernorm")
 STAGES = (1, 2, 3, 4, 8)
 CHANNELS = tuple(range(1, 17))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -109,7 +107,7 @@ def default_cases() -> List[Case]:
     * structure: direction x strategy x every K x every C (1..16) x the training and the large
       image, float32, 32-bit offsets -- every tile shape, path, stage count and ``num_warps``
       the launchers choose;
-    * boundary: direction x {scale, layernorm} x K=8 x C in {5, 16} x every dtype x 32/64-bit
+    * boundary: direction x the strategies with parameters (scale, layernorm) x K=8 x C in {5, 16} x every dtype x 32/64-bit
       offsets x all three images -- every load/store type and offset width, at the heaviest
       stage count, the paper's and the largest channel tile, with and without 16-divisible
       sizes;
@@ -119,7 +117,8 @@ def default_cases() -> List[Case]:
     per target, hours on 2 cores.
     """
     structure = structure_cases()
-    boundary = all_cases(strategies=("scale", "layernorm"), stages=(8,), channels=(5, 16))
+    boundary = all_cases(strategies=[s for s in STRATEGIES if get_strategy(s).params], stages=(8,),
+                         channels=(5, 16))
     seen, out = set(), []
     for case in structure + boundary + sparse_cases():
         if case not in seen:
@@ -133,19 +132,16 @@ def run_case(case: Case) -> None:
     meta = torch.device("meta")
     k, c = case.stages, len(case.levels)
     z = torch.empty(case.shape, dtype=case.dtype, device=meta)
-    scale = ln_weight = ln_bias = None
-    if case.strategy == "scale":
-        scale = torch.empty((k,), dtype=torch.float32, device=meta)
-    if case.strategy == "layernorm":
-        ln_weight = torch.empty((k, c), dtype=torch.float32, device=meta)
-        ln_bias = torch.empty((k, c), dtype=torch.float32, device=meta)
+    row = get_strategy(case.strategy)
+    params = {p.name: torch.empty(p.shape(k, c), dtype=torch.float32, device=meta) for p in row.params}
+    scale, ln_weight, ln_bias = (params.get(n) for n in ("scale_param", "ln_weight", "ln_bias"))
     sparse = dict(mask=torch.empty((case.shape[0], *case.shape[2:]), dtype=torch.bool, device=meta) if case.mask else None,
                   active_stages=torch.empty((case.shape[0],), dtype=torch.int32, device=meta) if case.dropout else None)
     if case.direction == "forward":
         rfsq_forward_launch(z, list(case.levels), k, case.strategy, scale, ln_weight, ln_bias, **sparse)
         return
     mean = std = None
-    if case.strategy == "layernorm":
+    if row.per_image_stats:
         mean = torch.empty((case.shape[0], k, c), dtype=torch.float32, device=meta)
         std = torch.empty_like(mean)
     grad_q = torch.empty_like(z)
@@ -203,9 +199,9 @@ def _cpu_seconds() -> float:
 
 def compiled_kernels(arch: int) -> Dict[str, object]:
     """Every ``CompiledKernel`` the project's kernels hold for device ``arch``, by hash."""
-    from ..kernels import backward, forward
+    from ..kernels import elementwise, layernorm
     out = {}
-    for module in (forward, backward):
+    for module in (elementwise, layernorm):
         for obj in vars(module).values():
             caches = getattr(obj, "device_caches", None)
             if caches is None or arch not in caches:

@@ -1,45 +1,11 @@
 """Host-side launch configuration: memory layout, per-level constant tables, tile sizes.
 
 Every program works on one 2-D register tile ``[BLOCK_C, BLOCK_S]``: all channels of an image
-(``BLOCK_C = next_pow2(C)``, because the index of a position packs every channel's digit) by a
-run of flattened spatial positions. :func:`layernorm_tiles` and :func:`elementwise_tiles` decide
-the tile, ``num_warps`` and the path; the launchers use nothing else, and the offline compile
-check (:mod:`rfsq_kernels.gpucheck`) reaches every decision through the launchers.
-
-``layernorm`` (one program per image: its statistics reduce over all positions of the image,
-and each stage's statistics depend on every earlier stage):
-
-* **Single tile** when the padded image fits ``MAX_BLOCK_ELEMS`` (8192) elements: the whole
-  image stays in registers for all K stages, read once and written once. 8192 covers the
-  paper's training latents (32x32 with C=4 or C=5, padded to 8 channels: 8 x 1024) and every
-  C <= 8 with S <= 1024. Threads: 4 elements each where possible, at least 4 warps, at most 16
-  warps forward and 32 backward; the 8192 tile thus runs on 16 warps (16 elements and up to 128
-  registers per thread) forward and on 32 warps (8 elements, 64 registers) backward. The stages
-  are a runtime loop (one stage's values live at a time); the backward carries ``V = g - G``
-  and re-reads its input (one image, from L1/L2) for each stage's replay, so only V, the
-  residual being replayed and its temporaries are live. All found by the offline compile test
-  (``rfsq_kernels.gpucheck``), which fails on any spill: keeping x and g live as well spilled
-  on sm_80 at 32 warps and everywhere at 16; the forward at 32 warps spilled with 64-bit
-  offsets and 16-bit inputs, and at 16 warps with 64-bit offsets and float32, so a forward
-  with 64-bit offsets (over 2**31 elements in the batch) keeps at most 4096 elements in one
-  tile; ptxas spilled a 2048-element forward tile at 8 warps (hence 4 elements per thread);
-  fewer than 4 warps spilled on tiny images with 16 channels (one thread then holds many
-  channels' constants).
-* **Chunked** otherwise: the program loops over ``CHUNK_ELEMS`` (2048) element chunks, 8 warps
-  (8 elements per thread): two statistics passes per stage and an output pass (forward), two
-  passes per stage with a float32 scratch for ``G`` (backward). Stages run as a runtime loop,
-  not unrolled: these passes are bound by memory traffic, and unrolling the O(K^2) replay made
-  the K=8 compile take over a minute and spill registers.
-
-``none``/``scale`` (positions independent): one program per (image, tile of at most
-``CHUNK_ELEMS`` elements), 8 warps for a full tile (8 elements per thread, fewer warps for small
-images). The forward loops over the K stages at run time; the backward unrolls them, so the
-compiler shares its O(K^2) replay across the unrolled stages. Bigger tiles spilled at K=8.
-
-**Masks and per-sample stage counts** (``HAS_MASK``/``HAS_DROPOUT``) keep a few more values live
-per element. Their launches halve the tile where the offline compile check found spills: none/scale
-chunks of 1024 elements at 4 per thread, and a layernorm backward that keeps at most 4096 elements
-in one tile (4 per thread at 32 warps) and otherwise uses those half chunks.
+(``BLOCK_C = next_pow2(C)``) by a run of flattened spatial positions. :func:`layernorm_tiles` and
+:func:`elementwise_tiles` decide the tile, ``num_warps`` and the path; the launchers use nothing
+else, and the offline compile check (:mod:`rfsq_kernels.gpucheck`) reaches every decision through
+the launchers. Why these sizes (each found by that check, which fails on any register spill):
+``docs/kernel-design.md``, "Why these tile sizes".
 
 ``MAX_BLOCK_ELEMS`` is the knob that tests lower to force the chunked/split paths: it also
 caps the chunk, so ``MAX_BLOCK_ELEMS = 64`` gives 64-element chunks.
@@ -52,16 +18,16 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from ..backend import interpreter_enabled
-from ..reference.codebook import fsq_constants, index_basis
+from ..reference.codebook import fsq_constants, index_basis, index_dtype
 
 #: Largest padded image (``BLOCK_C * next_pow2(S)``) that the layernorm kernels keep in one tile.
 MAX_BLOCK_ELEMS = 8192
 #: Tile of the chunked layernorm passes and of the none/scale kernels (capped by MAX_BLOCK_ELEMS).
 CHUNK_ELEMS = 2048
-#: Elements per thread of a full chunk (8 warps at 2048) and of the single layernorm tile.
+#: Elements per thread of a full chunk (8 warps at 2048) and of the one-tile layernorm path.
 CHUNK_ELEMS_PER_THREAD = 8
-SINGLE_ELEMS_PER_THREAD = 4
-SINGLE_WARPS = {"forward": (4, 16), "backward": (4, 32)}
+ONE_TILE_ELEMS_PER_THREAD = 4
+ONE_TILE_WARPS = {"forward": (4, 16), "backward": (4, 32)}
 #: Elements per thread of a full chunk when a mask or per-sample stage counts are passed.
 SPARSE_ELEMS_PER_THREAD = 4
 
@@ -77,7 +43,7 @@ class Tiles:
     block_c: int
     block_s: int
     num_warps: int
-    single: bool
+    one_tile: bool
 
 
 def next_pow2(n: int) -> int:
@@ -102,20 +68,22 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
                     int64: bool = False, sparse: bool = False) -> Tiles:
     """Tile of the layernorm ``direction`` (``forward``/``backward``) kernel for ``channels`` x
     ``spatial``; ``int64``: the launch uses 64-bit offsets; ``sparse``: a mask or per-sample
-    stage counts are passed (see module docstring)."""
+    stage counts are passed. One tile up to ``MAX_BLOCK_ELEMS`` padded elements (half of it for
+    a 64-bit-offset forward and for a sparse backward), chunks otherwise."""
     block_c, block_s = next_pow2(channels), next_pow2(spatial)
     single_max = MAX_BLOCK_ELEMS // 2 if int64 and direction == "forward" else MAX_BLOCK_ELEMS
     sparse = sparse and direction == "backward"
     if sparse:
         single_max //= 2
     if block_c * block_s <= single_max:
-        warps = _warps(block_c * block_s, SINGLE_ELEMS_PER_THREAD, *SINGLE_WARPS[direction])
+        warps = _warps(block_c * block_s, ONE_TILE_ELEMS_PER_THREAD, *ONE_TILE_WARPS[direction])
         return Tiles(block_c, max(block_s, 2), warps, True)
-    return replace(_chunk_tiles(block_c, spatial, sparse), single=False)
+    return replace(_chunk_tiles(block_c, spatial, sparse), one_tile=False)
 
 
 def elementwise_tiles(channels: int, spatial: int, sparse: bool = False) -> Tiles:
-    """Tile of the none/scale kernels for ``channels`` x ``spatial`` (see module docstring)."""
+    """Tile of the none/scale kernels for ``channels`` x ``spatial``: at most ``CHUNK_ELEMS``
+    elements (half of it, at 4 per thread, when ``sparse``)."""
     return _chunk_tiles(next_pow2(channels), spatial, sparse)
 
 
@@ -164,6 +132,11 @@ def strided_view(t: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
     return t, (t.stride(0), t.stride(1), st)
 
 
+def flat_strides(t: torch.Tensor) -> Tuple[int, int, int]:
+    """``(stride_b, stride_c, stride_s)`` of a tensor made by :func:`new_output`."""
+    return t.stride(0), t.stride(1), flat_spatial_stride(t)
+
+
 def new_output(z: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Uninitialised tensor shaped like ``z`` in ``z``'s memory format when that layout has
     flattenable spatial dims (contiguous, channels_last, channels_last_3d), else contiguous.
@@ -179,16 +152,29 @@ def max_offset(t: torch.Tensor) -> int:
     return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n > 0)
 
 
-def needs_int64(*tensors: torch.Tensor) -> bool:
-    """True when some element offset of these tensors may not fit in int32."""
-    return any(max_offset(t) >= 2**31 - 1 for t in tensors)
+def needs_int64(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when some element offset of these tensors (None: absent) may not fit in int32."""
+    return any(t is not None and max_offset(t) >= 2**31 - 1 for t in tensors)
 
 
-def mask_and_counts(mask: Optional[torch.Tensor], active: Optional[torch.Tensor], batch: int, spatial: int,
-                    dummy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def mask_and_counts(mask: Optional[torch.Tensor], active: Optional[torch.Tensor], batch: int,
+                    spatial: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Kernel views of the optional padding mask ``(B, *spatial)`` bool -> ``(B, S)`` uint8 (no copy
-    when contiguous) and per-sample stage counts ``(B,)`` -> int32; ``dummy`` stands in for an
-    absent one (never read: the kernels' HAS_MASK / HAS_DROPOUT flags are off)."""
-    valid = dummy if mask is None else mask.reshape(batch, spatial).contiguous().view(torch.uint8)
-    counts = dummy if active is None else active.to(torch.int32).contiguous()
+    when contiguous) and per-sample stage counts ``(B,)`` -> int32. An absent one stays ``None``:
+    Triton passes ``None`` as a constexpr, and the kernels' HAS_MASK / HAS_DROPOUT flags are off."""
+    valid = None if mask is None else mask.reshape(batch, spatial).contiguous().view(torch.uint8)
+    counts = None if active is None else active.to(torch.int32).contiguous()
     return valid, counts
+
+
+def quantized_and_indices(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised ``quantized`` (``z``'s shape, dtype and layout) and ``indices``
+    ``(B, *spatial, K)`` of the levels' index dtype: the forward outputs every family returns."""
+    indices = z.new_empty((z.shape[0], *z.shape[2:], stages), dtype=index_dtype(levels))
+    return new_output(z), indices
+
+
+def empty_output(z: torch.Tensor) -> torch.Tensor:
+    """A fresh empty float32 ``(0,)`` tensor: an output the strategy does not have (one per
+    output: custom-op outputs must not alias)."""
+    return z.new_zeros((0,), dtype=torch.float32)

@@ -1,10 +1,21 @@
-"""Per-stage building blocks shared by the forward and backward kernels.
+"""``@triton.jit`` helpers shared by both kernel families (design: ``docs/kernel-design.md``).
 
-Every kernel works on a 2-D register tile ``[BLOCK_C, BLOCK_S]``: all (padded) channels of one
-image by a run of flattened spatial positions. The channel axis is padded to a power of two;
-padded channels load neutral constants (``half_w = 1``, ``basis = 0``, ``w = 1``) and are never
-stored. The forward and the backward replay call the *same* helpers in the same order, so the
-backward sees bit-identical rounding decisions.
+Every program works on a ``[BLOCK_C, BLOCK_S]`` register tile: all (padded) channels of one
+image by a run of flattened spatial positions. Each kernel computes once, at the top, where its
+image starts in each tensor, and the helpers take small bundles (tuples) that carry that start,
+so they never see the image index or batch strides (``docs/kernel-design.md``, "Arguments",
+also says why starts rather than advanced pointers):
+
+* a tensor *view* ``(ptr, start, stride_c, stride_s)`` (``start = img * stride_b``) for
+  :func:`load_tile` / :func:`store_tile`;
+* ``valid_row = (valid_ptr, img * S)`` for the padding mask, ``index_rows = (idx_ptr, rows,
+  mask_s)`` for :func:`store_index`;
+* the level constants ``fsq = (half_l, offset, shift, half_w)`` from :func:`load_levels`, and
+  ``digits = (top, basis)`` from :func:`load_digit_range` (index packing, forward only).
+
+Padded channels load neutral constants (``half_w = 1``, ``basis = 0``) and are never stored. The
+forward and the backward replay call the same stage helpers in the same order, so the backward
+sees bit-identical rounding decisions.
 """
 import triton
 import triton.language as tl
@@ -29,22 +40,20 @@ def widen(v, USE_INT64: tl.constexpr):
 
 
 @triton.jit
-def tile_offsets(b, offs_c, offs_s, stride_b, stride_c, stride_s):
-    """Element offsets of a ``[BLOCK_C, BLOCK_S]`` tile of image ``b`` (spatial dims flattened)."""
-    return b * stride_b + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
-
-
-@triton.jit
-def load_tile(ptr, b, offs_c, offs_s, stride_b, stride_c, stride_s, mask):
-    """A ``[BLOCK_C, BLOCK_S]`` tile as float32 (masked lanes read 0)."""
-    offs = tile_offsets(b, offs_c, offs_s, stride_b, stride_c, stride_s)
+def load_tile(view, offs_c, offs_s, mask):
+    """A ``[BLOCK_C, BLOCK_S]`` tile of ``view = (ptr, start, stride_c, stride_s)`` (one image
+    starting at ``ptr + start``) as float32; masked lanes read 0."""
+    ptr, start, stride_c, stride_s = view
+    offs = start + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
     return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def store_tile(ptr, val, b, offs_c, offs_s, stride_b, stride_c, stride_s, mask):
-    """Store a float32 tile in the pointer's element type (bf16/fp16/fp32/fp64)."""
-    offs = tile_offsets(b, offs_c, offs_s, stride_b, stride_c, stride_s)
+def store_tile(view, val, offs_c, offs_s, mask):
+    """Store a float32 tile into ``view = (ptr, start, stride_c, stride_s)`` in the pointer's
+    element type (bf16/fp16/fp32/fp64)."""
+    ptr, start, stride_c, stride_s = view
+    offs = start + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
     tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=mask)
 
 
@@ -55,149 +64,106 @@ def masked_row_sum(v, mask):
 
 
 @triton.jit
-def load_levels(consts_ptr, basis_ptr, offs_c, mask_c, C):
-    """Per-channel FSQ constants as ``[BLOCK_C, 1]`` columns (float32; basis int64)."""
-    hl = tl.load(consts_ptr + ROW_HALF_L * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    off = tl.load(consts_ptr + ROW_OFFSET * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    sh = tl.load(consts_ptr + ROW_SHIFT * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    hw = tl.load(consts_ptr + ROW_HALF_W * C + offs_c, mask=mask_c, other=1.0)[:, None]
-    top = tl.load(consts_ptr + ROW_TOP * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    basis = tl.load(basis_ptr + offs_c, mask=mask_c, other=0)[:, None]
-    return hl, off, sh, hw, top, basis
+def load_levels(consts_ptr, offs_c, mask_c, C):
+    """``fsq = (half_l, offset, shift, half_w)``: per-channel FSQ constants as float32
+    ``[BLOCK_C, 1]`` columns (padded channels: ``half_w = 1``, the rest 0)."""
+    half_l = tl.load(consts_ptr + ROW_HALF_L * C + offs_c, mask=mask_c, other=0.0)[:, None]
+    offset = tl.load(consts_ptr + ROW_OFFSET * C + offs_c, mask=mask_c, other=0.0)[:, None]
+    shift = tl.load(consts_ptr + ROW_SHIFT * C + offs_c, mask=mask_c, other=0.0)[:, None]
+    half_w = tl.load(consts_ptr + ROW_HALF_W * C + offs_c, mask=mask_c, other=1.0)[:, None]
+    return half_l, offset, shift, half_w
 
 
 @triton.jit
-def fsq_code(u, hl, off, sh, hw, USE_LIBDEVICE: tl.constexpr):
+def load_digit_range(consts_ptr, basis_ptr, offs_c, mask_c, C):
+    """``digits = (top, basis)``: largest digit ``L - 1`` (float32) and mixed-radix place value
+    (int64) per channel, as ``[BLOCK_C, 1]`` columns; only the forward packs indices."""
+    top = tl.load(consts_ptr + ROW_TOP * C + offs_c, mask=mask_c, other=0.0)[:, None]
+    basis = tl.load(basis_ptr + offs_c, mask=mask_c, other=0)[:, None]
+    return top, basis
+
+
+@triton.jit
+def fsq_code(u, fsq, USE_LIBDEVICE: tl.constexpr):
     """FSQ of the conditioned residual ``u``: returns ``(code, t, rounded)``.
 
     ``bounded = tanh(u + shift) * half_l - offset``; ``code = round(bounded) / half_w`` (the
     straight-through value equals the clean rounded integer); ``t`` is kept for the derivative.
     """
-    t = tanh_f32(u + sh, USE_LIBDEVICE)
-    rounded = round_half_even(t * hl - off, USE_LIBDEVICE)
-    return rounded / hw, t, rounded
+    half_l, offset, shift, half_w = fsq
+    t = tanh_f32(u + shift, USE_LIBDEVICE)
+    rounded = round_half_even(t * half_l - offset, USE_LIBDEVICE)
+    return rounded / half_w, t, rounded
 
 
 @triton.jit
-def fsq_dcode(t, hl, hw):
+def fsq_dcode(t, fsq):
     """d code / d u of :func:`fsq_code` with the straight-through round (d round = 1)."""
-    return ((1.0 - t * t) * hl) / hw
+    half_l, _offset, _shift, half_w = fsq
+    return ((1.0 - t * t) * half_l) / half_w
 
 
 @triton.jit
-def pack_index(rounded, hw, top, basis):
+def pack_index(rounded, fsq, digits):
     """Mixed-radix index of one stage, ``[BLOCK_S]`` int64, from the rounded values.
 
     The digit is an explicit integer ``clamp(nan->0(round + half_w), 0, L-1)``, so NaN/Inf input
     can never produce an out-of-range index.
     """
-    digit = rounded + hw
+    _half_l, _offset, _shift, half_w = fsq
+    top, basis = digits
+    digit = rounded + half_w
     digit = tl.where(digit == digit, digit, 0.0)
     digit = tl.minimum(tl.maximum(digit, 0.0), top)
     return tl.sum(digit.to(tl.int64) * basis, axis=0)
 
 
 @triton.jit
-def elem_stage(r, a, hl, off, sh, hw, HAS_SCALE: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """One ``none``/``scale`` stage: ``q = FSQ(a * r) / a`` (``q = FSQ(r)`` without scale).
+def store_index(index_rows, k, rounded, fsq, digits, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """Write stage ``k``'s packed index for the tile's positions; positions the stage skips
+    (padding, dropped stage) get -1.
 
-    Returns ``(q, t, rounded)``.
-    """
-    if HAS_SCALE:
-        code, t, rounded = fsq_code(a * r, hl, off, sh, hw, USE_LIBDEVICE)
-        return code / a, t, rounded
-    else:
-        code, t, rounded = fsq_code(r, hl, off, sh, hw, USE_LIBDEVICE)
-        return code, t, rounded
-
-
-@triton.jit
-def elem_replay(x, scale_ptr, hl, off, sh, hw, valid, n_act, NSTAGES: tl.constexpr, HAS_SCALE: tl.constexpr,
-                HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """Residual ``r_NSTAGES`` of an elementwise strategy, recomputed from the input tile ``x``
-    (positions/stages the forward skipped subtract nothing)."""
-    r = x
-    for j in tl.static_range(NSTAGES):
-        a = 1.0
-        if HAS_SCALE:
-            a = tl.load(scale_ptr + j).to(tl.float32)
-        q, _t, _rnd = elem_stage(r, a, hl, off, sh, hw, HAS_SCALE, USE_LIBDEVICE)
-        r = r - keep_only(q, valid, n_act, j, HAS_MASK, HAS_DROPOUT)
-    return r
+    ``index_rows = (idx_ptr, rows, mask_s)``: the base of the whole ``(B, S, K)`` index tensor,
+    ``rows = (img * S + offs_s) * K`` and the in-range positions."""
+    idx_ptr, rows, mask_s = index_rows
+    index = pack_index(rounded, fsq, digits)
+    if HAS_MASK or HAS_DROPOUT:
+        index = tl.where(stage_keep(valid, n_act, k, HAS_DROPOUT), index, -1)
+    tl.store(idx_ptr + rows + k, index.to(idx_ptr.dtype.element_ty), mask=mask_s)
 
 
 @triton.jit
-def ln_params(w_ptr, b_ptr, k, offs_c, mask_c, C):
-    """Row ``k`` of the ``(K, C)`` LN weight and bias as float32 ``[BLOCK_C, 1]`` columns."""
-    w = tl.load(w_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)[:, None]
-    bb = tl.load(b_ptr + k * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
-    return w, bb
-
-
-@triton.jit
-def ln_stats(mean_ptr, std_ptr, stat_base, k, offs_c, mask_c, C):
-    """Saved ``(mu, sd)`` of stage ``k`` (``(B, K, C)`` buffers, ``stat_base = b * K * C``)."""
-    mu = tl.load(mean_ptr + stat_base + k * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    sd = tl.load(std_ptr + stat_base + k * C + offs_c, mask=mask_c, other=1.0)[:, None]
-    return mu, sd
-
-
-@triton.jit
-def ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE: tl.constexpr):
-    """One ``layernorm`` stage in the reference's op order; returns ``(q, code, t, rounded)``.
-
-    ``n = w * (r - mu) / sd + b``; ``q = ((FSQ(n) - b) / w) * sd + mu``.
-    """
-    code, t, rounded = fsq_code(w * (r - mu) / sd + bb, hl, off, sh, hw, USE_LIBDEVICE)
-    return ((code - bb) / w) * sd + mu, code, t, rounded
-
-
-@triton.jit
-def _ln_undo_stage(r, j, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                   hl, off, sh, hw, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   USE_LIBDEVICE: tl.constexpr):
-    """``r_{j+1} = r_j - q_j`` for layernorm stage ``j`` with its saved statistics."""
-    mu, sd = ln_stats(mean_ptr, std_ptr, stat_base, j, offs_c, mask_c, C)
-    w, bb = ln_params(w_ptr, b_ptr, j, offs_c, mask_c, C)
-    q, _code, _t, _rnd = ln_stage(r, mu, sd, w, bb, hl, off, sh, hw, USE_LIBDEVICE)
-    return r - keep_only(q, valid, n_act, j, HAS_MASK, HAS_DROPOUT)
-
-
-@triton.jit
-def ln_replay(x, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-              hl, off, sh, hw, nstages, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              USE_LIBDEVICE: tl.constexpr):
-    """Residual ``r_nstages`` of the layernorm strategy from the input tile and saved statistics.
-
-    A runtime loop (``nstages`` is the caller's runtime stage index): code size and compile time
-    do not grow with K, and only one stage's values are live at a time.
-    """
-    r = x
-    for j in range(nstages):
-        r = _ln_undo_stage(r, j, mean_ptr, std_ptr, w_ptr, b_ptr, stat_base, offs_c, mask_c, C,
-                           hl, off, sh, hw, valid, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
-    return r
+def spatial_lanes(s0, valid_row, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, USE_INT64: tl.constexpr):
+    """Positions ``s0 .. s0+BLOCK_S`` of the image: ``(offs_s, mask_s, valid)``, where ``mask_s``
+    marks those in range and ``valid`` those in range and not padding."""
+    offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
+    mask_s = offs_s < S
+    return offs_s, mask_s, load_valid(valid_row, offs_s, mask_s, HAS_MASK)
 
 
 # -- masks (padded positions) and per-sample stage counts (quantize dropout) -------------------
-# Both are constexpr-gated (HAS_MASK, HAS_DROPOUT): without them the compiled code is unchanged.
+# Both are constexpr-gated (HAS_MASK, HAS_DROPOUT): without them the compiled code is unchanged
+# and their pointers are None.
 
 
 @triton.jit
-def load_valid(mask_ptr, b, offs_s, mask_s, S, HAS_MASK: tl.constexpr):
-    """``[BLOCK_S]`` bool: position in range and, with ``HAS_MASK``, not padding (``(B, S)`` uint8)."""
+def load_valid(valid_row, offs_s, mask_s, HAS_MASK: tl.constexpr):
+    """``[BLOCK_S]`` bool: position in range and, with ``HAS_MASK``, not padding. ``valid_row =
+    (valid_ptr, img * S)``: the ``(B, S)`` uint8 mask (None without ``HAS_MASK``) and where the
+    image's row starts."""
     if HAS_MASK:
-        m = tl.load(mask_ptr + b * S + offs_s, mask=mask_s, other=0)
+        valid_ptr, start = valid_row
+        m = tl.load(valid_ptr + start + offs_s, mask=mask_s, other=0)
         return mask_s & (m != 0)
     else:
         return mask_s
 
 
 @triton.jit
-def load_active(active_ptr, b, K, HAS_DROPOUT: tl.constexpr):
-    """Number of stages image ``b`` runs (``(B,)`` int32), or K without dropout."""
+def load_active(active_ptr, img, K, HAS_DROPOUT: tl.constexpr):
+    """Number of stages image ``img`` runs (``(B,)`` int32), or K without dropout."""
     if HAS_DROPOUT:
-        return tl.load(active_ptr + b)
+        return tl.load(active_ptr + img)
     else:
         return K
 
