@@ -32,7 +32,8 @@ PAPER_TABLE1: Dict[str, tuple] = {
 
 def preset_of(cfg: dict) -> str:
     """The preset name a quantizer configuration matches, or ``'custom'``."""
-    from rfsq_kernels.reference import default_levels
+    from rfsq_kernels.reference import default_levels, get_strategy
+    from rfsq_kernels.reference.strategies import SOFTPLUS_SCALE
 
     for name, p in PRESETS.items():
         q = p["quantizer"]
@@ -60,7 +61,8 @@ def run_identity(cfg: dict) -> Dict[str, object]:
     """The settings that make a checkpoint resumable: the quantizer's own (defaults made explicit, so
     ``levels=None`` equals the default levels; settings that quantizer ignores left out), the model
     width and the image size. Accepts ``vars(args)`` or an identity (idempotent)."""
-    from rfsq_kernels.reference import default_levels
+    from rfsq_kernels.reference import default_levels, get_strategy
+    from rfsq_kernels.reference.strategies import SOFTPLUS_SCALE
 
     q = cfg["quantizer"]
     out: Dict[str, object] = {"quantizer": q}
@@ -68,7 +70,7 @@ def run_identity(cfg: dict) -> Dict[str, object]:
         stages, strategy = cfg["rfsq_stages"], cfg["rfsq_strategy"]
         out.update(rfsq_stages=stages, rfsq_strategy=strategy,
                    levels=[int(v) for v in (cfg.get("levels") or default_levels(stages))])
-        if strategy == "scale":
+        if any(p.role == SOFTPLUS_SCALE for p in get_strategy(strategy).params):  # initial_scale matters
             out["rfsq_initial_scale"] = float(cfg["rfsq_initial_scale"])
     elif q == "fsq":
         out["levels"] = [int(v) for v in (cfg.get("levels") or [8, 8, 8, 8])]
