@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .kernels.launch import backward_outputs, forward_outputs, rfsq_backward_launch, rfsq_forward_launch
 from .reference import check_levels, check_stages, get_strategy
+from .reference.strategies import ALL_PARAM_NAMES
 
 __all__ = ["rfsq_fused"]
 
@@ -68,7 +69,7 @@ def _backward(ctx, grad_q, _grad_indices, _grad_mean, _grad_std):
         grad_q, z, scale, ln_weight, ln_bias, mean, std, mask, active, ctx.levels, ctx.stages, ctx.strategy)
     names = get_strategy(ctx.strategy).param_names
     grads = {"scale_param": grad_scale, "ln_weight": grad_w, "ln_bias": grad_b}
-    return (grad_z, *(grads[n] if n in names else None for n in ("scale_param", "ln_weight", "ln_bias")),
+    return (grad_z, *(grads[n] if n in names else None for n in ALL_PARAM_NAMES),
             None, None, None, None, None, None)
 
 
