@@ -1,6 +1,7 @@
 """Kernels of the elementwise strategies (``none``, and ``scale`` with ``HAS_SCALE``): forward,
 backward, launchers and output allocation. Positions are independent, so one program owns one
-(image, spatial tile). Design: ``docs/kernel-design.md``."""
+(image, spatial tile). The launchers are called through :mod:`.launch`, which answers problems
+without positions itself. Design: ``docs/kernel-design.md``."""
 from __future__ import annotations
 
 import math
@@ -152,8 +153,6 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, scale: Optional
     """Fused ``none`` (``scale is None``) or ``scale`` forward: ``(quantized, indices, mean, std)``."""
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
-    if B == 0 or S == 0:
-        return quantized.zero_(), indices.zero_(), mean.zero_(), std.zero_()
     x, x_strides = config.strided_view(z)
     consts, basis = config.level_tables(levels, z.device)
     valid, active = config.mask_and_counts(mask, active_stages, B, S)
@@ -181,8 +180,6 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     """Fused ``none``/``scale`` backward: ``(grad_z, grad_scale, grad_ln_weight, grad_ln_bias)``."""
     grad_z, grad_scale, grad_w, grad_b = backward_outputs(z, scale)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
-    if B == 0 or S == 0:
-        return grad_z.zero_(), grad_scale.zero_(), grad_w.zero_(), grad_b.zero_()
     x, x_strides = config.strided_view(z)
     g, g_strides = config.strided_view(grad_q)
     consts, _basis = config.level_tables(levels, z.device)

@@ -6,6 +6,7 @@ per-stage scale when the strategy has a ``scale_param``. Design: ``docs/kernel-d
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -14,6 +15,12 @@ from ..reference import get_strategy
 from . import elementwise, layernorm
 
 Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _no_positions(z: torch.Tensor) -> bool:
+    """An empty batch or zero spatial extent: nothing to launch, every output is zeros. Handled
+    here once, so the family launchers always see at least one position."""
+    return z.shape[0] == 0 or math.prod(z.shape[2:]) == 0
 
 
 def _has_scale(strategy: str) -> bool:
@@ -47,6 +54,8 @@ def rfsq_forward_launch(
     ``scale`` is ``a = softplus(scale_param)`` (``(K,)``, float32) for ``strategy='scale'``;
     ``ln_weight``/``ln_bias`` are ``(K, C)`` for ``'layernorm'``.
     """
+    if _no_positions(z):
+        return tuple(t.zero_() for t in forward_outputs(z, levels, stages, strategy))
     if get_strategy(strategy).per_image_stats:
         return layernorm.forward(z, levels, stages, ln_weight, ln_bias, eps, mask, active_stages)
     return elementwise.forward(z, levels, stages, scale if _has_scale(strategy) else None, mask, active_stages)
@@ -83,6 +92,8 @@ def rfsq_backward_launch(
     the softplus derivative); ``mean``/``std`` are the forward's saved LN statistics.
     ``grad_q`` may have any strides (an expanded stride-0 gradient is read in place).
     """
+    if _no_positions(z):
+        return tuple(t.zero_() for t in backward_outputs(z, stages, strategy, scale, ln_weight, ln_bias))
     if get_strategy(strategy).per_image_stats:
         return layernorm.backward(grad_q, z, levels, stages, ln_weight, ln_bias, mean, std, mask, active_stages)
     return elementwise.backward(grad_q, z, levels, stages, scale if _has_scale(strategy) else None,

@@ -1,6 +1,7 @@
 """Kernels of the ``layernorm`` strategy (per-image statistics): forward, backward, launchers and
 output allocation. Each stage's mean/std reduce over all positions of an image, so one program
-owns one image. Design: ``docs/kernel-design.md``.
+owns one image. The launchers are called through :mod:`.launch`, which answers
+problems without positions itself. Design: ``docs/kernel-design.md``.
 
 Besides the bundles of :mod:`.stages`, these helpers take ``ln = (mean_ptr, std_ptr, weight_ptr,
 bias_ptr, stat_start)`` -- the ``(B, K, C)`` saved statistics, where the image's rows start
@@ -367,8 +368,6 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, ln_weight: torc
     """Fused ``layernorm`` forward: ``(quantized, indices, mean, std)``."""
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
-    if B == 0 or S == 0:
-        return quantized.zero_(), indices.zero_(), mean.zero_(), std.zero_()
     x, x_strides = config.strided_view(z)
     consts, basis = config.level_tables(levels, z.device)
     valid, active = config.mask_and_counts(mask, active_stages, B, S)
@@ -394,8 +393,6 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     """Fused ``layernorm`` backward: ``(grad_z, grad_scale, grad_ln_weight, grad_ln_bias)``."""
     grad_z, grad_scale, grad_w, grad_b = backward_outputs(z, ln_weight, ln_bias)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
-    if B == 0 or S == 0:
-        return grad_z.zero_(), grad_scale.zero_(), grad_w.zero_(), grad_b.zero_()
     x, x_strides = config.strided_view(z)
     g, g_strides = config.strided_view(grad_q)
     consts, _basis = config.level_tables(levels, z.device)
