@@ -164,7 +164,7 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, scale: Optional
         K=stages, HAS_SCALE=scale is not None, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
         HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
         USE_INT64=config.needs_int64(x, quantized, indices), USE_LIBDEVICE=config.use_libdevice(z),
-        num_warps=tiles.num_warps)
+        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
     return quantized, indices, mean, std
 
 
@@ -194,7 +194,7 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
         K=stages, HAS_SCALE=scale is not None, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
         HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
         USE_INT64=config.needs_int64(x, g, grad_z), USE_LIBDEVICE=config.use_libdevice(z),
-        num_warps=tiles.num_warps)
+        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
     if part is not None:
         grad_scale.copy_(part.sum(0))
     return grad_z, grad_scale, grad_w, grad_b
