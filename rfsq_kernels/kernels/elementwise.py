@@ -166,7 +166,7 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, 
         K=stages, HAS_SCALE=scale is not None, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
         HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
         USE_INT64=config.needs_int64(x, quantized, indices), USE_LIBDEVICE=config.use_libdevice(z),
-        num_warps=tiles.num_warps)
+        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
     return quantized, indices, mean, std
 
 
@@ -191,6 +191,6 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
         K=stages, HAS_SCALE=scale is not None, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
         HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
         USE_INT64=config.needs_int64(x, g, grad_z), USE_LIBDEVICE=config.use_libdevice(z),
-        num_warps=tiles.num_warps)
+        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
     grad_params = () if part is None else (part.sum(0).to(scale.dtype),)
     return grad_z, grad_params

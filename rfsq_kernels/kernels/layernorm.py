@@ -379,7 +379,8 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, 
         C, S, *x_strides, *config.flat_strides(quantized), float(eps),
         K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
         HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
-        USE_INT64=use_int64, USE_LIBDEVICE=config.use_libdevice(z), num_warps=tiles.num_warps)
+        USE_INT64=use_int64, USE_LIBDEVICE=config.use_libdevice(z), num_warps=tiles.num_warps,
+        enable_fp_fusion=config.FP_FUSION)
     return quantized, indices, mean, std
 
 
@@ -406,7 +407,7 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
         K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
         HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
         USE_INT64=config.needs_int64(x, g, grad_z, scratch), USE_LIBDEVICE=config.use_libdevice(z),
-        num_warps=tiles.num_warps)
+        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
     grad_w.copy_(dw_part.sum(0))
     grad_b.copy_(db_part.sum(0))
     return grad_z, (grad_w, grad_b)
