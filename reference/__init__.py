@@ -19,7 +19,7 @@ from .fsq import FSQ, fsq_quantize, round_ste
 from .lfq import LFQ
 from .rfsq import RFSQ, rfsq_decode_stages, rfsq_forward
 from .sentinel import SENTINEL, check_sentinel_layout, split_sentinel
-from .strategies import STRATEGIES, STRATEGY_TABLE, ParamSpec, Strategy, get_strategy, scale_param_init
+from .strategies import STRATEGIES, STRATEGY_TABLE, ParamSpec, Strategy, get_strategy, scale_param_init, stage_scales
 from .validation import check_eps, check_indices, check_latent, check_side, check_stages, check_strategy
 from .vq_ema import VQEMA
 
@@ -29,5 +29,5 @@ __all__ = [
     "check_latent", "check_levels", "check_sentinel_layout", "check_side", "draw_active_stages", "split_sentinel",
     "check_stages", "check_strategy", "codebook_size", "default_levels", "digits_to_codes",
     "digits_to_indices", "fsq_constants", "fsq_quantize", "index_basis", "index_dtype",
-    "indices_to_digits", "rfsq_decode_stages", "rfsq_forward", "round_ste", "scale_param_init",
+    "indices_to_digits", "rfsq_decode_stages", "rfsq_forward", "round_ste", "scale_param_init", "stage_scales",
 ]

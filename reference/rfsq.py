@@ -27,7 +27,7 @@ from .fsq import fsq_quantize
 from .layout import check_input, first_to_last, from_channel_last, last_to_first, spatial_shape, to_channel_last
 from .sentinel import SENTINEL, check_sentinel_layout, split_sentinel
 from .state import ConfigStateMixin
-from .strategies import Strategy, get_strategy
+from .strategies import Strategy, get_strategy, stage_scales
 from .validation import check_eps, check_indices, check_latent, check_side, check_stages
 
 #: ``stages`` at call time: None (all), an int k (the first k), or a ``(B,)`` tensor of per-sample counts.
@@ -133,9 +133,11 @@ def _stage_none(r: torch.Tensor, k: int, params: Dict[str, Optional[torch.Tensor
 
 
 def _stage_scale(r: torch.Tensor, k: int, params: Dict[str, Optional[torch.Tensor]], ctx: StageContext):
-    a = F.softplus(params["scale_param"][k].to(ctx.compute_dtype))
+    a = stage_scales(params["scale_param"], ctx.compute_dtype)[k]
     codes, digits = fsq_quantize(a * r, ctx.levels, ctx.compute_dtype)
-    return codes / a, digits, None
+    # Un-conditioning multiplies by the reciprocal (one IEEE division per stage, not per element):
+    # the fused kernels compute exactly this (docs/semantics.md, "Arithmetic contract").
+    return codes * torch.reciprocal(a), digits, None
 
 
 def _stage_layernorm(r: torch.Tensor, k: int, params: Dict[str, Optional[torch.Tensor]], ctx: StageContext):
@@ -149,8 +151,11 @@ def _stage_layernorm(r: torch.Tensor, k: int, params: Dict[str, Optional[torch.T
     sd = torch.sqrt(var + ctx.eps)
     w = _per_channel(params["ln_weight"], k, nd).to(cdt)
     b = _per_channel(params["ln_bias"], k, nd).to(cdt)
-    codes, digits = fsq_quantize(w * (r - mu) / sd + b, ctx.levels, cdt)
-    q = ((codes - b) / w) * sd + mu
+    # Per-(image, channel) factors, divided once; every element is multiplied (docs/semantics.md,
+    # "Arithmetic contract": the fused kernels and decode compute exactly these operations).
+    w_sd, sd_w = w / sd, sd / w
+    codes, digits = fsq_quantize((r - mu) * w_sd + b, ctx.levels, cdt)
+    q = (codes - b) * sd_w + mu
     return q, digits, (mu.detach().flatten(1).float(), sd.detach().flatten(1).float())
 
 
@@ -205,7 +210,7 @@ def _decode_none(codes, k, params, mean, std):
 
 
 def _decode_scale(codes, k, params, mean, std):
-    return codes / F.softplus(params["scale_param"][k].float())
+    return codes * torch.reciprocal(stage_scales(params["scale_param"])[k])
 
 
 def _decode_layernorm(codes, k, params, mean, std):
@@ -214,7 +219,7 @@ def _decode_layernorm(codes, k, params, mean, std):
     mu, sd = mean[:, k].reshape(shape), std[:, k].reshape(shape)
     w = _per_channel(params["ln_weight"], k, nd).float()
     b = _per_channel(params["ln_bias"], k, nd).float()
-    return ((codes - b) / w) * sd + mu
+    return (codes - b) * (sd / w) + mu
 
 
 #: Per-stage decode of each strategy: ``(float32 codes (B, C, *spatial), k, params, mean, std) -> q_k``,
@@ -314,7 +319,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
     @property
     def scales(self) -> Optional[torch.Tensor]:
         """``a_k = softplus(p_k)`` for the ``'scale'`` strategy, else None."""
-        return F.softplus(self.scale_param) if hasattr(self, "scale_param") else None
+        return stage_scales(self.scale_param) if hasattr(self, "scale_param") else None
 
     def config(self) -> dict:
         """What the parameters mean; stored in (and checked against) the state_dict."""

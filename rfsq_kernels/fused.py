@@ -16,11 +16,10 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels.launch import backward_outputs, forward_outputs, rfsq_backward_launch, rfsq_forward_launch
-from .reference import check_levels, check_stages, get_strategy
+from .reference import check_levels, check_stages, get_strategy, stage_scales
 from .reference.strategies import ALL_PARAM_NAMES
 
 __all__ = ["rfsq_fused"]
@@ -108,8 +107,9 @@ def rfsq_fused(
         if got is None or tuple(got.shape) != want:
             raise ValueError(f"strategy={strategy!r} needs {p.name} of shape {want}, got "
                              f"{None if got is None else tuple(got.shape)}")
-    # The kernels take a = softplus(p) (float32): autograd applies the softplus derivative.
-    scale = F.softplus(scale_param.float()) if "scale_param" in spec.param_names else None
+    # The kernels take a = softplus(p) (float32, reference.stage_scales): autograd applies the
+    # softplus derivative.
+    scale = stage_scales(scale_param) if "scale_param" in spec.param_names else None
     if "ln_weight" not in spec.param_names:  # parameters of another strategy are not the op's inputs
         ln_weight = ln_bias = None
     if active_stages is not None:
