@@ -27,7 +27,7 @@ from .fsq import fsq_quantize
 from .layout import check_input, first_to_last, from_channel_last, last_to_first, spatial_shape, to_channel_last
 from .sentinel import SENTINEL, check_sentinel_layout, split_sentinel
 from .state import ConfigStateMixin
-from .strategies import Strategy, get_strategy
+from .strategies import Strategy, get_strategy, stage_scales
 from .validation import check_eps, check_indices, check_latent, check_side, check_stages
 
 #: ``stages`` at call time: None (all), an int k (the first k), or a ``(B,)`` tensor of per-sample counts.
@@ -139,9 +139,11 @@ def _stage_none(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
 
 def _stage_scale(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
     (scale_param,) = params
-    a = F.softplus(scale_param[k].to(ctx.compute_dtype))
+    a = stage_scales(scale_param, ctx.compute_dtype)[k]
     codes, digits = fsq_quantize(a * r, ctx.levels, ctx.compute_dtype)
-    return codes / a, digits, None
+    # Un-conditioning multiplies by the reciprocal (one IEEE division per stage, not per element):
+    # the fused kernels compute exactly this (docs/semantics.md, "Arithmetic contract").
+    return codes * torch.reciprocal(a), digits, None
 
 
 def _stage_layernorm(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
@@ -156,8 +158,11 @@ def _stage_layernorm(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageCont
     sd = torch.sqrt(var + ctx.eps)
     w = _per_channel(ln_weight, k, nd).to(cdt)
     b = _per_channel(ln_bias, k, nd).to(cdt)
-    codes, digits = fsq_quantize(w * (r - mu) / sd + b, ctx.levels, cdt)
-    q = ((codes - b) / w) * sd + mu
+    # Per-(image, channel) factors, divided once; every element is multiplied (docs/semantics.md,
+    # "Arithmetic contract": the fused kernels and decode compute exactly these operations).
+    w_sd, sd_w = w / sd, sd / w
+    codes, digits = fsq_quantize((r - mu) * w_sd + b, ctx.levels, cdt)
+    q = (codes - b) * sd_w + mu
     return q, digits, (mu.detach().flatten(1).float(), sd.detach().flatten(1).float())
 
 
@@ -215,7 +220,7 @@ def _decode_none(codes, k, params, mean, std):
 
 def _decode_scale(codes, k, params, mean, std):
     (scale_param,) = params
-    return codes / F.softplus(scale_param[k].float())
+    return codes * torch.reciprocal(stage_scales(scale_param)[k])
 
 
 def _decode_layernorm(codes, k, params, mean, std):
@@ -225,7 +230,7 @@ def _decode_layernorm(codes, k, params, mean, std):
     ln_weight, ln_bias = params
     w = _per_channel(ln_weight, k, nd).float()
     b = _per_channel(ln_bias, k, nd).float()
-    return ((codes - b) / w) * sd + mu
+    return (codes - b) * (sd / w) + mu
 
 
 #: Per-stage decode of each strategy: ``(float32 codes (B, C, *spatial), k, params, mean, std) -> q_k``,
@@ -325,7 +330,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
     @property
     def scales(self) -> Optional[torch.Tensor]:
         """``a_k = softplus(p_k)`` for the ``'scale'`` strategy, else None."""
-        return F.softplus(self.scale_param) if hasattr(self, "scale_param") else None
+        return stage_scales(self.scale_param) if hasattr(self, "scale_param") else None
 
     def config(self) -> dict:
         """What the parameters mean; stored in (and checked against) the state_dict."""

@@ -43,14 +43,10 @@ class ParamRole:
     to_kernel: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
-def _softplus32(p: torch.Tensor) -> torch.Tensor:
-    return F.softplus(p.float())
-
-
 #: Every parameter role by name. A strategy with a new role registers it here (and its random
 #: distribution in ``rfsq_kernels.testing.DISTRIBUTIONS``).
 PARAM_ROLES: Dict[str, ParamRole] = {
-    SOFTPLUS_SCALE: ParamRole(lambda initial_scale: scale_param_init(initial_scale), _softplus32),
+    SOFTPLUS_SCALE: ParamRole(lambda initial_scale: scale_param_init(initial_scale), lambda p: stage_scales(p)),
     GAIN: ParamRole(lambda _initial_scale: 1.0),
     SHIFT: ParamRole(lambda _initial_scale: 0.0),
 }
@@ -156,6 +152,18 @@ def get_strategy(strategy: str) -> Strategy:
     return row
 
 
+def stage_scales(scale_param: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``a_k = softplus(p_k)`` for every stage, as the reference, decode and the fused op all
+    compute it: in float64, rounded once to ``dtype``.
+
+    softplus is a transcendental that PyTorch rounds differently on different paths (on the CPU
+    its vectorized and scalar loops disagree in the last float32 bit for about 1 value in 8;
+    CUDA's differs again). In float64 those differences sit ~2**-29 below a float32 step, so
+    the rounded ``a_k`` is the same on every path and device (docs/semantics.md, "Arithmetic
+    contract")."""
+    return F.softplus(scale_param.double()).to(dtype)
+
+
 def scale_param_init(initial_scale: float) -> float:
     """The float32 ``p`` with ``softplus(p) == initial_scale`` exactly (docs/semantics.md: ``log(expm1(s))``).
 
@@ -168,7 +176,7 @@ def scale_param_init(initial_scale: float) -> float:
     p = torch.tensor(math.log(math.expm1(initial_scale)), dtype=torch.float32)
     best = p
     for _ in range(8):
-        a = F.softplus(p)
+        a = stage_scales(p)
         if a == target:
             return p.item()
         p = torch.nextafter(p, torch.tensor(float("inf")) if a < target else torch.tensor(float("-inf")))

@@ -12,28 +12,34 @@ import triton
 import triton.language as tl
 
 from . import config
+from .fpmath import recip_rn
 from .stages import (fsq_code, fsq_dcode, keep_only, load_active, load_digit_range, load_levels, load_tile,
                      masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, widen)
 
 
 @triton.jit
 def stage_scale(scale_ptr, k, HAS_SCALE: tl.constexpr):
-    """``a_k`` as float32 (``scale_ptr``: ``(K,)``), or 1.0 without ``HAS_SCALE``."""
+    """``(a_k, 1 / a_k)`` as float32 (``scale_ptr``: ``(K,)``; the reciprocal rounded to nearest,
+    as the reference's ``torch.reciprocal``), or ``(1.0, 1.0)`` without ``HAS_SCALE``."""
     if HAS_SCALE:
-        return tl.load(scale_ptr + k).to(tl.float32)
+        a = tl.load(scale_ptr + k).to(tl.float32)
+        return a, recip_rn(a)
     else:
-        return 1.0
+        return 1.0, 1.0
 
 
 @triton.jit
-def elem_stage(r, a, fsq, HAS_SCALE: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """One ``none``/``scale`` stage: ``q = FSQ(a * r) / a`` (``q = FSQ(r)`` without scale).
+def elem_stage(r, scale, fsq, HAS_SCALE: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """One ``none``/``scale`` stage: ``q = FSQ(a * r) * (1 / a)`` (``q = FSQ(r)`` without scale),
+    ``scale = (a, 1 / a)`` from :func:`stage_scale`: the reference multiplies by the same
+    reciprocal, so no element is divided.
 
     Returns ``(q, t, rounded)``.
     """
     if HAS_SCALE:
+        a, inv_a = scale
         code, t, rounded = fsq_code(a * r, fsq, USE_LIBDEVICE)
-        return code / a, t, rounded
+        return code * inv_a, t, rounded
     else:
         code, t, rounded = fsq_code(r, fsq, USE_LIBDEVICE)
         return code, t, rounded
@@ -46,8 +52,8 @@ def elem_replay(x, scale_ptr, fsq, valid, n_act, NSTAGES: tl.constexpr, HAS_SCAL
     stages the forward skipped subtract nothing)."""
     r = x
     for j in tl.static_range(NSTAGES):
-        a = stage_scale(scale_ptr, j, HAS_SCALE)
-        q, _t, _rounded = elem_stage(r, a, fsq, HAS_SCALE, USE_LIBDEVICE)
+        scale = stage_scale(scale_ptr, j, HAS_SCALE)
+        q, _t, _rounded = elem_stage(r, scale, fsq, HAS_SCALE, USE_LIBDEVICE)
         r = r - keep_only(q, valid, n_act, j, HAS_MASK, HAS_DROPOUT)
     return r
 
@@ -83,8 +89,8 @@ def _fwd_elementwise_kernel(
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_index
     for k in range(K):
-        a = stage_scale(scale_ptr, k, HAS_SCALE)
-        q, _t, rounded = elem_stage(r, a, fsq, HAS_SCALE, USE_LIBDEVICE)
+        scale = stage_scale(scale_ptr, k, HAS_SCALE)
+        q, _t, rounded = elem_stage(r, scale, fsq, HAS_SCALE, USE_LIBDEVICE)
         store_index(index_rows, k, rounded, fsq, digits, valid, n_act, HAS_MASK, HAS_DROPOUT)
         q = keep_only(q, valid[None, :], n_act, k, HAS_MASK, HAS_DROPOUT)
         acc = acc + q
@@ -103,7 +109,7 @@ def _bwd_elementwise_kernel(
     """``none``/``scale`` backward: J_k is diagonal, so every position is independent.
 
     ``dq/dr = dcode/du`` (the scale cancels) and, for ``scale``,
-    ``dL/da_k = sum v_k * (dcode/du * r_k - q_k) / a_k`` (one partial per program and stage in
+    ``dL/da_k = sum v_k * (dcode/du * r_k - q_k) * (1 / a_k)`` (one partial per program and stage in
     ``dscale_part_ptr``, ``(programs, K)``). The residual is replayed from the input for every
     stage; the stages are unrolled, so the compiler shares the O(K^2) replay.
 
@@ -129,17 +135,24 @@ def _bwd_elementwise_kernel(
     x = load_tile(x_view, offs_c, offs_s, mask)
     g = load_tile(g_view, offs_c, offs_s, mask)
     G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    # dL/da_k of every stage, stored once after the loop: a store between the unrolled stages
+    # would keep the compiler from sharing their replays (it may alias the scale loads).
+    K_POW2: tl.constexpr = 1 << (K - 1).bit_length()
+    stage_ids = tl.arange(0, K_POW2)
+    parts = tl.zeros([K_POW2], dtype=tl.float32)
     for k in tl.static_range(K - 1, -1, -1):
         r = elem_replay(x, scale_ptr, fsq, mask, n_act, k, HAS_SCALE, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
-        a = stage_scale(scale_ptr, k, HAS_SCALE)
-        q, t, _rounded = elem_stage(r, a, fsq, HAS_SCALE, USE_LIBDEVICE)
+        scale = stage_scale(scale_ptr, k, HAS_SCALE)
+        q, t, _rounded = elem_stage(r, scale, fsq, HAS_SCALE, USE_LIBDEVICE)
         J = fsq_dcode(t, fsq)
         v = tl.where(stage_keep(mask, n_act, k, HAS_DROPOUT), g - G, 0.0)
         if HAS_SCALE:
-            part = tl.sum(masked_row_sum(v * (J * r - q), mask), axis=0) / a
-            tl.store(dscale_part_ptr + pid * K + k, part)
+            part = tl.sum(masked_row_sum(v * (J * r - q), mask), axis=0) * scale[1]
+            parts = tl.where(stage_ids == k, part, parts)
         G = G + v * J
     store_tile(dx_view, G, offs_c, offs_s, inside)
+    if HAS_SCALE:
+        tl.store(dscale_part_ptr + pid * K + stage_ids, parts, mask=stage_ids < K)
 
 
 def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, ...]:

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import config
+from .fpmath import as_f32, div_rn, recip_rn
 from .stages import (fsq_code, fsq_dcode, keep_only, load_active, load_digit_range, load_levels, load_tile,
                      masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, widen)
 
@@ -44,13 +45,23 @@ def ln_stats(ln, k, chan):
 
 
 @triton.jit
-def ln_stage(r, mu, sd, weight, bias, fsq, USE_LIBDEVICE: tl.constexpr):
+def ln_factors(weight, sd):
+    """Per-channel ``(weight / sd, sd / weight)``, IEEE divisions computed once per channel (the
+    reference computes the same two quotients with torch)."""
+    return div_rn(weight, sd), div_rn(sd, weight)
+
+
+@triton.jit
+def ln_stage(r, mu, factors, bias, fsq, USE_LIBDEVICE: tl.constexpr):
     """One ``layernorm`` stage in the reference's op order; returns ``(q, code, t, rounded)``.
 
-    ``n = weight * (r - mu) / sd + bias``; ``q = ((FSQ(n) - bias) / weight) * sd + mu``.
+    ``factors = (weight / sd, sd / weight)`` from :func:`ln_factors`:
+    ``n = (r - mu) * (weight / sd) + bias``; ``q = (FSQ(n) - bias) * (sd / weight) + mu`` --
+    no division per element.
     """
-    code, t, rounded = fsq_code(weight * (r - mu) / sd + bias, fsq, USE_LIBDEVICE)
-    return ((code - bias) / weight) * sd + mu, code, t, rounded
+    w_sd, sd_w = factors
+    code, t, rounded = fsq_code((r - mu) * w_sd + bias, fsq, USE_LIBDEVICE)
+    return (code - bias) * sd_w + mu, code, t, rounded
 
 
 @triton.jit
@@ -65,7 +76,7 @@ def ln_replay(x, ln, chan, fsq, nstages, valid, n_act, HAS_MASK: tl.constexpr, H
     for j in range(nstages):
         mu, sd = ln_stats(ln, j, chan)
         weight, bias = ln_params(ln, j, chan)
-        q, _code, _t, _rounded = ln_stage(r, mu, sd, weight, bias, fsq, USE_LIBDEVICE)
+        q, _code, _t, _rounded = ln_stage(r, mu, ln_factors(weight, sd), bias, fsq, USE_LIBDEVICE)
         r = r - keep_only(q, valid, n_act, j, HAS_MASK, HAS_DROPOUT)
     return r
 
@@ -75,7 +86,7 @@ def _ln_emit(r, acc, mu, sd, k, ln, chan, fsq, digits, index_rows, valid, n_act,
              HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """Quantize stage ``k`` with known statistics and store its indices; returns ``(r_{k+1}, acc + q_k)``."""
     weight, bias = ln_params(ln, k, chan)
-    q, _code, _t, rounded = ln_stage(r, mu, sd, weight, bias, fsq, USE_LIBDEVICE)
+    q, _code, _t, rounded = ln_stage(r, mu, ln_factors(weight, sd), bias, fsq, USE_LIBDEVICE)
     store_index(index_rows, k, rounded, fsq, digits, valid, n_act, HAS_MASK, HAS_DROPOUT)
     q = keep_only(q, valid[None, :], n_act, k, HAS_MASK, HAS_DROPOUT)
     return r - q, acc + q
@@ -126,16 +137,16 @@ def _fwd_layernorm_kernel(
     if ONE_TILE:
         offs_s, mask_s, valid = spatial_lanes(0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
         mask = mask_c[:, None] & valid[None, :]
-        n = S
+        n = as_f32(S)
         if HAS_MASK:
             n = tl.maximum(tl.sum(valid.to(tl.float32), axis=0), 1.0)
         r = load_tile(x_view, offs_c, offs_s, mask)
         acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_index
         for k in range(K):
-            mu = masked_row_sum(r, mask) / n
+            mu = div_rn(masked_row_sum(r, mask), n)
             d = r - mu[:, None]
-            sd = tl.sqrt(masked_row_sum(d * d, mask) / n + eps)
+            sd = tl.sqrt_rn(div_rn(masked_row_sum(d * d, mask), n) + eps)
             _ln_store_stats(ln, k, chan, mu, sd, n_act, HAS_DROPOUT)
             r, acc = _ln_emit(r, acc, mu[:, None], sd[:, None], k, ln, chan, fsq, digits, index_rows, valid,
                               n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
@@ -160,11 +171,11 @@ def _fwd_layernorm_kernel(
                         d = r - mu[:, None]
                         total += masked_row_sum(d * d, mask)
                 if sweep == 0:
-                    n = S
+                    n = as_f32(S)
                     if HAS_MASK:
                         n = tl.maximum(count, 1.0)
-                    mu = total / n
-            sd = tl.sqrt(total / n + eps)
+                    mu = div_rn(total, n)
+            sd = tl.sqrt_rn(div_rn(total, n) + eps)
             _ln_store_stats(ln, k, chan, mu, sd, n_act, HAS_DROPOUT)
             # Later passes re-read these statistics, possibly from other threads of the program.
             tl.debug_barrier()
@@ -186,16 +197,20 @@ def _ln_bwd_tile(x, g_minus_G, mask, k, ln, chan, fsq, n_act, HAS_MASK: tl.const
                  USE_LIBDEVICE: tl.constexpr):
     """Per-position quantities of stage ``k`` (runtime index) for one tile, ``g_minus_G = g - G_{k+1}``.
 
-    Returns ``(v, h, xhat, cn)``: ``v = dL/dq_k`` (masked), ``h = dL/dn`` through the code
-    (``v * sd / weight * dcode/dn``), ``xhat = (r - mu) / sd`` and ``cn = (code - bias) / weight``.
+    Returns ``(v, h, xhat, cn, w_sd)``: ``v = dL/dq_k`` (masked), ``h = dL/dn`` through the code
+    (``v * sd / weight * dcode/dn``), ``xhat = (r - mu) / sd``, ``cn = (code - bias) / weight =
+    (q - mu) / sd`` and the column ``weight / sd``. Gradients only: one reciprocal per channel,
+    multiplied (``cn`` through ``q``, so no ``1 / weight``), no division per element.
     """
     r = ln_replay(x, ln, chan, fsq, k, mask, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
     mu, sd = ln_stats(ln, k, chan)
     weight, bias = ln_params(ln, k, chan)
-    _q, code, t, _rounded = ln_stage(r, mu, sd, weight, bias, fsq, USE_LIBDEVICE)
+    w_sd, sd_w = ln_factors(weight, sd)
+    q, _code, t, _rounded = ln_stage(r, mu, (w_sd, sd_w), bias, fsq, USE_LIBDEVICE)
     v = tl.where(stage_keep(mask, n_act, k, HAS_DROPOUT), g_minus_G, 0.0)
-    h = v * (sd / weight) * fsq_dcode(t, fsq)
-    return v, h, (r - mu) / sd, (code - bias) / weight
+    h = v * sd_w * fsq_dcode(t, fsq)
+    inv_sd = recip_rn(sd)
+    return v, h, (r - mu) * inv_sd, (q - mu) * inv_sd, w_sd
 
 
 @triton.jit
@@ -227,18 +242,18 @@ def _ln_bwd_coeffs(sums, k, ln, dparts, chan):
     offs_c, mask_c, C = chan
     sd = tl.load(std_ptr + stat_start + k * C + offs_c, mask=mask_c, other=1.0)
     weight = tl.load(weight_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)
-    tl.store(dweight_part_ptr + stat_start + k * C + offs_c, sum_hx - (sd / weight) * sum_vc, mask=mask_c)
-    tl.store(dbias_part_ptr + stat_start + k * C + offs_c, sum_h - (sd / weight) * sum_v, mask=mask_c)
-    w_sd = weight / sd
+    w_sd, sd_w = ln_factors(weight, sd)
+    tl.store(dweight_part_ptr + stat_start + k * C + offs_c, sum_hx - sd_w * sum_vc, mask=mask_c)
+    tl.store(dbias_part_ptr + stat_start + k * C + offs_c, sum_h - sd_w * sum_v, mask=mask_c)
     return w_sd[:, None], (sum_v - w_sd * sum_h)[:, None], (sum_vc - w_sd * sum_hx)[:, None]
 
 
 @triton.jit
-def _ln_dr(h, xhat, coeffs, n, mask, HAS_MASK: tl.constexpr):
+def _ln_dr(h, xhat, coeffs, inv_n, mask, HAS_MASK: tl.constexpr):
     """``dL/dr_k`` through stage k: direct path plus the mean and std paths (``n`` positions enter
     the statistics; with ``HAS_MASK`` only the valid ones, ``mask``, get the statistics' share)."""
     w_sd, dmu, dsd = coeffs
-    dr = h * w_sd + (dmu + dsd * xhat) / n
+    dr = h * w_sd + (dmu + dsd * xhat) * inv_n
     if HAS_MASK:
         dr = tl.where(mask, dr, 0.0)
     return dr
@@ -246,7 +261,7 @@ def _ln_dr(h, xhat, coeffs, n, mask, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _valid_count(valid_row, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, USE_INT64: tl.constexpr):
-    """Positions entering the image's statistics: S, or its valid ones (at least 1)."""
+    """Positions entering the image's statistics (float32): S, or its valid ones (at least 1)."""
     if HAS_MASK:
         count = 0.0
         for s0 in range(0, S, BLOCK_S):
@@ -254,7 +269,7 @@ def _valid_count(valid_row, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, US
             count += tl.sum(valid.to(tl.float32), axis=0)
         return tl.maximum(count, 1.0)
     else:
-        return S
+        return as_f32(S)
 
 
 @triton.jit(do_not_specialize=["C", "K"])
@@ -292,6 +307,7 @@ def _bwd_layernorm_kernel(
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
     n_act = load_active(active_ptr, img, K, HAS_DROPOUT)
     n = _valid_count(valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
+    inv_n = recip_rn(n)
     if ONE_TILE:
         offs_s, mask_s, valid = spatial_lanes(0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
         mask = mask_c[:, None] & valid[None, :]
@@ -303,17 +319,16 @@ def _bwd_layernorm_kernel(
         for k_rev in range(K):
             k = K - 1 - k_rev
             x = load_tile(x_view, offs_c, offs_s, mask)
-            v, h, xhat, cn = _ln_bwd_tile(x, V, mask, k, ln, chan, fsq, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+            v, h, xhat, cn, w_sd = _ln_bwd_tile(x, V, mask, k, ln, chan, fsq, n_act, HAS_MASK, HAS_DROPOUT,
+                                                USE_LIBDEVICE)
             sums = _ln_sums(v, h, xhat, cn, mask)
             # The direct path of dL/dr needs no reduction: apply it now, so that only x, V and
             # xhat stay live across the reductions' barriers.
-            weight, _bias = ln_params(ln, k, chan)
-            _mu, sd = ln_stats(ln, k, chan)
-            V = V - h * (weight / sd)
+            V = V - h * w_sd
             _w_sd, dmu, dsd = _ln_bwd_coeffs(sums, k, ln, dparts, chan)
             # (Padding picks up the statistics' share here too, but V there never reaches a valid
             # position -- v is masked -- and dx is zeroed there at the store.)
-            V = V - (dmu + dsd * xhat) / n
+            V = V - (dmu + dsd * xhat) * inv_n
         dx = load_tile(g_view, offs_c, offs_s, mask) - V
         if HAS_MASK:
             dx = tl.where(mask, dx, 0.0)
@@ -336,12 +351,12 @@ def _bwd_layernorm_kernel(
                     G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
                     if k < K - 1:
                         G = load_tile(scratch_view, offs_c, offs_s, mask)
-                    v, h, xhat, cn = _ln_bwd_tile(x, g - G, mask, k, ln, chan, fsq, n_act,
+                    v, h, xhat, cn, _w_sd = _ln_bwd_tile(x, g - G, mask, k, ln, chan, fsq, n_act,
                                                   HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
                     if sweep == 0:
                         sums = _add_sums(sums, _ln_sums(v, h, xhat, cn, mask))
                     else:
-                        G = G + _ln_dr(h, xhat, coeffs, n, mask, HAS_MASK)
+                        G = G + _ln_dr(h, xhat, coeffs, inv_n, mask, HAS_MASK)
                         inside = mask_c[:, None] & mask_s[None, :]
                         if k == 0:
                             store_tile(dx_view, G, offs_c, offs_s, inside)

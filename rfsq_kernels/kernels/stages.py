@@ -10,7 +10,7 @@ also says why starts rather than advanced pointers):
   :func:`load_tile` / :func:`store_tile`;
 * ``valid_row = (valid_ptr, img * S)`` for the padding mask, ``index_rows = (idx_ptr, rows,
   mask_s)`` for :func:`store_index`;
-* the level constants ``fsq = (half_l, offset, shift, half_w)`` from :func:`load_levels`, and
+* the level constants ``fsq = (half_l, offset, shift, half_w, inv_w)`` from :func:`load_levels`, and
   ``digits = (top, basis)`` from :func:`load_digit_range` (index packing, forward only).
 
 Padded channels load neutral constants (``half_w = 1``, ``basis = 0``) and are never stored. The
@@ -20,7 +20,7 @@ sees bit-identical rounding decisions.
 import triton
 import triton.language as tl
 
-from .fpmath import round_half_even, tanh_f32
+from .fpmath import div_small_int, recip_rn, round_half_even, tanh_f32
 
 # Rows of the per-channel constant table built by ``config.level_tables``.
 ROW_HALF_L = tl.constexpr(0)
@@ -65,13 +65,14 @@ def masked_row_sum(v, mask):
 
 @triton.jit
 def load_levels(consts_ptr, offs_c, mask_c, C):
-    """``fsq = (half_l, offset, shift, half_w)``: per-channel FSQ constants as float32
-    ``[BLOCK_C, 1]`` columns (padded channels: ``half_w = 1``, the rest 0)."""
+    """``fsq = (half_l, offset, shift, half_w, inv_w)``: per-channel FSQ constants as float32
+    ``[BLOCK_C, 1]`` columns (padded channels: ``half_w = 1``, the rest 0); ``inv_w = 1 / half_w``
+    rounded to nearest, for :func:`~.fpmath.div_small_int`."""
     half_l = tl.load(consts_ptr + ROW_HALF_L * C + offs_c, mask=mask_c, other=0.0)[:, None]
     offset = tl.load(consts_ptr + ROW_OFFSET * C + offs_c, mask=mask_c, other=0.0)[:, None]
     shift = tl.load(consts_ptr + ROW_SHIFT * C + offs_c, mask=mask_c, other=0.0)[:, None]
     half_w = tl.load(consts_ptr + ROW_HALF_W * C + offs_c, mask=mask_c, other=1.0)[:, None]
-    return half_l, offset, shift, half_w
+    return half_l, offset, shift, half_w, recip_rn(half_w)
 
 
 @triton.jit
@@ -88,19 +89,20 @@ def fsq_code(u, fsq, USE_LIBDEVICE: tl.constexpr):
     """FSQ of the conditioned residual ``u``: returns ``(code, t, rounded)``.
 
     ``bounded = tanh(u + shift) * half_l - offset``; ``code = round(bounded) / half_w`` (the
-    straight-through value equals the clean rounded integer); ``t`` is kept for the derivative.
+    straight-through value equals the clean rounded integer; the division is IEEE, see
+    :func:`~.fpmath.div_small_int`); ``t`` is kept for the derivative.
     """
-    half_l, offset, shift, half_w = fsq
+    half_l, offset, shift, half_w, inv_w = fsq
     t = tanh_f32(u + shift, USE_LIBDEVICE)
     rounded = round_half_even(t * half_l - offset, USE_LIBDEVICE)
-    return rounded / half_w, t, rounded
+    return div_small_int(rounded, half_w, inv_w, USE_LIBDEVICE), t, rounded
 
 
 @triton.jit
 def fsq_dcode(t, fsq):
     """d code / d u of :func:`fsq_code` with the straight-through round (d round = 1)."""
-    half_l, _offset, _shift, half_w = fsq
-    return ((1.0 - t * t) * half_l) / half_w
+    half_l, _offset, _shift, _half_w, inv_w = fsq
+    return ((1.0 - t * t) * half_l) * inv_w
 
 
 @triton.jit
@@ -110,7 +112,7 @@ def pack_index(rounded, fsq, digits):
     The digit is an explicit integer ``clamp(nan->0(round + half_w), 0, L-1)``, so NaN/Inf input
     can never produce an out-of-range index.
     """
-    _half_l, _offset, _shift, half_w = fsq
+    _half_l, _offset, _shift, half_w, _inv_w = fsq
     top, basis = digits
     digit = rounded + half_w
     digit = tl.where(digit == digit, digit, 0.0)
