@@ -158,9 +158,10 @@ def stage_scales(scale_param: torch.Tensor, dtype: torch.dtype = torch.float32) 
 
     softplus is a transcendental that PyTorch rounds differently on different paths (on the CPU
     its vectorized and scalar loops disagree in the last float32 bit for about 1 value in 8;
-    CUDA's differs again). In float64 those differences sit ~2**-29 below a float32 step, so
-    the rounded ``a_k`` is the same on every path and device (docs/semantics.md, "Arithmetic
-    contract")."""
+    CUDA's differs again). In float64 those differences sit about 2**-29 float32 steps apart,
+    so the rounded ``a_k`` agrees on every path and device unless the float64 value falls that
+    close to a float32 rounding midpoint (about 1 parameter value in 2**28; docs/semantics.md,
+    "Arithmetic contract")."""
     return F.softplus(scale_param.double()).to(dtype)
 
 

@@ -9,10 +9,12 @@ from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .binary import coherence_problems, sass_instructions
+from .binary import approx_math, coherence_problems, sass_instructions
 
 #: Targets on which any register spill fails the check.
-NO_SPILL_ARCHS = (80, 90)
+NO_SPILL_ARCHS = (80, 90, 100)
+#: Targets that compile the full default grid (others: sweep.structure_cases()).
+FULL_GRID_ARCHS = (80, 90)
 #: Budget of one specialization's first compile, in CPU seconds (a cache hit costs ~0).
 MAX_COMPILE_CPU_S = 10.0
 _BLOCK_C = (1, 2, 4, 8, 16)
@@ -57,7 +59,7 @@ def _run_task(arch: int, direction: str, family: str, full: bool, strategies: Op
     if quick:
         grid = quick_cases(strategies)
     else:
-        grid = all_cases() if full else default_cases() if arch in NO_SPILL_ARCHS else structure_cases()
+        grid = all_cases() if full else default_cases() if arch in FULL_GRID_ARCHS else structure_cases()
     cases = [c for c in grid if c.direction == direction and _family(c.strategy) == family
              and (strategies is None or c.strategy in strategies)]
     result = sweep(arch, cases)
@@ -84,7 +86,10 @@ def _run_task(arch: int, direction: str, family: str, full: bool, strategies: Op
             rec["paths"].add("split" if split else "single")
     for rec in records.values():
         rec["paths"] = sorted(rec["paths"])
-        rec["coherence"] = _coherence(rec, result.compiled[rec["hash"]])
+        compiled = result.compiled[rec["hash"]]
+        rec["coherence"] = _coherence(rec, compiled)
+        rec["approx"] = approx_math(compiled.asm["ptx"])
+        rec["fp_fusion"] = bool(compiled.metadata.enable_fp_fusion)
     failures = [(str(c), m) for c, m in result.failures]
     return list(records.values()), failures
 
@@ -132,9 +137,10 @@ def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2, strate
 
 def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence[int],
           complete: bool = True) -> List[str]:
-    """Every problem found, one line (or block) each: failed compiles, spills on sm_80/sm_90,
-    boolean constexprs that took only one value and, with ``complete`` (the default grid), the
-    launcher outcomes (paths, channel tiles, dtypes) the sweep never reached."""
+    """Every problem found, one line (or block) each: failed compiles, spills (``NO_SPILL_ARCHS``),
+    approximate math or FP fusion (:func:`arithmetic_problems`), boolean constexprs that took only
+    one value and, with ``complete`` (the default grid), the launcher outcomes (paths, channel
+    tiles, dtypes) the sweep never reached."""
     problems = [f"- compile failed: {case}\n  {msg}" for case, msg in failures]
     for b in binaries:
         if b["compile_cpu_s"] > MAX_COMPILE_CPU_S:
@@ -143,6 +149,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
         if b["arch"] in NO_SPILL_ARCHS and b["spill_bytes"]:
             problems.append(f"- spills {b['spill_bytes']} B/thread ({b['registers']} registers): {b['kernel']} "
                             f"sm_{b['arch']} num_warps={b['num_warps']} {b['constexprs']} ({b['case']})")
+    problems += arithmetic_problems(binaries)
     for b in binaries:
         for msg in b.get("coherence", []):
             problems.append(f"- in-program communication: {msg}: {b['kernel']} sm_{b['arch']} "
@@ -161,7 +168,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
         seen[key] |= {(name, v) for name, v in c.items() if isinstance(v, bool) and name != "USE_LIBDEVICE"}
     for (arch, kernel), values in sorted(seen.items()):
         flags = {name for name, v in values if isinstance(v, bool)}
-        if arch not in NO_SPILL_ARCHS:  # the structural grid: 32-bit offsets, no masks or stage counts
+        if arch not in FULL_GRID_ARCHS:  # the structural grid: 32-bit offsets, no masks or stage counts
             flags -= {"USE_INT64", "HAS_MASK", "HAS_ACTIVE_STAGES"}
         for name in sorted(flags):
             if {(name, False), (name, True)} - values:
@@ -173,7 +180,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
                               ("_fwd_elementwise_kernel", ("single", "split")),
                               ("_bwd_elementwise_kernel", ("single", "split"))):
             want = {("path", p) for p in paths} | {("BLOCK_C", c) for c in _BLOCK_C}
-            if arch in NO_SPILL_ARCHS:  # other targets compile the structural grid only
+            if arch in FULL_GRID_ARCHS:  # other targets compile the structural grid only
                 want |= {("USE_INT64", v) for v in (False, True)}
                 want |= {("x_dtype", d) for d in ("fp32", "bf16", "fp16")}
                 want |= {(flag, v) for flag in ("HAS_MASK", "HAS_ACTIVE_STAGES") for v in (False, True)}
@@ -185,14 +192,36 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
     return problems
 
 
+def arithmetic_problems(binaries: List[dict]) -> List[str]:
+    """Issue 17's arithmetic contract, per binary: no approximate division/square root/other
+    ``.approx`` instruction outside libdevice ``tanh`` (at most one ``ex2`` and one ``rcp`` per
+    inlined call), and FMA contraction off (``enable_fp_fusion=False``)."""
+    problems = []
+    for b in binaries:
+        a = b["approx"]
+        where = f"{b['kernel']} sm_{b['arch']} {b['constexprs']} ({b['case']})"
+        if a["outside"]:
+            ops = ", ".join(f"{n} {op}" for op, n in sorted(a.items())
+                            if op not in ("outside", "in_tanh", "tanh_calls"))
+            problems.append(f"- {a['outside']} approximate-math instructions outside libdevice tanh ({ops}): {where}")
+        if a["in_tanh"] > 2 * a["tanh_calls"]:
+            problems.append(f"- {a['in_tanh']} ex2/rcp.approx in {a['tanh_calls']} inlined tanh calls "
+                            f"(at most one each per call): {where}")
+        if b["fp_fusion"]:
+            problems.append(f"- compiled with enable_fp_fusion=True (mul+add contracted into FMAs): {where}")
+    return problems
+
+
 def summary_table(binaries: List[dict]) -> str:
-    """Per (target, kernel, path): binaries, max registers, max spill bytes, max compile CPU s."""
+    """Per (target, kernel, path): binaries, max registers, max spill bytes, max compile CPU s, max
+    approximate-math instructions outside tanh (must be 0) and binaries built with FP fusion (0)."""
     groups = defaultdict(list)
     for b in binaries:
         groups[(b["arch"], b["kernel"], "+".join(b["paths"]))].append(b)
     lines = [f"{'target':7} {'kernel':26} {'path':14} {'binaries':>8} {'max regs':>8} "
-             f"{'max spill B':>11} {'max compile CPU s':>17}"]
+             f"{'max spill B':>11} {'max compile CPU s':>17} {'max approx':>10} {'fp fusion':>9}"]
     for (arch, kernel, path), bs in sorted(groups.items()):
         lines.append(f"sm_{arch:<4} {kernel:26} {path:14} {len(bs):8d} {max(b['registers'] for b in bs):8d} "
-                     f"{max(b['spill_bytes'] for b in bs):11d} {max(b['compile_cpu_s'] for b in bs):17.1f}")
+                     f"{max(b['spill_bytes'] for b in bs):11d} {max(b['compile_cpu_s'] for b in bs):17.1f} "
+                     f"{max(b['approx']['outside'] for b in bs):10d} {sum(b['fp_fusion'] for b in bs):9d}")
     return "\n".join(lines)

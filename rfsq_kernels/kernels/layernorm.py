@@ -430,7 +430,7 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, 
     consts, basis = config.level_tables(levels, z.device)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
     use_int64 = config.needs_int64(x, quantized, indices)
-    tiles = config.layernorm_tiles(C, S, "forward", use_int64)
+    tiles = config.layernorm_tiles(C, S, "forward", use_int64, arch=config.target_arch(z))
     _fwd_layernorm_kernel[(B,)](
         x, quantized, indices, mean, std, (ln_weight, ln_bias), consts, basis, valid, active_stages,
         C, S, *x_strides, *config.flat_strides(quantized), float(eps), stages,
@@ -451,7 +451,8 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     g, g_strides = config.strided_view(grad_q)
     consts, _basis = config.level_tables(levels, z.device)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
-    tiles = config.layernorm_tiles(C, S, "backward", sparse=valid is not None or active_stages is not None)
+    tiles = config.layernorm_tiles(C, S, "backward", sparse=valid is not None or active_stages is not None,
+                                   arch=config.target_arch(z))
     # G_{k+1} between the chunked path's stages; the one-tile path keeps it in registers.
     scratch = None if tiles.one_tile else torch.empty((B, C, S), dtype=torch.float32, device=z.device)
     # Parameter gradients as one partial sum per (image, stage, channel), reduced below in a fixed order.
