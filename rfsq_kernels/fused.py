@@ -16,11 +16,12 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels.launch import backward_outputs, forward_outputs, rfsq_backward_launch, rfsq_forward_launch
-from .reference import check_levels, check_stages, get_strategy
+from .reference import check_eps, check_levels, check_stages, get_strategy, rfsq_forward
 from .reference.strategies import ALL_PARAM_NAMES
 
 __all__ = ["rfsq_fused"]
@@ -76,6 +77,30 @@ def _backward(ctx, grad_q, _grad_indices, _grad_mean, _grad_std):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "double backward (a gradient of a gradient: create_graph=True, torch.func.hessian, ...) through the fused "
+        "RFSQ kernels is not implemented; use backend='reference' (or rfsq_kernels.reference.rfsq_forward), whose "
+        "straight-through gradient is differentiable")
+
+
+# The backward op's outputs carry a graph under create_graph=True; differentiating them says what to do
+# instead of PyTorch's "no autograd formula was registered".
+_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def _needs_reference_autodiff(*tensors: Optional[Tensor]) -> bool:
+    """True when a forward-mode tangent or a ``torch.func`` transform (jvp, grad, vmap, ...) is active:
+    the custom op implements reverse mode only, so those go through the reference, whose autodiff
+    gives the same straight-through derivatives (the kernels would give a zero tangent or fail).
+    Under ``torch.compile`` tracing the op is kept."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def rfsq_fused(
     z: Tensor,
     levels: Sequence[int],
@@ -98,8 +123,13 @@ def rfsq_fused(
     or empty ``(0,)`` tensors. Differentiable w.r.t. ``z``, ``scale_param`` ``(K,)``,
     ``ln_weight`` and ``ln_bias`` ``(K, C)``. ``z`` must be on CUDA, or on CPU with
     ``TRITON_INTERPRET=1`` set before Triton was imported.
+
+    Forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) and ``torch.func`` transforms
+    (``grad``, ``vmap``, ...) run the reference instead (same values and straight-through derivatives);
+    double backward (``create_graph=True`` and differentiating the gradient) raises, naming
+    ``backend='reference'``.
     """
-    levels = list(check_levels(levels))
+    levels, eps = list(check_levels(levels)), check_eps(eps)
     stages = check_stages(stages)
     spec = get_strategy(strategy)
     given = {"scale_param": scale_param, "ln_weight": ln_weight, "ln_bias": ln_bias}
@@ -108,6 +138,9 @@ def rfsq_fused(
         if got is None or tuple(got.shape) != want:
             raise ValueError(f"strategy={strategy!r} needs {p.name} of shape {want}, got "
                              f"{None if got is None else tuple(got.shape)}")
+    if _needs_reference_autodiff(z, scale_param, ln_weight, ln_bias):
+        return rfsq_forward(z, levels, stages, strategy, scale_param=scale_param, ln_weight=ln_weight,
+                            ln_bias=ln_bias, eps=eps, mask=mask, active_stages=active_stages)
     # The kernels take a = softplus(p) (float32): autograd applies the softplus derivative.
     scale = F.softplus(scale_param.float()) if "scale_param" in spec.param_names else None
     if "ln_weight" not in spec.param_names:  # parameters of another strategy are not the op's inputs
