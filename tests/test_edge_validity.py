@@ -104,6 +104,13 @@ def test_func_grad_gives_the_reference_gradient(seed, strategy):
     assert want.abs().sum() > 0 and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_vmap_over_the_fused_path_equals_a_loop(seed, strategy):
+    fused, ref, z, _ = _pair(strategy, seed)
+    zs = torch.stack([z, -z])
+    assert torch.equal(torch.vmap(lambda x: fused(x)[0])(zs), torch.stack([ref(x)[0] for x in zs]))
+
+
 def test_double_backward_through_the_fused_path_is_one_clear_error(seed):
     fused, ref, z, _ = _pair("layernorm", seed)
     z = z.requires_grad_()
