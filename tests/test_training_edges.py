@@ -4,7 +4,6 @@ holding only a log is not a run, and the one host sync of a step placed after th
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,22 +18,14 @@ from training import checkpoint as ckpt
 from training.data import SafeImageFolder, denormalize, read_rgb
 from training.evaluate import load_folder_photos
 from training.lpips_loss import ReconstructionLoss
-from training_helpers import TINY, train
+from training_helpers import TINY, skip_outputs_for_speed, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
 def fast_runs(monkeypatch):
-    """Control flow only: 8 validation crops, no PNGs."""
-    class SmallVal(train_mod.EmbeddedVal):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.items = self.items[:8]
-
-    monkeypatch.setattr(train_mod, "EmbeddedVal", SmallVal)
-    monkeypatch.setattr(train_mod, "plot_curves", lambda *a, **k: [])
-    monkeypatch.setattr(train_mod, "save_grid", lambda *a, **k: None)
+    skip_outputs_for_speed(monkeypatch)
 
 
 # -- items 1, 2: refused at parse time ---------------------------------------------------------------
@@ -95,24 +86,6 @@ def test_junk_lpips_weights_is_one_clear_error_and_leaves_no_run(tmp_path, capsy
         assert "not a usable VGG16 backbone" in err and "Traceback" not in err and "--fetch" in err
     assert (out / "train.log").exists()
     assert train(out, "--max-steps", "1", "--no-lpips") == 0  # a log alone is not a run
-
-
-def test_interrupt_before_the_first_checkpoint_says_so_and_a_rerun_starts(tmp_path, monkeypatch, capsys):
-    real = train_mod.ReconstructionLoss
-
-    class TwoCtrlC(real):
-        def forward(self, *a):
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-            return super().forward(*a)
-
-    monkeypatch.setattr(train_mod, "ReconstructionLoss", TwoCtrlC)
-    out = tmp_path / "run"
-    assert train(out, "--max-steps", "3", "--no-lpips") == 130
-    err = capsys.readouterr().err
-    assert "nothing to resume" in err and "--resume" not in err
-    monkeypatch.setattr(train_mod, "ReconstructionLoss", real)
-    assert train(out, "--max-steps", "1", "--no-lpips") == 0
 
 
 def _nan_at(call: int):

@@ -68,7 +68,7 @@ def load_folder_photos(root: str, short_side: int) -> List[torch.Tensor]:
             t = to_tensor(read_rgb(p))
         except Exception as e:
             skipped += 1
-            print(f"warning: skipping unreadable image {p} ({unreadable_reason(e)})", file=sys.stderr)
+            print(f"warning: {p} is unreadable, skipped ({unreadable_reason(e)})", file=sys.stderr)
             continue
         h, w = t.shape[1:]
         s = short_side / min(h, w)
