@@ -67,7 +67,7 @@ def index_basis(levels: Sequence[int]) -> List[int]:
 
 
 def fsq_constants(levels: Sequence[int]) -> Tuple[List[float], List[float], List[float], List[int]]:
-    """Per-channel ``(half_l, offset, shift, half_w)`` exactly as SPEC defines them.
+    """Per-channel ``(half_l, offset, shift, half_w)`` exactly as docs/semantics.md defines them.
 
     ``shift = atanh(offset / half_l)`` (the official code uses ``tan``, which is off by up to
     3.2e-4 for L=4; ``atanh`` is the exact inverse of the tanh that follows).  The values are

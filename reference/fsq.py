@@ -1,4 +1,4 @@
-"""Finite Scalar Quantization, the pure-PyTorch ground truth (SPEC: "FSQ(z)")."""
+"""Finite Scalar Quantization, the pure-PyTorch ground truth (docs/semantics.md, "FSQ")."""
 from __future__ import annotations
 
 import math

@@ -24,16 +24,25 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="the complete product of all axes (hours); "
                    "default: sweep.default_cases() on sm_80/sm_90, sweep.structure_cases() elsewhere")
     p.add_argument("--json", default=None, help="write every compiled binary's record here")
+    p.add_argument("--strategy", nargs="+", default=None, help="only these strategies (default: all built-in ones)")
+    p.add_argument("--quick", action="store_true", help="the small grid of sweep.quick_cases() (a strategy under "
+                   "development): compile errors, spills and both values of every flag, not every path")
+    p.add_argument("--plugin", nargs="+", default=[], metavar="FILE",
+                   help="Python files whose registrations() (registry, key, value) triples are applied in every "
+                   "worker first: a strategy under development (see tests/toy_strategy.py)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU", file=sys.stderr)
         return 2
     archs = args.arch or default_archs()
     t0 = time.perf_counter()
-    binaries, failures = run_parallel(archs, full=args.full, jobs=args.jobs)
+    binaries, failures = run_parallel(archs, full=args.full, jobs=args.jobs, strategies=args.strategy,
+                                      quick=args.quick, plugins=args.plugin)
     wall = time.perf_counter() - t0
     print(summary_table(binaries))
-    problems = check(binaries, failures, archs)
+    problems = check(binaries, failures, archs, complete=not args.quick)
+    if not binaries:
+        problems.append("- nothing was compiled")
     slowest = max(binaries, key=lambda b: b["compile_cpu_s"], default=None)
     if slowest:
         print(f"\n{len(binaries)} binaries for sm_{', sm_'.join(map(str, archs))} in {wall:.0f} s wall "

@@ -1,12 +1,13 @@
 """Run the sweep in worker processes, turn it into per-binary records, and judge them."""
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import multiprocessing
 import os
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .binary import approx_math, coherence_problems, sass_instructions
 
@@ -26,22 +27,41 @@ def default_archs() -> List[int]:
     return [80, 90] + ([100] if os.path.exists(blackwell) else [])
 
 
+def load_plugins(paths: Sequence[str]) -> None:
+    """Import each Python file in ``paths`` and apply its ``registrations()``: ``(registry, key,
+    value)`` triples (e.g. a strategy-table row, its stage math and kernel stage) set in this
+    process -- how a strategy under development reaches the sweep without editing the package."""
+    for i, path in enumerate(paths):
+        spec = importlib.util.spec_from_file_location(f"rfsq_gpucheck_plugin_{i}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for registry, key, value in module.registrations():
+            registry[key] = value
+
+
 def _family(strategy: str) -> str:
-    """The kernel family a strategy launches (strategy table: per-image statistics or not)."""
+    """The kernel family a strategy launches (its strategy-table row names it)."""
     from rfsq_kernels.reference import get_strategy
-    return "layernorm" if get_strategy(strategy).per_image_stats else "elementwise"
+    return get_strategy(strategy).kernel_family
 
 
 def _jsonable(v):
     return v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
 
 
-def _run_task(arch: int, direction: str, family: str, full: bool) -> Tuple[List[dict], List[Tuple[str, str]]]:
-    """One worker task: the cases of one (target, direction, kernel family)."""
-    from .sweep import all_cases, default_cases, structure_cases, sweep
-    grid = all_cases() if full else default_cases() if arch in FULL_GRID_ARCHS else structure_cases()
-    cases = [c for c in grid
-             if c.direction == direction and _family(c.strategy) == family]
+def _run_task(arch: int, direction: str, family: str, full: bool, strategies: Optional[Sequence[str]] = None,
+              quick: bool = False, plugins: Sequence[str] = ()) -> Tuple[List[dict], List[Tuple[str, str]]]:
+    """One worker task: the cases of one (target, direction, kernel family); ``strategies``
+    (default: all built-in ones), ``quick`` (:func:`.sweep.quick_cases`) and ``plugins``
+    (:func:`load_plugins`) as for :func:`run_parallel`."""
+    load_plugins(plugins)
+    from .sweep import all_cases, default_cases, quick_cases, structure_cases, sweep
+    if quick:
+        grid = quick_cases(strategies)
+    else:
+        grid = all_cases() if full else default_cases() if arch in FULL_GRID_ARCHS else structure_cases()
+    cases = [c for c in grid if c.direction == direction and _family(c.strategy) == family
+             and (strategies is None or c.strategy in strategies)]
     result = sweep(arch, cases)
     records: Dict[str, dict] = {}
     for case, launch in result.launches:
@@ -77,8 +97,9 @@ def _run_task(arch: int, direction: str, family: str, full: bool) -> Tuple[List[
 def barrier_offsets(kernel_name: str) -> Tuple[str, List[int]]:
     """``(file, offsets)``: where the named kernel's ``tl.debug_barrier()`` calls are, as line
     offsets from its ``def`` line."""
-    from ..kernels import elementwise, layernorm
-    fn = getattr(layernorm, kernel_name, None) or getattr(elementwise, kernel_name)
+    from ..kernels.launch import FAMILIES
+    from .sweep import jit_function
+    fn = jit_function(next(getattr(m, kernel_name) for m in FAMILIES.values() if hasattr(m, kernel_name)))
     lines, _start = inspect.getsourcelines(fn.fn)
     def_index = next(i for i, text in enumerate(lines) if text.lstrip().startswith("def "))
     return inspect.getsourcefile(fn.fn), [i - def_index for i, text in enumerate(lines)
@@ -94,9 +115,16 @@ def _coherence(rec: dict, compiled) -> List[str]:
                               *barrier_offsets(rec["kernel"]))
 
 
-def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2) -> Tuple[List[dict], List[Tuple[str, str]]]:
-    """Compile the grid for every target in ``jobs`` processes; ``(binaries, failures)``."""
-    tasks = [(a, d, f, full) for a in archs for f in ("layernorm", "elementwise")
+def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2, strategies: Optional[Sequence[str]] = None,
+                 quick: bool = False, plugins: Sequence[str] = ()) -> Tuple[List[dict], List[Tuple[str, str]]]:
+    """Compile the grid for every target in ``jobs`` processes; ``(binaries, failures)``.
+    ``strategies``: only these (default: every built-in one); ``quick``: the small grid of
+    :func:`.sweep.quick_cases`; ``plugins``: files whose ``registrations()`` every worker applies
+    first (:func:`load_plugins`)."""
+    load_plugins(plugins)
+    from ..kernels.launch import FAMILIES
+    families = sorted({_family(s) for s in strategies} if strategies else FAMILIES, reverse=True)  # layernorm (slowest) first
+    tasks = [(a, d, f, full, strategies, quick, tuple(plugins)) for a in archs for f in families
              for d in ("backward", "forward")]
     binaries, failures = [], []
     ctx = multiprocessing.get_context("spawn")
@@ -107,10 +135,12 @@ def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2) -> Tup
     return binaries, failures
 
 
-def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence[int]) -> List[str]:
+def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence[int],
+          complete: bool = True) -> List[str]:
     """Every problem found, one line (or block) each: failed compiles, spills (``NO_SPILL_ARCHS``),
-    approximate math or FP fusion (:func:`arithmetic_problems`),
-    and launcher outcomes the sweep never reached."""
+    approximate math or FP fusion (:func:`arithmetic_problems`), boolean constexprs that took
+    only one value and, with ``complete`` (the default grid), the
+    launcher outcomes (paths, channel tiles, dtypes) the sweep never reached."""
     problems = [f"- compile failed: {case}\n  {msg}" for case, msg in failures]
     for b in binaries:
         if b["compile_cpu_s"] > MAX_COMPILE_CPU_S:
@@ -125,7 +155,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
             problems.append(f"- in-program communication: {msg}: {b['kernel']} sm_{b['arch']} "
                             f"{b['constexprs']} ({b['case']})")
     coherent = [b for b in binaries if "chunked" in b["paths"]]
-    if not coherent:
+    if complete and not coherent:
         problems.append("- no chunked layernorm binary was checked for coherent loads")
     seen = defaultdict(set)
     for b in binaries:
@@ -133,17 +163,18 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
         c = b["constexprs"]
         seen[key] |= {("path", p) for p in b["paths"]}
         seen[key] |= {("x_dtype", b["x_dtype"]), ("BLOCK_C", c["BLOCK_C"])}
-        # every boolean constexpr (HAS_SCALE, USE_INT64, flags added later) must take both values
+        # every boolean constexpr (USE_INT64, ONE_TILE, the HAS_* flags the kernels derive from their
+        # optional pointers with @triton.heuristics, flags added later) must take both values
         seen[key] |= {(name, v) for name, v in c.items() if isinstance(v, bool) and name != "USE_LIBDEVICE"}
     for (arch, kernel), values in sorted(seen.items()):
         flags = {name for name, v in values if isinstance(v, bool)}
         if arch not in FULL_GRID_ARCHS:  # the structural grid: 32-bit offsets, no masks or stage counts
-            flags -= {"USE_INT64", "HAS_MASK", "HAS_DROPOUT"}
+            flags -= {"USE_INT64", "HAS_MASK", "HAS_ACTIVE_STAGES"}
         for name in sorted(flags):
             if {(name, False), (name, True)} - values:
                 problems.append(f"- sweep reached only one value of {name} for {kernel} on sm_{arch}: "
                                 f"give sweep.Case/run_case an input that flips it")
-    for arch in archs:
+    for arch in archs if complete else ():
         for kernel, paths in (("_fwd_layernorm_kernel", ("single", "chunked")),
                               ("_bwd_layernorm_kernel", ("single", "chunked")),
                               ("_fwd_elementwise_kernel", ("single", "split")),
@@ -152,9 +183,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
             if arch in FULL_GRID_ARCHS:  # other targets compile the structural grid only
                 want |= {("USE_INT64", v) for v in (False, True)}
                 want |= {("x_dtype", d) for d in ("fp32", "bf16", "fp16")}
-                want |= {(flag, v) for flag in ("HAS_MASK", "HAS_DROPOUT") for v in (False, True)}
-            if "elementwise" in kernel:
-                want |= {("HAS_SCALE", v) for v in (False, True)}
+                want |= {(flag, v) for flag in ("HAS_MASK", "HAS_ACTIVE_STAGES") for v in (False, True)}
             if "layernorm" in kernel:
                 want |= {("ONE_TILE", v) for v in (False, True)}
             missing = want - seen[(arch, kernel)]

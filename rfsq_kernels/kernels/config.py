@@ -180,14 +180,24 @@ def needs_int64(*tensors: Optional[torch.Tensor]) -> bool:
     return any(t is not None and max_offset(t) >= 2**31 - 1 for t in tensors)
 
 
-def mask_and_counts(mask: Optional[torch.Tensor], active: Optional[torch.Tensor], batch: int,
-                    spatial: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def mask_and_active_stages(mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], batch: int,
+                           spatial: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Kernel views of the optional padding mask ``(B, *spatial)`` bool -> ``(B, S)`` uint8 (no copy
     when contiguous) and per-sample stage counts ``(B,)`` -> int32. An absent one stays ``None``:
-    Triton passes ``None`` as a constexpr, and the kernels' HAS_MASK / HAS_DROPOUT flags are off."""
+    Triton passes ``None`` as a constexpr, and the kernels derive HAS_MASK / HAS_ACTIVE_STAGES
+    from it (:data:`FLAGS_FROM_POINTERS`)."""
     valid = None if mask is None else mask.reshape(batch, spatial).contiguous().view(torch.uint8)
-    counts = None if active is None else active.to(torch.int32).contiguous()
-    return valid, counts
+    active_stages = None if active_stages is None else active_stages.to(torch.int32).contiguous()
+    return valid, active_stages
+
+
+#: The feature flags every kernel derives from its optional pointers (``@triton.heuristics``), so
+#: no launch site sets them: ``valid_ptr`` (padding mask) and ``active_stages_ptr`` (per-sample
+#: stage counts) are None when absent.
+FLAGS_FROM_POINTERS = {
+    "HAS_MASK": lambda args: args["valid_ptr"] is not None,
+    "HAS_ACTIVE_STAGES": lambda args: args["active_stages_ptr"] is not None,
+}
 
 
 def quantized_and_indices(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -121,7 +121,8 @@ def pack_index(rounded, fsq, digits):
 
 
 @triton.jit
-def store_index(index_rows, k, rounded, fsq, digits, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+def store_index(index_rows, k, rounded, fsq, digits, valid, active_stages, HAS_MASK: tl.constexpr,
+                HAS_ACTIVE_STAGES: tl.constexpr):
     """Write stage ``k``'s packed index for the tile's positions; positions the stage skips
     (padding, dropped stage) get -1.
 
@@ -129,8 +130,8 @@ def store_index(index_rows, k, rounded, fsq, digits, valid, n_act, HAS_MASK: tl.
     ``rows = (img * S + offs_s) * K`` and the in-range positions."""
     idx_ptr, rows, mask_s = index_rows
     index = pack_index(rounded, fsq, digits)
-    if HAS_MASK or HAS_DROPOUT:
-        index = tl.where(stage_keep(valid, n_act, k, HAS_DROPOUT), index, -1)
+    if HAS_MASK or HAS_ACTIVE_STAGES:
+        index = tl.where(stage_keep(valid, active_stages, k, HAS_ACTIVE_STAGES), index, -1)
     tl.store(idx_ptr + rows + k, index.to(idx_ptr.dtype.element_ty), mask=mask_s)
 
 
@@ -144,8 +145,9 @@ def spatial_lanes(s0, valid_row, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexp
 
 
 # -- masks (padded positions) and per-sample stage counts (quantize dropout) -------------------
-# Both are constexpr-gated (HAS_MASK, HAS_DROPOUT): without them the compiled code is unchanged
-# and their pointers are None.
+# Both are constexpr-gated (HAS_MASK, HAS_ACTIVE_STAGES, which every kernel derives from its
+# ``valid_ptr`` / ``active_stages_ptr`` with ``@triton.heuristics``): without them the compiled code
+# is unchanged and their pointers are None. ``active_stages`` inside a kernel is the image's count.
 
 
 @triton.jit
@@ -162,28 +164,28 @@ def load_valid(valid_row, offs_s, mask_s, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def load_active(active_ptr, img, K, HAS_DROPOUT: tl.constexpr):
-    """Number of stages image ``img`` runs (``(B,)`` int32), or K without dropout."""
-    if HAS_DROPOUT:
-        return tl.load(active_ptr + img)
+def load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES: tl.constexpr):
+    """Number of stages image ``img`` runs (``active_stages_ptr``: ``(B,)`` int32), or K without."""
+    if HAS_ACTIVE_STAGES:
+        return tl.load(active_stages_ptr + img)
     else:
         return K
 
 
 @triton.jit
-def stage_keep(valid, n_act, k, HAS_DROPOUT: tl.constexpr):
-    """Positions that stage ``k`` quantizes: ``valid`` (any shape) and ``k < n_act``."""
-    if HAS_DROPOUT:
-        return valid & (k < n_act)
+def stage_keep(valid, active_stages, k, HAS_ACTIVE_STAGES: tl.constexpr):
+    """Positions that stage ``k`` quantizes: ``valid`` (any shape) and ``k < active_stages``."""
+    if HAS_ACTIVE_STAGES:
+        return valid & (k < active_stages)
     else:
         return valid
 
 
 @triton.jit
-def keep_only(q, valid, n_act, k, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """``q`` with the positions stage ``k`` skips set to 0 (a no-op without mask/dropout);
+def keep_only(q, valid, active_stages, k, HAS_MASK: tl.constexpr, HAS_ACTIVE_STAGES: tl.constexpr):
+    """``q`` with the positions stage ``k`` skips set to 0 (a no-op without mask/stage counts);
     ``valid`` broadcasts against ``q`` (a ``[1, BLOCK_S]`` row or the tile's mask)."""
-    if HAS_MASK or HAS_DROPOUT:
-        return tl.where(stage_keep(valid, n_act, k, HAS_DROPOUT), q, 0.0)
+    if HAS_MASK or HAS_ACTIVE_STAGES:
+        return tl.where(stage_keep(valid, active_stages, k, HAS_ACTIVE_STAGES), q, 0.0)
     else:
         return q
