@@ -57,7 +57,7 @@ def _run_task(arch: int, direction: str, family: str, full: bool, strategies: Op
     load_plugins(plugins)
     from .sweep import all_cases, default_cases, quick_cases, structure_cases, sweep
     if quick:
-        grid = quick_cases(strategies)
+        grid = quick_cases(strategies) if strategies else quick_cases()
     else:
         grid = all_cases() if full else default_cases() if arch in FULL_GRID_ARCHS else structure_cases()
     cases = [c for c in grid if c.direction == direction and _family(c.strategy) == family
