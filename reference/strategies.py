@@ -174,7 +174,9 @@ def scale_param_init(initial_scale: float) -> float:
     if not (initial_scale > 0 and math.isfinite(initial_scale)):
         raise ValueError(f"initial_scale must be a positive finite number, got {initial_scale}")
     target = torch.tensor(initial_scale, dtype=torch.float32)
-    p = torch.tensor(math.log(math.expm1(initial_scale)), dtype=torch.float32)
+    # log(expm1(s)) = s + log1p(-exp(-s)) for large s: the same value without expm1's overflow past s = 709
+    s = initial_scale
+    p = torch.tensor(math.log(math.expm1(s)) if s < 20 else s + math.log1p(-math.exp(-s)), dtype=torch.float32)
     best = p
     for _ in range(8):
         a = stage_scales(p)

@@ -138,9 +138,9 @@ def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2, strate
 def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence[int],
           complete: bool = True) -> List[str]:
     """Every problem found, one line (or block) each: failed compiles, spills (``NO_SPILL_ARCHS``),
-    approximate math or FP fusion (:func:`arithmetic_problems`), boolean constexprs that took
-    only one value and, with ``complete`` (the default grid), the
-    launcher outcomes (paths, channel tiles, dtypes) the sweep never reached."""
+    approximate math or FP fusion (:func:`arithmetic_problems`), boolean constexprs that took only
+    one value and, with ``complete`` (the default grid), the launcher outcomes (paths, channel
+    tiles, dtypes) the sweep never reached."""
     problems = [f"- compile failed: {case}\n  {msg}" for case, msg in failures]
     for b in binaries:
         if b["compile_cpu_s"] > MAX_COMPILE_CPU_S:
