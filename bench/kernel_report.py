@@ -91,7 +91,9 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
             spill_bytes=res.spill_bytes, shared_bytes=res.shared_bytes, **occ,
             sass=n_sass, loops=[b - a + 1 for a, b in loops],
             sass_per_elem=n_sass / (tile / (32 * launch.num_warps)),
-            executed_per_thread=executed, executed_per_lane=executed / (tile / (32 * launch.num_warps)),
+            executed_per_thread=executed,
+            executed_per_lane=executed * 32 * launch.num_warps * programs / case.numel * case.shape[1]
+            / consts["BLOCK_C"],
             approx=approx,
             thread_instructions=executed * 32 * launch.num_warps * programs,
             executed_per_elem=executed * 32 * launch.num_warps * programs / case.numel,

@@ -126,7 +126,7 @@ def _fwd_elementwise_kernel(
     idx_ptr,            # out: packed indices, (B, S, K) contiguous, int32 or int64
     param_ptrs,         # tuple: the strategy's parameter group (table order, kernel form)
     consts_ptr,         # (5, C) float32 level constants (config.level_tables)
-    basis_ptr,          # (C,) int64 mixed-radix place values
+    basis_ptr,          # (C,) mixed-radix place values in the index dtype (int32 or int64)
     valid_ptr,          # (B, S) uint8 padding mask (1 = valid), or None
     active_stages_ptr,  # (B,) int32 stages each image runs, or None
     C,                  # channels

@@ -136,7 +136,7 @@ def _fwd_layernorm_kernel(
     std_ptr,            # out: (B, K, C) float32 contiguous
     param_ptrs,         # tuple (weight_ptr, bias_ptr): the strategy's (K, C) parameter group
     consts_ptr,         # (5, C) float32 level constants (config.level_tables)
-    basis_ptr,          # (C,) int64 mixed-radix place values
+    basis_ptr,          # (C,) mixed-radix place values in the index dtype (int32 or int64)
     valid_ptr,          # (B, S) uint8 padding mask (1 = valid), or None
     active_stages_ptr,  # (B,) int32 stages each image runs, or None
     C,                  # channels
