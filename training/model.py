@@ -90,8 +90,18 @@ class QuantizerAdapter(nn.Module):
         return [q.float()]
 
 
+def quantizer_kwargs(cfg, backend: str) -> dict:
+    """:func:`build_quantizer`'s keyword arguments from the CLI namespace or a run's saved config
+    (``rfsq_stages``, ``rfsq_strategy``, ``rfsq_initial_scale``, ``levels``, ``embed_dim``, ``n_embed``,
+    ``lfq_dim``), with ``backend``."""
+    get = cfg.get if isinstance(cfg, dict) else lambda name: getattr(cfg, name)
+    names = ("rfsq_stages", "rfsq_strategy", "rfsq_initial_scale", "levels", "embed_dim", "n_embed", "lfq_dim")
+    return {**{name: get(name) for name in names}, "backend": backend}
+
+
 def build_quantizer(
     quantizer: str,
+    *,
     rfsq_stages: int = 2,
     rfsq_strategy: str = "layernorm",
     rfsq_initial_scale: float = 1.0,
@@ -101,7 +111,8 @@ def build_quantizer(
     lfq_dim: int = 12,
     backend: str = "auto",
 ) -> QuantizerAdapter:
-    """One of ``rfsq`` / ``fsq`` / ``lfq`` / ``ema`` (VQ-EMA), wrapped in :class:`QuantizerAdapter`."""
+    """One of ``rfsq`` / ``fsq`` / ``lfq`` / ``ema`` (VQ-EMA), wrapped in :class:`QuantizerAdapter`
+    (everything after ``quantizer`` by keyword: :func:`quantizer_kwargs` builds them from a config)."""
     if quantizer == "rfsq":
         q = RFSQ(stages=rfsq_stages, strategy=rfsq_strategy, levels=levels,
                  initial_scale=rfsq_initial_scale, backend=backend)
