@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..backend import check_backend, use_fused
+from ..backend import check_backend
 from . import reference as ref
 
 
@@ -96,23 +96,15 @@ class FSQ(nn.Module):
         return ref.tanh_bound(z, self._levels, self.bound_hard_clamp)
 
     def fused_supported(self) -> Optional[str]:
-        """None when the fused kernels compute this configuration, else why not."""
-        if self.preserve_symmetry or self.bound_hard_clamp or self.orthogonal_rotation:
-            return "preserve_symmetry, bound_hard_clamp or orthogonal_rotation"
-        if not self.force_quantization_f32:
-            return "force_quantization_f32=False"
-        return None
+        """None when fused kernels compute this configuration, else why not. The standalone FSQ
+        has no fused kernel yet: every configuration runs the reference (exact) path."""
+        return "the standalone FSQ (no fused kernel yet; the reference path is exact)"
 
     def _codes_and_indices(self, z: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """The library's quantization block on ``z`` ``(B, N, c, d)``."""
-        reason = self.fused_supported()
-        if reason is None and use_fused(self.backend, z):
-            from .fused import fsq_fused
-
-            codes, indices = fsq_fused(z, self.levels)
-            return codes, (indices if self.return_indices else None)
-        if reason is not None and self.backend == "triton":
-            raise ValueError(f"backend='triton' does not support {reason}; use backend='reference' or 'auto'")
+        if self.backend == "triton":
+            raise ValueError(f"backend='triton' does not support {self.fused_supported()}; use backend='reference' "
+                             f"or 'auto'")
         orig_dtype = z.dtype
         if self.force_quantization_f32 and orig_dtype not in self.allowed_dtypes:
             z = z.float()
