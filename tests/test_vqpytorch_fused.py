@@ -153,3 +153,44 @@ def test_fused_grouped_and_projections(seed):
         assert float((i1 == i2).float().mean()) > 0.99
         torch.testing.assert_close(q2, q1, rtol=0, atol=0.05)
         assert torch.equal(ours.get_output_from_indices(i2), q2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_fsq_bitwise_against_oracle(dtype, seed):
+    from rfsq_kernels.kernels.residual_fsq import fsq_table
+    from rfsq_kernels.vqpytorch import FSQ
+
+    levels = [3, 4, 5, 6, 7, 8, 16]
+    consts, _ = fsq_table(levels, "cpu")
+    half_l, offset, shift, half_w = consts[0], consts[1], consts[2], consts[3]
+    fsq = FSQ(levels=levels, backend="triton")
+    shape = (2, 7, 20, 30)  # channel-first image: the library moves channels last
+    x = (torch.randn(shape) * 1.5).to(dtype)
+    g = torch.randn(shape).to(dtype).float()
+    xx = x.clone().requires_grad_()
+    q, idx = fsq(xx)
+    (q.float() * g).sum().backward()
+    z = x.float().movedim(1, -1)
+    t = _interp_tanh(z + shift)
+    rounded = (t * half_l - offset).round()
+    rq = (rounded / half_w).movedim(-1, 1).to(dtype)
+    ridx = ref.pack_digits(rounded + half_w, levels)
+    gl = g.movedim(1, -1)
+    rdx = (((gl / half_w) * half_l) * (1.0 - t.double() * t.double()).float()).movedim(-1, 1).to(dtype)
+    assert torch.equal(idx, ridx)
+    _assert_equal(q, rq, "codes", dtype == torch.bfloat16)
+    _assert_equal(xx.grad, rdx, "grad z", dtype == torch.bfloat16)
+    vq = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pytorch is not installed")
+    q1, i1 = vq.FSQ(levels=levels)(x)
+    assert float((i1 == idx).float().mean()) > 0.99
+
+
+def test_custom_ops_opcheck(seed):
+    """The fused ops' fake (meta) implementations, schemas and autograd registration agree with
+    the real ones (torch.compile treats each as one opaque node)."""
+    levels = [8, 5, 5, 5]
+    x = torch.randn(2, 16, 4, requires_grad=True)
+    scales, clamp = ref.stage_scales(levels, 3), ref.default_soft_clamp(levels)
+    active = torch.full((2,), 2, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.rfsq_kernels.vq_rfsq_forward.default, (x, scales, clamp, None, active, levels))
+    torch.library.opcheck(torch.ops.rfsq_kernels.vq_fsq_forward.default, (x, levels))

@@ -27,7 +27,8 @@ def default_archs() -> List[int]:
 def _family(strategy: str) -> str:
     """The kernel family a strategy launches (its strategy-table row names it)."""
     from rfsq_kernels.reference import get_strategy
-    return get_strategy(strategy).kernel_family
+    from .sweep import VQ_RFSQ
+    return VQ_RFSQ if strategy == VQ_RFSQ else get_strategy(strategy).kernel_family
 
 
 def _jsonable(v):
@@ -72,8 +73,9 @@ def _run_task(arch: int, direction: str, family: str, full: bool) -> Tuple[List[
 def barrier_offsets(kernel_name: str) -> Tuple[str, List[int]]:
     """``(file, offsets)``: where the named kernel's ``tl.debug_barrier()`` calls are, as line
     offsets from its ``def`` line."""
-    from ..kernels import elementwise, layernorm
-    fn = getattr(layernorm, kernel_name, None) or getattr(elementwise, kernel_name)
+    from ..kernels import elementwise, layernorm, residual_fsq
+    fn = (getattr(layernorm, kernel_name, None) or getattr(residual_fsq, kernel_name, None)
+          or getattr(elementwise, kernel_name))
     lines, _start = inspect.getsourcelines(fn.fn)
     def_index = next(i for i, text in enumerate(lines) if text.lstrip().startswith("def "))
     return inspect.getsourcefile(fn.fn), [i - def_index for i, text in enumerate(lines)
@@ -91,7 +93,7 @@ def _coherence(rec: dict, compiled) -> List[str]:
 
 def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2) -> Tuple[List[dict], List[Tuple[str, str]]]:
     """Compile the grid for every target in ``jobs`` processes; ``(binaries, failures)``."""
-    tasks = [(a, d, f, full) for a in archs for f in ("layernorm", "elementwise")
+    tasks = [(a, d, f, full) for a in archs for f in ("layernorm", "elementwise", "vq_rfsq")
              for d in ("backward", "forward")]
     binaries, failures = [], []
     ctx = multiprocessing.get_context("spawn")
@@ -140,12 +142,17 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
         for kernel, paths in (("_fwd_layernorm_kernel", ("single", "chunked")),
                               ("_bwd_layernorm_kernel", ("single", "chunked")),
                               ("_fwd_elementwise_kernel", ("single", "split")),
-                              ("_bwd_elementwise_kernel", ("single", "split"))):
+                              ("_bwd_elementwise_kernel", ("single", "split")),
+                              ("_fwd_vq_rfsq_kernel", ("single", "split")),
+                              ("_bwd_vq_rfsq_kernel", ("single", "split")),
+                              ("_fwd_vq_fsq_kernel", ("single", "split")),
+                              ("_bwd_vq_fsq_kernel", ("single", "split"))):
             want = {("path", p) for p in paths} | {("BLOCK_C", c) for c in _BLOCK_C}
             if arch in NO_SPILL_ARCHS:  # other targets compile the structural grid only
                 want |= {("USE_INT64", v) for v in (False, True)}
                 want |= {("x_dtype", d) for d in ("fp32", "bf16", "fp16")}
-                want |= {(flag, v) for flag in ("HAS_MASK", "HAS_DROPOUT") for v in (False, True)}
+                if "vq_fsq" not in kernel:  # the standalone FSQ has neither masks nor stage counts
+                    want |= {(flag, v) for flag in ("HAS_MASK", "HAS_DROPOUT") for v in (False, True)}
             if "elementwise" in kernel:
                 want |= {("HAS_SCALE", v) for v in (False, True)}
             if "layernorm" in kernel:

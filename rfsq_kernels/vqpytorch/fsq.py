@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..backend import check_backend
+from ..backend import check_backend, use_fused
 from . import reference as ref
 
 
@@ -95,16 +95,26 @@ class FSQ(nn.Module):
             return ref.symmetric_bound(z, self._levels, self.bound_hard_clamp)
         return ref.tanh_bound(z, self._levels, self.bound_hard_clamp)
 
-    def fused_supported(self) -> Optional[str]:
-        """None when fused kernels compute this configuration, else why not. The standalone FSQ
-        has no fused kernel yet: every configuration runs the reference (exact) path."""
-        return "the standalone FSQ (no fused kernel yet; the reference path is exact)"
+    def fused_supported(self, dtype: torch.dtype = torch.float32) -> Optional[str]:
+        """None when the fused kernels compute this configuration for inputs of ``dtype``, else why not:
+        they run the default bound (no ``preserve_symmetry``/``bound_hard_clamp``) in float32."""
+        if self.preserve_symmetry or self.bound_hard_clamp:
+            return "preserve_symmetry or bound_hard_clamp in the standalone FSQ"
+        if dtype != torch.float32 and not (dtype in (torch.bfloat16, torch.float16) and self.force_quantization_f32
+                                            and dtype not in self.allowed_dtypes):
+            return f"{dtype} inputs that the library quantizes in their own precision"
+        return None
 
     def _codes_and_indices(self, z: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """The library's quantization block on ``z`` ``(B, N, c, d)``."""
-        if self.backend == "triton":
-            raise ValueError(f"backend='triton' does not support {self.fused_supported()}; use backend='reference' "
-                             f"or 'auto'")
+        reason = self.fused_supported(z.dtype)
+        if reason is None and use_fused(self.backend, z):
+            from .fused import fsq_fused
+
+            codes, indices = fsq_fused(z, self.levels)
+            return codes, (indices if self.return_indices else None)
+        if reason is not None and self.backend == "triton":
+            raise ValueError(f"backend='triton' does not support {reason}; use backend='reference' or 'auto'")
         orig_dtype = z.dtype
         if self.force_quantization_f32 and orig_dtype not in self.allowed_dtypes:
             z = z.float()

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..kernels import residual_fsq as kernels
 
-__all__ = ["residual_fsq_fused"]
+__all__ = ["fsq_fused", "residual_fsq_fused"]
 
 
 @torch.library.custom_op("rfsq_kernels::vq_rfsq_forward", mutates_args=())
@@ -65,3 +65,46 @@ def residual_fsq_fused(x: Tensor, levels: Sequence[int], scales: Tensor, clamp_v
         active = torch.full((x.shape[0],), int(num_active), dtype=torch.int32, device=x.device)
     return torch.ops.rfsq_kernels.vq_rfsq_forward(x, scales.float(), clamp_value.float(), mask, active,
                                                   [int(v) for v in levels])
+
+
+@torch.library.custom_op("rfsq_kernels::vq_fsq_forward", mutates_args=())
+def _fsq_forward_op(x: Tensor, levels: List[int]) -> Tuple[Tensor, Tensor]:
+    return kernels.fsq_forward(x, levels)
+
+
+@_fsq_forward_op.register_fake
+def _fsq_forward_fake(x, levels):
+    return torch.empty_like(x), x.new_empty(x.shape[:2], dtype=kernels._index_dtype(levels, False))
+
+
+@torch.library.custom_op("rfsq_kernels::vq_fsq_backward", mutates_args=())
+def _fsq_backward_op(grad: Tensor, x: Tensor, levels: List[int]) -> Tensor:
+    return kernels.fsq_backward(grad, x, levels)
+
+
+@_fsq_backward_op.register_fake
+def _fsq_backward_fake(grad, x, levels):
+    return torch.empty_like(x)
+
+
+def _fsq_setup_context(ctx, inputs, output) -> None:
+    x, levels = inputs
+    ctx.save_for_backward(x)
+    ctx.levels = levels
+    ctx.mark_non_differentiable(output[1])
+
+
+def _fsq_backward(ctx, grad, _grad_indices):
+    (x,) = ctx.saved_tensors
+    return torch.ops.rfsq_kernels.vq_fsq_backward(grad, x, ctx.levels), None
+
+
+_fsq_forward_op.register_autograd(_fsq_backward, setup_context=_fsq_setup_context)
+
+
+def fsq_fused(z: Tensor, levels: Sequence[int]) -> Tuple[Tensor, Tensor]:
+    """The standalone FSQ's default bound (tanh, ``1.001``, atanh shift, round half to even) on
+    ``z`` ``(B, N, c, d)``, fused: ``(codes in z's dtype, indices (B, N, c))``."""
+    B, N, c, d = z.shape
+    codes, indices = torch.ops.rfsq_kernels.vq_fsq_forward(z.reshape(B, N * c, d), [int(v) for v in levels])
+    return codes.reshape(B, N, c, d), indices.reshape(B, N, c)
