@@ -7,7 +7,8 @@ GPU times: median of ``triton.testing.do_bench`` with a sync at the start of eac
 overhead counted), plus the plain events-only do_bench median in the JSON. CPU times: wall-clock
 medians; not GPU numbers. Every backend is gated against the eager reference first (bench/gate.py);
 a backend that disagrees is reported as WRONG and not timed. Nothing that was not measured is written.
-Outputs: ``bench/results/<device>-<date>.json`` and ``.png`` (sweep: time vs elements per backend).
+Outputs: ``bench/results/<device>-<date>.json`` and ``.png`` (sweep: time vs elements per backend); a
+later run of the same day writes ``<device>-<date>-2.json`` and so on.
 """
 from __future__ import annotations
 
@@ -128,6 +129,15 @@ def _versions() -> Dict[str, str]:
     return {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version()}
 
 
+def results_stem(out_dir: Path, label: str, date: dt.date) -> str:
+    """``<device>-<date>``, or ``<device>-<date>-N`` (N = 2, 3, ...) when a run of that day already wrote
+    its files there: a second run never overwrites the first's results."""
+    stem, n = f"{label}-{date.isoformat()}", 1
+    while any((out_dir / f"{stem if n == 1 else f'{stem}-{n}'}{ext}").exists() for ext in (".json", ".png")):
+        n += 1
+    return stem if n == 1 else f"{stem}-{n}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     device = default_device()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -147,7 +157,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tiny = (device.type == "cpu" or tiny_mode()) if args.tiny is None else args.tiny
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = select_cases(tiny=tiny, groups=args.groups)
+    try:
+        cases = select_cases(tiny=tiny, groups=args.groups)
+    except ValueError as e:
+        groups = sorted({c.group for c in select_cases(tiny=tiny)})
+        p.error(f"--groups: {e}; choose from {' '.join(groups)}")
     label = device_label(device)
     started = time.time()
     copy_gbs = copy_bandwidth_gbs(str(device))
@@ -171,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for backend, reason in reasons:
             print(f"  {backend}: {reason}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{label}-{dt.date.today().isoformat()}"
+    stem = results_stem(args.out_dir, label, dt.date.today())
     record = {
         "device": label, "device_name": name, **_versions(), "date": dt.datetime.now().isoformat(timespec="seconds"),
         "tiny": tiny, "copy_gbs": copy_gbs, "threads": torch.get_num_threads(),

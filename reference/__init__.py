@@ -29,6 +29,7 @@ from .strategies import (
     Strategy,
     get_strategy,
     scale_param_init,
+    stage_scales,
 )
 from .validation import check_eps, check_indices, check_latent, check_side, check_stages
 from .vq_ema import VQEMA
@@ -39,5 +40,5 @@ __all__ = [
     "check_latent", "check_levels", "check_sentinel_layout", "check_side", "draw_active_stages", "split_sentinel",
     "check_stages", "codebook_size", "default_levels", "digits_to_codes",
     "digits_to_indices", "fsq_constants", "fsq_quantize", "index_basis", "index_dtype",
-    "indices_to_digits", "rfsq_decode_stages", "rfsq_forward", "round_ste", "scale_param_init",
+    "indices_to_digits", "rfsq_decode_stages", "rfsq_forward", "round_ste", "scale_param_init", "stage_scales",
 ]

@@ -17,6 +17,11 @@ FSQ_EPS = 1e-3
 
 DEFAULT_LEVELS = {2: (8, 8, 8, 4), 4: (4, 4, 4, 4, 4)}
 
+#: Largest level count: digits (and the rounding that produces them) are float32, exact up to 2**24.
+MAX_LEVEL = 2**24
+#: Largest codebook (prod(levels)): indices are packed into int64, so the largest index 2**63 - 1 must fit.
+MAX_CODEBOOK_SIZE = 2**63
+
 
 def default_levels(stages: int) -> Tuple[int, ...]:
     """Levels of the official configurations: 2 stages -> [8,8,8,4], 4 stages -> [4,4,4,4,4]."""
@@ -30,7 +35,8 @@ def default_levels(stages: int) -> Tuple[int, ...]:
 
 def check_levels(levels: Sequence[int]) -> Tuple[int, ...]:
     """Validate a levels sequence (list, tuple, numpy array or tensor of ints) and return it as a tuple
-    of Python ints."""
+    of Python ints: every level in ``[2, 2**24]`` and ``prod(levels) <= 2**63``, the configurations whose
+    digits (float32) and packed indices (int64) are exact."""
     if isinstance(levels, torch.Tensor):
         levels = levels.tolist()
     try:
@@ -44,7 +50,16 @@ def check_levels(levels: Sequence[int]) -> Tuple[int, ...]:
             raise TypeError(f"levels[{i}] must be an int, got {level!r}")
         if level < 2:
             raise ValueError(f"levels[{i}]={level}: every level count must be >= 2")
-    return tuple(int(v) for v in out)
+        if level > MAX_LEVEL:
+            raise ValueError(f"levels[{i}]={level}: every level count must be <= 2**24 = {MAX_LEVEL} (the digits are "
+                             f"computed in float32, which holds integers exactly only up to 2**24)")
+    ints = tuple([int(v) for v in out])
+    size = math.prod(ints)
+    if size > MAX_CODEBOOK_SIZE:
+        raise ValueError(f"levels={list(out)}: prod(levels) = 2**{math.log2(size):.1f} codes, more than the 2**63 that "
+                         f"int64 indices can number (an index packs one digit per channel); use fewer channels or "
+                         f"levels, or more stages")
+    return ints
 
 
 def codebook_size(levels: Sequence[int]) -> int:
@@ -67,7 +82,7 @@ def index_basis(levels: Sequence[int]) -> List[int]:
 
 
 def fsq_constants(levels: Sequence[int]) -> Tuple[List[float], List[float], List[float], List[int]]:
-    """Per-channel ``(half_l, offset, shift, half_w)`` exactly as SPEC defines them.
+    """Per-channel ``(half_l, offset, shift, half_w)`` exactly as docs/semantics.md defines them.
 
     ``shift = atanh(offset / half_l)`` (the official code uses ``tan``, which is off by up to
     3.2e-4 for L=4; ``atanh`` is the exact inverse of the tanh that follows).  The values are

@@ -24,22 +24,23 @@ def check_mask(mask: Optional[torch.Tensor], batch: int, spatial: Sequence[int],
         raise ValueError(f"mask is on {mask.device} but z is on {device}")
 
 
-def check_active_stages(active: torch.Tensor, batch: int, stages: int, device: torch.device) -> torch.Tensor:
+def check_active_stages(active_stages: torch.Tensor, batch: int, stages: int,
+                        device: torch.device) -> torch.Tensor:
     """Validate a user-given per-sample stage count ``(B,)`` in ``[0, K]``; return it as int32.
 
     (This syncs with the device to check the range; the training path draws its own counts and
     skips it.)"""
-    if active.dtype.is_floating_point or active.dtype == torch.bool or active.is_complex():
+    if active_stages.dtype.is_floating_point or active_stages.dtype == torch.bool or active_stages.is_complex():
         raise TypeError(f"stages as a tensor must be an integer (B,) tensor of per-sample stage counts, "
-                        f"got dtype {active.dtype}")
-    if tuple(active.shape) != (batch,):
-        raise ValueError(f"stages as a tensor must have shape (B,) = ({batch},), got {tuple(active.shape)}")
-    if active.device != device:
-        raise ValueError(f"stages is on {active.device} but z is on {device}")
-    if active.numel() and (int(active.min()) < 0 or int(active.max()) > stages):
+                        f"got dtype {active_stages.dtype}")
+    if tuple(active_stages.shape) != (batch,):
+        raise ValueError(f"stages as a tensor must have shape (B,) = ({batch},), got {tuple(active_stages.shape)}")
+    if active_stages.device != device:
+        raise ValueError(f"stages is on {active_stages.device} but z is on {device}")
+    if active_stages.numel() and (int(active_stages.min()) < 0 or int(active_stages.max()) > stages):
         raise ValueError(f"per-sample stage counts must lie in [0, {stages}], got "
-                         f"[{int(active.min())}, {int(active.max())}]")
-    return active.to(torch.int32)
+                         f"[{int(active_stages.min())}, {int(active_stages.max())}]")
+    return active_stages.to(torch.int32)
 
 
 def draw_active_stages(
@@ -61,12 +62,13 @@ def draw_active_stages(
     return k.to(torch.int32)
 
 
-def stage_keep(valid: Optional[torch.Tensor], active: Optional[torch.Tensor], k: int, ndim: int) -> Optional[torch.Tensor]:
+def stage_keep(valid: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], k: int,
+               ndim: int) -> Optional[torch.Tensor]:
     """Bool ``(B, 1, *spatial)`` (or broadcastable) of positions that stage ``k`` quantizes, or None
     when every position does. ``valid`` is the mask as ``(B, 1, *spatial)``."""
     keep = valid
-    if active is not None:
-        on = (active.to(torch.int64) > k).view(-1, *([1] * (ndim - 1)))
+    if active_stages is not None:
+        on = (active_stages.to(torch.int64) > k).view(-1, *([1] * (ndim - 1)))
         keep = on if keep is None else keep & on
     return keep
 

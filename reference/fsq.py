@@ -1,4 +1,4 @@
-"""Finite Scalar Quantization, the pure-PyTorch ground truth (SPEC: "FSQ(z)")."""
+"""Finite Scalar Quantization, the pure-PyTorch ground truth (docs/semantics.md, "FSQ")."""
 from __future__ import annotations
 
 import math
@@ -39,6 +39,7 @@ def fsq_quantize(
     [-1, 1]; ``digits`` (int64, same shape) are the integer levels in ``[0, L-1]``, computed from the
     explicit round and clamped so that NaN/Inf inputs still give valid digits.
     """
+    levels = check_levels(levels)
     half_l, offset, shift, half_w = fsq_constants(levels)
     dev, nd = z.device, z.ndim
     zc = z.to(compute_dtype)

@@ -10,6 +10,9 @@ from typing import Tuple
 
 import torch
 
+#: Highest input rank: (B, C, T, H, W). Decoders take indices (B, *spatial, K) of the same spatial ranks.
+MAX_NDIM = 5
+
 
 def check_input(z: torch.Tensor, channels: int, channel_first: bool, name: str = "z") -> None:
     """Raise unless ``z`` is a real float tensor ``(B, C)`` or ``(B, C, *spatial)``
@@ -20,8 +23,9 @@ def check_input(z: torch.Tensor, channels: int, channel_first: bool, name: str =
         raise TypeError(f"{name} must be a real floating-point tensor (float32, bfloat16, float16 or float64), "
                         f"got dtype {z.dtype}")
     layout = "channel-first (B, C, *spatial)" if channel_first else "channel-last (B, *spatial, C)"
-    if z.ndim < 2:
-        raise ValueError(f"{name} must be (B, C) or {layout}, got shape {tuple(z.shape)}")
+    if not 2 <= z.ndim <= MAX_NDIM:
+        raise ValueError(f"{name} must be (B, C) or {layout} with 1 to 3 spatial dims (rank 2 to {MAX_NDIM}: the "
+                         f"ranks whose indices decode), got shape {tuple(z.shape)}")
     cdim = 1 if channel_first or z.ndim == 2 else z.ndim - 1
     if z.shape[cdim] != channels:
         raise ValueError(f"{name} has {z.shape[cdim]} channels (dim {cdim} of shape {tuple(z.shape)}, {layout}) "

@@ -27,8 +27,9 @@ from .fsq import fsq_quantize
 from .layout import check_input, first_to_last, from_channel_last, last_to_first, spatial_shape, to_channel_last
 from .sentinel import SENTINEL, check_sentinel_layout, split_sentinel
 from .state import ConfigStateMixin
-from .strategies import Strategy, get_strategy
-from .validation import check_eps, check_indices, check_latent, check_side, check_stages
+from .strategies import Strategy, get_strategy, stage_scales
+from .validation import (check_eps, check_indices, check_initial_scale, check_latent, check_side, check_side_values,
+                         check_stages)
 
 #: ``stages`` at call time: None (all), an int k (the first k), or a ``(B,)`` tensor of per-sample counts.
 StageCount = Union[None, int, torch.Tensor]
@@ -76,6 +77,7 @@ def rfsq_forward(
     (quantize dropout); for ``k >= k_b`` its ``q_k`` is 0, its indices are -1, its residual is
     unchanged and its layernorm side information is ``(mean 0, std 1)``.
     """
+    levels, eps = check_levels(levels), check_eps(eps)
     spec = get_strategy(strategy)
     group = spec.bind(params)
     nd = z.ndim
@@ -139,9 +141,11 @@ def _stage_none(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
 
 def _stage_scale(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
     (scale_param,) = params
-    a = F.softplus(scale_param[k].to(ctx.compute_dtype))
+    a = stage_scales(scale_param, ctx.compute_dtype)[k]
     codes, digits = fsq_quantize(a * r, ctx.levels, ctx.compute_dtype)
-    return codes / a, digits, None
+    # Un-conditioning multiplies by the reciprocal (one IEEE division per stage, not per element):
+    # the fused kernels compute exactly this (docs/semantics.md, "Arithmetic contract").
+    return codes * torch.reciprocal(a), digits, None
 
 
 def _stage_layernorm(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
@@ -156,8 +160,11 @@ def _stage_layernorm(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageCont
     sd = torch.sqrt(var + ctx.eps)
     w = _per_channel(ln_weight, k, nd).to(cdt)
     b = _per_channel(ln_bias, k, nd).to(cdt)
-    codes, digits = fsq_quantize(w * (r - mu) / sd + b, ctx.levels, cdt)
-    q = ((codes - b) / w) * sd + mu
+    # Per-(image, channel) factors, divided once; every element is multiplied (docs/semantics.md,
+    # "Arithmetic contract": the fused kernels and decode compute exactly these operations).
+    w_sd, sd_w = w / sd, sd / w
+    codes, digits = fsq_quantize((r - mu) * w_sd + b, ctx.levels, cdt)
+    q = (codes - b) * sd_w + mu
     return q, digits, (mu.detach().flatten(1).float(), sd.detach().flatten(1).float())
 
 
@@ -196,6 +203,7 @@ def rfsq_decode_stages(
     (dropped stage, masked position) decodes to 0 (see :mod:`.sentinel`). ``params``: the
     strategy's parameters by name, as for :func:`rfsq_forward`.
     """
+    levels = check_levels(levels)
     stages = indices.shape[-1]
     spec = get_strategy(strategy)
     decode = DECODE_MATH[spec.name]
@@ -215,7 +223,7 @@ def _decode_none(codes, k, params, mean, std):
 
 def _decode_scale(codes, k, params, mean, std):
     (scale_param,) = params
-    return codes / F.softplus(scale_param[k].float())
+    return codes * torch.reciprocal(stage_scales(scale_param)[k])
 
 
 def _decode_layernorm(codes, k, params, mean, std):
@@ -225,7 +233,7 @@ def _decode_layernorm(codes, k, params, mean, std):
     ln_weight, ln_bias = params
     w = _per_channel(ln_weight, k, nd).float()
     b = _per_channel(ln_bias, k, nd).float()
-    return ((codes - b) / w) * sd + mu
+    return (codes - b) * (sd / w) + mu
 
 
 #: Per-stage decode of each strategy: ``(float32 codes (B, C, *spatial), k, params, mean, std) -> q_k``,
@@ -289,7 +297,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         self.stages = check_stages(stages)
         self.strategy = get_strategy(strategy).name
         self.levels = check_levels(levels) if levels is not None else default_levels(stages)
-        self.initial_scale = float(initial_scale)
+        self.initial_scale = check_initial_scale(initial_scale)
         self.eps = check_eps(eps)
         channels = len(self.levels)
         for spec in self.strategy_spec.params:
@@ -325,7 +333,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
     @property
     def scales(self) -> Optional[torch.Tensor]:
         """``a_k = softplus(p_k)`` for the ``'scale'`` strategy, else None."""
-        return F.softplus(self.scale_param) if hasattr(self, "scale_param") else None
+        return stage_scales(self.scale_param) if hasattr(self, "scale_param") else None
 
     def config(self) -> dict:
         """What the parameters mean; stored in (and checked against) the state_dict."""
@@ -390,20 +398,21 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
                 f"would carry the whole signal; use strategy='none'/'scale', or pass (B, C, N) / (B, N, C)")
         check_mask(mask, z.shape[0], spatial_shape(z, self.channel_first), z.device)
         x = to_channel_last(z, self.channel_first)
-        if self.has_projections:
-            x = self.project_in(x)
+        if self.has_projections:  # in the projection's dtype (float32 unless the module was cast); the
+            x = self.project_in(x.to(self.project_in.weight.dtype))  # output goes back to z's dtype
         x = last_to_first(x)
         if flat and mask is not None:
             mask = mask.unsqueeze(-1)
         return x, mask, flat
 
-    def _decode_output(self, q: torch.Tensor, flat: bool) -> torch.Tensor:
-        """Channel-first codebook-width result -> the user's layout and width."""
+    def _decode_output(self, q: torch.Tensor, flat: bool, dtype: torch.dtype) -> torch.Tensor:
+        """Channel-first codebook-width result -> the user's layout, width and ``dtype``."""
         if not self.has_projections:
+            q = q.to(dtype)
             if flat:
                 return q.squeeze(-1)
             return q if self.channel_first else q.movedim(1, -1)
-        y = self.project_out(first_to_last(q, flat))
+        y = self.project_out(first_to_last(q, flat).to(self.project_out.weight.dtype)).to(dtype)
         return y if flat else from_channel_last(y, self.channel_first)
 
     def forward(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, stages: StageCount = None,
@@ -422,7 +431,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         x, mask, flat = self._encode_input(z, mask)
         num_stages, active_stages = self._resolve_stages(x, stages, dropout=True)
         quantized, indices, mean, std = self._run(x, num_stages, mask, active_stages)
-        out = self._decode_output(quantized, flat)
+        out = self._decode_output(quantized, flat, z.dtype)
         if flat:
             indices = indices.squeeze(1)
         if not return_all_codes:
@@ -472,6 +481,8 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
             raise ValueError(f"side must be the (B, K', 2, C) statistics of the same stages as indices (K' = {stages}; "
                              f"for indices[..., :k] pass side[:, :k]), got {tuple(side.shape)}")
         check_side(side, (indices.shape[0], stages, 2, self.num_channels if layernorm else 0), required=layernorm)
+        if layernorm:
+            check_side_values(side)
 
     def decode_stages(self, indices: torch.Tensor, side: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """Per-stage float32 reconstructions ``[q_0, ..., q_{K'-1}]`` (channel-first, codebook
@@ -496,7 +507,7 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         total = torch.zeros_like(stages[0])
         for q in stages:
             total = total + q
-        return self._decode_output(total.to(dtype), flat)
+        return self._decode_output(total, flat, dtype)
 
     def get_output_from_indices(self, indices: torch.Tensor, side: Optional[torch.Tensor] = None) -> torch.Tensor:
         """vector-quantize-pytorch's name for :meth:`decode` (float32)."""

@@ -43,14 +43,10 @@ class ParamRole:
     to_kernel: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
-def _softplus32(p: torch.Tensor) -> torch.Tensor:
-    return F.softplus(p.float())
-
-
 #: Every parameter role by name. A strategy with a new role registers it here (and its random
 #: distribution in ``rfsq_kernels.testing.DISTRIBUTIONS``).
 PARAM_ROLES: Dict[str, ParamRole] = {
-    SOFTPLUS_SCALE: ParamRole(lambda initial_scale: scale_param_init(initial_scale), _softplus32),
+    SOFTPLUS_SCALE: ParamRole(lambda initial_scale: scale_param_init(initial_scale), lambda p: stage_scales(p)),
     GAIN: ParamRole(lambda _initial_scale: 1.0),
     SHIFT: ParamRole(lambda _initial_scale: 0.0),
 }
@@ -156,6 +152,19 @@ def get_strategy(strategy: str) -> Strategy:
     return row
 
 
+def stage_scales(scale_param: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``a_k = softplus(p_k)`` for every stage, as the reference, decode and the fused op all
+    compute it: in float64, rounded once to ``dtype``.
+
+    softplus is a transcendental that PyTorch rounds differently on different paths (on the CPU
+    its vectorized and scalar loops disagree in the last float32 bit for about 1 value in 8;
+    CUDA's differs again). In float64 those differences sit about 2**-29 float32 steps apart,
+    so the rounded ``a_k`` agrees on every path and device unless the float64 value falls that
+    close to a float32 rounding midpoint (about 1 parameter value in 2**28; docs/semantics.md,
+    "Arithmetic contract")."""
+    return F.softplus(scale_param.double()).to(dtype)
+
+
 def scale_param_init(initial_scale: float) -> float:
     """The float32 ``p`` with ``softplus(p) == initial_scale`` exactly (docs/semantics.md: ``log(expm1(s))``).
 
@@ -165,10 +174,12 @@ def scale_param_init(initial_scale: float) -> float:
     if not (initial_scale > 0 and math.isfinite(initial_scale)):
         raise ValueError(f"initial_scale must be a positive finite number, got {initial_scale}")
     target = torch.tensor(initial_scale, dtype=torch.float32)
-    p = torch.tensor(math.log(math.expm1(initial_scale)), dtype=torch.float32)
+    # log(expm1(s)) = s + log1p(-exp(-s)) for large s: the same value without expm1's overflow past s = 709
+    s = initial_scale
+    p = torch.tensor(math.log(math.expm1(s)) if s < 20 else s + math.log1p(-math.exp(-s)), dtype=torch.float32)
     best = p
     for _ in range(8):
-        a = F.softplus(p)
+        a = stage_scales(p)
         if a == target:
             return p.item()
         p = torch.nextafter(p, torch.tensor(float("inf")) if a < target else torch.tensor(float("-inf")))

@@ -27,9 +27,9 @@ def check_latent(z: torch.Tensor, channels: int, name: str = "z") -> None:
             f"{name} must be a real floating-point tensor (float32, bfloat16, float16 or float64), "
             f"got dtype {z.dtype}"
         )
-    if z.ndim < 3:
+    if not 3 <= z.ndim <= 5:
         raise ValueError(
-            f"{name} must be channel-first (B, C, *spatial) with at least one spatial dim "
+            f"{name} must be channel-first (B, C, *spatial) with 1 to 3 spatial dims "
             f"(rank 3, 4 or 5), got shape {tuple(z.shape)}"
         )
     if z.shape[1] != channels:
@@ -39,14 +39,43 @@ def check_latent(z: torch.Tensor, channels: int, name: str = "z") -> None:
         )
 
 
+#: The float32 range in which a positive constant is usable: normal numbers only (a subnormal or an
+#: underflow to 0 would be flushed / divide by zero on the device; above the max it is inf).
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # 1.1754944e-38
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4028235e+38
+#: Smallest ``initial_scale``: float32 ``softplus(p)`` misses values near FLOAT32_TINY by an ulp into subnormals.
+MIN_INITIAL_SCALE = 1e-37
+
+
+def check_positive_float32(value: float, name: str, meaning: str, low: float = FLOAT32_TINY) -> float:
+    """Return ``value`` as a float if it is a real number in ``[low, FLOAT32_MAX]`` (by default the normal
+    positive float32 numbers, about [1.2e-38, 3.4e38]); raise naming ``name``, what it is (``meaning``)
+    and the range otherwise. ``1e-50`` is > 0 in Python but 0 in float32, in which the math runs."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number > 0, got {value!r}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0 ({meaning}), got {value!r}")
+    if not low <= v <= FLOAT32_MAX:
+        with np.errstate(over="ignore", under="ignore"):
+            as32 = float(np.float32(v))
+        raise ValueError(f"{name}={value!r} must lie in [{low:.8g}, {FLOAT32_MAX:.8g}] ({meaning}): it is used in "
+                         f"float32, where it would be {as32!r}" + (" (a subnormal)" if 0 < as32 < FLOAT32_TINY else ""))
+    return v
+
+
 def check_eps(eps: float, name: str = "eps") -> float:
-    """Return ``eps`` as a float if it is a finite real number > 0; raise otherwise (a negative or zero
-    layernorm epsilon turns ``sqrt(var + eps)`` into NaN for constant channels)."""
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"{name} must be a finite number > 0, got {eps!r}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"{name} must be a finite number > 0 (the layernorm variance epsilon), got {eps!r}")
-    return float(eps)
+    """Return ``eps`` as a float if it is a number > 0 that float32 holds as a normal number; raise
+    otherwise (a negative or zero layernorm epsilon turns ``sqrt(var + eps)`` into NaN for constant
+    channels)."""
+    return check_positive_float32(eps, name, "the layernorm variance epsilon")
+
+
+def check_initial_scale(initial_scale: float, name: str = "initial_scale") -> float:
+    """Return ``initial_scale`` as a float if ``a = softplus(p)`` can start at it in float32 (a normal
+    positive float32 number); raise naming the range otherwise."""
+    return check_positive_float32(initial_scale, name, "the 'scale' strategy's starting a_k = softplus(p_k)",
+                                  low=MIN_INITIAL_SCALE)
 
 
 def check_indices(
@@ -94,3 +123,19 @@ def check_side(side: Optional[torch.Tensor], expected: Tuple[int, ...], required
     if tuple(side.shape) != tuple(expected):
         raise ValueError(f"side must be the (B, K, 2, C) = {expected} statistics returned by encode (B must match "
                          f"indices), got {tuple(side.shape)}")
+
+
+def check_side_values(side: torch.Tensor) -> None:
+    """Reject layernorm side information ``(B, K, 2, C)`` that no encoder produces: a non-finite mean or
+    std, or a std <= 0 (``encode`` gives ``std = sqrt(var + eps) > 0``), as a corrupted bitstream would
+    (one reduction and one host sync, on the decode path only)."""
+    if side.numel() == 0:
+        return
+    mean, std = side[:, :, 0], side[:, :, 1]
+    ok = torch.stack([torch.isfinite(mean).all(), torch.isfinite(std).all(), ~(std <= 0).any()]).tolist()
+    if not all(ok):
+        what = [w for w, good in zip(("a non-finite mean (side[:, :, 0])", "a non-finite std (side[:, :, 1])",
+                                      "a std <= 0 (side[:, :, 1])"), ok) if not good]
+        raise ValueError(f"side holds {' and '.join(what)}: encode always gives a finite mean and a std > 0, so "
+                         f"this side information is corrupted (or comes from a diverged model whose statistics "
+                         f"overflowed float32)")

@@ -87,12 +87,24 @@ def run_both(fused_fn, ref_fn, z, levels, stages, strategy, params, grad=None):
     return results
 
 
+def assert_values_match(q: torch.Tensor, rq: torch.Tensor, mean: torch.Tensor):
+    """Quantized values. Without per-image statistics (``mean`` empty: none/scale) they are a
+    function of the indices alone, computed with the same IEEE operations on both sides
+    (docs/semantics.md, "Arithmetic contract"), so float32 outputs with equal indices are equal
+    bit for bit; layernorm's depend on statistics reduced in another order (tolerance), and the
+    interpreter truncates bf16 stores (one step)."""
+    if mean.numel() == 0 and q.dtype == torch.float32:
+        assert torch.equal(q, rq), f"quantized: {int((q != rq).sum())} values differ (expected bitwise)"
+    else:
+        assert_close_values(q, rq, "quantized")
+
+
 def compare(fused, ref, check_grads: bool = True):
     """Compare :func:`run_both` results: indices exactly, values and gradients tightly."""
     (q, idx, mean, std), (rq, ridx, rmean, rstd) = fused["out"], ref["out"]
     assert idx.dtype == ridx.dtype and idx.shape == ridx.shape
     assert torch.equal(idx, ridx), f"{int((idx != ridx).sum())} indices differ"
-    assert_close_values(q, rq, "quantized")
+    assert_values_match(q, rq, mean)
     assert_close_values(mean, rmean, "mean")
     assert_close_values(std, rstd, "std")
     if check_grads:

@@ -15,7 +15,7 @@ from rfsq_kernels import FSQ, LFQ, RFSQ, VQEMA
     pytest.param(dict(stages=0), ValueError, "stages must be >= 1", id="stages-0"),
     pytest.param(dict(stages=2.0), TypeError, "stages must be an int", id="stages-float"),
     pytest.param(dict(stages=3), ValueError, "stages=3 has no default levels", id="stages-3-no-default-levels"),
-    pytest.param(dict(strategy="scale", initial_scale=0.0), ValueError, "initial_scale must be a positive",
+    pytest.param(dict(strategy="scale", initial_scale=0.0), ValueError, "initial_scale must be a finite number > 0",
                  id="initial_scale-0"),
 ])
 def test_bad_constructor_arguments(kwargs, exc, match):

@@ -1,6 +1,7 @@
 """The GPU path, checked without a GPU: every kernel specialization the launchers can produce is
 compiled by Triton's real compiler for sm_80 and sm_90 (and sm_100 when the triton wheel
-bundles its ptxas) and must compile, without register spills on sm_80/sm_90.
+bundles its ptxas) and must compile, without register spills, without approximate math outside
+libdevice tanh and with FP fusion off (issue 17).
 
 It runs in a subprocess because this test session imported triton under ``TRITON_INTERPRET=1``
 (see conftest.py), and interpreted ``@triton.jit`` functions cannot be compiled. Compiled

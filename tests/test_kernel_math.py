@@ -32,3 +32,37 @@ def test_math_helpers_match_torch():
     assert torch.equal(rounded.nan_to_num(123.0), torch.round(x).nan_to_num(123.0))
     assert bool(tanh[-5].isnan())
     torch.testing.assert_close(tanh.nan_to_num(0.0), torch.tanh(x).nan_to_num(0.0), rtol=0, atol=2e-7)
+
+
+def test_code_division_by_reciprocal_correction_is_ieee_division():
+    """fpmath.div_small_int's GPU sequence ``q = n * inv; rem = fma(-q, d, n); fma(rem, inv, q)``
+    (``inv = RN(1/d)``) equals IEEE ``n / d`` for every integer ``|n| <= d`` and every half width
+    ``d <= 2**12`` (levels up to 8193), emulated exactly on the host: products of these operands
+    are exact in float64, and the one float64 sum whose rounding could matter (within 1e-6 ulp of
+    a float32 midpoint) is redone in rational arithmetic. A plain ``n * inv`` already fails at
+    d = 6 (levels 12/13), which is why the kernels correct it."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    f32, f64 = np.float32, np.float64
+    naive_ok = True
+    for d in range(1, 2**12 + 1):
+        n = np.arange(-d, d + 1, dtype=f64)
+        inv = f32(1) / f32(d)
+        q = (n * f64(inv)).astype(f32)
+        rem = (n - q.astype(f64) * d).astype(f32)  # fma: the exact value, rounded once
+        s = rem.astype(f64) * f64(inv) + q.astype(f64)
+        got = s.astype(f32)
+        want = n.astype(f32) / f32(d)
+        ulp = np.spacing(np.abs(got)).astype(f64)
+        near_mid = np.abs(np.abs(s - got.astype(f64)) / ulp - 0.5) < 1e-6
+        for i in np.flatnonzero(near_mid):  # redo the final rounding exactly
+            exact = Fraction(float(rem[i])) * Fraction(float(inv)) + Fraction(float(q[i]))
+            lo, hi = sorted((got[i], np.nextafter(got[i], f32(np.inf) if exact > Fraction(float(got[i]))
+                                                   else f32(-np.inf))))
+            dl, dh = abs(exact - Fraction(float(lo))), abs(exact - Fraction(float(hi)))
+            got[i] = lo if dl < dh or (dl == dh and not (lo.view(np.int32) & 1)) else hi
+        assert np.array_equal(got, want), f"d={d}: {np.flatnonzero(got != want)}"
+        naive_ok &= bool(np.array_equal((n.astype(f32) * inv), want))
+    assert not naive_ok

@@ -17,20 +17,12 @@ from training import checkpoint as ckpt
 from training.compare import markdown_table
 from training.data import Unreadable
 from training.jsonio import read_jsonl as read_metrics
-from training_helpers import read_jsonl, results, train
+from training_helpers import read_jsonl, results, skip_outputs_for_speed, train
 
 
 @pytest.fixture(autouse=True)
 def fast_runs(monkeypatch):
-    """These tests check control flow, not outputs: 8 validation crops instead of 57, no PNGs."""
-    class SmallVal(train_mod.EmbeddedVal):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.items = self.items[:8]
-
-    monkeypatch.setattr(train_mod, "EmbeddedVal", SmallVal)
-    monkeypatch.setattr(train_mod, "plot_curves", lambda *a, **k: [])
-    monkeypatch.setattr(train_mod, "save_grid", lambda *a, **k: None)
+    skip_outputs_for_speed(monkeypatch)
 
 
 def _folder(root: Path, n_good: int, n_bad: int) -> str:
@@ -97,6 +89,10 @@ def test_second_ctrl_c_aborts_without_a_traceback(tmp_path, monkeypatch, capsys)
     assert train(tmp_path / "run", "--max-steps", "5", "--no-lpips") == 130
     err = capsys.readouterr().err
     assert "aborted" in err and "Traceback" not in err
+    # before the first checkpoint (issue 18): nothing to resume is said, and the log left is not a run
+    assert "nothing to resume" in err and "--resume" not in err
+    monkeypatch.setattr(train_mod, "ReconstructionLoss", real)
+    assert train(tmp_path / "run", "--max-steps", "1", "--no-lpips") == 0
 
 
 # -- 2. overwrite -----------------------------------------------------------------------------------

@@ -24,3 +24,17 @@ def read_jsonl(path) -> List[dict]:
 def results(out) -> dict:
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
+
+
+def skip_outputs_for_speed(monkeypatch) -> None:
+    """For tests of control flow, not outputs: 8 validation crops instead of 57, no PNGs."""
+    import training.train as train_mod
+
+    class SmallVal(train_mod.EmbeddedVal):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.items = self.items[:8]
+
+    monkeypatch.setattr(train_mod, "EmbeddedVal", SmallVal)
+    monkeypatch.setattr(train_mod, "plot_curves", lambda *a, **k: [])
+    monkeypatch.setattr(train_mod, "save_grid", lambda *a, **k: None)

@@ -44,6 +44,43 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Reading one image file (the one loader and policy of train.py and training.evaluate)
+# ---------------------------------------------------------------------------------------------
+#: Pillow modes of 16-bit integer images (16-bit greyscale PNG/TIFF): white is 65535.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def read_rgb(path: str):
+    """Open an image file as an 8-bit RGB ``PIL.Image``, converting high bit depths by their range.
+
+    Pillow's ``convert("RGB")`` clips a 16-bit greyscale image (mode ``I;16``/``I``) at 255, i.e. to
+    saturated white; here those are scaled from [0, 65535]. Images with no defined white level
+    (floating-point mode ``F``, or ``I`` values outside [0, 65535]) raise ``ValueError``; Pillow's own
+    errors (unreadable files, decompression bombs) propagate. Callers skip the file, naming the reason
+    (:func:`unreadable_reason`).
+    """
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode in _SIXTEEN_BIT_MODES:
+            a = np.asarray(im, dtype=np.int64)
+            if a.size and (a.min() < 0 or a.max() > 65535):
+                raise ValueError(f"{im.mode} image with values outside [0, 65535]: no defined white level")
+            grey = np.rint(a * (255.0 / 65535.0)).astype(np.uint8)
+            return Image.fromarray(grey, mode="L").convert("RGB")
+        if im.mode == "F":
+            raise ValueError("floating-point image (Pillow mode F): no defined white level")
+        return im.convert("RGB")
+
+
+def unreadable_reason(e: BaseException) -> str:
+    """``"ExceptionType: first line"`` of why an image was skipped (logged and counted by the callers)."""
+    first = str(e).splitlines()[0][:120] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
+# ---------------------------------------------------------------------------------------------
 # ImageFolder (ImageNet)
 # ---------------------------------------------------------------------------------------------
 def paper_transform(size: int = 128):
@@ -67,7 +104,7 @@ class SafeImageFolder(Dataset):
             raise DataError(f"data directory {root!r} does not exist (expected an ImageFolder: "
                             "ROOT/<class>/<image>.JPEG, e.g. ImageNet's train/ or val/ sorted into class folders)")
         try:
-            self.folder = ImageFolder(root, transform=paper_transform(size))
+            self.folder = ImageFolder(root, transform=paper_transform(size), loader=read_rgb)
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"data directory {root!r} holds no images in class sub-folders "
                             f"(expected ROOT/<class>/<image>.JPEG): {e}") from None
@@ -81,8 +118,7 @@ class SafeImageFolder(Dataset):
         try:
             return self.folder[i][0]
         except Exception as e:  # corrupt/truncated/unreadable file: skipped and named by collate_skip
-            first = str(e).splitlines()[0][:120] if str(e) else ""
-            return Unreadable(self.folder.samples[i][0], f"{type(e).__name__}: {first}")
+            return Unreadable(self.folder.samples[i][0], unreadable_reason(e))
 
 
 class Unreadable(NamedTuple):

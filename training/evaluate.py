@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from training import checkpoint as ckpt
-from training.data import DataError, TiledCrops, denormalize, load_embedded_photos, normalize, split_embedded
+from training.data import (DataError, TiledCrops, denormalize, load_embedded_photos, normalize, read_rgb,
+                           split_embedded, unreadable_reason)
 from training.lpips_loss import load_lpips
 from training.lpips_weights import LPIPSWeightsError
 from training.metrics import compute_metrics
@@ -54,25 +55,26 @@ def load_folder_photos(root: str, short_side: int) -> List[torch.Tensor]:
     """Every readable image under ``root`` (recursively, sorted by path) as a ``(3, H, W)`` tensor in
     [0, 1] whose shorter side is ``short_side``. Raises :class:`DataError` when there is none."""
     import torch.nn.functional as F
-    from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.functional import to_tensor
 
     if not os.path.isdir(root):
         raise DataError(f"--val-dir {root!r} is not a directory")
     paths = sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names
                    if n.lower().endswith(IMAGE_EXTENSIONS))
-    photos = []
+    photos, skipped = [], 0
     for p in paths:
-        try:
-            with Image.open(p) as im:
-                t = to_tensor(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError):
-            print(f"warning: {p} is unreadable, skipped", file=sys.stderr)
+        try:  # the loader and skip policy of training (training.data.read_rgb)
+            t = to_tensor(read_rgb(p))
+        except Exception as e:
+            skipped += 1
+            print(f"warning: {p} is unreadable, skipped ({unreadable_reason(e)})", file=sys.stderr)
             continue
         h, w = t.shape[1:]
         s = short_side / min(h, w)
         size = (max(short_side, round(h * s)), max(short_side, round(w * s)))
         photos.append(F.interpolate(t[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1))
+    if skipped:
+        print(f"warning: skipped {skipped} of {len(paths)} image file(s) under {root}", file=sys.stderr)
     if not photos:
         raise DataError(f"--val-dir {root!r} holds no readable image ({', '.join(IMAGE_EXTENSIONS)})")
     return photos

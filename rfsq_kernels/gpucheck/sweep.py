@@ -46,11 +46,11 @@ class Case:
     dtype: torch.dtype
     shape: Tuple[int, ...]
     mask: bool = False      # a (B, *spatial) padding mask is passed
-    dropout: bool = False   # per-sample stage counts (quantize dropout) are passed
+    active_stages: bool = False  # per-sample stage counts (quantize dropout) are passed
 
     def __str__(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
-        extra = (" mask" if self.mask else "") + (" dropout" if self.dropout else "")
+        extra = (" mask" if self.mask else "") + (" active_stages" if self.active_stages else "")
         return (f"{self.direction} strategy={self.strategy} K={self.stages} C={len(self.levels)} "
                 f"levels={list(self.levels)} dtype={dt} shape={'x'.join(map(str, self.shape))}{extra}")
 
@@ -122,6 +122,22 @@ def sparse_cases() -> List[Case]:
     return out
 
 
+def quick_cases(strategies: Iterable[str] = STRATEGIES) -> List[Case]:
+    """A small grid for a strategy under development (``--quick``): direction x strategy x K in
+    {1, 3} x C in {5, 16} x the training and the large image, float32, 32-bit offsets; plus bf16
+    with 64-bit offsets and masks/stage counts (both, each alone) at K=3, C=5, training image.
+    Every flag takes both values; not every tile shape or path is reached."""
+    out = all_cases(strategies=strategies, stages=(1, 3), channels=(5, 16), dtypes=(torch.float32,),
+                    spatial=SPATIAL[1:], offsets=(32,))
+    out += all_cases(strategies=strategies, stages=(3,), channels=(5,), dtypes=(torch.bfloat16,),
+                     spatial=SPATIAL[1:2], offsets=(64,))
+    for base in all_cases(strategies=strategies, stages=(3,), channels=(5,), dtypes=(torch.float32,),
+                          spatial=SPATIAL[1:2], offsets=(32,)):
+        out += [Case(base.direction, base.strategy, base.stages, base.levels, base.dtype, base.shape, m, d)
+                for m, d in ((True, True), (True, False), (False, True))]
+    return out
+
+
 def default_cases() -> List[Case]:
     """The grid ``make test`` compiles (deduplicated: a few hundred binaries per target):
 
@@ -158,8 +174,8 @@ def run_vq_case(case: Case) -> None:
     scales = torch.empty((k, c), dtype=torch.float32, device=meta)
     clamp = torch.empty((c,), dtype=torch.float32, device=meta)
     mask = torch.empty((b, s), dtype=torch.bool, device=meta) if case.mask else None
-    active = torch.empty((b,), dtype=torch.int32, device=meta) if case.dropout else None
-    standalone_fsq = case.stages in (1, 8) and not (case.mask or case.dropout)  # its kernels have no K/flags
+    active = torch.empty((b,), dtype=torch.int32, device=meta) if case.active_stages else None
+    standalone_fsq = case.stages in (1, 8) and not (case.mask or case.active_stages)  # its kernels have no K/flags
     if case.direction == "forward":
         residual_fsq.forward(x, list(case.levels), scales, clamp, mask, active)
         if standalone_fsq:
@@ -181,7 +197,7 @@ def run_case(case: Case) -> None:
     row = get_strategy(case.strategy)
     params = tuple(torch.empty(p.shape(k, c), dtype=torch.float32, device=meta) for p in row.params)
     sparse = dict(mask=torch.empty((case.shape[0], *case.shape[2:]), dtype=torch.bool, device=meta) if case.mask else None,
-                  active_stages=torch.empty((case.shape[0],), dtype=torch.int32, device=meta) if case.dropout else None)
+                  active_stages=torch.empty((case.shape[0],), dtype=torch.int32, device=meta) if case.active_stages else None)
     if case.direction == "forward":
         rfsq_forward_launch(z, list(case.levels), k, case.strategy, params, **sparse)
         return
@@ -241,13 +257,22 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def jit_function(obj):
+    """The ``JITFunction`` inside ``obj`` (a kernel wrapped by ``@triton.heuristics`` holds it as
+    ``.fn``), or None when ``obj`` is not a kernel."""
+    while obj is not None and not hasattr(obj, "device_caches"):
+        obj = getattr(obj, "fn", None)
+    return obj
+
+
 def compiled_kernels(arch: int) -> Dict[str, object]:
     """Every ``CompiledKernel`` the project's kernels hold for device ``arch``, by hash."""
-    from ..kernels import elementwise, layernorm, residual_fsq
+    from ..kernels import residual_fsq
+    from ..kernels.launch import FAMILIES
     out = {}
-    for module in (elementwise, layernorm, residual_fsq):
+    for module in (*FAMILIES.values(), residual_fsq):
         for obj in vars(module).values():
-            caches = getattr(obj, "device_caches", None)
+            caches = getattr(jit_function(obj), "device_caches", None)
             if caches is None or arch not in caches:
                 continue
             for kernel in caches[arch][0].values():

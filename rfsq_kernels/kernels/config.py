@@ -33,6 +33,10 @@ ONE_TILE_ELEMS_PER_THREAD = 4
 #: keyword on triton 3.6-3.8; the interpreter ignores it (it never fuses).
 FP_FUSION = False
 ONE_TILE_WARPS = {"forward": (4, 16), "backward": (4, 32)}
+#: Targets (compute capability >= this) whose ptxas spills the layernorm kernels at the sm_80/90
+#: tiles (sm_100: 8-32 B at a single 8x1024 tile, 8 B in the chunked backward): they keep half of
+#: MAX_BLOCK_ELEMS in one tile and use the sparse chunks (half the chunk, 4 elements per thread).
+SMALL_ONE_TILE_ARCH = 100
 #: Elements per thread of a full chunk when a mask or per-sample stage counts are passed.
 SPARSE_ELEMS_PER_THREAD = 4
 
@@ -70,20 +74,24 @@ def _chunk_tiles(block_c: int, spatial: int, sparse: bool = False) -> Tiles:
 
 
 def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
-                    int64: bool = False, sparse: bool = False) -> Tiles:
+                    int64: bool = False, sparse: bool = False, arch: Optional[int] = None) -> Tiles:
     """Tile of the layernorm ``direction`` (``forward``/``backward``) kernel for ``channels`` x
     ``spatial``; ``int64``: the launch uses 64-bit offsets; ``sparse``: a mask or per-sample
-    stage counts are passed. One tile up to ``MAX_BLOCK_ELEMS`` padded elements (half of it for
-    a 64-bit-offset forward and for a sparse backward), chunks otherwise."""
+    stage counts are passed; ``arch``: the compute capability compiled for (None: interpreter).
+    One tile up to ``MAX_BLOCK_ELEMS`` padded elements (half of it for a 64-bit-offset forward,
+    for a sparse backward and on ``SMALL_ONE_TILE_ARCH`` and later), chunks otherwise."""
     block_c, block_s = next_pow2(channels), next_pow2(spatial)
     single_max = MAX_BLOCK_ELEMS // 2 if int64 and direction == "forward" else MAX_BLOCK_ELEMS
+    if arch is not None and arch >= SMALL_ONE_TILE_ARCH:
+        single_max = min(single_max, MAX_BLOCK_ELEMS // 2)
     sparse = sparse and direction == "backward"
     if sparse:
         single_max //= 2
     if block_c * block_s <= single_max:
         warps = _warps(block_c * block_s, ONE_TILE_ELEMS_PER_THREAD, *ONE_TILE_WARPS[direction])
         return Tiles(block_c, max(block_s, 2), warps, True)
-    return replace(_chunk_tiles(block_c, spatial, sparse), one_tile=False)
+    small = arch is not None and arch >= SMALL_ONE_TILE_ARCH
+    return replace(_chunk_tiles(block_c, spatial, sparse or (small and direction == "backward")), one_tile=False)
 
 
 def elementwise_tiles(channels: int, spatial: int, sparse: bool = False) -> Tiles:
@@ -97,6 +105,16 @@ def use_libdevice(t: torch.Tensor) -> bool:
     CUDA tensors, and ``meta`` tensors (the offline compile check, :mod:`rfsq_kernels.gpucheck`);
     exp/floor fallbacks under the interpreter (CPU tensors)."""
     return t.device.type in ("cuda", "meta") and not interpreter_enabled()
+
+
+def target_arch(t: torch.Tensor) -> Optional[int]:
+    """Compute capability Triton compiles ``t``'s launch for (a CUDA device, or the offline
+    check's target for ``meta`` tensors); None under the interpreter."""
+    if not use_libdevice(t):
+        return None
+    import triton
+    arch = triton.runtime.driver.active.get_current_target().arch
+    return arch if isinstance(arch, int) else None
 
 
 def level_tables(levels: Sequence[int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -162,14 +180,24 @@ def needs_int64(*tensors: Optional[torch.Tensor]) -> bool:
     return any(t is not None and max_offset(t) >= 2**31 - 1 for t in tensors)
 
 
-def mask_and_counts(mask: Optional[torch.Tensor], active: Optional[torch.Tensor], batch: int,
-                    spatial: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def mask_and_active_stages(mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], batch: int,
+                           spatial: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Kernel views of the optional padding mask ``(B, *spatial)`` bool -> ``(B, S)`` uint8 (no copy
     when contiguous) and per-sample stage counts ``(B,)`` -> int32. An absent one stays ``None``:
-    Triton passes ``None`` as a constexpr, and the kernels' HAS_MASK / HAS_DROPOUT flags are off."""
+    Triton passes ``None`` as a constexpr, and the kernels derive HAS_MASK / HAS_ACTIVE_STAGES
+    from it (:data:`FLAGS_FROM_POINTERS`)."""
     valid = None if mask is None else mask.reshape(batch, spatial).contiguous().view(torch.uint8)
-    counts = None if active is None else active.to(torch.int32).contiguous()
-    return valid, counts
+    active_stages = None if active_stages is None else active_stages.to(torch.int32).contiguous()
+    return valid, active_stages
+
+
+#: The feature flags every kernel derives from its optional pointers (``@triton.heuristics``), so
+#: no launch site sets them: ``valid_ptr`` (padding mask) and ``active_stages_ptr`` (per-sample
+#: stage counts) are None when absent.
+FLAGS_FROM_POINTERS = {
+    "HAS_MASK": lambda args: args["valid_ptr"] is not None,
+    "HAS_ACTIVE_STAGES": lambda args: args["active_stages_ptr"] is not None,
+}
 
 
 def quantized_and_indices(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, torch.Tensor]:

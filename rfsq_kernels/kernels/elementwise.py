@@ -1,71 +1,150 @@
-"""Kernels of the elementwise strategies (``none``, and ``scale`` with ``HAS_SCALE``): forward,
-backward, launchers and output allocation. Positions are independent, so one program owns one
-(image, spatial tile). The launchers are called through :mod:`.launch`, which answers problems
-without positions itself. Design: ``docs/kernel-design.md``."""
+"""Kernels of the elementwise strategies (``none``, ``scale``, and any strategy registered in
+:data:`STAGES`): forward, backward, launchers and output allocation. Positions are independent, so
+one program owns one (image, spatial tile). The kernels are generic over the strategy: its stage
+arrives as constexpr jit functions (an :class:`ElementwiseStage`) and its parameter group as a
+tuple of pointers. The launchers are called through :mod:`.launch`, which answers problems without
+positions itself. Design: ``docs/kernel-design.md``."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import config
-from .stages import (fsq_code, fsq_dcode, keep_only, load_active, load_digit_range, load_levels, load_tile,
+from .fpmath import recip_rn
+from .stages import (fsq_code, fsq_dcode, keep_only, load_active_stages, load_digit_range, load_levels, load_tile,
                      masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, widen)
 
 
-@triton.jit
-def stage_scale(scale_ptr, k, HAS_SCALE: tl.constexpr):
-    """``a_k`` as float32 (``scale_ptr``: ``(K,)``), or 1.0 without ``HAS_SCALE``."""
-    if HAS_SCALE:
-        return tl.load(scale_ptr + k).to(tl.float32)
-    else:
-        return 1.0
+# -- the stages of the built-in elementwise strategies -------------------------------------------
+# A stage is four jit functions (ElementwiseStage, passed to the kernels as constexprs):
+#   forward(r, k, param_ptrs, chan, fsq, USE_LIBDEVICE) -> (q, t, rounded, saved)
+#   grads_init(K_POW2, BLOCK_C) -> grads: register accumulators of the parameter gradients
+#   vjp(v, r, q, dcode, saved, k, grads, stage_ids, mask) -> (dq/dr, grads)
+#   grads_store(grads, dparam_part_ptrs, pid, K, stage_ids, chan): this program's partials
+# ``saved`` is what the forward computed that the vjp needs again (e.g. 1 / a); ``dcode`` is FSQ's
+# straight-through derivative d code / du at the stage's input (``fsq_dcode``). The gradients of
+# every stage are kept in registers and stored once after the stage loop: a store between the
+# unrolled stages would keep the compiler from sharing their replays (it may alias the parameter
+# loads). ``stage_ids = arange(K_POW2)``, ``K_POW2 = next_pow2(K)``.
 
 
 @triton.jit
-def elem_stage(r, a, fsq, HAS_SCALE: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """One ``none``/``scale`` stage: ``q = FSQ(a * r) / a`` (``q = FSQ(r)`` without scale).
-
-    Returns ``(q, t, rounded)``.
-    """
-    if HAS_SCALE:
-        code, t, rounded = fsq_code(a * r, fsq, USE_LIBDEVICE)
-        return code / a, t, rounded
-    else:
-        code, t, rounded = fsq_code(r, fsq, USE_LIBDEVICE)
-        return code, t, rounded
+def none_stage(r, k, param_ptrs, chan, fsq, USE_LIBDEVICE: tl.constexpr):
+    """``none``: ``q = FSQ(r)`` (no parameters)."""
+    code, t, rounded = fsq_code(r, fsq, USE_LIBDEVICE)
+    return code, t, rounded, 1.0
 
 
 @triton.jit
-def elem_replay(x, scale_ptr, fsq, valid, n_act, NSTAGES: tl.constexpr, HAS_SCALE: tl.constexpr,
-                HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+def no_grads_init(K_POW2: tl.constexpr, BLOCK_C: tl.constexpr):
+    """No parameters, no accumulators."""
+    return 0.0
+
+
+@triton.jit
+def none_vjp(v, r, q, dcode, saved, k, grads, stage_ids, mask):
+    """``dq/dr = dcode/du``; no parameter gradients."""
+    return dcode, grads
+
+
+@triton.jit
+def no_grads_store(grads, dparam_part_ptrs, pid, K, stage_ids, chan):
+    """Nothing to store."""
+    pass
+
+
+@triton.jit
+def scale_stage(r, k, param_ptrs, chan, fsq, USE_LIBDEVICE: tl.constexpr):
+    """``scale``: ``q = FSQ(a * r) * (1 / a)``, ``param_ptrs = (a_ptr,)``, ``(K,)`` float32
+    (``a = stage_scales(p)``); the reciprocal is rounded to nearest, as the reference's
+    ``torch.reciprocal``, so no element is divided. ``saved = 1 / a``."""
+    (scale_ptr,) = param_ptrs
+    a = tl.load(scale_ptr + k).to(tl.float32)
+    inv_a = recip_rn(a)
+    code, t, rounded = fsq_code(a * r, fsq, USE_LIBDEVICE)
+    return code * inv_a, t, rounded, inv_a
+
+
+@triton.jit
+def scale_grads_init(K_POW2: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``dL/da_k`` of every stage: ``[K_POW2]``."""
+    return tl.zeros([K_POW2], dtype=tl.float32)
+
+
+@triton.jit
+def scale_vjp(v, r, q, dcode, inv_a, k, parts, stage_ids, mask):
+    """``dq/dr = dcode/du`` (the scale cancels); ``dL/da_k = sum v (dcode/du * r - q) * (1 / a)``."""
+    part = tl.sum(masked_row_sum(v * (dcode * r - q), mask), axis=0) * inv_a
+    return dcode, tl.where(stage_ids == k, part, parts)
+
+
+@triton.jit
+def scale_grads_store(parts, dparam_part_ptrs, pid, K, stage_ids, chan):
+    """Row ``pid`` of the ``(programs, K)`` partials of ``dL/da``."""
+    (dscale_part_ptr,) = dparam_part_ptrs
+    tl.store(dscale_part_ptr + pid * K + stage_ids, parts, mask=stage_ids < K)
+
+
+class ElementwiseStage(NamedTuple):
+    """One strategy's kernel stage in the elementwise family (signatures above)."""
+
+    forward: object      # triton.JITFunction, each of the four
+    grads_init: object
+    vjp: object
+    grads_store: object
+
+
+#: The elementwise family's stage of each strategy, by strategy name. A new elementwise strategy
+#: adds its entry here; the kernels, launchers and custom ops stay as they are.
+STAGES: Dict[str, ElementwiseStage] = {
+    "none": ElementwiseStage(none_stage, no_grads_init, none_vjp, no_grads_store),
+    "scale": ElementwiseStage(scale_stage, scale_grads_init, scale_vjp, scale_grads_store),
+}
+
+
+@triton.jit
+def elem_replay(x, param_ptrs, chan, fsq, valid, active_stages, NSTAGES: tl.constexpr, STAGE: tl.constexpr,
+                HAS_MASK: tl.constexpr, HAS_ACTIVE_STAGES: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """Residual ``r_NSTAGES`` recomputed from the input tile ``x`` (unrolled; positions and
     stages the forward skipped subtract nothing)."""
     r = x
     for j in tl.static_range(NSTAGES):
-        a = stage_scale(scale_ptr, j, HAS_SCALE)
-        q, _t, _rounded = elem_stage(r, a, fsq, HAS_SCALE, USE_LIBDEVICE)
-        r = r - keep_only(q, valid, n_act, j, HAS_MASK, HAS_DROPOUT)
+        q, _t, _rounded, _saved = STAGE(r, j, param_ptrs, chan, fsq, USE_LIBDEVICE)
+        r = r - keep_only(q, valid, active_stages, j, HAS_MASK, HAS_ACTIVE_STAGES)
     return r
 
 
+@triton.heuristics(config.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "tiles_per_image", "K"])
 def _fwd_elementwise_kernel(
-    x_ptr, q_ptr, idx_ptr, scale_ptr, consts_ptr, basis_ptr, valid_ptr, active_ptr,
-    C, S, tiles_per_image, stride_xb, stride_xc, stride_xs, stride_qb, stride_qc, stride_qs, K,
-    HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    x_ptr,              # input z: (B, C, S) through stride_x*, any float dtype
+    q_ptr,              # out: quantized, (B, C, S) through stride_q*, z's dtype
+    idx_ptr,            # out: packed indices, (B, S, K) contiguous, int32 or int64
+    param_ptrs,         # tuple: the strategy's parameter group (table order, kernel form)
+    consts_ptr,         # (5, C) float32 level constants (config.level_tables)
+    basis_ptr,          # (C,) int64 mixed-radix place values
+    valid_ptr,          # (B, S) uint8 padding mask (1 = valid), or None
+    active_stages_ptr,  # (B,) int32 stages each image runs, or None
+    C,                  # channels
+    S,                  # flattened spatial positions per image
+    tiles_per_image,    # programs per image: cdiv(S, BLOCK_S)
+    stride_xb, stride_xc, stride_xs,  # z's strides: image, channel, flattened spatial
+    stride_qb, stride_qc, stride_qs,  # quantized's strides
+    K,                  # stages (runtime: one binary serves every K)
+    STAGE: tl.constexpr,              # the strategy's stage forward (STAGES[strategy].forward)
+    BLOCK_C: tl.constexpr,            # next_pow2(C): every channel in one program
+    BLOCK_S: tl.constexpr,            # spatial positions per program
+    HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
+    HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
+    USE_INT64: tl.constexpr,          # some offset may reach 2**31: index in 64 bits
+    USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice tanh/rint; interpreter: fallbacks
 ):
-    """``none``/``scale`` forward: one program per (image, spatial tile), all K stages in
-    registers (a runtime stage loop: the residual is carried, nothing is replayed).
-
-    stride_<tensor><dim>: x = input, q = quantized; dims b = image, c = channel, s = flattened
-    spatial. ``scale_ptr`` / ``valid_ptr`` / ``active_ptr`` are None unless HAS_SCALE / HAS_MASK /
-    HAS_DROPOUT.
-    """
+    """Elementwise forward: one program per (image, spatial tile), all K stages in registers (a
+    runtime stage loop: the residual is carried, nothing is replayed)."""
     pid = tl.program_id(0)
     img = widen(pid // tiles_per_image, USE_INT64)
     # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
@@ -76,40 +155,58 @@ def _fwd_elementwise_kernel(
                                           HAS_MASK, USE_INT64)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
-    n_act = load_active(active_ptr, img, K, HAS_DROPOUT)
+    chan = (offs_c, mask_c, C)
+    active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
     digits = load_digit_range(consts_ptr, basis_ptr, offs_c, mask_c, C)
     r = load_tile(x_view, offs_c, offs_s, mask_c[:, None] & valid[None, :])
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_index
     for k in range(K):
-        a = stage_scale(scale_ptr, k, HAS_SCALE)
-        q, _t, rounded = elem_stage(r, a, fsq, HAS_SCALE, USE_LIBDEVICE)
-        store_index(index_rows, k, rounded, fsq, digits, valid, n_act, HAS_MASK, HAS_DROPOUT)
-        q = keep_only(q, valid[None, :], n_act, k, HAS_MASK, HAS_DROPOUT)
+        q, _t, rounded, _saved = STAGE(r, k, param_ptrs, chan, fsq, USE_LIBDEVICE)
+        store_index(index_rows, k, rounded, fsq, digits, valid, active_stages, HAS_MASK, HAS_ACTIVE_STAGES)
+        q = keep_only(q, valid[None, :], active_stages, k, HAS_MASK, HAS_ACTIVE_STAGES)
         acc = acc + q
         r = r - q
     store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
 
 
+@triton.heuristics(config.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "tiles_per_image"])
 def _bwd_elementwise_kernel(
-    x_ptr, g_ptr, dx_ptr, scale_ptr, dscale_part_ptr, consts_ptr, valid_ptr, active_ptr,
-    C, S, tiles_per_image, stride_xb, stride_xc, stride_xs, stride_gb, stride_gc, stride_gs,
-    stride_dxb, stride_dxc, stride_dxs,
-    K: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    x_ptr,              # input z: (B, C, S) through stride_x*
+    g_ptr,              # dL/dquantized: (B, C, S) through stride_g* (may be stride 0)
+    dx_ptr,             # out: dL/dz, (B, C, S) through stride_dx*, z's dtype
+    param_ptrs,         # tuple: the strategy's parameter group (table order, kernel form)
+    dparam_part_ptrs,   # tuple: out, per parameter a float32 (programs * K, ...) partial-sum buffer
+    consts_ptr,         # (5, C) float32 level constants
+    valid_ptr,          # (B, S) uint8 padding mask, or None
+    active_stages_ptr,  # (B,) int32 stages each image runs, or None
+    C,                  # channels
+    S,                  # flattened spatial positions per image
+    tiles_per_image,    # programs per image
+    stride_xb, stride_xc, stride_xs,     # z's strides: image, channel, flattened spatial
+    stride_gb, stride_gc, stride_gs,     # dL/dquantized's strides
+    stride_dxb, stride_dxc, stride_dxs,  # dL/dz's strides
+    K: tl.constexpr,                  # stages (unrolled: the replay is shared between them)
+    STAGE: tl.constexpr,              # the strategy's stage forward (STAGES[strategy].forward, replayed)
+    STAGE_GRADS_INIT: tl.constexpr,   # its parameter-gradient accumulators (.grads_init)
+    STAGE_VJP: tl.constexpr,          # its vector-Jacobian product (.vjp)
+    STAGE_GRADS_STORE: tl.constexpr,  # stores this program's parameter-gradient partials (.grads_store)
+    BLOCK_C: tl.constexpr,            # next_pow2(C)
+    BLOCK_S: tl.constexpr,            # spatial positions per program
+    HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
+    HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
+    USE_INT64: tl.constexpr,          # 64-bit offsets
+    USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice; interpreter: fallbacks
 ):
-    """``none``/``scale`` backward: J_k is diagonal, so every position is independent.
+    """Elementwise backward: J_k is diagonal, so every position is independent.
 
-    ``dq/dr = dcode/du`` (the scale cancels) and, for ``scale``,
-    ``dL/da_k = sum v_k * (dcode/du * r_k - q_k) / a_k`` (one partial per program and stage in
-    ``dscale_part_ptr``, ``(programs, K)``). The residual is replayed from the input for every
-    stage; the stages are unrolled, so the compiler shares the O(K^2) replay.
-
-    stride_<tensor><dim>: x = input, g = grad of quantized, dx = grad of input; dims b = image,
-    c = channel, s = flattened spatial. ``scale_ptr``, ``dscale_part_ptr`` / ``valid_ptr`` /
-    ``active_ptr`` are None unless HAS_SCALE / HAS_MASK / HAS_DROPOUT.
+    Per stage, in reverse: ``v_k = g - G_{k+1}`` on the positions the stage ran, ``STAGE_VJP``
+    adds the stage's parameter gradients to the accumulators and returns ``dq_k/dr_k``,
+    ``G_k = G_{k+1} + v_k dq/dr``; after the loop ``dL/dz = G_0`` and the parameter-gradient
+    partials are stored. The residual is replayed from the input for every stage; the stages are
+    unrolled, so the compiler shares the O(K^2) replay.
     """
     pid = tl.program_id(0)
     img = widen(pid // tiles_per_image, USE_INT64)
@@ -122,24 +219,27 @@ def _bwd_elementwise_kernel(
                                           HAS_MASK, USE_INT64)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
+    chan = (offs_c, mask_c, C)
     inside = mask_c[:, None] & mask_s[None, :]
-    n_act = load_active(active_ptr, img, K, HAS_DROPOUT)
+    active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     mask = mask_c[:, None] & valid[None, :]
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
     x = load_tile(x_view, offs_c, offs_s, mask)
     g = load_tile(g_view, offs_c, offs_s, mask)
     G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    K_POW2: tl.constexpr = 1 << (K - 1).bit_length()
+    stage_ids = tl.arange(0, K_POW2)
+    grads = STAGE_GRADS_INIT(K_POW2, BLOCK_C)
     for k in tl.static_range(K - 1, -1, -1):
-        r = elem_replay(x, scale_ptr, fsq, mask, n_act, k, HAS_SCALE, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
-        a = stage_scale(scale_ptr, k, HAS_SCALE)
-        q, t, _rounded = elem_stage(r, a, fsq, HAS_SCALE, USE_LIBDEVICE)
-        J = fsq_dcode(t, fsq)
-        v = tl.where(stage_keep(mask, n_act, k, HAS_DROPOUT), g - G, 0.0)
-        if HAS_SCALE:
-            part = tl.sum(masked_row_sum(v * (J * r - q), mask), axis=0) / a
-            tl.store(dscale_part_ptr + pid * K + k, part)
-        G = G + v * J
+        r = elem_replay(x, param_ptrs, chan, fsq, mask, active_stages, k, STAGE, HAS_MASK, HAS_ACTIVE_STAGES,
+                        USE_LIBDEVICE)
+        q, t, _rounded, saved = STAGE(r, k, param_ptrs, chan, fsq, USE_LIBDEVICE)
+        dcode = fsq_dcode(t, fsq)
+        v = tl.where(stage_keep(mask, active_stages, k, HAS_ACTIVE_STAGES), g - G, 0.0)
+        dq_dr, grads = STAGE_VJP(v, r, q, dcode, saved, k, grads, stage_ids, mask)
+        G = G + v * dq_dr
     store_tile(dx_view, G, offs_c, offs_s, inside)
+    STAGE_GRADS_STORE(grads, dparam_part_ptrs, pid, K, stage_ids, chan)
 
 
 def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, ...]:
@@ -150,21 +250,19 @@ def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tupl
 
 def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, params: Tuple[torch.Tensor, ...],
             eps: float, mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-    """Fused elementwise forward of ``strategy`` (parameter group ``params``, kernel form):
-    ``(quantized, indices, mean, std)``; ``eps`` is unused (no statistics)."""
-    scale = params[0] if params else None
+    """Fused elementwise forward of ``strategy`` (its :data:`STAGES` entry, parameter group
+    ``params`` in kernel form): ``(quantized, indices, mean, std)``; ``eps`` is unused."""
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
     consts, basis = config.level_tables(levels, z.device)
-    valid, active = config.mask_and_counts(mask, active_stages, B, S)
-    tiles = config.elementwise_tiles(C, S, sparse=mask is not None or active_stages is not None)
+    valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
+    tiles = config.elementwise_tiles(C, S, sparse=valid is not None or active_stages is not None)
     tiles_per_image = triton.cdiv(S, tiles.block_s)
     _fwd_elementwise_kernel[(B * tiles_per_image,)](
-        x, quantized, indices, scale, consts, basis, valid, active,
-        C, S, tiles_per_image, *x_strides, *config.flat_strides(quantized),
-        K=stages, HAS_SCALE=scale is not None, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
-        HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
+        x, quantized, indices, params, consts, basis, valid, active_stages,
+        C, S, tiles_per_image, *x_strides, *config.flat_strides(quantized), stages,
+        STAGE=STAGES[strategy].forward, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
         USE_INT64=config.needs_int64(x, quantized, indices), USE_LIBDEVICE=config.use_libdevice(z),
         num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
     return quantized, indices, mean, std
@@ -174,23 +272,24 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
              params: Tuple[torch.Tensor, ...], mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
              mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]):
     """Fused elementwise backward: ``(grad_z, grad_params)`` (``mean``/``std`` unused)."""
-    scale = params[0] if params else None
     grad_z = config.new_output(z)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
     g, g_strides = config.strided_view(grad_q)
     consts, _basis = config.level_tables(levels, z.device)
-    valid, active = config.mask_and_counts(mask, active_stages, B, S)
-    tiles = config.elementwise_tiles(C, S, sparse=mask is not None or active_stages is not None)
+    valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
+    tiles = config.elementwise_tiles(C, S, sparse=valid is not None or active_stages is not None)
     tiles_per_image = triton.cdiv(S, tiles.block_s)
-    # dL/da_k as one partial sum per (program, stage), reduced below in a fixed order.
-    part = None if scale is None else torch.empty((B * tiles_per_image, stages), dtype=torch.float32, device=z.device)
-    _bwd_elementwise_kernel[(B * tiles_per_image,)](
-        x, g, grad_z, scale, part, consts, valid, active,
+    programs = B * tiles_per_image
+    # Every parameter gradient as one partial sum per (program, stage[, channel]), reduced below in
+    # a fixed order (no atomics: bitwise-reproducible).
+    parts = tuple(torch.empty((programs, *p.shape), dtype=torch.float32, device=z.device) for p in params)
+    stage = STAGES[strategy]
+    _bwd_elementwise_kernel[(programs,)](
+        x, g, grad_z, params, parts, consts, valid, active_stages,
         C, S, tiles_per_image, *x_strides, *g_strides, *config.flat_strides(grad_z),
-        K=stages, HAS_SCALE=scale is not None, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
-        HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
+        K=stages, STAGE=stage.forward, STAGE_GRADS_INIT=stage.grads_init, STAGE_VJP=stage.vjp,
+        STAGE_GRADS_STORE=stage.grads_store, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
         USE_INT64=config.needs_int64(x, g, grad_z), USE_LIBDEVICE=config.use_libdevice(z),
         num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
-    grad_params = () if part is None else (part.sum(0).to(scale.dtype),)
-    return grad_z, grad_params
+    return grad_z, tuple(part.sum(0).to(p.dtype) for part, p in zip(parts, params))

@@ -3,11 +3,12 @@ output allocation. Each stage's mean/std reduce over all positions of an image, 
 owns one image. The launchers are called through :mod:`.launch`, which answers
 problems without positions itself. Design: ``docs/kernel-design.md``.
 
-Besides the bundles of :mod:`.stages`, these helpers take ``ln = (mean_ptr, std_ptr, weight_ptr,
-bias_ptr, stat_start)`` -- the ``(B, K, C)`` saved statistics, where the image's rows start
+Besides the bundles of :mod:`.stages`, these helpers take ``stats = (mean_ptr, std_ptr,
+stat_start)`` -- the ``(B, K, C)`` saved statistics and where the image's rows start
 (``stat_start = img * K * C``, also used for the ``(B, K, C)`` parameter-gradient partials
-``dparts``) and the ``(K, C)`` parameters -- and ``chan = (offs_c, mask_c, C)``, the program's
-channel lanes.
+``dparts``) --, ``affine = (weight_ptr, bias_ptr)`` -- the strategy's ``(K, C)`` parameter group,
+passed to the kernels as the tuple ``param_ptrs`` -- and ``chan = (offs_c, mask_c, C)``, the
+program's channel lanes.
 """
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ import triton
 import triton.language as tl
 
 from . import config
-from .stages import (fsq_code, fsq_dcode, keep_only, load_active, load_digit_range, load_levels, load_tile,
+from .fpmath import as_f32, div_rn, recip_rn
+from .stages import (fsq_code, fsq_dcode, keep_only, load_active_stages, load_digit_range, load_levels, load_tile,
                      masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, widen)
 
 
 @triton.jit
-def ln_params(ln, k, chan):
-    """Row ``k`` of the LN weight and bias as float32 ``[BLOCK_C, 1]`` columns."""
-    _mean_ptr, _std_ptr, weight_ptr, bias_ptr, _stat_start = ln
+def ln_affine(affine, k, chan):
+    """Row ``k`` of the LN weight and bias (``affine = (weight_ptr, bias_ptr)``, ``(K, C)``) as
+    float32 ``[BLOCK_C, 1]`` columns."""
+    weight_ptr, bias_ptr = affine
     offs_c, mask_c, C = chan
     weight = tl.load(weight_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)[:, None]
     bias = tl.load(bias_ptr + k * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
@@ -34,9 +37,10 @@ def ln_params(ln, k, chan):
 
 
 @triton.jit
-def ln_stats(ln, k, chan):
-    """Saved ``(mu, sd)`` of stage ``k`` as ``[BLOCK_C, 1]`` columns."""
-    mean_ptr, std_ptr, _weight_ptr, _bias_ptr, stat_start = ln
+def ln_stats(stats, k, chan):
+    """Saved ``(mu, sd)`` of stage ``k`` (``stats = (mean_ptr, std_ptr, stat_start)``) as
+    ``[BLOCK_C, 1]`` columns."""
+    mean_ptr, std_ptr, stat_start = stats
     offs_c, mask_c, C = chan
     mu = tl.load(mean_ptr + stat_start + k * C + offs_c, mask=mask_c, other=0.0)[:, None]
     sd = tl.load(std_ptr + stat_start + k * C + offs_c, mask=mask_c, other=1.0)[:, None]
@@ -44,18 +48,28 @@ def ln_stats(ln, k, chan):
 
 
 @triton.jit
-def ln_stage(r, mu, sd, weight, bias, fsq, USE_LIBDEVICE: tl.constexpr):
-    """One ``layernorm`` stage in the reference's op order; returns ``(q, code, t, rounded)``.
-
-    ``n = weight * (r - mu) / sd + bias``; ``q = ((FSQ(n) - bias) / weight) * sd + mu``.
-    """
-    code, t, rounded = fsq_code(weight * (r - mu) / sd + bias, fsq, USE_LIBDEVICE)
-    return ((code - bias) / weight) * sd + mu, code, t, rounded
+def ln_factors(weight, sd):
+    """Per-channel ``(weight / sd, sd / weight)``, IEEE divisions computed once per channel (the
+    reference computes the same two quotients with torch)."""
+    return div_rn(weight, sd), div_rn(sd, weight)
 
 
 @triton.jit
-def ln_replay(x, ln, chan, fsq, nstages, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              USE_LIBDEVICE: tl.constexpr):
+def ln_stage(r, mu, factors, bias, fsq, USE_LIBDEVICE: tl.constexpr):
+    """One ``layernorm`` stage in the reference's op order; returns ``(q, code, t, rounded)``.
+
+    ``factors = (weight / sd, sd / weight)`` from :func:`ln_factors`:
+    ``n = (r - mu) * (weight / sd) + bias``; ``q = (FSQ(n) - bias) * (sd / weight) + mu`` --
+    no division per element.
+    """
+    w_sd, sd_w = factors
+    code, t, rounded = fsq_code((r - mu) * w_sd + bias, fsq, USE_LIBDEVICE)
+    return (code - bias) * sd_w + mu, code, t, rounded
+
+
+@triton.jit
+def ln_replay(x, stats, affine, chan, fsq, nstages, valid, active_stages, HAS_MASK: tl.constexpr,
+              HAS_ACTIVE_STAGES: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """Residual ``r_nstages`` from the input tile ``x`` and the saved statistics.
 
     A runtime loop (``nstages`` is the caller's runtime stage index): code size and compile time
@@ -63,82 +77,100 @@ def ln_replay(x, ln, chan, fsq, nstages, valid, n_act, HAS_MASK: tl.constexpr, H
     """
     r = x
     for j in range(nstages):
-        mu, sd = ln_stats(ln, j, chan)
-        weight, bias = ln_params(ln, j, chan)
-        q, _code, _t, _rounded = ln_stage(r, mu, sd, weight, bias, fsq, USE_LIBDEVICE)
-        r = r - keep_only(q, valid, n_act, j, HAS_MASK, HAS_DROPOUT)
+        mu, sd = ln_stats(stats, j, chan)
+        weight, bias = ln_affine(affine, j, chan)
+        q, _code, _t, _rounded = ln_stage(r, mu, ln_factors(weight, sd), bias, fsq, USE_LIBDEVICE)
+        r = r - keep_only(q, valid, active_stages, j, HAS_MASK, HAS_ACTIVE_STAGES)
     return r
 
 
 @triton.jit
-def _ln_emit(r, acc, mu, sd, k, ln, chan, fsq, digits, index_rows, valid, n_act,
-             HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+def _ln_emit(r, acc, mu, sd, k, affine, chan, fsq, digits, index_rows, valid, active_stages,
+             HAS_MASK: tl.constexpr, HAS_ACTIVE_STAGES: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """Quantize stage ``k`` with known statistics and store its indices; returns ``(r_{k+1}, acc + q_k)``."""
-    weight, bias = ln_params(ln, k, chan)
-    q, _code, _t, rounded = ln_stage(r, mu, sd, weight, bias, fsq, USE_LIBDEVICE)
-    store_index(index_rows, k, rounded, fsq, digits, valid, n_act, HAS_MASK, HAS_DROPOUT)
-    q = keep_only(q, valid[None, :], n_act, k, HAS_MASK, HAS_DROPOUT)
+    weight, bias = ln_affine(affine, k, chan)
+    q, _code, _t, rounded = ln_stage(r, mu, ln_factors(weight, sd), bias, fsq, USE_LIBDEVICE)
+    store_index(index_rows, k, rounded, fsq, digits, valid, active_stages, HAS_MASK, HAS_ACTIVE_STAGES)
+    q = keep_only(q, valid[None, :], active_stages, k, HAS_MASK, HAS_ACTIVE_STAGES)
     return r - q, acc + q
 
 
 @triton.jit
-def _ln_store_stats(ln, k, chan, mu, sd, n_act, HAS_DROPOUT: tl.constexpr):
+def _ln_store_stats(stats, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES: tl.constexpr):
     """Write stage ``k``'s ``[BLOCK_C]`` statistics; a dropped stage stores the neutral ``(0, 1)``."""
-    mean_ptr, std_ptr, _weight_ptr, _bias_ptr, stat_start = ln
+    mean_ptr, std_ptr, stat_start = stats
     offs_c, mask_c, C = chan
-    if HAS_DROPOUT:
-        mu = tl.where(k < n_act, mu, 0.0)
-        sd = tl.where(k < n_act, sd, 1.0)
+    if HAS_ACTIVE_STAGES:
+        mu = tl.where(k < active_stages, mu, 0.0)
+        sd = tl.where(k < active_stages, sd, 1.0)
     tl.store(mean_ptr + stat_start + k * C + offs_c, mu, mask=mask_c)
     tl.store(std_ptr + stat_start + k * C + offs_c, sd, mask=mask_c)
 
 
+@triton.heuristics(config.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "K"])
 def _fwd_layernorm_kernel(
-    x_ptr, q_ptr, idx_ptr, mean_ptr, std_ptr, weight_ptr, bias_ptr, consts_ptr, basis_ptr, valid_ptr, active_ptr,
-    C, S, stride_xb, stride_xc, stride_xs, stride_qb, stride_qc, stride_qs, eps,
-    K, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    x_ptr,              # input z: (B, C, S) through stride_x*, any float dtype
+    q_ptr,              # out: quantized, (B, C, S) through stride_q*, z's dtype
+    idx_ptr,            # out: packed indices, (B, S, K) contiguous, int32 or int64
+    mean_ptr,           # out: per-image statistics, (B, K, C) float32 contiguous
+    std_ptr,            # out: (B, K, C) float32 contiguous
+    param_ptrs,         # tuple (weight_ptr, bias_ptr): the strategy's (K, C) parameter group
+    consts_ptr,         # (5, C) float32 level constants (config.level_tables)
+    basis_ptr,          # (C,) int64 mixed-radix place values
+    valid_ptr,          # (B, S) uint8 padding mask (1 = valid), or None
+    active_stages_ptr,  # (B,) int32 stages each image runs, or None
+    C,                  # channels
+    S,                  # flattened spatial positions per image
+    stride_xb, stride_xc, stride_xs,  # z's strides: image, channel, flattened spatial
+    stride_qb, stride_qc, stride_qs,  # quantized's strides
+    eps,                # variance epsilon
+    K,                  # stages (runtime: one binary serves every K)
+    BLOCK_C: tl.constexpr,            # next_pow2(C): every channel in one program
+    BLOCK_S: tl.constexpr,            # spatial positions per tile (the whole image with ONE_TILE)
+    ONE_TILE: tl.constexpr,           # S <= BLOCK_S: the image stays in registers
+    HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
+    HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
+    USE_INT64: tl.constexpr,          # some offset may reach 2**31: index in 64 bits
+    USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice tanh/rint; interpreter: fallbacks
 ):
     """``layernorm`` forward: one program per image, stages as a runtime loop.
 
     ``ONE_TILE`` (S <= BLOCK_S): the image stays in registers for all K stages. Otherwise, per
     stage, a mean sweep and a centred-variance sweep over chunks (residual replayed from the
     input and the statistics already written), then one output pass. With ``HAS_MASK`` the
-    statistics count valid positions only (at least 1); with ``HAS_DROPOUT`` stages
-    ``k >= n_act`` quantize nothing.
-
-    stride_<tensor><dim>: x = input, q = quantized; dims b = image, c = channel, s = flattened
-    spatial. ``valid_ptr`` / ``active_ptr`` are None unless HAS_MASK / HAS_DROPOUT.
+    statistics count valid positions only (at least 1); with ``HAS_ACTIVE_STAGES`` stages
+    ``k >= active_stages`` quantize nothing.
     """
     img = widen(tl.program_id(0), USE_INT64)
     # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
     valid_row = (valid_ptr, img * S)
     x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
     q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
-    ln = (mean_ptr, std_ptr, weight_ptr, bias_ptr, img * K * C)
+    stats = (mean_ptr, std_ptr, img * K * C)
+    affine = param_ptrs
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
     chan = (offs_c, mask_c, C)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
     digits = load_digit_range(consts_ptr, basis_ptr, offs_c, mask_c, C)
-    n_act = load_active(active_ptr, img, K, HAS_DROPOUT)
+    active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     if ONE_TILE:
         offs_s, mask_s, valid = spatial_lanes(0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
         mask = mask_c[:, None] & valid[None, :]
-        n = S
+        n = as_f32(S)
         if HAS_MASK:
             n = tl.maximum(tl.sum(valid.to(tl.float32), axis=0), 1.0)
         r = load_tile(x_view, offs_c, offs_s, mask)
         acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_index
         for k in range(K):
-            mu = masked_row_sum(r, mask) / n
+            mu = div_rn(masked_row_sum(r, mask), n)
             d = r - mu[:, None]
-            sd = tl.sqrt(masked_row_sum(d * d, mask) / n + eps)
-            _ln_store_stats(ln, k, chan, mu, sd, n_act, HAS_DROPOUT)
-            r, acc = _ln_emit(r, acc, mu[:, None], sd[:, None], k, ln, chan, fsq, digits, index_rows, valid,
-                              n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+            sd = tl.sqrt_rn(div_rn(masked_row_sum(d * d, mask), n) + eps)
+            _ln_store_stats(stats, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES)
+            r, acc = _ln_emit(r, acc, mu[:, None], sd[:, None], k, affine, chan, fsq, digits, index_rows, valid,
+                              active_stages, HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
         store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
     else:
         for k in range(K):
@@ -150,8 +182,8 @@ def _fwd_layernorm_kernel(
                 for s0 in range(0, S, BLOCK_S):
                     offs_s, _mask_s, valid = spatial_lanes(s0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
                     mask = mask_c[:, None] & valid[None, :]
-                    r = ln_replay(load_tile(x_view, offs_c, offs_s, mask), ln, chan, fsq, k, mask, n_act,
-                                  HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+                    r = ln_replay(load_tile(x_view, offs_c, offs_s, mask), stats, affine, chan, fsq, k, mask, active_stages,
+                                  HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
                     if sweep == 0:
                         total += masked_row_sum(r, mask)
                         if HAS_MASK:
@@ -160,12 +192,12 @@ def _fwd_layernorm_kernel(
                         d = r - mu[:, None]
                         total += masked_row_sum(d * d, mask)
                 if sweep == 0:
-                    n = S
+                    n = as_f32(S)
                     if HAS_MASK:
                         n = tl.maximum(count, 1.0)
-                    mu = total / n
-            sd = tl.sqrt(total / n + eps)
-            _ln_store_stats(ln, k, chan, mu, sd, n_act, HAS_DROPOUT)
+                    mu = div_rn(total, n)
+            sd = tl.sqrt_rn(div_rn(total, n) + eps)
+            _ln_store_stats(stats, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES)
             # Later passes re-read these statistics, possibly from other threads of the program.
             tl.debug_barrier()
         for s0 in range(0, S, BLOCK_S):
@@ -175,27 +207,33 @@ def _fwd_layernorm_kernel(
             index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_index
             for k in range(K):
                 # New names: mu/sd above are [BLOCK_C]; a loop must not rebind them as [BLOCK_C, 1].
-                mu_col, sd_col = ln_stats(ln, k, chan)
-                r, acc = _ln_emit(r, acc, mu_col, sd_col, k, ln, chan, fsq, digits, index_rows, valid,
-                                  n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+                mu_col, sd_col = ln_stats(stats, k, chan)
+                r, acc = _ln_emit(r, acc, mu_col, sd_col, k, affine, chan, fsq, digits, index_rows, valid,
+                                  active_stages, HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
             store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
 
 
 @triton.jit
-def _ln_bwd_tile(x, g_minus_G, mask, k, ln, chan, fsq, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+def _ln_bwd_tile(x, g_minus_G, mask, k, stats, affine, chan, fsq, active_stages, HAS_MASK: tl.constexpr,
+                 HAS_ACTIVE_STAGES: tl.constexpr,
                  USE_LIBDEVICE: tl.constexpr):
     """Per-position quantities of stage ``k`` (runtime index) for one tile, ``g_minus_G = g - G_{k+1}``.
 
-    Returns ``(v, h, xhat, cn)``: ``v = dL/dq_k`` (masked), ``h = dL/dn`` through the code
-    (``v * sd / weight * dcode/dn``), ``xhat = (r - mu) / sd`` and ``cn = (code - bias) / weight``.
+    Returns ``(v, h, xhat, cn, w_sd)``: ``v = dL/dq_k`` (masked), ``h = dL/dn`` through the code
+    (``v * sd / weight * dcode/dn``), ``xhat = (r - mu) / sd``, ``cn = (code - bias) / weight =
+    (q - mu) / sd`` and the column ``weight / sd``. Gradients only: one reciprocal per channel,
+    multiplied (``cn`` through ``q``, so no ``1 / weight``), no division per element.
     """
-    r = ln_replay(x, ln, chan, fsq, k, mask, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
-    mu, sd = ln_stats(ln, k, chan)
-    weight, bias = ln_params(ln, k, chan)
-    _q, code, t, _rounded = ln_stage(r, mu, sd, weight, bias, fsq, USE_LIBDEVICE)
-    v = tl.where(stage_keep(mask, n_act, k, HAS_DROPOUT), g_minus_G, 0.0)
-    h = v * (sd / weight) * fsq_dcode(t, fsq)
-    return v, h, (r - mu) / sd, (code - bias) / weight
+    r = ln_replay(x, stats, affine, chan, fsq, k, mask, active_stages, HAS_MASK, HAS_ACTIVE_STAGES,
+                  USE_LIBDEVICE)
+    mu, sd = ln_stats(stats, k, chan)
+    weight, bias = ln_affine(affine, k, chan)
+    w_sd, sd_w = ln_factors(weight, sd)
+    q, _code, t, _rounded = ln_stage(r, mu, (w_sd, sd_w), bias, fsq, USE_LIBDEVICE)
+    v = tl.where(stage_keep(mask, active_stages, k, HAS_ACTIVE_STAGES), g_minus_G, 0.0)
+    h = v * sd_w * fsq_dcode(t, fsq)
+    inv_sd = recip_rn(sd)
+    return v, h, (r - mu) * inv_sd, (q - mu) * inv_sd, w_sd
 
 
 @triton.jit
@@ -212,9 +250,9 @@ def _add_sums(a, b):
 
 
 @triton.jit
-def _ln_bwd_coeffs(sums, k, ln, dparts, chan):
+def _ln_bwd_coeffs(sums, k, stats, affine, dparts, chan):
     """Turn stage ``k``'s four sums into parameter-gradient partials (stored through ``dparts =
-    (dweight_part_ptr, dbias_part_ptr)``, the image's ``(K, C)`` rows) and the coefficients
+    (dweight_part_ptr, dbias_part_ptr)``, the image's ``(K, C)`` rows at ``stats``' start) and the coefficients
     ``(weight/sd, dL/dmu, dL/dsd)`` of ``dL/dr``, as ``[BLOCK_C, 1]`` columns.
 
     ``q = ((code - bias) / weight) * sd + mu`` with ``n = weight * xhat + bias``:
@@ -222,23 +260,24 @@ def _ln_bwd_coeffs(sums, k, ln, dparts, chan):
     ``dL/dmu = sum v - weight/sd * sum h``, ``dL/dsd = sum v*cn - weight/sd * sum h*xhat``.
     """
     sum_v, sum_h, sum_vc, sum_hx = sums
-    _mean_ptr, std_ptr, weight_ptr, _bias_ptr, stat_start = ln
+    _mean_ptr, std_ptr, stat_start = stats
+    weight_ptr, _bias_ptr = affine
     dweight_part_ptr, dbias_part_ptr = dparts
     offs_c, mask_c, C = chan
     sd = tl.load(std_ptr + stat_start + k * C + offs_c, mask=mask_c, other=1.0)
     weight = tl.load(weight_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)
-    tl.store(dweight_part_ptr + stat_start + k * C + offs_c, sum_hx - (sd / weight) * sum_vc, mask=mask_c)
-    tl.store(dbias_part_ptr + stat_start + k * C + offs_c, sum_h - (sd / weight) * sum_v, mask=mask_c)
-    w_sd = weight / sd
+    w_sd, sd_w = ln_factors(weight, sd)
+    tl.store(dweight_part_ptr + stat_start + k * C + offs_c, sum_hx - sd_w * sum_vc, mask=mask_c)
+    tl.store(dbias_part_ptr + stat_start + k * C + offs_c, sum_h - sd_w * sum_v, mask=mask_c)
     return w_sd[:, None], (sum_v - w_sd * sum_h)[:, None], (sum_vc - w_sd * sum_hx)[:, None]
 
 
 @triton.jit
-def _ln_dr(h, xhat, coeffs, n, mask, HAS_MASK: tl.constexpr):
+def _ln_dr(h, xhat, coeffs, inv_n, mask, HAS_MASK: tl.constexpr):
     """``dL/dr_k`` through stage k: direct path plus the mean and std paths (``n`` positions enter
     the statistics; with ``HAS_MASK`` only the valid ones, ``mask``, get the statistics' share)."""
     w_sd, dmu, dsd = coeffs
-    dr = h * w_sd + (dmu + dsd * xhat) / n
+    dr = h * w_sd + (dmu + dsd * xhat) * inv_n
     if HAS_MASK:
         dr = tl.where(mask, dr, 0.0)
     return dr
@@ -246,7 +285,7 @@ def _ln_dr(h, xhat, coeffs, n, mask, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _valid_count(valid_row, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, USE_INT64: tl.constexpr):
-    """Positions entering the image's statistics: S, or its valid ones (at least 1)."""
+    """Positions entering the image's statistics (float32): S, or its valid ones (at least 1)."""
     if HAS_MASK:
         count = 0.0
         for s0 in range(0, S, BLOCK_S):
@@ -254,16 +293,37 @@ def _valid_count(valid_row, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, US
             count += tl.sum(valid.to(tl.float32), axis=0)
         return tl.maximum(count, 1.0)
     else:
-        return S
+        return as_f32(S)
 
 
+@triton.heuristics(config.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "K"])
 def _bwd_layernorm_kernel(
-    x_ptr, g_ptr, dx_ptr, scratch_ptr, mean_ptr, std_ptr, weight_ptr, bias_ptr, dweight_part_ptr, dbias_part_ptr,
-    consts_ptr, valid_ptr, active_ptr,
-    C, S, stride_xb, stride_xc, stride_xs, stride_gb, stride_gc, stride_gs, stride_dxb, stride_dxc, stride_dxs,
-    stride_scratch_b, K, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    x_ptr,              # input z: (B, C, S) through stride_x*
+    g_ptr,              # dL/dquantized: (B, C, S) through stride_g* (may be stride 0)
+    dx_ptr,             # out: dL/dz, (B, C, S) through stride_dx*, z's dtype
+    scratch_ptr,        # float32 (B, C, S) G_{k+1} between stages (chunked path), or None (ONE_TILE)
+    mean_ptr,           # the forward's statistics, (B, K, C) float32
+    std_ptr,            # (B, K, C) float32
+    param_ptrs,         # tuple (weight_ptr, bias_ptr): the strategy's (K, C) parameter group
+    dparam_part_ptrs,   # tuple (dweight_part_ptr, dbias_part_ptr): out, (B, K, C) float32 partials
+    consts_ptr,         # (5, C) float32 level constants
+    valid_ptr,          # (B, S) uint8 padding mask, or None
+    active_stages_ptr,  # (B,) int32 stages each image runs, or None
+    C,                  # channels
+    S,                  # flattened spatial positions per image
+    stride_xb, stride_xc, stride_xs,     # z's strides: image, channel, flattened spatial
+    stride_gb, stride_gc, stride_gs,     # dL/dquantized's strides
+    stride_dxb, stride_dxc, stride_dxs,  # dL/dz's strides
+    stride_scratch_b,   # the scratch's image stride, C * S (contiguous)
+    K,                  # stages (runtime)
+    BLOCK_C: tl.constexpr,            # next_pow2(C)
+    BLOCK_S: tl.constexpr,            # spatial positions per tile (the whole image with ONE_TILE)
+    ONE_TILE: tl.constexpr,           # the image fits one tile: V = g - G stays in registers
+    HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
+    HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
+    USE_INT64: tl.constexpr,          # 64-bit offsets
+    USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice; interpreter: fallbacks
 ):
     """``layernorm`` backward: one program per image; J_k couples the positions of each
     (image, channel) through the mean and std, like a LayerNorm backward over the spatial axis.
@@ -272,11 +332,6 @@ def _bwd_layernorm_kernel(
     stages. Otherwise two chunked sweeps per stage (sums, then ``G_k``) with ``G_{k+1}`` in the
     float32 ``(B, C, S)`` scratch between stages. Parameter gradients go to per-image partials
     ``(B, K, C)``, reduced on the host.
-
-    stride_<tensor><dim>: x = input, g = grad of quantized, dx = grad of input; dims b = image,
-    c = channel, s = flattened spatial; ``stride_scratch_b = C * S`` (the scratch is contiguous).
-    ``scratch_ptr`` is None with ONE_TILE; ``valid_ptr`` / ``active_ptr`` are None unless
-    HAS_MASK / HAS_DROPOUT.
     """
     img = widen(tl.program_id(0), USE_INT64)
     # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
@@ -284,14 +339,16 @@ def _bwd_layernorm_kernel(
     x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
     g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
     dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
-    ln = (mean_ptr, std_ptr, weight_ptr, bias_ptr, img * K * C)
-    dparts = (dweight_part_ptr, dbias_part_ptr)
+    stats = (mean_ptr, std_ptr, img * K * C)
+    affine = param_ptrs
+    dparts = dparam_part_ptrs
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
     chan = (offs_c, mask_c, C)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
-    n_act = load_active(active_ptr, img, K, HAS_DROPOUT)
+    active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     n = _valid_count(valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
+    inv_n = recip_rn(n)
     if ONE_TILE:
         offs_s, mask_s, valid = spatial_lanes(0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
         mask = mask_c[:, None] & valid[None, :]
@@ -303,17 +360,17 @@ def _bwd_layernorm_kernel(
         for k_rev in range(K):
             k = K - 1 - k_rev
             x = load_tile(x_view, offs_c, offs_s, mask)
-            v, h, xhat, cn = _ln_bwd_tile(x, V, mask, k, ln, chan, fsq, n_act, HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+            v, h, xhat, cn, w_sd = _ln_bwd_tile(x, V, mask, k, stats, affine, chan, fsq, active_stages, HAS_MASK,
+                                                HAS_ACTIVE_STAGES,
+                                                USE_LIBDEVICE)
             sums = _ln_sums(v, h, xhat, cn, mask)
             # The direct path of dL/dr needs no reduction: apply it now, so that only x, V and
             # xhat stay live across the reductions' barriers.
-            weight, _bias = ln_params(ln, k, chan)
-            _mu, sd = ln_stats(ln, k, chan)
-            V = V - h * (weight / sd)
-            _w_sd, dmu, dsd = _ln_bwd_coeffs(sums, k, ln, dparts, chan)
+            V = V - h * w_sd
+            _w_sd, dmu, dsd = _ln_bwd_coeffs(sums, k, stats, affine, dparts, chan)
             # (Padding picks up the statistics' share here too, but V there never reaches a valid
             # position -- v is masked -- and dx is zeroed there at the store.)
-            V = V - (dmu + dsd * xhat) / n
+            V = V - (dmu + dsd * xhat) * inv_n
         dx = load_tile(g_view, offs_c, offs_s, mask) - V
         if HAS_MASK:
             dx = tl.where(mask, dx, 0.0)
@@ -336,19 +393,19 @@ def _bwd_layernorm_kernel(
                     G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
                     if k < K - 1:
                         G = load_tile(scratch_view, offs_c, offs_s, mask)
-                    v, h, xhat, cn = _ln_bwd_tile(x, g - G, mask, k, ln, chan, fsq, n_act,
-                                                  HAS_MASK, HAS_DROPOUT, USE_LIBDEVICE)
+                    v, h, xhat, cn, _w_sd = _ln_bwd_tile(x, g - G, mask, k, stats, affine, chan, fsq, active_stages,
+                                                  HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
                     if sweep == 0:
                         sums = _add_sums(sums, _ln_sums(v, h, xhat, cn, mask))
                     else:
-                        G = G + _ln_dr(h, xhat, coeffs, n, mask, HAS_MASK)
+                        G = G + _ln_dr(h, xhat, coeffs, inv_n, mask, HAS_MASK)
                         inside = mask_c[:, None] & mask_s[None, :]
                         if k == 0:
                             store_tile(dx_view, G, offs_c, offs_s, inside)
                         else:
                             store_tile(scratch_view, G, offs_c, offs_s, inside)
                 if sweep == 0:
-                    coeffs = _ln_bwd_coeffs(sums, k, ln, dparts, chan)
+                    coeffs = _ln_bwd_coeffs(sums, k, stats, affine, dparts, chan)
             # The next stage reads G_k back, possibly from other threads of the program.
             tl.debug_barrier()
 
@@ -371,14 +428,13 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, 
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
     consts, basis = config.level_tables(levels, z.device)
-    valid, active = config.mask_and_counts(mask, active_stages, B, S)
+    valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
     use_int64 = config.needs_int64(x, quantized, indices)
-    tiles = config.layernorm_tiles(C, S, "forward", use_int64)
+    tiles = config.layernorm_tiles(C, S, "forward", use_int64, arch=config.target_arch(z))
     _fwd_layernorm_kernel[(B,)](
-        x, quantized, indices, mean, std, ln_weight, ln_bias, consts, basis, valid, active,
-        C, S, *x_strides, *config.flat_strides(quantized), float(eps),
-        K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
-        HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
+        x, quantized, indices, mean, std, (ln_weight, ln_bias), consts, basis, valid, active_stages,
+        C, S, *x_strides, *config.flat_strides(quantized), float(eps), stages,
+        BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
         USE_INT64=use_int64, USE_LIBDEVICE=config.use_libdevice(z), num_warps=tiles.num_warps,
         enable_fp_fusion=config.FP_FUSION)
     return quantized, indices, mean, std
@@ -394,18 +450,18 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     x, x_strides = config.strided_view(z)
     g, g_strides = config.strided_view(grad_q)
     consts, _basis = config.level_tables(levels, z.device)
-    valid, active = config.mask_and_counts(mask, active_stages, B, S)
-    tiles = config.layernorm_tiles(C, S, "backward", sparse=mask is not None or active_stages is not None)
+    valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
+    tiles = config.layernorm_tiles(C, S, "backward", sparse=valid is not None or active_stages is not None,
+                                   arch=config.target_arch(z))
     # G_{k+1} between the chunked path's stages; the one-tile path keeps it in registers.
     scratch = None if tiles.one_tile else torch.empty((B, C, S), dtype=torch.float32, device=z.device)
     # Parameter gradients as one partial sum per (image, stage, channel), reduced below in a fixed order.
     dw_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
     db_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
     _bwd_layernorm_kernel[(B,)](
-        x, g, grad_z, scratch, mean, std, ln_weight, ln_bias, dw_part, db_part, consts, valid, active,
-        C, S, *x_strides, *g_strides, *config.flat_strides(grad_z), C * S,
-        K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
-        HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
+        x, g, grad_z, scratch, mean, std, (ln_weight, ln_bias), (dw_part, db_part), consts, valid, active_stages,
+        C, S, *x_strides, *g_strides, *config.flat_strides(grad_z), C * S, stages,
+        BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
         USE_INT64=config.needs_int64(x, g, grad_z, scratch), USE_LIBDEVICE=config.use_libdevice(z),
         num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
     grad_w.copy_(dw_part.sum(0))

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import config
 from .fpmath import round_half_even, tanh_f32
-from .stages import keep_only, load_active, load_tile, spatial_lanes, stage_keep, store_tile, widen
+from .stages import keep_only, load_active_stages, load_tile, spatial_lanes, stage_keep, store_tile, widen
 
 # Rows of the per-channel constant table built by :func:`constant_table`.
 ROW_CLAMP = tl.constexpr(0)    # soft clamp value c = 1 + 1/(L-1)   (the library's buffer)
@@ -82,6 +82,7 @@ def store_vq_index(index_rows, k, d, lm1, basis, keep):
     tl.store(idx_ptr + rows + k, index.to(idx_ptr.dtype.element_ty), mask=mask_s)
 
 
+@triton.heuristics(config.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "tiles_per_image", "K"])
 def _fwd_vq_rfsq_kernel(
     x_ptr,            # input after project_in, (B, C, S) through strides, any float dtype
@@ -90,16 +91,20 @@ def _fwd_vq_rfsq_kernel(
     consts_ptr,       # (3, C) float32: soft clamp c, a = 2/(L-1), L-1
     scales_ptr,       # (K, C) float32: the library's ``scales`` buffer, L**-k
     basis_ptr,        # (C,) int64: mixed-radix place values
-    valid_ptr,        # (B, S) uint8 padding mask (True = valid); None without HAS_MASK
-    active_ptr,       # (B,) int32 stages kept per sample (quantize dropout); None without HAS_DROPOUT
+    valid_ptr,        # (B, S) uint8 padding mask (1 = valid), or None
+    active_stages_ptr,  # (B,) int32 stages kept per sample (quantize dropout), or None
     C,                # channels (codebook dim)
     S,                # flattened positions per image
-    tiles_per_image,  # programs per image
-    stride_xb, stride_xc, stride_xs,
-    stride_qb, stride_qc, stride_qs,
-    K,                # stages
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    tiles_per_image,  # programs per image: cdiv(S, BLOCK_S)
+    stride_xb, stride_xc, stride_xs,  # input strides: image, channel, position
+    stride_qb, stride_qc, stride_qs,  # output strides
+    K,                # stages (runtime: one binary serves every K)
+    BLOCK_C: tl.constexpr,            # next_pow2(C): every channel in one program
+    BLOCK_S: tl.constexpr,            # positions per program
+    HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
+    HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
+    USE_INT64: tl.constexpr,          # some offset may reach 2**31: index in 64 bits
+    USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice tanh; interpreter: fallback
 ):
     """Forward: one program per (image, tile of positions), the K stages a runtime loop with the
     (detached) residual in registers; the output sums the stage outputs in stage order."""
@@ -112,7 +117,7 @@ def _fwd_vq_rfsq_kernel(
                                           HAS_MASK, USE_INT64)
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
-    n_act = load_active(active_ptr, img, K, HAS_DROPOUT)
+    n_act = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     c = load_row(consts_ptr, ROW_CLAMP, offs_c, mask_c, C, 1.0)
     a = load_row(consts_ptr, ROW_STEP, offs_c, mask_c, C, 0.0)
     lm1 = load_row(consts_ptr, ROW_LM1, offs_c, mask_c, C, 0.0)
@@ -124,13 +129,14 @@ def _fwd_vq_rfsq_kernel(
     for k in range(K):
         s = tl.load(scales_ptr + k * C + offs_c, mask=mask_c, other=1.0)[:, None]
         q, d, _inside = vq_stage(r, s, a, lm1)
-        store_vq_index(index_rows, k, d, lm1, basis, stage_keep(valid, n_act, k, HAS_DROPOUT))
-        q = keep_only(q, valid[None, :], n_act, k, HAS_MASK, HAS_DROPOUT)
+        store_vq_index(index_rows, k, d, lm1, basis, stage_keep(valid, n_act, k, HAS_ACTIVE_STAGES))
+        q = keep_only(q, valid[None, :], n_act, k, HAS_MASK, HAS_ACTIVE_STAGES)
         acc = acc + q
         r = r - q
     store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
 
 
+@triton.heuristics(config.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "tiles_per_image"])
 def _bwd_vq_rfsq_kernel(
     x_ptr,            # input after project_in, (B, C, S) through strides
@@ -138,15 +144,21 @@ def _bwd_vq_rfsq_kernel(
     dx_ptr,           # gradient of the input, (B, C, S) through strides, the input's dtype
     consts_ptr,       # (3, C) float32: soft clamp c, a = 2/(L-1), L-1
     scales_ptr,       # (K, C) float32 stage scales
-    valid_ptr,        # (B, S) uint8 padding mask; None without HAS_MASK
-    active_ptr,       # (B,) int32 stages kept per sample; None without HAS_DROPOUT
-    C, S, tiles_per_image,
-    stride_xb, stride_xc, stride_xs,
-    stride_gb, stride_gc, stride_gs,
-    stride_dxb, stride_dxc, stride_dxs,
-    K: tl.constexpr,  # stages (unrolled)
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    valid_ptr,        # (B, S) uint8 padding mask (1 = valid), or None
+    active_stages_ptr,  # (B,) int32 stages kept per sample, or None
+    C,                # channels
+    S,                # positions per image
+    tiles_per_image,  # programs per image
+    stride_xb, stride_xc, stride_xs,     # input strides: image, channel, position
+    stride_gb, stride_gc, stride_gs,     # incoming gradient strides (may be 0: expanded)
+    stride_dxb, stride_dxc, stride_dxs,  # input-gradient strides
+    K: tl.constexpr,                  # stages (unrolled)
+    BLOCK_C: tl.constexpr,            # next_pow2(C)
+    BLOCK_S: tl.constexpr,            # positions per program
+    HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
+    HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
+    USE_INT64: tl.constexpr,          # 64-bit offsets
+    USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice tanh and fma; interpreter: fallbacks
 ):
     """Backward: the residual is detached, so ``dL/dy = sum_k [-1 < u_k < 1] * g*s_k*a/2*(L-1)/s_k``,
     each term rounded op by op like autograd and summed from the last stage back; then the soft
@@ -162,7 +174,7 @@ def _bwd_vq_rfsq_kernel(
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
     mask = mask_c[:, None] & valid[None, :]
-    n_act = load_active(active_ptr, img, K, HAS_DROPOUT)
+    n_act = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     c = load_row(consts_ptr, ROW_CLAMP, offs_c, mask_c, C, 1.0)
     a = load_row(consts_ptr, ROW_STEP, offs_c, mask_c, C, 0.0)
     lm1 = load_row(consts_ptr, ROW_LM1, offs_c, mask_c, C, 0.0)
@@ -172,7 +184,7 @@ def _bwd_vq_rfsq_kernel(
     for k in tl.static_range(K):
         s = tl.load(scales_ptr + k * C + offs_c, mask=mask_c, other=1.0)[:, None]
         q, _d, inside = vq_stage(r, s, a, lm1)
-        inside = inside & stage_keep(mask, n_act, k, HAS_DROPOUT)
+        inside = inside & stage_keep(mask, n_act, k, HAS_ACTIVE_STAGES)
         passing = passing | (inside.to(tl.int32) << k)
         r = r - q
     g = load_tile(g_view, offs_c, offs_s, mask)
@@ -237,7 +249,7 @@ def forward(x: torch.Tensor, levels: Sequence[int], scales: torch.Tensor, clamp_
     if B * N == 0:
         return quantized.zero_(), indices.zero_()
     consts, basis = constant_table(levels, clamp_value, x.device)
-    valid, counts = config.mask_and_counts(mask, active, B, N)
+    valid, counts = config.mask_and_active_stages(mask, active, B, N)
     int64 = config.needs_int64(x, quantized, indices)
     # 64-bit offsets spilled 8 B/thread on sm_90 (16-bit inputs, 8 channels) at 8 per thread: half tiles
     tiles = config.elementwise_tiles(C, N, sparse=mask is not None or active is not None or int64)
@@ -246,7 +258,6 @@ def forward(x: torch.Tensor, levels: Sequence[int], scales: torch.Tensor, clamp_
         x, quantized, indices, consts, scales.float().contiguous(), basis, valid, counts,
         C, N, tiles_per_image, *_bcs(x)[1], *_bcs(quantized)[1], K,
         BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
-        HAS_MASK=mask is not None, HAS_DROPOUT=active is not None,
         USE_INT64=int64, USE_LIBDEVICE=config.use_libdevice(x),
         num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
     return quantized, indices
@@ -262,14 +273,13 @@ def backward(grad_q: torch.Tensor, x: torch.Tensor, levels: Sequence[int], scale
     if B * N == 0:
         return grad_x.zero_()
     consts, _basis = constant_table(levels, clamp_value, x.device)
-    valid, counts = config.mask_and_counts(mask, active, B, N)
+    valid, counts = config.mask_and_active_stages(mask, active, B, N)
     tiles = config.elementwise_tiles(C, N, sparse=mask is not None or active is not None)
     tiles_per_image = triton.cdiv(N, tiles.block_s)
     _bwd_vq_rfsq_kernel[(B * tiles_per_image,)](
         x, grad_q, grad_x, consts, scales.float().contiguous(), valid, counts,
         C, N, tiles_per_image, *_bcs(x)[1], *_bcs(grad_q)[1], *_bcs(grad_x)[1],
         K=K, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
-        HAS_MASK=mask is not None, HAS_DROPOUT=active is not None,
         USE_INT64=config.needs_int64(x, grad_q, grad_x), USE_LIBDEVICE=config.use_libdevice(x),
         num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
     return grad_x

@@ -10,7 +10,7 @@ also says why starts rather than advanced pointers):
   :func:`load_tile` / :func:`store_tile`;
 * ``valid_row = (valid_ptr, img * S)`` for the padding mask, ``index_rows = (idx_ptr, rows,
   mask_s)`` for :func:`store_index`;
-* the level constants ``fsq = (half_l, offset, shift, half_w)`` from :func:`load_levels`, and
+* the level constants ``fsq = (half_l, offset, shift, half_w, inv_w)`` from :func:`load_levels`, and
   ``digits = (top, basis)`` from :func:`load_digit_range` (index packing, forward only).
 
 Padded channels load neutral constants (``half_w = 1``, ``basis = 0``) and are never stored. The
@@ -20,7 +20,7 @@ sees bit-identical rounding decisions.
 import triton
 import triton.language as tl
 
-from .fpmath import round_half_even, tanh_f32
+from .fpmath import div_small_int, recip_rn, round_half_even, tanh_f32
 
 # Rows of the per-channel constant table built by ``config.level_tables``.
 ROW_HALF_L = tl.constexpr(0)
@@ -65,13 +65,14 @@ def masked_row_sum(v, mask):
 
 @triton.jit
 def load_levels(consts_ptr, offs_c, mask_c, C):
-    """``fsq = (half_l, offset, shift, half_w)``: per-channel FSQ constants as float32
-    ``[BLOCK_C, 1]`` columns (padded channels: ``half_w = 1``, the rest 0)."""
+    """``fsq = (half_l, offset, shift, half_w, inv_w)``: per-channel FSQ constants as float32
+    ``[BLOCK_C, 1]`` columns (padded channels: ``half_w = 1``, the rest 0); ``inv_w = 1 / half_w``
+    rounded to nearest, for :func:`~.fpmath.div_small_int`."""
     half_l = tl.load(consts_ptr + ROW_HALF_L * C + offs_c, mask=mask_c, other=0.0)[:, None]
     offset = tl.load(consts_ptr + ROW_OFFSET * C + offs_c, mask=mask_c, other=0.0)[:, None]
     shift = tl.load(consts_ptr + ROW_SHIFT * C + offs_c, mask=mask_c, other=0.0)[:, None]
     half_w = tl.load(consts_ptr + ROW_HALF_W * C + offs_c, mask=mask_c, other=1.0)[:, None]
-    return half_l, offset, shift, half_w
+    return half_l, offset, shift, half_w, recip_rn(half_w)
 
 
 @triton.jit
@@ -88,19 +89,20 @@ def fsq_code(u, fsq, USE_LIBDEVICE: tl.constexpr):
     """FSQ of the conditioned residual ``u``: returns ``(code, t, rounded)``.
 
     ``bounded = tanh(u + shift) * half_l - offset``; ``code = round(bounded) / half_w`` (the
-    straight-through value equals the clean rounded integer); ``t`` is kept for the derivative.
+    straight-through value equals the clean rounded integer; the division is IEEE, see
+    :func:`~.fpmath.div_small_int`); ``t`` is kept for the derivative.
     """
-    half_l, offset, shift, half_w = fsq
+    half_l, offset, shift, half_w, inv_w = fsq
     t = tanh_f32(u + shift, USE_LIBDEVICE)
     rounded = round_half_even(t * half_l - offset, USE_LIBDEVICE)
-    return rounded / half_w, t, rounded
+    return div_small_int(rounded, half_w, inv_w, USE_LIBDEVICE), t, rounded
 
 
 @triton.jit
 def fsq_dcode(t, fsq):
     """d code / d u of :func:`fsq_code` with the straight-through round (d round = 1)."""
-    half_l, _offset, _shift, half_w = fsq
-    return ((1.0 - t * t) * half_l) / half_w
+    half_l, _offset, _shift, _half_w, inv_w = fsq
+    return ((1.0 - t * t) * half_l) * inv_w
 
 
 @triton.jit
@@ -110,7 +112,7 @@ def pack_index(rounded, fsq, digits):
     The digit is an explicit integer ``clamp(nan->0(round + half_w), 0, L-1)``, so NaN/Inf input
     can never produce an out-of-range index.
     """
-    _half_l, _offset, _shift, half_w = fsq
+    _half_l, _offset, _shift, half_w, _inv_w = fsq
     top, basis = digits
     digit = rounded + half_w
     digit = tl.where(digit == digit, digit, 0.0)
@@ -119,7 +121,8 @@ def pack_index(rounded, fsq, digits):
 
 
 @triton.jit
-def store_index(index_rows, k, rounded, fsq, digits, valid, n_act, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+def store_index(index_rows, k, rounded, fsq, digits, valid, active_stages, HAS_MASK: tl.constexpr,
+                HAS_ACTIVE_STAGES: tl.constexpr):
     """Write stage ``k``'s packed index for the tile's positions; positions the stage skips
     (padding, dropped stage) get -1.
 
@@ -127,8 +130,8 @@ def store_index(index_rows, k, rounded, fsq, digits, valid, n_act, HAS_MASK: tl.
     ``rows = (img * S + offs_s) * K`` and the in-range positions."""
     idx_ptr, rows, mask_s = index_rows
     index = pack_index(rounded, fsq, digits)
-    if HAS_MASK or HAS_DROPOUT:
-        index = tl.where(stage_keep(valid, n_act, k, HAS_DROPOUT), index, -1)
+    if HAS_MASK or HAS_ACTIVE_STAGES:
+        index = tl.where(stage_keep(valid, active_stages, k, HAS_ACTIVE_STAGES), index, -1)
     tl.store(idx_ptr + rows + k, index.to(idx_ptr.dtype.element_ty), mask=mask_s)
 
 
@@ -142,8 +145,9 @@ def spatial_lanes(s0, valid_row, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexp
 
 
 # -- masks (padded positions) and per-sample stage counts (quantize dropout) -------------------
-# Both are constexpr-gated (HAS_MASK, HAS_DROPOUT): without them the compiled code is unchanged
-# and their pointers are None.
+# Both are constexpr-gated (HAS_MASK, HAS_ACTIVE_STAGES, which every kernel derives from its
+# ``valid_ptr`` / ``active_stages_ptr`` with ``@triton.heuristics``): without them the compiled code
+# is unchanged and their pointers are None. ``active_stages`` inside a kernel is the image's count.
 
 
 @triton.jit
@@ -160,28 +164,28 @@ def load_valid(valid_row, offs_s, mask_s, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def load_active(active_ptr, img, K, HAS_DROPOUT: tl.constexpr):
-    """Number of stages image ``img`` runs (``(B,)`` int32), or K without dropout."""
-    if HAS_DROPOUT:
-        return tl.load(active_ptr + img)
+def load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES: tl.constexpr):
+    """Number of stages image ``img`` runs (``active_stages_ptr``: ``(B,)`` int32), or K without."""
+    if HAS_ACTIVE_STAGES:
+        return tl.load(active_stages_ptr + img)
     else:
         return K
 
 
 @triton.jit
-def stage_keep(valid, n_act, k, HAS_DROPOUT: tl.constexpr):
-    """Positions that stage ``k`` quantizes: ``valid`` (any shape) and ``k < n_act``."""
-    if HAS_DROPOUT:
-        return valid & (k < n_act)
+def stage_keep(valid, active_stages, k, HAS_ACTIVE_STAGES: tl.constexpr):
+    """Positions that stage ``k`` quantizes: ``valid`` (any shape) and ``k < active_stages``."""
+    if HAS_ACTIVE_STAGES:
+        return valid & (k < active_stages)
     else:
         return valid
 
 
 @triton.jit
-def keep_only(q, valid, n_act, k, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """``q`` with the positions stage ``k`` skips set to 0 (a no-op without mask/dropout);
+def keep_only(q, valid, active_stages, k, HAS_MASK: tl.constexpr, HAS_ACTIVE_STAGES: tl.constexpr):
+    """``q`` with the positions stage ``k`` skips set to 0 (a no-op without mask/stage counts);
     ``valid`` broadcasts against ``q`` (a ``[1, BLOCK_S]`` row or the tile's mask)."""
-    if HAS_MASK or HAS_DROPOUT:
-        return tl.where(stage_keep(valid, n_act, k, HAS_DROPOUT), q, 0.0)
+    if HAS_MASK or HAS_ACTIVE_STAGES:
+        return tl.where(stage_keep(valid, active_stages, k, HAS_ACTIVE_STAGES), q, 0.0)
     else:
         return q

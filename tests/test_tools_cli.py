@@ -1,0 +1,62 @@
+"""Tool command lines (issue 18, item 8): ``gpucheck --arch`` says what it checked and refuses
+targets it cannot compile for; ``bench/report.py`` refuses unknown groups and never overwrites a
+run of the same day."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+import rfsq_kernels.gpucheck.__main__ as gpucheck_cli
+from bench.report import main as report_main
+from bench.report import results_stem
+
+
+@pytest.mark.parametrize("archs", [["12"], ["90", "77"], ["0"]])
+def test_gpucheck_refuses_targets_it_cannot_compile_for(archs, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(gpucheck_cli, "run_parallel", lambda *a, **k: pytest.fail("compiled an unknown target"))
+    with pytest.raises(SystemExit) as e:
+        gpucheck_cli.main(["--arch", *archs])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not a target of this check; choose from 80 90" in err and "Traceback" not in err
+
+
+def test_gpucheck_reports_only_the_targets_it_compiled(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    seen = {}
+    monkeypatch.setattr(gpucheck_cli, "run_parallel", lambda archs, **k: (seen.setdefault("archs", archs), ([], []))[1])
+    monkeypatch.setattr(gpucheck_cli, "check", lambda *a: [])
+    assert gpucheck_cli.main(["--arch", "90"]) == 0
+    out = capsys.readouterr().out
+    assert seen["archs"] == [90] and "compiled for sm_90, no spills on sm_90" in out and "sm_80" not in out
+
+
+def test_gpucheck_says_what_to_do_when_a_compiler_worker_dies(monkeypatch, capsys):
+    from concurrent.futures.process import BrokenProcessPool
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def broken(*a, **k):
+        raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+    monkeypatch.setattr(gpucheck_cli, "run_parallel", broken)
+    assert gpucheck_cli.main(["--arch", "80"]) == 1
+    assert "--jobs 1" in capsys.readouterr().err
+
+
+def test_report_refuses_unknown_groups_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as e:
+        report_main(["--groups", "nonsense", "training"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown case groups ['nonsense']" in err and "training" in err.split("choose from")[1]
+
+
+def test_report_files_of_the_same_day_get_distinct_names(tmp_path):
+    day = dt.date(2026, 11, 30)
+    assert results_stem(tmp_path, "cpu", day) == "cpu-2026-11-30"
+    (tmp_path / "cpu-2026-11-30.json").write_text("{}")
+    assert results_stem(tmp_path, "cpu", day) == "cpu-2026-11-30-2"
+    (tmp_path / "cpu-2026-11-30-2.png").write_bytes(b"")
+    assert results_stem(tmp_path, "cpu", day) == "cpu-2026-11-30-3"
+    assert results_stem(tmp_path, "h100", day) == "h100-2026-11-30"

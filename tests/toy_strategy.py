@@ -1,0 +1,98 @@
+"""A toy conditioning strategy, registered at run time: proof that a strategy lives in its table
+row, its reference math, its oracle math and its kernel stage, and nowhere else.
+
+``toy_offset`` has one parameter with a role the built-in table does not have, a per-stage
+``offset`` ``o_k`` ``(K,)`` added before FSQ and removed after::
+
+    q_k = FSQ(r_k + o_k) - o_k,    dq_k/dr_k = dcode/du,    dL/do_k = sum v_k (dcode/du - 1)
+
+:func:`registrations` lists every ``(registry, key, value)`` it needs; ``tests/test_toy_strategy.py``
+applies them with ``monkeypatch.setitem`` (undone after each test) and ``python -m
+rfsq_kernels.gpucheck --plugin tests/toy_strategy.py --strategy toy_offset --quick`` applies them in
+its workers. The oracle's float64 stage (:func:`oracle_stage`) goes into
+``numpy_rfsq.ORACLE_STAGES``, which lives in the tests, so the test registers it itself.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+import rfsq_kernels.reference.rfsq as reference_rfsq
+from rfsq_kernels import testing
+from rfsq_kernels.kernels import elementwise
+from rfsq_kernels.kernels.stages import fsq_code, masked_row_sum
+from rfsq_kernels.reference import strategies
+from rfsq_kernels.reference.fsq import fsq_quantize
+
+NAME = "toy_offset"
+OFFSET = "offset"  # the new parameter role: added before FSQ, removed after; starts at 0
+
+ROW = strategies.Strategy(
+    NAME, (strategies.ParamSpec("offset", False, OFFSET),), per_image_stats=False,
+    kernel_family=strategies.ELEMENTWISE, summary="per-stage offset: q_k = FSQ(r_k + o_k) - o_k")
+
+
+def stage_math(r, k, params, ctx):
+    """Reference forward of stage k (``reference_rfsq.STAGE_MATH`` contract)."""
+    (offset,) = params
+    o = offset[k].to(ctx.compute_dtype)
+    codes, digits = fsq_quantize(r + o, ctx.levels, ctx.compute_dtype)
+    return codes - o, digits, None
+
+
+def decode_math(codes, k, params, mean, std):
+    """Reference decode of stage k: the same float32 operations as :func:`stage_math`."""
+    (offset,) = params
+    return codes - offset[k].float()
+
+
+def oracle_stage(r, k, params, levels, eps):
+    """Float64 oracle of stage k (``numpy_rfsq.ORACLE_STAGES`` contract), written from the
+    formula, independent of the package."""
+    from numpy_rfsq import fsq_np
+    o = float(params["offset"][k])
+    codes, digits, dist = fsq_np((r + o)[None], levels)
+    return codes[0] - o, digits, dist
+
+
+@triton.jit
+def offset_stage(r, k, param_ptrs, chan, fsq, USE_LIBDEVICE: tl.constexpr):
+    """Kernel forward of stage k (``elementwise.ElementwiseStage.forward`` contract)."""
+    (offset_ptr,) = param_ptrs
+    o = tl.load(offset_ptr + k).to(tl.float32)
+    code, t, rounded = fsq_code(r + o, fsq, USE_LIBDEVICE)
+    return code - o, t, rounded, o
+
+
+@triton.jit
+def offset_grads_init(K_POW2: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``dL/do`` of every stage, ``[K_POW2]`` registers."""
+    return tl.zeros([K_POW2], dtype=tl.float32)
+
+
+@triton.jit
+def offset_vjp(v, r, q, dcode, o, k, parts, stage_ids, mask):
+    """Kernel backward of stage k: ``dq/dr = dcode/du``; ``dL/do_k = sum v (dcode/du - 1)``."""
+    part = tl.sum(masked_row_sum(v * (dcode - 1.0), mask), axis=0)
+    return dcode, tl.where(stage_ids == k, part, parts)
+
+
+@triton.jit
+def offset_grads_store(parts, dparam_part_ptrs, pid, K, stage_ids, chan):
+    """Row ``pid`` of the ``(programs, K)`` partials of ``dL/do``."""
+    (doffset_part_ptr,) = dparam_part_ptrs
+    tl.store(doffset_part_ptr + pid * K + stage_ids, parts, mask=stage_ids < K)
+
+
+def registrations():
+    """``(registry, key, value)``: everything the package needs to know about ``toy_offset``."""
+    return [
+        (strategies.STRATEGY_TABLE, NAME, ROW),
+        (strategies.PARAM_ROLES, OFFSET, strategies.ParamRole(initial=lambda _initial_scale: 0.0)),
+        (testing.DISTRIBUTIONS, OFFSET, lambda base, gen: base + 0.3 * torch.randn(base.shape, generator=gen)),
+        (reference_rfsq.STAGE_MATH, NAME, stage_math),
+        (reference_rfsq.DECODE_MATH, NAME, decode_math),
+        (elementwise.STAGES, NAME, elementwise.ElementwiseStage(offset_stage, offset_grads_init, offset_vjp,
+                                                                 offset_grads_store)),
+    ]
