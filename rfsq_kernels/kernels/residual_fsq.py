@@ -23,6 +23,7 @@ import triton.language as tl
 
 from . import config
 from .fpmath import round_half_even, tanh_f32
+from ..vqpytorch.reference import basis_list
 from .stages import keep_only, load_active_stages, load_tile, spatial_lanes, stage_keep, store_tile, widen
 
 # Rows of the per-channel constant table built by :func:`constant_table`.
@@ -203,6 +204,11 @@ def _bwd_vq_rfsq_kernel(
 # -- host side ---------------------------------------------------------------------------------
 
 
+def _basis(levels: Sequence[int], device) -> torch.Tensor:
+    """int64 ``(C,)`` mixed-radix place values ``cumprod([1] + levels[:-1])``, exact."""
+    return torch.tensor(basis_list(levels), dtype=torch.int64, device=device)
+
+
 def constant_table(levels: Sequence[int], clamp_value: torch.Tensor, device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cached ``(consts, basis)``: float32 ``(3, C)`` rows ``c`` (the module's soft clamp buffer),
     ``a = 2. / (L - 1)`` and ``L - 1``, computed with the same torch ops as the library, and int64
@@ -214,11 +220,7 @@ def constant_table(levels: Sequence[int], clamp_value: torch.Tensor, device) -> 
         a = 2. / (lt - 1)
         clamp = clamp_value.float().cpu() if not clamp_value.is_meta else torch.ones(len(levels))
         consts = torch.stack([clamp.expand(len(levels)), a, (lt - 1).float()]).to(device)
-        basis, acc = [], 1
-        for level in levels:
-            basis.append(acc)
-            acc *= int(level)
-        hit = _TABLES[key] = (consts, torch.tensor(basis, dtype=torch.int64, device=device))
+        hit = _TABLES[key] = (consts, _basis(levels, device))
     return hit
 
 
@@ -380,11 +382,7 @@ def fsq_table(levels: Sequence[int], device) -> Tuple[torch.Tensor, torch.Tensor
         offset = torch.where(lt % 2 == 0, 0.5, 0.0)
         shift = torch.atanh(offset / half_l)
         consts = torch.stack([half_l, offset, shift, (lt // 2).float(), (lt - 1).float()]).to(device)
-        basis, acc = [], 1
-        for level in levels:
-            basis.append(acc)
-            acc *= int(level)
-        hit = _TABLES[key] = (consts, torch.tensor(basis, dtype=torch.int64, device=device))
+        hit = _TABLES[key] = (consts, _basis(levels, device))
     return hit
 
 
