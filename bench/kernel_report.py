@@ -53,7 +53,7 @@ def occupancy(arch: int, num_warps: int, registers: int, shared: int) -> Dict[st
 def static_rows(cases: List[Case], arch: int) -> List[dict]:
     """One row per (case, launch), from the real launchers under the offline driver."""
     from rfsq_kernels.gpucheck import sweep
-    from rfsq_kernels.gpucheck.binary import sass_listing, sass_loops
+    from rfsq_kernels.gpucheck.binary import approx_math, sass_listing, sass_loops
     from rfsq_kernels.gpucheck.driver import offline_target
 
     rows, sass = [], {}
@@ -72,8 +72,9 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
         launch = row.pop("launch")
         if launch.hash not in sass:
             listing = sass_listing(compiled[launch.hash].asm["cubin"])
-            sass[launch.hash] = (len(listing), sass_loops(listing))
-        n_sass, loops = sass[launch.hash]
+            approx = approx_math(compiled[launch.hash].asm["ptx"])["outside"]
+            sass[launch.hash] = (len(listing), sass_loops(listing), approx)
+        n_sass, loops, approx = sass[launch.hash]
         res = launch.resources
         consts = launch.constexprs
         tile = consts["BLOCK_C"] * consts["BLOCK_S"]
@@ -90,7 +91,8 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
             spill_bytes=res.spill_bytes, shared_bytes=res.shared_bytes, **occ,
             sass=n_sass, loops=[b - a + 1 for a, b in loops],
             sass_per_elem=n_sass / (tile / (32 * launch.num_warps)),
-            executed_per_thread=executed,
+            executed_per_thread=executed, executed_per_lane=executed / (tile / (32 * launch.num_warps)),
+            approx=approx,
             thread_instructions=executed * 32 * launch.num_warps * programs,
             executed_per_elem=executed * 32 * launch.num_warps * programs / case.numel,
             instr_us=executed * 32 * launch.num_warps * programs
@@ -168,10 +170,13 @@ def markdown(rows: List[dict], cases: List[Case], nbytes: Dict[str, Dict[str, in
             f"models of time, neither measured: µs floor = floor bytes at "
             f"{COPY_BYTES_PER_S / 1e12:.1f} TB/s; µs instr = executed thread-instructions at "
             f"{THREAD_INSTR_PER_S / 1e12:.0f} T/s (SPEC 'Where the time goes': 132 SMs x 128 lanes x "
-            f"1.98 GHz) scaled by the share of SMs the grid can use (grid < SMs leaves SMs idle).\n\n")
+            f"1.98 GHz) scaled by the share of SMs the grid can use (grid < SMs leaves SMs idle). "
+            f"exec/lane = the same per tile lane (padded channels count: C=5 runs 8 lanes), all "
+            f"stages. approx = approximate-math PTX instructions outside libdevice tanh (`div.full`, "
+            f"`*.approx`; issue 17's contract: must be 0).\n\n")
     cols = ["case", "dir", "kernel", "path", "tile", "grid", "waves", "warps", "regs", "spill B",
-            "smem B", "prog/SM", "occ", "SASS", "SASS/elem", "exec/elem", "MB ld", "MB st", "MB floor",
-            "µs floor", "µs instr"]
+            "smem B", "prog/SM", "occ", "SASS", "SASS/elem", "exec/elem", "exec/lane", "approx", "MB ld",
+            "MB st", "MB floor", "µs floor", "µs instr"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     by_name = {c.name: c for c in cases}
     for r in rows:
@@ -182,7 +187,7 @@ def markdown(rows: List[dict], cases: List[Case], nbytes: Dict[str, Dict[str, in
             r["case"], d, r["kernel"], r["path"], r["tile"], str(r["grid"]), f"{r['waves']:.2f}",
             str(r["num_warps"]), str(r["registers"]), str(r["spill_bytes"]), str(r["shared_bytes"]),
             str(r["programs_per_sm"]), f"{r['occupancy']:.0%}", str(r["sass"]), f"{r['sass_per_elem']:.0f}",
-            f"{r['executed_per_elem']:.0f}",
+            f"{r['executed_per_elem']:.0f}", f"{r['executed_per_lane']:.0f}", str(r["approx"]),
             _mb(b.get(f"{d}_load", float("nan"))), _mb(b.get(f"{d}_store", float("nan"))), _mb(floor),
             f"{floor / COPY_BYTES_PER_S * 1e6:.1f}",
             f"{r['instr_us']:.1f}"]) + " |")

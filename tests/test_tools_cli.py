@@ -26,7 +26,7 @@ def test_gpucheck_reports_only_the_targets_it_compiled(monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     seen = {}
     monkeypatch.setattr(gpucheck_cli, "run_parallel", lambda archs, **k: (seen.setdefault("archs", archs), ([], []))[1])
-    monkeypatch.setattr(gpucheck_cli, "check", lambda *a: [])
+    monkeypatch.setattr(gpucheck_cli, "check", lambda *a, **k: [])
     assert gpucheck_cli.main(["--arch", "90"]) == 0
     out = capsys.readouterr().out
     assert seen["archs"] == [90] and "compiled for sm_90, no spills on sm_90" in out and "sm_80" not in out

@@ -102,7 +102,6 @@ def test_registration_is_undone():
         get_strategy(NAME)
 
 
-@pytest.mark.skipif(pytest.importorskip("triton").__version__ is None, reason="triton")
 def test_real_compiler_sweep():
     """The quick grid of the offline compile check for sm_80/sm_90: compiles, no spills, every flag
     both ways (a subprocess: this session runs Triton in the interpreter)."""
@@ -114,4 +113,4 @@ def test_real_compiler_sweep():
     report = proc.stdout + proc.stderr
     print(report)
     assert proc.returncode == 0, report[-20000:]
-    assert "toy_offset" in report or "OK:" in report
+    assert "_fwd_elementwise_kernel" in report and "_bwd_elementwise_kernel" in report  # it compiled something

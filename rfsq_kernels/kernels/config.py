@@ -119,16 +119,17 @@ def target_arch(t: torch.Tensor) -> Optional[int]:
 
 def level_tables(levels: Sequence[int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cached ``(consts, basis)``: float32 ``(5, C)`` rows half_l, offset, shift, half_w, L-1
-    (float64 values rounded to float32, exactly as the reference builds them) and int64 ``(C,)``
-    mixed-radix place values. Built once per (levels, device), so later calls (and CUDA-graph
-    capture) do no host-to-device copies."""
+    (float64 values rounded to float32, exactly as the reference builds them) and ``(C,)``
+    mixed-radix place values in the index dtype (int32 below 2**31 codes: 32-bit index math).
+    Built once per (levels, device), so later calls (and CUDA-graph capture) do no host-to-device
+    copies."""
     key = (tuple(levels), torch.device(device))
     hit = _TABLES.get(key)
     if hit is None:
         half_l, offset, shift, half_w = fsq_constants(levels)
         rows = [half_l, offset, shift, [float(v) for v in half_w], [float(v - 1) for v in levels]]
         consts = torch.tensor(rows, dtype=torch.float32, device=device)
-        basis = torch.tensor(index_basis(levels), dtype=torch.int64, device=device)
+        basis = torch.tensor(index_basis(levels), dtype=index_dtype(levels), device=device)
         hit = _TABLES[key] = (consts, basis)
     return hit
 

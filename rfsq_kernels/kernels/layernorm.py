@@ -4,7 +4,9 @@ owns one image. The launchers are called through :mod:`.launch`, which answers
 problems without positions itself. Design: ``docs/kernel-design.md``.
 
 Besides the bundles of :mod:`.stages`, these helpers take ``stats = (mean_ptr, std_ptr,
-stat_start)`` -- the ``(B, K, C)`` saved statistics and where the image's rows start
+factor_ptr, stat_start)`` -- the ``(B, K, C)`` saved statistics, the backward's ``(B, K, 2, C)``
+factors ``(weight/sd, sd/weight)`` (None in the forward, see :func:`stage_factors`), and where the
+image's rows start
 (``stat_start = img * K * C``, also used for the ``(B, K, C)`` parameter-gradient partials
 ``dparts``) --, ``affine = (weight_ptr, bias_ptr)`` -- the strategy's ``(K, C)`` parameter group,
 passed to the kernels as the tuple ``param_ptrs`` -- and ``chan = (offs_c, mask_c, C)``, the
@@ -38,9 +40,9 @@ def ln_affine(affine, k, chan):
 
 @triton.jit
 def ln_stats(stats, k, chan):
-    """Saved ``(mu, sd)`` of stage ``k`` (``stats = (mean_ptr, std_ptr, stat_start)``) as
+    """Saved ``(mu, sd)`` of stage ``k`` (``stats``, see the module docstring) as
     ``[BLOCK_C, 1]`` columns."""
-    mean_ptr, std_ptr, stat_start = stats
+    mean_ptr, std_ptr, _factor_ptr, stat_start = stats
     offs_c, mask_c, C = chan
     mu = tl.load(mean_ptr + stat_start + k * C + offs_c, mask=mask_c, other=0.0)[:, None]
     sd = tl.load(std_ptr + stat_start + k * C + offs_c, mask=mask_c, other=1.0)[:, None]
@@ -52,6 +54,22 @@ def ln_factors(weight, sd):
     """Per-channel ``(weight / sd, sd / weight)``, IEEE divisions computed once per channel (the
     reference computes the same two quotients with torch)."""
     return div_rn(weight, sd), div_rn(sd, weight)
+
+
+@triton.jit
+def stage_factors(stats, k, chan, weight, sd):
+    """Stage ``k``'s ``(weight / sd, sd / weight)`` columns: computed (:func:`ln_factors`) in the
+    forward; loaded in the backward, whose host computed them with torch -- the same IEEE
+    divisions of the same float32 values, so the replay is unchanged, and no ``div.rn`` (whose
+    slow-path subroutine needs a stack frame) sits in the backward's chunk loops."""
+    _mean_ptr, _std_ptr, factor_ptr, stat_start = stats
+    if factor_ptr is None:
+        return ln_factors(weight, sd)
+    else:
+        offs_c, mask_c, C = chan
+        row = factor_ptr + 2 * stat_start + 2 * k * C + offs_c
+        return (tl.load(row, mask=mask_c, other=1.0)[:, None],
+                tl.load(row + C, mask=mask_c, other=1.0)[:, None])
 
 
 @triton.jit
@@ -79,7 +97,8 @@ def ln_replay(x, stats, affine, chan, fsq, nstages, valid, active_stages, HAS_MA
     for j in range(nstages):
         mu, sd = ln_stats(stats, j, chan)
         weight, bias = ln_affine(affine, j, chan)
-        q, _code, _t, _rounded = ln_stage(r, mu, ln_factors(weight, sd), bias, fsq, USE_LIBDEVICE)
+        q, _code, _t, _rounded = ln_stage(r, mu, stage_factors(stats, j, chan, weight, sd), bias, fsq,
+                                          USE_LIBDEVICE)
         r = r - keep_only(q, valid, active_stages, j, HAS_MASK, HAS_ACTIVE_STAGES)
     return r
 
@@ -98,7 +117,7 @@ def _ln_emit(r, acc, mu, sd, k, affine, chan, fsq, digits, index_rows, valid, ac
 @triton.jit
 def _ln_store_stats(stats, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES: tl.constexpr):
     """Write stage ``k``'s ``[BLOCK_C]`` statistics; a dropped stage stores the neutral ``(0, 1)``."""
-    mean_ptr, std_ptr, stat_start = stats
+    mean_ptr, std_ptr, _factor_ptr, stat_start = stats
     offs_c, mask_c, C = chan
     if HAS_ACTIVE_STAGES:
         mu = tl.where(k < active_stages, mu, 0.0)
@@ -147,7 +166,7 @@ def _fwd_layernorm_kernel(
     valid_row = (valid_ptr, img * S)
     x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
     q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
-    stats = (mean_ptr, std_ptr, img * K * C)
+    stats = (mean_ptr, std_ptr, None, img * K * C)
     affine = param_ptrs
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
@@ -161,13 +180,16 @@ def _fwd_layernorm_kernel(
         n = as_f32(S)
         if HAS_MASK:
             n = tl.maximum(tl.sum(valid.to(tl.float32), axis=0), 1.0)
+        # The statistics are sums in another order than torch's anyway (not bitwise): one IEEE
+        # reciprocal per program, multiplied; only the value path's w/sd and sd/w are divided.
+        inv_n = recip_rn(n)
         r = load_tile(x_view, offs_c, offs_s, mask)
         acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_index
         for k in range(K):
-            mu = div_rn(masked_row_sum(r, mask), n)
+            mu = masked_row_sum(r, mask) * inv_n
             d = r - mu[:, None]
-            sd = tl.sqrt_rn(div_rn(masked_row_sum(d * d, mask), n) + eps)
+            sd = tl.sqrt_rn(masked_row_sum(d * d, mask) * inv_n + eps)
             _ln_store_stats(stats, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES)
             r, acc = _ln_emit(r, acc, mu[:, None], sd[:, None], k, affine, chan, fsq, digits, index_rows, valid,
                               active_stages, HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
@@ -195,8 +217,9 @@ def _fwd_layernorm_kernel(
                     n = as_f32(S)
                     if HAS_MASK:
                         n = tl.maximum(count, 1.0)
-                    mu = div_rn(total, n)
-            sd = tl.sqrt_rn(div_rn(total, n) + eps)
+                    inv_n = recip_rn(n)  # statistics: multiplied (see the one-tile path)
+                    mu = total * inv_n
+            sd = tl.sqrt_rn(total * inv_n + eps)
             _ln_store_stats(stats, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES)
             # Later passes re-read these statistics, possibly from other threads of the program.
             tl.debug_barrier()
@@ -219,28 +242,28 @@ def _ln_bwd_tile(x, g_minus_G, mask, k, stats, affine, chan, fsq, active_stages,
                  USE_LIBDEVICE: tl.constexpr):
     """Per-position quantities of stage ``k`` (runtime index) for one tile, ``g_minus_G = g - G_{k+1}``.
 
-    Returns ``(v, h, xhat, cn, w_sd)``: ``v = dL/dq_k`` (masked), ``h = dL/dn`` through the code
-    (``v * sd / weight * dcode/dn``), ``xhat = (r - mu) / sd``, ``cn = (code - bias) / weight =
-    (q - mu) / sd`` and the column ``weight / sd``. Gradients only: one reciprocal per channel,
-    multiplied (``cn`` through ``q``, so no ``1 / weight``), no division per element.
+    Returns ``(v, h, xc, qc, w_sd)``: ``v = dL/dq_k`` (masked), ``h = dL/dn`` through the code
+    (``v * sd / weight * dcode/dn``), ``xc = r - mu = xhat * sd``, ``qc = q - mu = cn * sd``
+    (``cn = (code - bias) / weight``) and the column ``weight / sd``. ``1 / sd`` is applied per
+    channel in :func:`_ln_bwd_coeffs`, outside the chunk loop: no division here beyond the
+    replay's own ``weight / sd`` and ``sd / weight``.
     """
     r = ln_replay(x, stats, affine, chan, fsq, k, mask, active_stages, HAS_MASK, HAS_ACTIVE_STAGES,
                   USE_LIBDEVICE)
     mu, sd = ln_stats(stats, k, chan)
     weight, bias = ln_affine(affine, k, chan)
-    w_sd, sd_w = ln_factors(weight, sd)
+    w_sd, sd_w = stage_factors(stats, k, chan, weight, sd)
     q, _code, t, _rounded = ln_stage(r, mu, (w_sd, sd_w), bias, fsq, USE_LIBDEVICE)
     v = tl.where(stage_keep(mask, active_stages, k, HAS_ACTIVE_STAGES), g_minus_G, 0.0)
     h = v * sd_w * fsq_dcode(t, fsq)
-    inv_sd = recip_rn(sd)
-    return v, h, (r - mu) * inv_sd, (q - mu) * inv_sd, w_sd
+    return v, h, r - mu, q - mu, w_sd
 
 
 @triton.jit
-def _ln_sums(v, h, xhat, cn, mask):
+def _ln_sums(v, h, xc, qc, mask):
     """The four per-channel sums of a tile that the backward of one stage reduces:
-    ``(sum v, sum h, sum v*cn, sum h*xhat)``, each ``[BLOCK_C]``."""
-    return tl.sum(v, axis=1), tl.sum(h, axis=1), tl.sum(v * cn, axis=1), masked_row_sum(h * xhat, mask)
+    ``(sum v, sum h, sum v*qc, sum h*xc)`` (``= sd * (sum v*cn, sum h*xhat)``), each ``[BLOCK_C]``."""
+    return tl.sum(v, axis=1), tl.sum(h, axis=1), tl.sum(v * qc, axis=1), masked_row_sum(h * xc, mask)
 
 
 @triton.jit
@@ -253,31 +276,35 @@ def _add_sums(a, b):
 def _ln_bwd_coeffs(sums, k, stats, affine, dparts, chan):
     """Turn stage ``k``'s four sums into parameter-gradient partials (stored through ``dparts =
     (dweight_part_ptr, dbias_part_ptr)``, the image's ``(K, C)`` rows at ``stats``' start) and the coefficients
-    ``(weight/sd, dL/dmu, dL/dsd)`` of ``dL/dr``, as ``[BLOCK_C, 1]`` columns.
+    ``(weight/sd, dL/dmu, dL/dsd / sd)`` of ``dL/dr``, as ``[BLOCK_C, 1]`` columns (the last one
+    multiplies ``xc = r - mu``).
 
     ``q = ((code - bias) / weight) * sd + mu`` with ``n = weight * xhat + bias``:
     ``dL/dweight = sum h*xhat - sd/weight * sum v*cn``, ``dL/dbias = sum h - sd/weight * sum v``,
     ``dL/dmu = sum v - weight/sd * sum h``, ``dL/dsd = sum v*cn - weight/sd * sum h*xhat``.
     """
-    sum_v, sum_h, sum_vc, sum_hx = sums
-    _mean_ptr, std_ptr, stat_start = stats
+    sum_v, sum_h, sum_vqc, sum_hxc = sums
+    _mean_ptr, std_ptr, _factor_ptr, stat_start = stats
     weight_ptr, _bias_ptr = affine
     dweight_part_ptr, dbias_part_ptr = dparts
     offs_c, mask_c, C = chan
     sd = tl.load(std_ptr + stat_start + k * C + offs_c, mask=mask_c, other=1.0)
     weight = tl.load(weight_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)
     w_sd, sd_w = ln_factors(weight, sd)
+    inv_sd = recip_rn(sd)
+    sum_vc, sum_hx = sum_vqc * inv_sd, sum_hxc * inv_sd
     tl.store(dweight_part_ptr + stat_start + k * C + offs_c, sum_hx - sd_w * sum_vc, mask=mask_c)
     tl.store(dbias_part_ptr + stat_start + k * C + offs_c, sum_h - sd_w * sum_v, mask=mask_c)
-    return w_sd[:, None], (sum_v - w_sd * sum_h)[:, None], (sum_vc - w_sd * sum_hx)[:, None]
+    return w_sd[:, None], (sum_v - w_sd * sum_h)[:, None], ((sum_vc - w_sd * sum_hx) * inv_sd)[:, None]
 
 
 @triton.jit
-def _ln_dr(h, xhat, coeffs, inv_n, mask, HAS_MASK: tl.constexpr):
-    """``dL/dr_k`` through stage k: direct path plus the mean and std paths (``n`` positions enter
-    the statistics; with ``HAS_MASK`` only the valid ones, ``mask``, get the statistics' share)."""
-    w_sd, dmu, dsd = coeffs
-    dr = h * w_sd + (dmu + dsd * xhat) * inv_n
+def _ln_dr(h, xc, coeffs, inv_n, mask, HAS_MASK: tl.constexpr):
+    """``dL/dr_k`` through stage k: direct path plus the mean and std paths (``1 / inv_n``
+    positions enter the statistics; with ``HAS_MASK`` only the valid ones, ``mask``, get the
+    statistics' share); ``xc = r - mu`` and ``coeffs`` from :func:`_ln_bwd_coeffs`."""
+    w_sd, dmu, dsd_sd = coeffs
+    dr = h * w_sd + (dmu + dsd_sd * xc) * inv_n
     if HAS_MASK:
         dr = tl.where(mask, dr, 0.0)
     return dr
@@ -305,6 +332,7 @@ def _bwd_layernorm_kernel(
     scratch_ptr,        # float32 (B, C, S) G_{k+1} between stages (chunked path), or None (ONE_TILE)
     mean_ptr,           # the forward's statistics, (B, K, C) float32
     std_ptr,            # (B, K, C) float32
+    factor_ptr,         # (B, K, 2, C) float32 (weight/std, std/weight), divided by torch on the host
     param_ptrs,         # tuple (weight_ptr, bias_ptr): the strategy's (K, C) parameter group
     dparam_part_ptrs,   # tuple (dweight_part_ptr, dbias_part_ptr): out, (B, K, C) float32 partials
     consts_ptr,         # (5, C) float32 level constants
@@ -339,7 +367,7 @@ def _bwd_layernorm_kernel(
     x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
     g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
     dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
-    stats = (mean_ptr, std_ptr, img * K * C)
+    stats = (mean_ptr, std_ptr, factor_ptr, img * K * C)
     affine = param_ptrs
     dparts = dparam_part_ptrs
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
@@ -360,17 +388,16 @@ def _bwd_layernorm_kernel(
         for k_rev in range(K):
             k = K - 1 - k_rev
             x = load_tile(x_view, offs_c, offs_s, mask)
-            v, h, xhat, cn, w_sd = _ln_bwd_tile(x, V, mask, k, stats, affine, chan, fsq, active_stages, HAS_MASK,
-                                                HAS_ACTIVE_STAGES,
-                                                USE_LIBDEVICE)
-            sums = _ln_sums(v, h, xhat, cn, mask)
+            v, h, xc, qc, w_sd = _ln_bwd_tile(x, V, mask, k, stats, affine, chan, fsq, active_stages, HAS_MASK,
+                                              HAS_ACTIVE_STAGES, USE_LIBDEVICE)
+            sums = _ln_sums(v, h, xc, qc, mask)
             # The direct path of dL/dr needs no reduction: apply it now, so that only x, V and
-            # xhat stay live across the reductions' barriers.
+            # xc stay live across the reductions' barriers.
             V = V - h * w_sd
-            _w_sd, dmu, dsd = _ln_bwd_coeffs(sums, k, stats, affine, dparts, chan)
+            _w_sd, dmu, dsd_sd = _ln_bwd_coeffs(sums, k, stats, affine, dparts, chan)
             # (Padding picks up the statistics' share here too, but V there never reaches a valid
             # position -- v is masked -- and dx is zeroed there at the store.)
-            V = V - (dmu + dsd * xhat) * inv_n
+            V = V - (dmu + dsd_sd * xc) * inv_n
         dx = load_tile(g_view, offs_c, offs_s, mask) - V
         if HAS_MASK:
             dx = tl.where(mask, dx, 0.0)
@@ -393,12 +420,12 @@ def _bwd_layernorm_kernel(
                     G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
                     if k < K - 1:
                         G = load_tile(scratch_view, offs_c, offs_s, mask)
-                    v, h, xhat, cn, _w_sd = _ln_bwd_tile(x, g - G, mask, k, stats, affine, chan, fsq, active_stages,
-                                                  HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
+                    v, h, xc, qc, _w_sd = _ln_bwd_tile(x, g - G, mask, k, stats, affine, chan, fsq, active_stages,
+                                                       HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
                     if sweep == 0:
-                        sums = _add_sums(sums, _ln_sums(v, h, xhat, cn, mask))
+                        sums = _add_sums(sums, _ln_sums(v, h, xc, qc, mask))
                     else:
-                        G = G + _ln_dr(h, xhat, coeffs, inv_n, mask, HAS_MASK)
+                        G = G + _ln_dr(h, xc, coeffs, inv_n, mask, HAS_MASK)
                         inside = mask_c[:, None] & mask_s[None, :]
                         if k == 0:
                             store_tile(dx_view, G, offs_c, offs_s, inside)
@@ -458,8 +485,13 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     # Parameter gradients as one partial sum per (image, stage, channel), reduced below in a fixed order.
     dw_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
     db_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
+    # The replay's (weight/sd, sd/weight): the same IEEE divisions the forward kernel made (and
+    # the reference makes), done once here instead of in every chunk of every replayed stage.
+    w = ln_weight.float().unsqueeze(0)
+    factors = torch.stack((w / std, std / w), dim=2).contiguous()
     _bwd_layernorm_kernel[(B,)](
-        x, g, grad_z, scratch, mean, std, (ln_weight, ln_bias), (dw_part, db_part), consts, valid, active_stages,
+        x, g, grad_z, scratch, mean, std, factors, (ln_weight, ln_bias), (dw_part, db_part), consts, valid,
+        active_stages,
         C, S, *x_strides, *g_strides, *config.flat_strides(grad_z), C * S, stages,
         BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
         USE_INT64=config.needs_int64(x, g, grad_z, scratch), USE_LIBDEVICE=config.use_libdevice(z),

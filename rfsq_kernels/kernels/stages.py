@@ -78,7 +78,7 @@ def load_levels(consts_ptr, offs_c, mask_c, C):
 @triton.jit
 def load_digit_range(consts_ptr, basis_ptr, offs_c, mask_c, C):
     """``digits = (top, basis)``: largest digit ``L - 1`` (float32) and mixed-radix place value
-    (int64) per channel, as ``[BLOCK_C, 1]`` columns; only the forward packs indices."""
+    (the index dtype, :func:`.config.level_tables`) per channel, as ``[BLOCK_C, 1]`` columns; only the forward packs indices."""
     top = tl.load(consts_ptr + ROW_TOP * C + offs_c, mask=mask_c, other=0.0)[:, None]
     basis = tl.load(basis_ptr + offs_c, mask=mask_c, other=0)[:, None]
     return top, basis
@@ -107,17 +107,17 @@ def fsq_dcode(t, fsq):
 
 @triton.jit
 def pack_index(rounded, fsq, digits):
-    """Mixed-radix index of one stage, ``[BLOCK_S]`` int64, from the rounded values.
+    """Mixed-radix index of one stage, ``[BLOCK_S]`` in the index dtype (the basis's: int32
+    unless the codebook needs int64), from the rounded values.
 
-    The digit is an explicit integer ``clamp(nan->0(round + half_w), 0, L-1)``, so NaN/Inf input
-    can never produce an out-of-range index.
+    The digit is an explicit integer ``clamp(round + half_w, 0, L-1)`` with NaN -> 0, so NaN/Inf
+    input can never produce an out-of-range index: ``tl.maximum`` is IEEE maxNum (``max.f32`` on
+    a GPU, ``np.fmax`` in the interpreter), which returns the number when the other operand is NaN.
     """
     _half_l, _offset, _shift, half_w, _inv_w = fsq
     top, basis = digits
-    digit = rounded + half_w
-    digit = tl.where(digit == digit, digit, 0.0)
-    digit = tl.minimum(tl.maximum(digit, 0.0), top)
-    return tl.sum(digit.to(tl.int64) * basis, axis=0)
+    digit = tl.minimum(tl.maximum(rounded + half_w, 0.0), top)
+    return tl.sum(digit.to(basis.dtype) * basis, axis=0)
 
 
 @triton.jit
