@@ -56,11 +56,11 @@ def _run_task(arch: int, direction: str, family: str, full: bool, strategies: Op
     (default: all built-in ones), ``quick`` (:func:`.sweep.quick_cases`) and ``plugins``
     (:func:`load_plugins`) as for :func:`run_parallel`."""
     load_plugins(plugins)
-    from .sweep import all_cases, default_cases, quick_cases, structure_cases, sweep
+    from .sweep import all_cases, default_cases, quick_cases, structure_cases, sweep, vq_cases
     if quick:
         grid = quick_cases(strategies)
     else:
-        grid = all_cases() if full else default_cases() if arch in FULL_GRID_ARCHS else structure_cases()
+        grid = all_cases() + vq_cases() if full else default_cases() if arch in FULL_GRID_ARCHS else structure_cases()
     cases = [c for c in grid if c.direction == direction and _family(c.strategy) == family
              and (strategies is None or c.strategy in strategies)]
     result = sweep(arch, cases)
