@@ -284,3 +284,13 @@ def _train_both(data, seed, losses):
             opt.step()
             run.append(loss.item())
         losses.append(run)
+
+
+def test_cast_module_keeps_the_library_math(seed):
+    """``module.to(bfloat16)`` casts the buffers, and the library then computes in bf16: the
+    reference path follows it bit for bit and the fused path declines (auto falls back)."""
+    kw = dict(levels=[8, 5, 5, 5], num_quantizers=3)
+    lib, ours = vq.ResidualFSQ(**kw).to(torch.bfloat16), ResidualFSQ(**kw).to(torch.bfloat16)
+    assert ours.fused_supported() is not None
+    x = _latent((2, 9, 4), torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(ours(x), lib(x)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+import torch
 from torch import nn
 
 from .fsq import FSQ
@@ -34,10 +35,10 @@ def _rfsq_kwargs(m: nn.Module) -> Dict[str, Any]:
     if not layer.bound_hard_clamp and m.soft_clamp_input_value is not None:
         kw["soft_clamp_input_value"] = m.soft_clamp_input_value.clone()
     for name in ("allowed_dtypes", "force_quantization_f32", "scale", "noise_dropout", "orthogonal_rotation"):
-        default = {"allowed_dtypes": None, "force_quantization_f32": True, "scale": None, "noise_dropout": 0.,
-                   "orthogonal_rotation": False}[name]
+        default = {"allowed_dtypes": (torch.float32, torch.float64), "force_quantization_f32": True, "scale": None,
+                   "noise_dropout": 0., "orthogonal_rotation": False}[name]
         value = getattr(layer, name)
-        if value != default and name != "allowed_dtypes":
+        if value != default:
             kw[name] = value
     return kw
 

@@ -133,12 +133,16 @@ def residual_fsq_core(
     num_active: Optional[int] = None,
     hard_clamp: bool = True,
     noise: Optional[callable] = None,
+    allowed_dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.float64),
+    force_quantization_f32: bool = True,
 ) -> Tuple[Tensor, Tensor]:
     """ResidualFSQ's quantizer on ``x`` ``(B, N, C)`` (after ``project_in``): returns
     ``(quantized, indices)``, ``quantized`` float32 (promoted like the library) and ``indices``
     ``(B, N, K)`` with -1 for the stages at or after ``num_active`` (quantize dropout).
 
-    ``noise(codes) -> codes`` applies the stage quantizer's noise dropout (training only)."""
+    ``noise(codes) -> codes`` applies the stage quantizer's noise dropout (training only);
+    ``allowed_dtypes`` / ``force_quantization_f32`` are the stage FSQ's (they matter only when the
+    module was cast, e.g. to bf16)."""
     levels_t = levels_tensor(levels, x.device)
     if clamp_value is not None:
         x = soft_clamp(x, clamp_value)
@@ -152,11 +156,15 @@ def residual_fsq_core(
             all_indices.append(torch.full(x.shape[:-1], SENTINEL, dtype=idx_dtype, device=x.device))
             continue
         scale = scales[k]
-        codes, digits = symmetric_bound(residual / scale, levels_t, hard_clamp)
+        z = residual / scale
+        orig_dtype = z.dtype  # a cast module (bf16 buffers): the stage FSQ quantizes in float32
+        if force_quantization_f32 and orig_dtype not in allowed_dtypes:
+            z = z.float()
+        codes, digits = symmetric_bound(z, levels_t, hard_clamp)
         all_indices.append(pack_digits(digits, levels).to(idx_dtype))
         if noise is not None:
             codes = noise(codes)
-        quantized = codes * scale
+        quantized = codes.to(orig_dtype) * scale
         residual = residual - quantized.detach()
         quantized_out = quantized_out + quantized
     if isinstance(quantized_out, float):  # no stage ran (cannot happen: at least one stage runs)

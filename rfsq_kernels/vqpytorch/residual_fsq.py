@@ -158,6 +158,9 @@ class ResidualFSQ(nn.Module):
             return "bound_hard_clamp=False (tanh stages)"
         if self.noise_dropout > 0 and self.training:
             return "noise_dropout > 0 in training"
+        if self.scales.dtype != torch.float32 or self.soft_clamp_input_value.dtype != torch.float32:
+            return "scales/soft_clamp_input_value buffers not in float32 (the module was cast; the library then " \
+                   "computes in that dtype)"
         return None
 
     def _quantize(self, x: Tensor, num_active: Optional[int]):
@@ -174,7 +177,9 @@ class ResidualFSQ(nn.Module):
             p = self.noise_dropout
             noise = lambda codes: ref.noise_dropout(codes, p)  # noqa: E731
         return ref.residual_fsq_core(x, self.levels, self.scales, self.soft_clamp_input_value, num_active,
-                                     hard_clamp=self.bound_hard_clamp, noise=noise)
+                                     hard_clamp=self.bound_hard_clamp, noise=noise,
+                                     allowed_dtypes=self.stage_kwargs.get("allowed_dtypes", (torch.float32, torch.float64)),
+                                     force_quantization_f32=self.stage_kwargs.get("force_quantization_f32", True))
 
     def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: Optional[int] = None):
         """``(quantized, indices[, all_codes])`` like vector-quantize-pytorch 1.32.0's ResidualFSQ.
