@@ -78,7 +78,7 @@ def floor_bytes(case: Case, mode: str) -> int:
     i = torch.empty((), dtype=index_dtype(list(case.levels))).element_size()
     n, p = case.numel, case.positions
     fwd = 2 * n * e + p * case.stages * i
-    if get_strategy(case.strategy).per_image_stats:  # the (B, K, C) mean and std
+    if case.strategy != VQ_STRATEGY and get_strategy(case.strategy).per_image_stats:  # the (B, K, C) mean and std
         fwd += 2 * case.shape[0] * case.stages * case.shape[1] * 4
     if mode == "fwd":
         return fwd
@@ -126,6 +126,23 @@ def main_cases(tiny: bool) -> List[Case]:
             + _all_strategies("large", large, LEVELS_C8, 4, both)
             + _all_strategies("audio", audio, LEVELS_C8, 4, ("float32",))
             + _all_strategies("video", video, LEVELS_C6, 4, ("float32",)))
+
+
+#: vector-quantize-pytorch's ResidualFSQ math (``rfsq_kernels.vqpytorch``), not a strategy-table row.
+VQ_STRATEGY = "vq_rfsq"
+
+
+def vq_cases(tiny: Optional[bool] = None, groups: Optional[Sequence[str]] = None) -> List[Case]:
+    """The training, large, audio and video shapes of :func:`main_cases` (one per shape, levels,
+    K and dtype) for the ResidualFSQ drop-in (``strategy=VQ_STRATEGY``)."""
+    tiny = tiny_mode() if tiny is None else tiny
+    seen, out = set(), []
+    for c in main_cases(tiny):
+        key = (c.group, c.shape, c.levels, c.stages, c.dtype)
+        if key not in seen and (not groups or c.group in groups):
+            seen.add(key)
+            out.append(Case(c.group, c.shape, c.levels, c.stages, VQ_STRATEGY, c.dtype))
+    return out
 
 
 def select_cases(tiny: Optional[bool] = None, groups: Optional[Sequence[str]] = None) -> List[Case]:

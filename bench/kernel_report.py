@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from bench.cases import Case, floor_bytes, select_cases  # noqa: E402
+from bench.cases import Case, floor_bytes, select_cases, vq_cases  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Per-SM limits (sm_80 A100 and sm_90 H100 share them but the SM count and shared memory).
@@ -202,18 +202,24 @@ def main(argv=None) -> int:
     p.add_argument("--groups", nargs="*", default=None, help="case groups (default: all)")
     p.add_argument("--no-bytes", action="store_true", help="skip the interpreter byte count")
     p.add_argument("--bytes-json", default=None, help="reuse counts written by bench/kernel_bytes.py")
+    p.add_argument("--family", choices=("rfsq", "vq_rfsq"), default="rfsq",
+                   help="rfsq: the RFSQ strategies (kernels-sm<arch>); vq_rfsq: the vector-quantize-pytorch "
+                        "ResidualFSQ kernels (kernels-vq-sm<arch>, no byte count)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the report compiles for a real GPU", file=sys.stderr)
         return 2
-    cases = select_cases(tiny=False, groups=args.groups)
+    vq = args.family == "vq_rfsq"
+    cases = vq_cases(tiny=False, groups=args.groups) if vq else select_cases(tiny=False, groups=args.groups)
     rows = static_rows(cases, args.arch)
-    if args.bytes_json:
+    if vq:
+        nbytes = {}
+    elif args.bytes_json:
         nbytes = json.loads(Path(args.bytes_json).read_text())
     else:
         nbytes = {} if args.no_bytes else count_bytes(args.groups)
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"kernels-sm{args.arch}"
+    stem = RESULTS / (f"kernels-vq-sm{args.arch}" if vq else f"kernels-sm{args.arch}")
     md = markdown(rows, cases, nbytes, args.arch)
     stem.with_suffix(".md").write_text(md)
     stem.with_suffix(".json").write_text(json.dumps(

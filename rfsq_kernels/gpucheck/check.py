@@ -42,7 +42,8 @@ def load_plugins(paths: Sequence[str]) -> None:
 def _family(strategy: str) -> str:
     """The kernel family a strategy launches (its strategy-table row names it)."""
     from rfsq_kernels.reference import get_strategy
-    return get_strategy(strategy).kernel_family
+    from .sweep import VQ_RFSQ
+    return VQ_RFSQ if strategy == VQ_RFSQ else get_strategy(strategy).kernel_family
 
 
 def _jsonable(v):
@@ -55,11 +56,11 @@ def _run_task(arch: int, direction: str, family: str, full: bool, strategies: Op
     (default: all built-in ones), ``quick`` (:func:`.sweep.quick_cases`) and ``plugins``
     (:func:`load_plugins`) as for :func:`run_parallel`."""
     load_plugins(plugins)
-    from .sweep import all_cases, default_cases, quick_cases, structure_cases, sweep
+    from .sweep import all_cases, default_cases, quick_cases, structure_cases, sweep, vq_cases
     if quick:
         grid = quick_cases(strategies) if strategies else quick_cases()
     else:
-        grid = all_cases() if full else default_cases() if arch in FULL_GRID_ARCHS else structure_cases()
+        grid = all_cases() + vq_cases() if full else default_cases() if arch in FULL_GRID_ARCHS else structure_cases()
     cases = [c for c in grid if c.direction == direction and _family(c.strategy) == family
              and (strategies is None or c.strategy in strategies)]
     result = sweep(arch, cases)
@@ -99,7 +100,9 @@ def barrier_offsets(kernel_name: str) -> Tuple[str, List[int]]:
     offsets from its ``def`` line."""
     from ..kernels.launch import FAMILIES
     from .sweep import jit_function
-    fn = jit_function(next(getattr(m, kernel_name) for m in FAMILIES.values() if hasattr(m, kernel_name)))
+    from ..kernels import residual_fsq
+    modules = (*FAMILIES.values(), residual_fsq)
+    fn = jit_function(next(getattr(m, kernel_name) for m in modules if hasattr(m, kernel_name)))
     lines, _start = inspect.getsourcelines(fn.fn)
     def_index = next(i for i, text in enumerate(lines) if text.lstrip().startswith("def "))
     return inspect.getsourcefile(fn.fn), [i - def_index for i, text in enumerate(lines)
@@ -123,7 +126,9 @@ def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2, strate
     first (:func:`load_plugins`)."""
     load_plugins(plugins)
     from ..kernels.launch import FAMILIES
-    families = sorted({_family(s) for s in strategies} if strategies else FAMILIES, reverse=True)  # layernorm (slowest) first
+    from .sweep import VQ_RFSQ
+    families = sorted({_family(s) for s in strategies} if strategies else {*FAMILIES, VQ_RFSQ},
+                      reverse=True)  # layernorm (slowest) first
     tasks = [(a, d, f, full, strategies, quick, tuple(plugins)) for a in archs for f in families
              for d in ("backward", "forward")]
     binaries, failures = [], []
@@ -178,12 +183,17 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
         for kernel, paths in (("_fwd_layernorm_kernel", ("single", "chunked")),
                               ("_bwd_layernorm_kernel", ("single", "chunked")),
                               ("_fwd_elementwise_kernel", ("single", "split")),
-                              ("_bwd_elementwise_kernel", ("single", "split"))):
+                              ("_bwd_elementwise_kernel", ("single", "split")),
+                              ("_fwd_vq_rfsq_kernel", ("single", "split")),
+                              ("_bwd_vq_rfsq_kernel", ("single", "split")),
+                              ("_fwd_vq_fsq_kernel", ("single", "split")),
+                              ("_bwd_vq_fsq_kernel", ("single", "split"))):
             want = {("path", p) for p in paths} | {("BLOCK_C", c) for c in _BLOCK_C}
             if arch in FULL_GRID_ARCHS:  # other targets compile the structural grid only
                 want |= {("USE_INT64", v) for v in (False, True)}
                 want |= {("x_dtype", d) for d in ("fp32", "bf16", "fp16")}
-                want |= {(flag, v) for flag in ("HAS_MASK", "HAS_ACTIVE_STAGES") for v in (False, True)}
+                if "vq_fsq" not in kernel:  # the standalone FSQ has neither masks nor stage counts
+                    want |= {(flag, v) for flag in ("HAS_MASK", "HAS_ACTIVE_STAGES") for v in (False, True)}
             if "layernorm" in kernel:
                 want |= {("ONE_TILE", v) for v in (False, True)}
             missing = want - seen[(arch, kernel)]

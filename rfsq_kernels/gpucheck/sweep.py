@@ -82,10 +82,31 @@ def all_cases(directions: Iterable[str] = DIRECTIONS, strategies: Iterable[str] 
     return out
 
 
+#: The pseudo-strategy of vector-quantize-pytorch's ResidualFSQ kernels (their own family,
+#: :mod:`rfsq_kernels.kernels.residual_fsq`, not a row of the strategy table).
+VQ_RFSQ = "vq_rfsq"
+
+
+def vq_cases(structure_only: bool = False) -> List[Case]:
+    """The ResidualFSQ family: direction x K in {1, 2, 4, 8} x every C x the training and the
+    large image, float32, 32-bit offsets; unless ``structure_only``, also K=8 x C in {5, 16} x
+    every dtype x 32/64-bit offsets x all images, and the mask / stage-count flags."""
+    out = all_cases(strategies=[VQ_RFSQ], stages=(1, 2, 4, 8), spatial=SPATIAL[1:], dtypes=(torch.float32,),
+                    offsets=(32,))
+    if structure_only:
+        return out
+    out += all_cases(strategies=[VQ_RFSQ], stages=(8,), channels=(5, 16))
+    for base in all_cases(strategies=[VQ_RFSQ], stages=(8,), channels=(5, 16), dtypes=(torch.float32,),
+                          spatial=SPATIAL[1:], offsets=(32,)):
+        out += [Case(base.direction, base.strategy, base.stages, base.levels, base.dtype, base.shape, m, d)
+                for m, d in ((True, True), (True, False), (False, True))]
+    return out
+
+
 def structure_cases() -> List[Case]:
     """direction x strategy x every K x every C x the training and the large image, float32,
     32-bit offsets (the structural part of :func:`default_cases`)."""
-    return all_cases(spatial=SPATIAL[1:], dtypes=(torch.float32,), offsets=(32,))
+    return all_cases(spatial=SPATIAL[1:], dtypes=(torch.float32,), offsets=(32,)) + vq_cases(structure_only=True)
 
 
 def sparse_cases() -> List[Case]:
@@ -136,15 +157,40 @@ def default_cases() -> List[Case]:
     boundary = all_cases(strategies=[s for s in STRATEGIES if get_strategy(s).params], stages=(8,),
                          channels=(5, 16))
     seen, out = set(), []
-    for case in structure + boundary + sparse_cases():
+    for case in structure + boundary + sparse_cases() + vq_cases():
         if case not in seen:
             seen.add(case)
             out.append(case)
     return out
 
 
+def run_vq_case(case: Case) -> None:
+    """Call the ResidualFSQ launchers on ``meta`` tensors: ``x`` is ``(B, S, C)`` channel-last, as
+    after ``project_in``; at K in {1, 8} without flags also the standalone FSQ's launchers."""
+    from ..kernels import residual_fsq
+    meta = torch.device("meta")
+    k, c, b, s = case.stages, len(case.levels), case.shape[0], math.prod(case.shape[2:])
+    x = torch.empty((b, s, c), dtype=case.dtype, device=meta)
+    scales = torch.empty((k, c), dtype=torch.float32, device=meta)
+    clamp = torch.empty((c,), dtype=torch.float32, device=meta)
+    mask = torch.empty((b, s), dtype=torch.bool, device=meta) if case.mask else None
+    active = torch.empty((b,), dtype=torch.int32, device=meta) if case.active_stages else None
+    standalone_fsq = case.stages in (1, 8) and not (case.mask or case.active_stages)  # its kernels have no K/flags
+    if case.direction == "forward":
+        residual_fsq.forward(x, list(case.levels), scales, clamp, mask, active)
+        if standalone_fsq:
+            residual_fsq.fsq_forward(x, list(case.levels))
+    else:
+        residual_fsq.backward(torch.empty_like(x), x, list(case.levels), scales, clamp, mask, active)
+        if standalone_fsq:
+            residual_fsq.fsq_backward(torch.empty_like(x), x, list(case.levels))
+
+
 def run_case(case: Case) -> None:
     """Call the real launcher on ``meta`` tensors shaped as ``case`` says."""
+    if case.strategy == VQ_RFSQ:
+        run_vq_case(case)
+        return
     meta = torch.device("meta")
     k, c = case.stages, len(case.levels)
     z = torch.empty(case.shape, dtype=case.dtype, device=meta)
@@ -221,9 +267,10 @@ def jit_function(obj):
 
 def compiled_kernels(arch: int) -> Dict[str, object]:
     """Every ``CompiledKernel`` the project's kernels hold for device ``arch``, by hash."""
+    from ..kernels import residual_fsq
     from ..kernels.launch import FAMILIES
     out = {}
-    for module in FAMILIES.values():
+    for module in (*FAMILIES.values(), residual_fsq):
         for obj in vars(module).values():
             caches = getattr(jit_function(obj), "device_caches", None)
             if caches is None or arch not in caches:

@@ -1,0 +1,110 @@
+"""Autograd / torch.compile glue around the fused ResidualFSQ kernels
+(:mod:`rfsq_kernels.kernels.residual_fsq`).
+
+Two ``torch.library.custom_op``s, ``rfsq_kernels::vq_rfsq_forward`` and
+``rfsq_kernels::vq_rfsq_backward``, with fake implementations, so ``torch.compile`` sees one opaque
+node. The op's input is the tensor after ``project_in``; the projections stay ``nn.Linear``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ..kernels import residual_fsq as kernels
+
+__all__ = ["fsq_fused", "residual_fsq_fused"]
+
+
+@torch.library.custom_op("rfsq_kernels::vq_rfsq_forward", mutates_args=())
+def _forward_op(x: Tensor, scales: Tensor, clamp_value: Tensor, mask: Optional[Tensor], active: Optional[Tensor],
+                levels: List[int]) -> Tuple[Tensor, Tensor]:
+    return kernels.forward(x, levels, scales, clamp_value, mask, active)
+
+
+@_forward_op.register_fake
+def _forward_fake(x, scales, clamp_value, mask, active, levels):
+    return kernels.forward_outputs(x, levels, scales.shape[0], active is not None)
+
+
+@torch.library.custom_op("rfsq_kernels::vq_rfsq_backward", mutates_args=())
+def _backward_op(grad_q: Tensor, x: Tensor, scales: Tensor, clamp_value: Tensor, mask: Optional[Tensor],
+                 active: Optional[Tensor], levels: List[int]) -> Tensor:
+    return kernels.backward(grad_q, x, levels, scales, clamp_value, mask, active)
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_q, x, scales, clamp_value, mask, active, levels):
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, scales, clamp_value, mask, active, levels = inputs
+    ctx.save_for_backward(x, scales, clamp_value, mask, active)
+    ctx.levels = levels
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_q, _grad_indices):
+    x, scales, clamp_value, mask, active = ctx.saved_tensors
+    grad_x = torch.ops.rfsq_kernels.vq_rfsq_backward(grad_q, x, scales, clamp_value, mask, active, ctx.levels)
+    return grad_x, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def residual_fsq_fused(x: Tensor, levels: Sequence[int], scales: Tensor, clamp_value: Tensor,
+                       num_active: Optional[int] = None, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """vector-quantize-pytorch's ResidualFSQ quantizer on ``x`` ``(B, N, C)`` (after ``project_in``),
+    fused: ``(quantized in x's dtype, indices (B, N, K))``. ``num_active``: stages kept (quantize
+    dropout; -1 indices and int64 after it), ``mask`` ``(B, N)`` bool (True = quantize)."""
+    active = None
+    if num_active is not None:
+        active = torch.full((x.shape[0],), int(num_active), dtype=torch.int32, device=x.device)
+    return torch.ops.rfsq_kernels.vq_rfsq_forward(x, scales.float(), clamp_value.float(), mask, active,
+                                                  [int(v) for v in levels])
+
+
+@torch.library.custom_op("rfsq_kernels::vq_fsq_forward", mutates_args=())
+def _fsq_forward_op(x: Tensor, levels: List[int]) -> Tuple[Tensor, Tensor]:
+    return kernels.fsq_forward(x, levels)
+
+
+@_fsq_forward_op.register_fake
+def _fsq_forward_fake(x, levels):
+    return torch.empty_like(x), x.new_empty(x.shape[:2], dtype=kernels._index_dtype(levels, False))
+
+
+@torch.library.custom_op("rfsq_kernels::vq_fsq_backward", mutates_args=())
+def _fsq_backward_op(grad: Tensor, x: Tensor, levels: List[int]) -> Tensor:
+    return kernels.fsq_backward(grad, x, levels)
+
+
+@_fsq_backward_op.register_fake
+def _fsq_backward_fake(grad, x, levels):
+    return torch.empty_like(x)
+
+
+def _fsq_setup_context(ctx, inputs, output) -> None:
+    x, levels = inputs
+    ctx.save_for_backward(x)
+    ctx.levels = levels
+    ctx.mark_non_differentiable(output[1])
+
+
+def _fsq_backward(ctx, grad, _grad_indices):
+    (x,) = ctx.saved_tensors
+    return torch.ops.rfsq_kernels.vq_fsq_backward(grad, x, ctx.levels), None
+
+
+_fsq_forward_op.register_autograd(_fsq_backward, setup_context=_fsq_setup_context)
+
+
+def fsq_fused(z: Tensor, levels: Sequence[int]) -> Tuple[Tensor, Tensor]:
+    """The standalone FSQ's default bound (tanh, ``1.001``, atanh shift, round half to even) on
+    ``z`` ``(B, N, c, d)``, fused: ``(codes in z's dtype, indices (B, N, c))``."""
+    B, N, c, d = z.shape
+    codes, indices = torch.ops.rfsq_kernels.vq_fsq_forward(z.reshape(B, N * c, d), [int(v) for v in levels])
+    return codes.reshape(B, N, c, d), indices.reshape(B, N, c)

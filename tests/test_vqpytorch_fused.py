@@ -1,0 +1,199 @@
+"""The fused ResidualFSQ kernels (Triton interpreter on CPU) against an oracle that is the
+reference stage math fed with the interpreter's own tanh: bitwise, values, indices and gradients.
+And against vector-quantize-pytorch directly: equal except through tanh (the interpreter's
+fallback is not torch's tanh): digits equal away from rounding boundaries, gradients within a
+few ulp. Few, large programs keep the interpreter quick."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rfsq_kernels.backend import interpreter_enabled
+from rfsq_kernels.vqpytorch import GroupedResidualFSQ, ResidualFSQ
+from rfsq_kernels.vqpytorch import reference as ref
+from rfsq_kernels.vqpytorch.fused import residual_fsq_fused
+
+pytestmark = pytest.mark.skipif(not interpreter_enabled() and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 (tests/conftest.py sets it) or a GPU")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _interp_tanh(z: torch.Tensor) -> torch.Tensor:
+    """The interpreter's tanh (rfsq_kernels/kernels/fpmath.py), in NumPy float32 like the interpreter."""
+    a = z.detach().cpu().numpy().astype(np.float32)
+    e = np.exp(np.float32(-2.0) * np.abs(a))
+    t = (np.float32(1.0) - e) / (np.float32(1.0) + e)
+    return torch.from_numpy(np.where(a < 0, -t, t).astype(np.float32))
+
+
+def oracle(x, levels, scales, clamp, g, num_active=None):
+    """``(quantized, indices, dx)`` the kernels must produce under the interpreter, bit for bit."""
+    c = clamp.float()
+    t = _interp_tanh(x.float() / c)
+    y = (t * c).requires_grad_()
+    q, idx = ref.residual_fsq_core(y, levels, scales, None, num_active)
+    (q * g).sum().backward()
+    one_minus = (1.0 - t.double() * t.double()).float()
+    dx = ((y.grad * c) * one_minus) / c
+    return q.to(x.dtype), idx, dx.to(x.dtype)
+
+
+def _fused(x, levels, scales, clamp, g, num_active=None, mask=None):
+    x = x.detach().clone().requires_grad_()
+    q, idx = residual_fsq_fused(x, levels, scales, clamp, num_active, mask)
+    (q.float() * g).sum().backward()
+    return q, idx, x.grad
+
+
+def _assert_equal(actual, expected, name, bf16_step=False):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
+    if bf16_step:  # the interpreter truncates bf16 stores: one bf16 step
+        a, e = actual.float(), expected.float()
+        step = torch.exp2(torch.floor(torch.log2(e.abs().clamp_min(2.0 ** -126))) - 7)
+        assert bool(((a - e).abs() <= step).all()), f"{name}: more than one bf16 step off"
+    else:
+        assert torch.equal(actual, expected), f"{name}: {int((actual != expected).sum())} elements differ"
+
+
+CASES = [  # (levels, K, shape (B, N, C) or channel-first, dtype)
+    ([3, 4, 5, 6, 7, 8, 16], 1, (2, 300, 7), torch.float32),
+    ([8, 5, 5, 5], 2, (3, 1000, 4), torch.float32),
+    ([16, 7, 6, 4, 3], 4, (2, 513, 5), torch.bfloat16),
+    ([4] * 8, 8, (2, 700, 8), torch.float32),
+]
+
+
+@pytest.mark.parametrize("levels,K,shape,dtype", CASES)
+def test_fused_bitwise_against_oracle(levels, K, shape, dtype, seed):
+    scales = ref.stage_scales(levels, K)
+    clamp = ref.default_soft_clamp(levels)
+    x = (torch.randn(shape) * 1.5).to(dtype)
+    x[0, :3] = torch.tensor([float("inf"), -float("inf"), 0.0]).to(dtype)[:, None]
+    g = torch.randn(shape).to(dtype).float()
+    q, idx, dx = _fused(x, levels, scales, clamp, g)
+    rq, ridx, rdx = oracle(x, levels, scales, clamp, g)
+    assert torch.equal(idx, ridx)
+    _assert_equal(q, rq, "quantized", dtype == torch.bfloat16)
+    _assert_equal(dx, rdx, "grad x", dtype == torch.bfloat16)
+
+
+def test_fused_dropout_and_mask(seed):
+    levels, K = [8, 5, 5, 5], 4
+    scales, clamp = ref.stage_scales(levels, K), ref.default_soft_clamp(levels)
+    x, g = torch.randn(2, 600, 4) * 1.5, torch.randn(2, 600, 4)
+    for n in (1, 3):
+        q, idx, dx = _fused(x, levels, scales, clamp, g, num_active=n)
+        rq, ridx, rdx = oracle(x, levels, scales, clamp, g, num_active=n)
+        assert idx.dtype == torch.int64 and torch.equal(idx, ridx) and bool((idx[..., n:] == -1).all())
+        assert torch.equal(q, rq) and torch.equal(dx, rdx)
+    mask = torch.rand(2, 600) > 0.3
+    q, idx, dx = _fused(x, levels, scales, clamp, g, mask=mask)
+    rq, ridx, rdx = oracle(x, levels, scales, clamp, g)
+    assert torch.equal(q[mask], rq[mask]) and torch.equal(idx[mask], ridx[mask]) and torch.equal(dx[mask], rdx[mask])
+    assert bool((q[~mask] == 0).all()) and bool((idx[~mask] == -1).all()) and bool((dx[~mask] == 0).all())
+
+
+def _boundary_positions(x, levels, K):
+    """Positions where some stage's pre-floor value (float64) lies within 4 ulp(max(|y|, 1)) of the
+    soft-clamped input ``y``, amplified by the stage (``(L-1) / (2 s_k)``), of an integer, or its ``u_k`` that close to
+    the clamp's edge ±1: there the two tanh may flip a digit or the gradient's pass-through."""
+    lv = torch.tensor(levels, dtype=torch.float64)
+    c = 1 + 1 / (lv - 1)
+    r = torch.tanh(x.double() / c) * c
+    # the interpreter's (1 - e)/(1 + e) tanh is off by up to ~1e-7 absolute (many ulp near 0)
+    ulp = r.abs().clamp_min(1.0) * 2.0 ** -23
+    near = torch.zeros(x.shape[:-1], dtype=torch.bool)
+    for k in range(K):
+        s = lv ** -k
+        u = r / s
+        near |= ((u.abs() - 1).abs() < 4 * ulp / s).any(-1)  # the clamp's pass-through edge
+        v = u.clamp(-1, 1)
+        b = (lv - 1) * (v + 1) / 2 + 0.5
+        near |= ((b - b.round()).abs() < 4 * ulp * (lv - 1) / (2 * s)).any(-1)
+        d = torch.floor(b)
+        r = r - (2 / (lv - 1) * d - 1) * s
+    return near
+
+
+@pytest.mark.parametrize("layout", ["bnc", "cf3", "cf4", "cf5"])
+def test_fused_module_against_library(layout, seed):
+    vq = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pytorch is not installed")
+    levels, K = [3, 4, 5, 6, 7, 8, 16], 4
+    cf = layout != "bnc"
+    shape = {"bnc": (2, 400, 7), "cf3": (2, 7, 300), "cf4": (2, 7, 16, 20), "cf5": (2, 7, 4, 8, 9)}[layout]
+    lib = vq.ResidualFSQ(levels=levels, num_quantizers=K, dim=7, is_channel_first=cf)
+    ours = ResidualFSQ(levels=levels, num_quantizers=K, is_channel_first=cf, backend="triton")
+    x, g = torch.randn(shape) * 1.5, torch.randn(shape)
+    outs = []
+    for m in (lib, ours):
+        xx = x.clone().requires_grad_()
+        q, idx = m(xx)
+        (q * g).sum().backward()
+        outs.append((q, idx, xx.grad))
+    (q1, i1, d1), (q2, i2, d2) = outs
+    x_last = x.movedim(1, -1) if cf else x
+    i1l, i2l = (i1.movedim(1, -1), i2.movedim(1, -1)) if cf else (i1, i2)
+    clear = ~_boundary_positions(x_last, levels, K)
+    assert float(clear.float().mean()) > 0.8
+    assert torch.equal(i1l[clear], i2l[clear])
+    q1l, q2l = (q1.movedim(1, -1), q2.movedim(1, -1)) if cf else (q1, q2)
+    assert torch.equal(q1l[clear], q2l[clear])
+    d1l, d2l = (d1.movedim(1, -1), d2.movedim(1, -1)) if cf else (d1, d2)
+    # tanh only: a one-ulp difference of t moves 1 - t*t by ~2 ulp(1), whatever its size
+    torch.testing.assert_close(d2l[clear], d1l[clear], rtol=4e-7, atol=4 * 2.0 ** -23 * float(d1.abs().max()))
+
+
+def test_fused_grouped_and_projections(seed):
+    vq = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pytorch is not installed")
+    for groups in (2, 4):
+        kw = dict(dim=32, groups=groups, levels=[8, 5, 5, 5], num_quantizers=2)
+        lib, ours = vq.GroupedResidualFSQ(**kw).eval(), GroupedResidualFSQ(backend="triton", **kw).eval()
+        ours.load_state_dict(lib.state_dict())
+        x = torch.randn(2, 300, 32)
+        (q1, i1), (q2, i2) = lib(x), ours(x)
+        assert i2.shape == i1.shape == (groups, 2, 300, 2)
+        assert float((i1 == i2).float().mean()) > 0.99
+        torch.testing.assert_close(q2, q1, rtol=0, atol=0.05)
+        assert torch.equal(ours.get_output_from_indices(i2), q2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_fsq_bitwise_against_oracle(dtype, seed):
+    from rfsq_kernels.kernels.residual_fsq import fsq_table
+    from rfsq_kernels.vqpytorch import FSQ
+
+    levels = [3, 4, 5, 6, 7, 8, 16]
+    consts, _ = fsq_table(levels, "cpu")
+    half_l, offset, shift, half_w = consts[0], consts[1], consts[2], consts[3]
+    fsq = FSQ(levels=levels, backend="triton")
+    shape = (2, 7, 20, 30)  # channel-first image: the library moves channels last
+    x = (torch.randn(shape) * 1.5).to(dtype)
+    g = torch.randn(shape).to(dtype).float()
+    xx = x.clone().requires_grad_()
+    q, idx = fsq(xx)
+    (q.float() * g).sum().backward()
+    z = x.float().movedim(1, -1)
+    t = _interp_tanh(z + shift)
+    rounded = (t * half_l - offset).round()
+    rq = (rounded / half_w).movedim(-1, 1).to(dtype)
+    ridx = ref.pack_digits(rounded + half_w, levels)
+    gl = g.movedim(1, -1)
+    rdx = (((gl / half_w) * half_l) * (1.0 - t.double() * t.double()).float()).movedim(-1, 1).to(dtype)
+    assert torch.equal(idx, ridx)
+    _assert_equal(q, rq, "codes", dtype == torch.bfloat16)
+    _assert_equal(xx.grad, rdx, "grad z", dtype == torch.bfloat16)
+    vq = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pytorch is not installed")
+    q1, i1 = vq.FSQ(levels=levels)(x)
+    assert float((i1 == idx).float().mean()) > 0.99
+
+
+def test_custom_ops_opcheck(seed):
+    """The fused ops' fake (meta) implementations, schemas and autograd registration agree with
+    the real ones (torch.compile treats each as one opaque node)."""
+    levels = [8, 5, 5, 5]
+    x = torch.randn(2, 16, 4, requires_grad=True)
+    scales, clamp = ref.stage_scales(levels, 3), ref.default_soft_clamp(levels)
+    active = torch.full((2,), 2, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.rfsq_kernels.vq_rfsq_forward.default, (x, scales, clamp, None, active, levels))
+    torch.library.opcheck(torch.ops.rfsq_kernels.vq_fsq_forward.default, (x, levels))
