@@ -84,6 +84,8 @@ def run_identity(cfg: dict) -> Dict[str, object]:
     out.update(model_width=cfg["model_width"], image_size=cfg["image_size"])
     holdout = cfg.get("holdout_photos")  # which photos are held out decides what validation measures
     out["holdout_photos"] = sorted(holdout) if holdout else None
+    extra = cfg.get("extra_photos")  # so do the photos added to the embedded set
+    out["extra_photos"] = sorted(extra) if extra else None
     return out
 
 
