@@ -36,7 +36,7 @@ def _lpips(device: str) -> torch.nn.Module:
 def _make_step(backend: str, amp: str, channels_last: bool, compile_: bool):
     device = torch.device("cuda" if CUDA else "cpu")
     torch.manual_seed(0)
-    model = AutoEncoder(build_quantizer("rfsq", 4, "layernorm", backend=backend), width=WIDTH).to(device)
+    model = AutoEncoder(build_quantizer("rfsq", rfsq_stages=4, rfsq_strategy="layernorm", backend=backend), width=WIDTH).to(device)
     lpips_model = _lpips(str(device))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model, lpips_model = model.to(memory_format=fmt), lpips_model.to(memory_format=fmt)

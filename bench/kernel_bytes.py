@@ -56,19 +56,18 @@ def case_bytes(case, images: int = 1) -> Dict[str, int]:
     from bench.cases import make_input
     from rfsq_kernels.kernels.launch import rfsq_backward_launch, rfsq_forward_launch
     from rfsq_kernels.reference import get_strategy
-    from rfsq_kernels.reference.strategies import ALL_PARAM_NAMES, GAIN, SHIFT, SOFTPLUS_SCALE
 
     small = type(case)(case.group, (images, *case.shape[1:]), case.levels, case.stages, case.strategy, case.dtype)
     z = make_input(small, torch.device("cpu"))
     k, c = case.stages, case.shape[1]
-    fill = {SOFTPLUS_SCALE: 0.7, GAIN: 1.0, SHIFT: 0.0}  # the scale is passed as a = softplus(p)
-    params = {p.name: torch.full(p.shape(k, c), fill[p.role]) for p in get_strategy(case.strategy).params}
-    scale, w, b = (params.get(n) for n in ALL_PARAM_NAMES)
+    # The initial parameters in kernel form (bytes do not depend on the values).
+    params = tuple(p.kernel_form(torch.full(p.shape(k, c), p.initial_value(1.0)))
+                   for p in get_strategy(case.strategy).params)
     levels = list(case.levels)
     with counting_memory() as fwd:
-        q, _idx, mean, std = rfsq_forward_launch(z, levels, k, case.strategy, scale, w, b)
+        q, _idx, mean, std = rfsq_forward_launch(z, levels, k, case.strategy, params)
     with counting_memory() as bwd:
-        rfsq_backward_launch(torch.randn_like(q), z, levels, k, case.strategy, scale, w, b, mean, std)
+        rfsq_backward_launch(torch.randn_like(q), z, levels, k, case.strategy, params, mean, std)
     factor = case.shape[0] / images
     return {"fwd_load": round(fwd["load"] * factor), "fwd_store": round(fwd["store"] * factor),
             "bwd_load": round(bwd["load"] * factor), "bwd_store": round(bwd["store"] * factor)}

@@ -1,6 +1,6 @@
 """Pure-PyTorch ground truth of every quantizer (installed as ``rfsq_kernels.reference``).
 
-Everything here follows SPEC.md exactly; the fused Triton kernels are tested against it.
+Everything here follows docs/semantics.md exactly; the fused Triton kernels are tested against it.
 """
 from .codebook import (
     DEFAULT_LEVELS,
@@ -19,15 +19,25 @@ from .fsq import FSQ, fsq_quantize, round_ste
 from .lfq import LFQ
 from .rfsq import RFSQ, rfsq_decode_stages, rfsq_forward
 from .sentinel import SENTINEL, check_sentinel_layout, split_sentinel
-from .strategies import STRATEGIES, STRATEGY_TABLE, ParamSpec, Strategy, get_strategy, scale_param_init
-from .validation import check_eps, check_indices, check_latent, check_side, check_stages, check_strategy
+from .strategies import (
+    KERNEL_FAMILIES,
+    PARAM_ROLES,
+    STRATEGIES,
+    STRATEGY_TABLE,
+    ParamRole,
+    ParamSpec,
+    Strategy,
+    get_strategy,
+    scale_param_init,
+)
+from .validation import check_eps, check_indices, check_latent, check_side, check_stages
 from .vq_ema import VQEMA
 
 __all__ = [
-    "DEFAULT_LEVELS", "FSQ", "LFQ", "ParamSpec", "RFSQ", "SENTINEL", "STRATEGIES", "STRATEGY_TABLE", "Strategy",
+    "DEFAULT_LEVELS", "FSQ", "KERNEL_FAMILIES", "LFQ", "PARAM_ROLES", "ParamRole", "ParamSpec", "RFSQ", "SENTINEL", "STRATEGIES", "STRATEGY_TABLE", "Strategy",
     "VQEMA", "get_strategy", "check_eps", "check_indices",
     "check_latent", "check_levels", "check_sentinel_layout", "check_side", "draw_active_stages", "split_sentinel",
-    "check_stages", "check_strategy", "codebook_size", "default_levels", "digits_to_codes",
+    "check_stages", "codebook_size", "default_levels", "digits_to_codes",
     "digits_to_indices", "fsq_constants", "fsq_quantize", "index_basis", "index_dtype",
     "indices_to_digits", "rfsq_decode_stages", "rfsq_forward", "round_ste", "scale_param_init",
 ]

@@ -1,4 +1,4 @@
-"""Robust Residual FSQ, the pure-PyTorch ground truth (SPEC: "RFSQ").
+"""Robust Residual FSQ, the pure-PyTorch ground truth (docs/semantics.md).
 
 Stage k conditions the residual ``r_k`` (nothing / learnable scale / invertible per-channel
 normalization), rounds it with FSQ, maps the code back, and subtracts it:
@@ -48,13 +48,12 @@ def rfsq_forward(
     levels: Sequence[int],
     stages: int,
     strategy: str,
-    scale_param: Optional[torch.Tensor] = None,
-    ln_weight: Optional[torch.Tensor] = None,
-    ln_bias: Optional[torch.Tensor] = None,
+    *,
     eps: float = 1e-5,
     compute_dtype: torch.dtype = torch.float32,
     mask: Optional[torch.Tensor] = None,
     active_stages: Optional[torch.Tensor] = None,
+    **params: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The K-stage RFSQ loop; returns ``(quantized, indices, mean, std)``.
 
@@ -63,7 +62,9 @@ def rfsq_forward(
     - ``mean``/``std``: ``(B, K, C)`` float32 LN statistics (detached) for ``layernorm``, else
       empty tensors of shape ``(0,)``.
 
-    ``scale_param`` is ``(K,)`` (``a_k = softplus(p_k)``); ``ln_weight``/``ln_bias`` are ``(K, C)``.
+    ``params``: the strategy's parameters by name (its table row, e.g. ``RFSQ.strategy_parameters()``):
+    ``scale_param`` ``(K,)`` (``a_k = softplus(p_k)``) for ``'scale'``; ``ln_weight``/``ln_bias``
+    ``(K, C)`` for ``'layernorm'``. Everything after ``strategy`` is keyword-only.
 
     ``mask`` (optional, ``(B, *spatial)`` bool, True = valid): padded positions are ignored — their
     input is never read into the math (NaN padding is harmless), their output is 0, their index
@@ -75,6 +76,8 @@ def rfsq_forward(
     (quantize dropout); for ``k >= k_b`` its ``q_k`` is 0, its indices are -1, its residual is
     unchanged and its layernorm side information is ``(mean 0, std 1)``.
     """
+    spec = get_strategy(strategy)
+    group = spec.bind(params)
     nd = z.ndim
     dims = _spatial_dims(nd)
     if z.shape[0] == 0 or z[0, 0].numel() == 0:
@@ -86,14 +89,12 @@ def rfsq_forward(
         residual = torch.where(valid, residual, torch.zeros((), dtype=compute_dtype, device=z.device))
         count = valid_count(mask, compute_dtype).view(-1, *([1] * (nd - 1)))
     quantized = torch.zeros_like(residual)
-    spec = get_strategy(strategy)
     stage_math = STAGE_MATH[spec.name]
-    params = {"scale_param": scale_param, "ln_weight": ln_weight, "ln_bias": ln_bias}
     ctx = StageContext(levels, compute_dtype, eps, dims, valid, count)
     indices, means, stds = [], [], []
     for k in range(stages):
         keep = stage_keep(valid, active_stages, k, nd)
-        q, digits, stats = stage_math(residual, k, params, ctx)
+        q, digits, stats = stage_math(residual, k, group, ctx)
         if spec.per_image_stats:
             mu, sd = stats
             if active_stages is not None:  # a dropped stage stores the neutral (0, 1)
@@ -127,18 +128,24 @@ class StageContext(NamedTuple):
     count: Optional[torch.Tensor]  # valid positions per image, (B, 1, ...), or None without a mask
 
 
-def _stage_none(r: torch.Tensor, k: int, params: Dict[str, Optional[torch.Tensor]], ctx: StageContext):
+#: A strategy's parameter group: its parameters in table order (``Strategy.bind``).
+ParamGroup = Tuple[torch.Tensor, ...]
+
+
+def _stage_none(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
     codes, digits = fsq_quantize(r, ctx.levels, ctx.compute_dtype)
     return codes, digits, None
 
 
-def _stage_scale(r: torch.Tensor, k: int, params: Dict[str, Optional[torch.Tensor]], ctx: StageContext):
-    a = F.softplus(params["scale_param"][k].to(ctx.compute_dtype))
+def _stage_scale(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
+    (scale_param,) = params
+    a = F.softplus(scale_param[k].to(ctx.compute_dtype))
     codes, digits = fsq_quantize(a * r, ctx.levels, ctx.compute_dtype)
     return codes / a, digits, None
 
 
-def _stage_layernorm(r: torch.Tensor, k: int, params: Dict[str, Optional[torch.Tensor]], ctx: StageContext):
+def _stage_layernorm(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
+    ln_weight, ln_bias = params
     cdt, nd = ctx.compute_dtype, r.ndim
     if ctx.valid is None:
         var, mu = torch.var_mean(r, dim=ctx.dims, correction=0, keepdim=True)
@@ -147,15 +154,16 @@ def _stage_layernorm(r: torch.Tensor, k: int, params: Dict[str, Optional[torch.T
         centred = torch.where(ctx.valid, r - mu, torch.zeros((), dtype=cdt, device=r.device))
         var = (centred * centred).sum(dim=ctx.dims, keepdim=True) / ctx.count
     sd = torch.sqrt(var + ctx.eps)
-    w = _per_channel(params["ln_weight"], k, nd).to(cdt)
-    b = _per_channel(params["ln_bias"], k, nd).to(cdt)
+    w = _per_channel(ln_weight, k, nd).to(cdt)
+    b = _per_channel(ln_bias, k, nd).to(cdt)
     codes, digits = fsq_quantize(w * (r - mu) / sd + b, ctx.levels, cdt)
     q = ((codes - b) / w) * sd + mu
     return q, digits, (mu.detach().flatten(1).float(), sd.detach().flatten(1).float())
 
 
-#: Per-stage forward math of each strategy: ``(r_k, k, params, ctx) -> (q_k, digits, stats)``,
-#: ``stats`` the stage's ``(B, C)`` float32 ``(mean, std)`` when the strategy has per-image statistics.
+#: Per-stage forward math of each strategy: ``(r_k, k, params, ctx) -> (q_k, digits, stats)``, with
+#: ``params`` the strategy's parameter group (table order) and ``stats`` the stage's ``(B, C)``
+#: float32 ``(mean, std)`` when the strategy has per-image statistics.
 STAGE_MATH: Dict[str, Callable] = {"none": _stage_none, "scale": _stage_scale, "layernorm": _stage_layernorm}
 
 
@@ -173,11 +181,10 @@ def rfsq_decode_stages(
     indices: torch.Tensor,
     levels: Sequence[int],
     strategy: str,
-    scale_param: Optional[torch.Tensor] = None,
-    ln_weight: Optional[torch.Tensor] = None,
-    ln_bias: Optional[torch.Tensor] = None,
+    *,
     mean: Optional[torch.Tensor] = None,
     std: Optional[torch.Tensor] = None,
+    **params: torch.Tensor,
 ) -> List[torch.Tensor]:
     """Per-stage float32 reconstructions ``q_k`` ``(B, C, *spatial)`` from indices ``(B, *spatial, K)``.
 
@@ -186,16 +193,18 @@ def rfsq_decode_stages(
 
     ``indices`` may hold the first ``K' <= K`` stages only (``indices[..., :k]``, with
     ``mean[:, :k]``/``std[:, :k]``): that decodes the k-stage reconstruction. The sentinel -1
-    (dropped stage, masked position) decodes to 0 (see :mod:`.sentinel`).
+    (dropped stage, masked position) decodes to 0 (see :mod:`.sentinel`). ``params``: the
+    strategy's parameters by name, as for :func:`rfsq_forward`.
     """
     stages = indices.shape[-1]
-    decode = DECODE_MATH[get_strategy(strategy).name]
-    params = {"scale_param": scale_param, "ln_weight": ln_weight, "ln_bias": ln_bias}
+    spec = get_strategy(strategy)
+    decode = DECODE_MATH[spec.name]
+    group = spec.bind(params)
     out = []
     for k in range(stages):
         present, clean = split_sentinel(indices[..., k])
         codes = digits_to_codes(indices_to_digits(clean, levels), levels)
-        q = decode(codes, k, params, mean, std)
+        q = decode(codes, k, group, mean, std)
         out.append(torch.where(present.unsqueeze(1), q, torch.zeros((), dtype=q.dtype, device=q.device)))
     return out
 
@@ -205,15 +214,17 @@ def _decode_none(codes, k, params, mean, std):
 
 
 def _decode_scale(codes, k, params, mean, std):
-    return codes / F.softplus(params["scale_param"][k].float())
+    (scale_param,) = params
+    return codes / F.softplus(scale_param[k].float())
 
 
 def _decode_layernorm(codes, k, params, mean, std):
     nd = codes.ndim
     shape = (codes.shape[0], codes.shape[1]) + (1,) * (nd - 2)
     mu, sd = mean[:, k].reshape(shape), std[:, k].reshape(shape)
-    w = _per_channel(params["ln_weight"], k, nd).float()
-    b = _per_channel(params["ln_bias"], k, nd).float()
+    ln_weight, ln_bias = params
+    w = _per_channel(ln_weight, k, nd).float()
+    b = _per_channel(ln_bias, k, nd).float()
     return ((codes - b) / w) * sd + mu
 
 
@@ -352,10 +363,10 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         return stages, None
 
     def _run(self, z: torch.Tensor, num_stages: int, mask: Optional[torch.Tensor],
-             active: Optional[torch.Tensor]):
+             active_stages: Optional[torch.Tensor]):
         """The K-stage loop on a checked channel-first latent (the fused module overrides this)."""
-        return rfsq_forward(z, self.levels, num_stages, self.strategy, **self.strategy_parameters(num_stages), eps=self.eps,
-                            mask=mask, active_stages=active)
+        return rfsq_forward(z, self.levels, num_stages, self.strategy, eps=self.eps, mask=mask,
+                            active_stages=active_stages, **self.strategy_parameters(num_stages))
 
     def quantize(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, stages: StageCount = None):
         """Full result ``(quantized, indices, mean, std)`` of a channel-first ``(B, C, *spatial)``
@@ -364,8 +375,8 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         k stages) or a ``(B,)`` integer tensor of per-sample counts (-1 indices beyond them)."""
         check_latent(z, self.num_channels)
         check_mask(mask, z.shape[0], z.shape[2:], z.device)
-        num_stages, active = self._resolve_stages(z, stages, dropout=False)
-        return self._run(z, num_stages, mask, active)
+        num_stages, active_stages = self._resolve_stages(z, stages, dropout=False)
+        return self._run(z, num_stages, mask, active_stages)
 
     # -- the user-facing API (layout, projections, dropout) ----------------------------------
     def _encode_input(self, z: torch.Tensor, mask: Optional[torch.Tensor]):
@@ -409,8 +420,8 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         :meth:`get_codes_from_indices` returns them.
         """
         x, mask, flat = self._encode_input(z, mask)
-        num_stages, active = self._resolve_stages(x, stages, dropout=True)
-        quantized, indices, mean, std = self._run(x, num_stages, mask, active)
+        num_stages, active_stages = self._resolve_stages(x, stages, dropout=True)
+        quantized, indices, mean, std = self._run(x, num_stages, mask, active_stages)
         out = self._decode_output(quantized, flat)
         if flat:
             indices = indices.squeeze(1)
@@ -430,8 +441,8 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         ``mask``/``stages`` as in :meth:`forward` (no dropout: encoding is deterministic)."""
         with torch.no_grad():
             x, mask, flat = self._encode_input(z, mask)
-            num_stages, active = self._resolve_stages(x, stages, dropout=False)
-            _, indices, mean, std = self._run(x, num_stages, mask, active)
+            num_stages, active_stages = self._resolve_stages(x, stages, dropout=False)
+            _, indices, mean, std = self._run(x, num_stages, mask, active_stages)
         if flat:
             indices = indices.squeeze(1)
         if self.strategy_spec.per_image_stats:

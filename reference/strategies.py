@@ -3,27 +3,57 @@
 A strategy decides how stage k conditions the residual before FSQ rounds it and how the code is
 mapped back (docs/semantics.md). What the rest of the code needs to know about it is in its
 :class:`Strategy` row: its learnable parameters (names, shapes, initial values) and whether it
-computes per-image statistics (the side information a codec stores, the kernel family, why
-``(B, C)`` inputs are refused). The reference module, the fused glue and launchers, the offline
-compile check, the training CLI and ``bench/`` all read :data:`STRATEGY_TABLE`.
+computes per-image statistics (the side information a codec stores, why ``(B, C)`` inputs are
+refused) and which kernel family runs it. The parameters travel as one ordered group, in the
+row's order, through every layer: the stage math, the custom ops, the launchers and the kernels.
+The reference module, the fused glue and launchers, the offline compile check, the training CLI
+and ``bench/`` all read :data:`STRATEGY_TABLE`.
 
-Adding a strategy (README, "Adding a conditioning strategy"): a row here, its per-stage math in
-``reference/rfsq.py`` (``STAGE_MATH`` and ``DECODE_MATH``), and its kernel stage in
-``rfsq_kernels/kernels/`` (the launcher picks the family from ``per_image_stats``).
+Adding a strategy: README, "Where things are, and how to add a strategy".
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-#: Parameter roles: what a parameter's value means, hence how it starts and how tests draw it.
+#: Parameter roles: what a parameter's value means, hence how it starts (:data:`PARAM_ROLES`), what
+#: the kernels receive, and how tests draw it (``rfsq_kernels.testing``).
 SOFTPLUS_SCALE = "softplus_scale"  # p_k with a_k = softplus(p_k) > 0; starts at softplus^-1(initial_scale)
 GAIN = "gain"                      # multiplies the normalized residual; starts at 1, must stay away from 0
 SHIFT = "shift"                    # added to the normalized residual; starts at 0
+
+#: Kernel families (``rfsq_kernels/kernels/<family>.py``): positions independent (one program per
+#: image tile), or per-image statistics (one program per image).
+ELEMENTWISE = "elementwise"
+LAYERNORM = "layernorm"
+KERNEL_FAMILIES = (ELEMENTWISE, LAYERNORM)
+
+
+@dataclass(frozen=True)
+class ParamRole:
+    """What a parameter role means to the code: ``initial(initial_scale)`` is every entry's value at
+    construction; ``to_kernel`` (float32, differentiable) is what the fused kernels receive instead
+    of the parameter itself (None: the parameter as is), so autograd applies its derivative."""
+
+    initial: Callable[[float], float]
+    to_kernel: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+
+def _softplus32(p: torch.Tensor) -> torch.Tensor:
+    return F.softplus(p.float())
+
+
+#: Every parameter role by name. A strategy with a new role registers it here (and its random
+#: distribution in ``rfsq_kernels.testing.DISTRIBUTIONS``).
+PARAM_ROLES: Dict[str, ParamRole] = {
+    SOFTPLUS_SCALE: ParamRole(lambda initial_scale: scale_param_init(initial_scale), _softplus32),
+    GAIN: ParamRole(lambda _initial_scale: 1.0),
+    SHIFT: ParamRole(lambda _initial_scale: 0.0),
+}
 
 
 @dataclass(frozen=True)
@@ -39,62 +69,95 @@ class ParamSpec:
         return (stages, channels) if self.per_channel else (stages,)
 
     def initial_value(self, initial_scale: float) -> float:
-        """Every entry's value at construction."""
-        if self.role == SOFTPLUS_SCALE:
-            return scale_param_init(initial_scale)
-        return 1.0 if self.role == GAIN else 0.0
+        """Every entry's value at construction (its role's ``initial``)."""
+        return _role(self.role).initial(initial_scale)
+
+    def kernel_form(self, value: torch.Tensor) -> torch.Tensor:
+        """What the fused kernels receive for ``value`` (its role's ``to_kernel``)."""
+        to_kernel = _role(self.role).to_kernel
+        return value if to_kernel is None else to_kernel(value)
+
+
+def _role(role: str) -> ParamRole:
+    found = PARAM_ROLES.get(role)
+    if found is None:
+        raise ValueError(f"unknown parameter role {role!r}; register it in PARAM_ROLES "
+                         f"(reference/strategies.py), known: {sorted(PARAM_ROLES)}")
+    return found
 
 
 @dataclass(frozen=True)
 class Strategy:
     """A row of :data:`STRATEGY_TABLE`.
 
+    ``params``: the learnable parameters, in the order every layer passes them (one group).
     ``per_image_stats``: each stage normalizes every (image, channel) over the image's spatial
-    positions, so the forward returns ``(B, K, C)`` mean/std (the codec's side information),
-    positions are coupled (the fused path uses the one-program-per-image ``layernorm`` kernels
-    instead of the elementwise ones) and a ``(B, C)`` input, with one position, is refused.
+    positions, so the forward returns ``(B, K, C)`` mean/std (the codec's side information) and a
+    ``(B, C)`` input, with one position, is refused. ``kernel_family``: the file of
+    ``rfsq_kernels/kernels/`` that runs it (:data:`KERNEL_FAMILIES`; per-image statistics couple
+    the positions, so they need the one-program-per-image ``layernorm`` family).
     """
 
     name: str
     params: Tuple[ParamSpec, ...]
     per_image_stats: bool
     summary: str
+    kernel_family: str = ELEMENTWISE
+
+    def __post_init__(self):
+        if self.kernel_family not in KERNEL_FAMILIES:
+            raise ValueError(f"kernel_family must be one of {KERNEL_FAMILIES}, got {self.kernel_family!r}")
+        if self.per_image_stats and self.kernel_family != LAYERNORM:
+            raise ValueError(f"strategy {self.name!r}: per-image statistics need the {LAYERNORM!r} kernel family")
 
     @property
     def param_names(self) -> Tuple[str, ...]:
         """Names of the learnable parameters, in the order every layer passes them."""
         return tuple(p.name for p in self.params)
 
+    def bind(self, given: Mapping[str, Optional[torch.Tensor]]) -> Tuple[torch.Tensor, ...]:
+        """The strategy's parameter group, in table order, from keyword arguments by name.
+
+        A name the strategy does not have is a ``TypeError`` (``None`` values are ignored, so
+        ``scale_param=None`` with ``'none'`` still works); a missing one is a ``ValueError``."""
+        unexpected = sorted(n for n, v in given.items() if v is not None and n not in self.param_names)
+        if unexpected:
+            raise TypeError(f"strategy={self.name!r} takes the parameters {self.param_names}, "
+                            f"got unexpected {unexpected}")
+        missing = [n for n in self.param_names if given.get(n) is None]
+        if missing:
+            raise ValueError(f"strategy={self.name!r} needs the parameters {self.param_names}, missing {missing}")
+        return tuple(given[n] for n in self.param_names)
+
 
 STRATEGY_TABLE: Dict[str, Strategy] = {
     s.name: s
     for s in (
-        Strategy("none", (), False, "plain residual FSQ: q_k = FSQ(r_k)"),
-        Strategy("scale", (ParamSpec("scale_param", False, SOFTPLUS_SCALE),), False,
-                 "learnable scale per stage: q_k = FSQ(a_k r_k) / a_k, a_k = softplus(p_k)"),
-        Strategy("layernorm", (ParamSpec("ln_weight", True, GAIN), ParamSpec("ln_bias", True, SHIFT)), True,
-                 "invertible per-image, per-channel normalization with affine (w_k, b_k)"),
+        Strategy("none", (), per_image_stats=False, kernel_family=ELEMENTWISE,
+                 summary="plain residual FSQ: q_k = FSQ(r_k)"),
+        Strategy("scale", (ParamSpec("scale_param", False, SOFTPLUS_SCALE),), per_image_stats=False,
+                 kernel_family=ELEMENTWISE,
+                 summary="learnable scale per stage: q_k = FSQ(a_k r_k) / a_k, a_k = softplus(p_k)"),
+        Strategy("layernorm", (ParamSpec("ln_weight", True, GAIN), ParamSpec("ln_bias", True, SHIFT)),
+                 per_image_stats=True, kernel_family=LAYERNORM,
+                 summary="invertible per-image, per-channel normalization with affine (w_k, b_k)"),
     )
 }
 
-#: Strategy names, in table order (CLI ``choices``, test and bench parametrization).
+#: The built-in strategy names, in table order (CLI ``choices``, test and bench parametrization).
 STRATEGIES: Tuple[str, ...] = tuple(STRATEGY_TABLE)
-
-#: Every parameter name any strategy uses, in the order the functional APIs take them
-#: (``rfsq_forward(..., scale_param, ln_weight, ln_bias)``).
-ALL_PARAM_NAMES: Tuple[str, ...] = tuple(p.name for s in STRATEGY_TABLE.values() for p in s.params)
 
 
 def get_strategy(strategy: str) -> Strategy:
     """The table row of ``strategy``; a ``ValueError`` naming the choices for anything else."""
     row = STRATEGY_TABLE.get(strategy) if isinstance(strategy, str) else None
     if row is None:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise ValueError(f"strategy must be one of {tuple(STRATEGY_TABLE)}, got {strategy!r}")
     return row
 
 
 def scale_param_init(initial_scale: float) -> float:
-    """The float32 ``p`` with ``softplus(p) == initial_scale`` exactly (SPEC: ``log(expm1(s))``).
+    """The float32 ``p`` with ``softplus(p) == initial_scale`` exactly (docs/semantics.md: ``log(expm1(s))``).
 
     ``log(expm1(s))`` rounded to float32 can miss ``s`` by one ulp after softplus; the nearest
     float32 neighbours are searched for one that hits it exactly.

@@ -8,14 +8,6 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from .strategies import STRATEGIES, get_strategy  # noqa: F401  (STRATEGIES: re-exported)
-
-
-def check_strategy(strategy: str) -> str:
-    """Return ``strategy`` if it names a row of the strategy table (``none``, ``scale``,
-    ``layernorm``); raise a ``ValueError`` naming the choices otherwise."""
-    return get_strategy(strategy).name
-
 
 def check_stages(stages: int) -> int:
     """Return ``stages`` if it is an int >= 1; raise otherwise."""

@@ -6,71 +6,70 @@ that ``torch.compile(fullgraph=True)`` treats the whole K-stage quantizer as one
 (no graph breaks; works with ``aot_eager`` and ``inductor``, also on CPU under the Triton
 interpreter). ``levels``/``stages``/``strategy``/``eps`` are non-tensor arguments.
 
+The strategy's parameters are one ``Tensor[]`` argument, in strategy-table order, in kernel form
+(``ParamSpec.kernel_form``: the ``scale`` strategy's ``a = softplus(scale_param)`` is computed in
+float32 outside the op, so autograd applies its derivative and the op only returns ``dL/da``).
+The ops never name a strategy's parameters, so a new strategy needs no change here.
+
 Autocast: custom ops fall through autocast untouched, so a bf16/fp16 ``z`` reaches the kernel as
 is; the kernels compute in float32 and return ``quantized`` in ``z``'s dtype, like the reference.
-The ``scale`` strategy's ``a = softplus(scale_param)`` is computed in float32 outside the op, so its
-derivative is applied by autograd and the op only returns ``dL/da``.
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels.launch import backward_outputs, forward_outputs, rfsq_backward_launch, rfsq_forward_launch
 from .reference import check_levels, check_stages, get_strategy
-from .reference.strategies import ALL_PARAM_NAMES
 
 __all__ = ["rfsq_fused"]
 
 
 @torch.library.custom_op("rfsq_kernels::rfsq_forward", mutates_args=())
 def _forward_op(
-    z: Tensor, scale: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
-    mask: Optional[Tensor], active: Optional[Tensor], levels: List[int], stages: int, strategy: str, eps: float,
+    z: Tensor, params: List[Tensor], mask: Optional[Tensor], active_stages: Optional[Tensor],
+    levels: List[int], stages: int, strategy: str, eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return rfsq_forward_launch(z, levels, stages, strategy, scale, ln_weight, ln_bias, eps,
-                               mask=mask, active_stages=active)
+    return rfsq_forward_launch(z, levels, stages, strategy, params, eps, mask=mask, active_stages=active_stages)
 
 
 @_forward_op.register_fake
-def _forward_fake(z, scale, ln_weight, ln_bias, mask, active, levels, stages, strategy, eps):
+def _forward_fake(z, params, mask, active_stages, levels, stages, strategy, eps):
     return forward_outputs(z, levels, stages, strategy)
 
 
 @torch.library.custom_op("rfsq_kernels::rfsq_backward", mutates_args=())
 def _backward_op(
-    grad_q: Tensor, z: Tensor, scale: Optional[Tensor], ln_weight: Optional[Tensor],
-    ln_bias: Optional[Tensor], mean: Tensor, std: Tensor, mask: Optional[Tensor], active: Optional[Tensor],
-    levels: List[int], stages: int, strategy: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return rfsq_backward_launch(grad_q, z, levels, stages, strategy, scale, ln_weight, ln_bias, mean, std,
-                                mask=mask, active_stages=active)
+    grad_q: Tensor, z: Tensor, params: List[Tensor], mean: Tensor, std: Tensor, mask: Optional[Tensor],
+    active_stages: Optional[Tensor], levels: List[int], stages: int, strategy: str,
+) -> List[Tensor]:
+    """``[grad_z, *grad_params]`` (parameter gradients in the order of ``params``)."""
+    grad_z, grad_params = rfsq_backward_launch(grad_q, z, levels, stages, strategy, params, mean, std,
+                                               mask=mask, active_stages=active_stages)
+    return [grad_z, *grad_params]
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_q, z, scale, ln_weight, ln_bias, mean, std, mask, active, levels, stages, strategy):
-    return backward_outputs(z, stages, strategy, scale, ln_weight, ln_bias)
+def _backward_fake(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy):
+    grad_z, grad_params = backward_outputs(z, stages, strategy, params)
+    return [grad_z, *grad_params]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    z, scale, ln_weight, ln_bias, mask, active, levels, stages, strategy, _eps = inputs
+    z, params, mask, active_stages, levels, stages, strategy, _eps = inputs
     _, indices, mean, std = output
-    ctx.save_for_backward(z, scale, ln_weight, ln_bias, mean, std, mask, active)
+    ctx.save_for_backward(z, mean, std, mask, active_stages, *params)
     ctx.levels, ctx.stages, ctx.strategy = levels, stages, strategy
     ctx.mark_non_differentiable(indices, mean, std)
 
 
 def _backward(ctx, grad_q, _grad_indices, _grad_mean, _grad_std):
-    z, scale, ln_weight, ln_bias, mean, std, mask, active = ctx.saved_tensors
-    grad_z, grad_scale, grad_w, grad_b = torch.ops.rfsq_kernels.rfsq_backward(
-        grad_q, z, scale, ln_weight, ln_bias, mean, std, mask, active, ctx.levels, ctx.stages, ctx.strategy)
-    names = get_strategy(ctx.strategy).param_names
-    grads = {"scale_param": grad_scale, "ln_weight": grad_w, "ln_bias": grad_b}
-    return (grad_z, *(grads[n] if n in names else None for n in ALL_PARAM_NAMES),
-            None, None, None, None, None, None)
+    z, mean, std, mask, active_stages, *params = ctx.saved_tensors
+    grad_z, *grad_params = torch.ops.rfsq_kernels.rfsq_backward(
+        grad_q, z, params, mean, std, mask, active_stages, ctx.levels, ctx.stages, ctx.strategy)
+    return grad_z, grad_params, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -81,38 +80,36 @@ def rfsq_fused(
     levels: Sequence[int],
     stages: int,
     strategy: str,
-    scale_param: Optional[Tensor] = None,
-    ln_weight: Optional[Tensor] = None,
-    ln_bias: Optional[Tensor] = None,
+    *,
     eps: float = 1e-5,
     mask: Optional[Tensor] = None,
     active_stages: Optional[Tensor] = None,
+    **params: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused K-stage RFSQ: same contract as :func:`rfsq_kernels.reference.rfsq_forward`, ``mask``
     (``(B, *spatial)`` bool, True = valid) and ``active_stages`` (``(B,)`` integer per-sample stage
     counts, read on the device: one compiled kernel serves every mix, no host sync) included.
 
+    ``params``: the strategy's parameters by name (``scale_param`` ``(K,)``; ``ln_weight``,
+    ``ln_bias`` ``(K, C)``; ``RFSQ.strategy_parameters()``), differentiable. Everything after
+    ``strategy`` is keyword-only.
+
     Returns ``(quantized, indices, mean, std)``: ``quantized`` in ``z``'s dtype and layout
     (contiguous / channels_last / channels_last_3d kept), ``indices`` ``(B, *spatial, K)`` int32
-    (int64 when ``prod(levels) >= 2**31``), LN ``mean``/``std`` ``(B, K, C)`` float32 (detached)
-    or empty ``(0,)`` tensors. Differentiable w.r.t. ``z``, ``scale_param`` ``(K,)``,
-    ``ln_weight`` and ``ln_bias`` ``(K, C)``. ``z`` must be on CUDA, or on CPU with
-    ``TRITON_INTERPRET=1`` set before Triton was imported.
+    (int64 when ``prod(levels) >= 2**31``), per-image ``mean``/``std`` ``(B, K, C)`` float32
+    (detached) or empty ``(0,)`` tensors. Differentiable w.r.t. ``z`` and every parameter. ``z``
+    must be on CUDA, or on CPU with ``TRITON_INTERPRET=1`` set before Triton was imported.
     """
     levels = list(check_levels(levels))
     stages = check_stages(stages)
     spec = get_strategy(strategy)
-    given = {"scale_param": scale_param, "ln_weight": ln_weight, "ln_bias": ln_bias}
-    for p in spec.params:
-        want, got = p.shape(stages, len(levels)), given[p.name]
-        if got is None or tuple(got.shape) != want:
-            raise ValueError(f"strategy={strategy!r} needs {p.name} of shape {want}, got "
-                             f"{None if got is None else tuple(got.shape)}")
-    # The kernels take a = softplus(p) (float32): autograd applies the softplus derivative.
-    scale = F.softplus(scale_param.float()) if "scale_param" in spec.param_names else None
-    if "ln_weight" not in spec.param_names:  # parameters of another strategy are not the op's inputs
-        ln_weight = ln_bias = None
+    group = spec.bind(params)
+    for p, value in zip(spec.params, group):
+        want = p.shape(stages, len(levels))
+        if tuple(value.shape) != want:
+            raise ValueError(f"strategy={strategy!r} needs {p.name} of shape {want}, got {tuple(value.shape)}")
+    kernel_params = [p.kernel_form(value) for p, value in zip(spec.params, group)]
     if active_stages is not None:
         active_stages = active_stages.to(torch.int32)
-    return torch.ops.rfsq_kernels.rfsq_forward(z, scale, ln_weight, ln_bias, mask, active_stages, levels, stages,
-                                               strategy, float(eps))
+    return torch.ops.rfsq_kernels.rfsq_forward(z, kernel_params, mask, active_stages, levels, stages,
+                                               spec.name, float(eps))

@@ -61,15 +61,14 @@ class RFSQ(_ReferenceRFSQ):
         self.backend = check_backend(backend)
 
     def _run(self, z: torch.Tensor, num_stages: int, mask: Optional[torch.Tensor],
-             active: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The K-stage loop on a checked channel-first latent: fused kernels or the reference."""
         if use_fused(self.backend, z):
             from .fused import rfsq_fused
 
-            return rfsq_fused(z, self.levels, num_stages, self.strategy, **self.strategy_parameters(num_stages),
-                              eps=self.eps,
-                              mask=mask, active_stages=active)
-        return super()._run(z, num_stages, mask, active)
+            return rfsq_fused(z, self.levels, num_stages, self.strategy, eps=self.eps, mask=mask,
+                              active_stages=active_stages, **self.strategy_parameters(num_stages))
+        return super()._run(z, num_stages, mask, active_stages)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"

@@ -4,8 +4,8 @@ Freshly built modules hold their initial parameters (scale ``softplus(p_k) = ini
 weight 1, bias 0), where some gradients and some code paths are degenerate (``w = 1`` hides a
 swapped weight/bias, equal stages hide a wrong stage index). Tests and benchmarks therefore draw
 non-trivial parameters from here. The distribution of each parameter follows its
-:class:`~rfsq_kernels.reference.ParamSpec` ``role`` in the strategy table, so a new strategy needs
-no change here unless it brings a new role:
+:class:`~rfsq_kernels.reference.ParamSpec` ``role`` in the strategy table (:data:`DISTRIBUTIONS`),
+so a new strategy needs no change here unless it brings a new role (then one entry there):
 
 - ``softplus_scale`` (``p_k`` with ``a_k = softplus(p_k)``): ``p + 0.3 N(0, 1)``; ``a_k`` stays
   positive by construction and, around the default ``p = softplus^-1(1)``, within about
@@ -19,25 +19,29 @@ global RNG is used (the test suite seeds it per test).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
 from rfsq_kernels.reference.strategies import GAIN, SHIFT, SOFTPLUS_SCALE, get_strategy
 
-__all__ = ["random_strategy_params", "randomize_"]
+__all__ = ["DISTRIBUTIONS", "random_strategy_params", "randomize_"]
+
+#: ``role -> draw(base, generator)``: ``base`` (float32, CPU) moved randomly as the role allows.
+DISTRIBUTIONS: Dict[str, Callable[[Tensor, Optional[torch.Generator]], Tensor]] = {
+    SOFTPLUS_SCALE: lambda base, gen: base + 0.3 * torch.randn(base.shape, generator=gen),
+    GAIN: lambda base, gen: base * (0.6 + 0.8 * torch.rand(base.shape, generator=gen)),
+    SHIFT: lambda base, gen: base + 0.2 * torch.randn(base.shape, generator=gen),
+}
 
 
-def _draw_like(base: Tensor, role: str, generator: Optional[torch.Generator]) -> Tensor:
-    """``base`` (float32, CPU) moved randomly according to ``role``."""
-    if role == SOFTPLUS_SCALE:
-        return base + 0.3 * torch.randn(base.shape, generator=generator)
-    if role == GAIN:
-        return base * (0.6 + 0.8 * torch.rand(base.shape, generator=generator))
-    if role == SHIFT:
-        return base + 0.2 * torch.randn(base.shape, generator=generator)
-    raise ValueError(f"no random distribution for parameter role {role!r}; add one to rfsq_kernels/testing.py")
+def _distribution(role: str) -> Callable[[Tensor, Optional[torch.Generator]], Tensor]:
+    draw = DISTRIBUTIONS.get(role)
+    if draw is None:
+        raise ValueError(f"no random distribution for parameter role {role!r}; add one to "
+                         f"rfsq_kernels.testing.DISTRIBUTIONS")
+    return draw
 
 
 def random_strategy_params(
@@ -59,8 +63,9 @@ def random_strategy_params(
     """
     params: Dict[str, Tensor] = {}
     for spec in get_strategy(strategy).params:
+        draw = _distribution(spec.role)
         base = torch.full(spec.shape(stages, channels), spec.initial_value(initial_scale), dtype=torch.float32)
-        params[spec.name] = _draw_like(base, spec.role, generator).to(dtype).requires_grad_(requires_grad)
+        params[spec.name] = draw(base, generator).to(dtype).requires_grad_(requires_grad)
     return params
 
 
@@ -76,5 +81,5 @@ def randomize_(module: nn.Module, generator: Optional[torch.Generator] = None) -
     with torch.no_grad():
         for name, param in module.strategy_parameters().items():
             base = param.detach().to("cpu", torch.float32)
-            param.copy_(_draw_like(base, roles[name], generator))
+            param.copy_(_distribution(roles[name])(base, generator))
     return module

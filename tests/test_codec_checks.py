@@ -108,10 +108,10 @@ def test_layernorm_stats_finite_up_to_the_documented_bound(positions):
     for bound in (9.2e18 / math.sqrt(n), 1.8e19):
         z = (torch.rand(2, 4, *positions, generator=g) * 2 - 1) * bound
         z[:, :, 0], z[:, :, -1] = bound, -bound  # the extremes of the allowed range
-        q, idx, mean, std = rfsq_forward(z, (8, 8, 8, 4), 2, "layernorm", None, torch.ones(2, 4), torch.zeros(2, 4))
+        q, idx, mean, std = rfsq_forward(z, (8, 8, 8, 4), 2, "layernorm", ln_weight=torch.ones(2, 4), ln_bias=torch.zeros(2, 4))
         assert torch.isfinite(mean).all() and torch.isfinite(std).all() and torch.isfinite(q).all()
     z[0, 0, 0] = 1e30  # beyond the bound: NaN outputs are documented, out-of-range indices never happen
-    _, idx, _, _ = rfsq_forward(z, (8, 8, 8, 4), 2, "layernorm", None, torch.ones(2, 4), torch.zeros(2, 4))
+    _, idx, _, _ = rfsq_forward(z, (8, 8, 8, 4), 2, "layernorm", ln_weight=torch.ones(2, 4), ln_bias=torch.zeros(2, 4))
     assert int(idx.min()) >= 0 and int(idx.max()) < 2048
 
 

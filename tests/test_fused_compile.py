@@ -6,7 +6,7 @@ from torch import nn
 from fused_helpers import assert_close_grads, draw_input
 import rfsq_kernels.fused  # noqa: F401  (registers the custom ops used directly below)
 from rfsq_kernels import RFSQ
-from rfsq_kernels.reference import STRATEGIES
+from rfsq_kernels.reference import STRATEGIES, get_strategy
 from rfsq_kernels.testing import random_strategy_params
 
 
@@ -78,12 +78,11 @@ def test_opcheck(seed, strategy, sparse):
     levels, stages = [8, 5, 3, 4], 2
     params = random_strategy_params(strategy, stages, len(levels), requires_grad=True)
     z = draw_input((2, 4, 3, 5), levels, stages, strategy, params).requires_grad_()
-    scale = None
-    if strategy == "scale":
-        scale = torch.nn.functional.softplus(params["scale_param"].detach()).requires_grad_()
+    spec = get_strategy(strategy)  # the op takes the parameter group in table order, kernel form
+    group = [p.kernel_form(params[p.name].detach()).requires_grad_() for p in spec.params]
     mask = active = None
     if sparse:  # padding mask (B, *spatial) and per-sample stage counts (B,) int32
         mask, active = torch.rand(2, 3, 5) > 0.3, torch.tensor([1, 2], dtype=torch.int32)
-    args = (z, scale, params.get("ln_weight"), params.get("ln_bias"), mask, active, levels, stages, strategy, 1e-5)
+    args = (z, group, mask, active, levels, stages, strategy, 1e-5)
     # schema, autograd registration, fake tensor and aot_dispatch_dynamic (which runs the backward op)
     torch.library.opcheck(torch.ops.rfsq_kernels.rfsq_forward.default, args)

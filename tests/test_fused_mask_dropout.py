@@ -31,7 +31,7 @@ def _mask_and_counts(batch, spatial, stages):
 def _draw(shape, levels, stages, strategy, params, mask, active, dtype=torch.float32, channels_last=False):
     """Input whose valid, active pre-rounding values all lie clear of .5 boundaries (the float64
     oracle's ``BOUNDARY_TOL``); padding is NaN (it must never be read)."""
-    z = draw_clear_of_boundaries(shape, levels, stages, strategy, params, mask=mask, active=active, dtype=dtype)[0]
+    z = draw_clear_of_boundaries(shape, levels, stages, strategy, params, mask=mask, active_stages=active, dtype=dtype)[0]
     return to_layout(z.masked_fill(~mask.unsqueeze(1), float("nan")), channels_last)
 
 

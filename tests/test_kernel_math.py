@@ -1,4 +1,4 @@
-"""The scalar math helpers shared by every kernel (rfsq_kernels/kernels/math.py), probed through a
+"""The scalar math helpers shared by every kernel (rfsq_kernels/kernels/fpmath.py), probed through a
 tiny kernel: round-half-to-even and overflow-free tanh, libdevice on a GPU, the fallback under the
 Triton interpreter, both against torch."""
 import pytest
@@ -7,7 +7,7 @@ import triton  # conftest has set TRITON_INTERPRET before any triton import
 import triton.language as tl
 
 from rfsq_kernels.kernels import config
-from rfsq_kernels.kernels.math import round_half_even, tanh_f32
+from rfsq_kernels.kernels.fpmath import round_half_even, tanh_f32
 
 
 @triton.jit

@@ -35,7 +35,7 @@ def test_mask_and_stage_counts_match_independent_numpy(strategy, shape, seed):
     p = random_strategy_params(strategy, stages, len(LEVELS))
     mask = _mask(shape[0], shape[2:])
     active = torch.tensor([3, 1, 2, 0, 3], dtype=torch.int32)
-    z, expect_q, expect_idx = draw_clear_of_boundaries(shape, LEVELS, stages, strategy, p, mask=mask, active=active)
+    z, expect_q, expect_idx = draw_clear_of_boundaries(shape, LEVELS, stages, strategy, p, mask=mask, active_stages=active)
     z[~mask.unsqueeze(1).expand_as(z)] = float("nan")  # padding is never read
     q, idx, mean, std = rfsq_forward(z, LEVELS, stages, strategy, **p, mask=mask, active_stages=active)
     np.testing.assert_array_equal(idx.numpy(), expect_idx)

@@ -11,7 +11,7 @@ import torch
 
 from training.compare import main as compare_main
 from training.compare import markdown_table
-from training.model import AutoEncoder, build_quantizer
+from training.model import AutoEncoder, build_quantizer, quantizer_kwargs
 from training.presets import PAPER_TABLE1, PRESETS, preset_of
 from training.train import build_parser, lr_lambda, parse_args
 
@@ -53,8 +53,7 @@ def test_official_flags_parse():
 def test_presets_build_the_paper_models(preset):
     a = parse_args(["--preset", preset])
     kind, stages, codes, bits, channels = EXPECTED[preset]
-    q = build_quantizer(a.quantizer, a.rfsq_stages, a.rfsq_strategy, a.rfsq_initial_scale, a.levels,
-                        a.embed_dim, a.n_embed, a.lfq_dim, "reference")
+    q = build_quantizer(a.quantizer, **quantizer_kwargs(a, backend="reference"))
     assert (q.kind, q.stages, q.codebook_size, q.bits_per_token) == (kind, stages, codes, bits)
     model = AutoEncoder(q, width=8)
     recon, z, idx, aux = model(torch.randn(2, 3, 32, 32))

@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from training import study  # noqa: E402
-from training.study_grid import (CONFIGS, CV_PHOTOS, LONG_FACTOR, LONG_FOLD, MAIN, N_FOLDS, available,  # noqa: E402
-                                 folds, plan, run_dir, train_argv)
+from training.study_grid import (CONFIGS, CV_PHOTOS, LONG_FACTOR, LONG_FOLD, MAIN, N_FOLDS, ORDER,  # noqa: E402
+                                 available, folds, plan, run_dir, train_argv)
 
 # 1 step per run, width 4, no LPIPS (the VGG is what makes a run cost seconds); 32x32 crops (the study's
 # size) keep the held-out tiles few.
@@ -57,6 +57,11 @@ def test_grid_runs_every_configuration_and_reports(grid):
         for m in photos.values():  # a real bitstream per photo (above nominal is possible: the 1-step model fits badly)
             assert m["real_bits_per_token"] == 8 * m["bytes"] / m["tokens"] > 0 and m["tiles"] > 0
             assert len(m["ideal_bits_per_stage"]) == K
+    if available("vqpy4") and available("lucid4"):  # the exact drop-in reproduces lucidrains' run
+        with open(os.path.join(run_dir(str(root / "runs"), "vqpy4", 0, 1, 0), "eval_heldout", "photos.json")) as f:
+            a = json.load(f)["photos"]
+        with open(os.path.join(run_dir(str(root / "runs"), "lucid4", 0, 1, 0), "eval_heldout", "photos.json")) as f:
+            assert a == json.load(f)["photos"]
     for f in ("table.md", "summary.json", "rate_distortion.png", "residual_decay.png", "reconstructions.png"):
         assert (results / f).is_file(), f
     table = (results / "table.md").read_text()
@@ -102,6 +107,7 @@ def test_plan_is_seed_major_over_every_fold_then_the_long_runs():
     assert runs[-len(long):] == long and {r[2] for r in long} == {100 * LONG_FACTOR}
     assert {r[0] for r in long} == {"fsq22", "rfsq2-ln", "rfsq4-ln"} and {r[3] for r in long} == {LONG_FOLD}
     assert set(MAIN) >= {r[0] for r in long}
+    assert sorted(ORDER) == sorted(CONFIGS) and plan(None, [0], 10, "short")[0][0] == ORDER[0]
 
 
 def test_every_photo_is_held_out_once_and_never_on_both_sides():

@@ -28,7 +28,7 @@ def digit_sizes(adapter) -> List[int]:
     """Alphabet size of each digit of one stage's index for a :class:`training.model.QuantizerAdapter`:
     the levels (FSQ, RFSQ, ResidualFSQ), ``[2] * dim`` (LFQ) or ``[codebook size]`` (VQ)."""
     kind, q = adapter.kind, adapter.quantizer
-    if kind in ("rfsq", "fsq", "lucidrains") or hasattr(q, "levels"):
+    if kind in ("rfsq", "fsq", "lucidrains", "vqpy"):
         return [int(v) for v in q.levels]
     if kind == "lfq":
         return [2] * int(q.dim)

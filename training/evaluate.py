@@ -26,8 +26,8 @@ from training import checkpoint as ckpt
 from training.data import DataError, TiledCrops, denormalize, load_photos, normalize, split_embedded
 from training.lpips_loss import load_lpips
 from training.lpips_weights import LPIPSWeightsError
-from training.metrics import evaluate
-from training.model import AutoEncoder, build_quantizer
+from training.metrics import compute_metrics
+from training.model import AutoEncoder, build_quantizer, quantizer_kwargs
 from training.plots import save_grid
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -44,8 +44,7 @@ def load_run(run_dir: str, which: str = "last") -> Tuple[AutoEncoder, dict]:
     path = os.path.join(run_dir, ckpt.LAST if which == "last" else ckpt.BEST)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found (the run has no checkpoint yet)")
-    quantizer = build_quantizer(cfg["quantizer"], cfg["rfsq_stages"], cfg["rfsq_strategy"], cfg["rfsq_initial_scale"],
-                                cfg["levels"], cfg["embed_dim"], cfg["n_embed"], cfg["lfq_dim"], "reference")
+    quantizer = build_quantizer(cfg["quantizer"], **quantizer_kwargs(cfg, backend="reference"))
     model = AutoEncoder(quantizer, width=cfg["model_width"])
     model.load_state_dict(ckpt.load(path)["model"])
     return model.eval(), cfg
@@ -139,7 +138,7 @@ def evaluate_run(run_dir: str, photos: Optional[List[torch.Tensor]] = None, out_
     lpips_model = None
     if not cfg.get("no_lpips") or lpips_weights:
         lpips_model, _ = load_lpips(lpips_weights or cfg.get("lpips_weights"))
-    metrics, _ = evaluate(model, loader, lpips_model, torch.device("cpu"))
+    metrics, _ = compute_metrics(model, loader, lpips_model, torch.device("cpu"))
     metrics["psnr_by_stages"] = psnr_by_stages(model, loader)
     metrics["photos"] = len(photos)
     out_dir = out_dir or os.path.join(run_dir, "eval_heldout")

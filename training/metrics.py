@@ -85,7 +85,7 @@ def _round_sig(x: float, digits: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(
+def compute_metrics(
     model: torch.nn.Module,
     loader,
     lpips_model: Optional[torch.nn.Module],

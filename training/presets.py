@@ -78,7 +78,7 @@ def run_identity(cfg: dict) -> Dict[str, object]:
         out["lfq_dim"] = cfg["lfq_dim"]
     elif q == "ema":
         out.update(n_embed=cfg["n_embed"], embed_dim=cfg["embed_dim"])
-    elif q == "lucidrains":
+    elif q in ("lucidrains", "vqpy"):
         stages = cfg["rfsq_stages"]
         out.update(rfsq_stages=stages, levels=[int(v) for v in (cfg.get("levels") or default_levels(stages))])
     out.update(model_width=cfg["model_width"], image_size=cfg["image_size"])

@@ -20,7 +20,7 @@ from training.data import TiledCrops, load_photos
 from training.entropy_rate import code_tokens, digit_sizes, fit_factorized, token_digits
 from training.evaluate import load_run
 from training.lpips_loss import load_lpips
-from training.metrics import evaluate
+from training.metrics import compute_metrics
 
 PHOTOS_JSON = "photos.json"
 
@@ -56,7 +56,7 @@ def evaluate_photos(run_dir: str, lpips_weights: Optional[str] = None) -> Dict:
     for name in dict.fromkeys(n for n, _ in held):
         imgs = [p for n, p in held if n == name]
         loader = _loader(imgs, size)
-        m, _ = evaluate(model, loader, lpips_model, torch.device("cpu"))
+        m, _ = compute_metrics(model, loader, lpips_model, torch.device("cpu"))
         digits = token_digits(model, loader)
         rate = code_tokens(digits, probs)
         per_stage = [float(-sum(np.log2(probs[k * D + d][digits[:, k * D + d]]).sum() for d in range(D)) / len(digits))

@@ -36,11 +36,16 @@ CONFIGS: Dict[str, tuple] = {
                "lucidrains ResidualFSQ-2", "lucidrains"),
     "lucid4": (["--quantizer", "lucidrains", "--rfsq-stages", "4", "--levels", "4", "4", "4", "4", "4"],
                "lucidrains ResidualFSQ-4", "lucidrains"),
-    # the fused vector-quantize-pytorch drop-in (issue 21): trained once train.py's build_quantizer knows
-    # ``--quantizer vqpy`` (rfsq_kernels.vqpytorch.ResidualFSQ); skipped while the module is missing.
+    # this package's exact, fused drop-in for lucid4 (issue 21, rfsq_kernels.vqpytorch.ResidualFSQ):
+    # on the CPU it runs the reference path and must reproduce lucid4 (same seed) exactly.
     "vqpy4": (["--quantizer", "vqpy", "--rfsq-stages", "4", "--levels", "4", "4", "4", "4", "4"],
               "fused vqpytorch ResidualFSQ-4", "lucidrains"),
 }
+#: the order runs are scheduled in within one (seed, fold): the configurations of the headline comparisons
+#: (equal-bit single-stage FSQ vs RFSQ-layernorm, lucidrains' ResidualFSQ) first, so that a partial
+#: study answers those first.
+ORDER = ("fsq22", "rfsq2-ln", "fsq40", "rfsq4-ln", "lucid4", "rfsq2-none", "rfsq4-none", "lucid2", "rfsq2-scale",
+         "rfsq4-scale", "fsq", "vq-ema", "lfq", "vqpy4")
 #: configuration -> the module it needs (skipped, with a message, when that does not import).
 REQUIRES = {"lucid2": "vector_quantize_pytorch", "lucid4": "vector_quantize_pytorch",
             "vqpy4": "rfsq_kernels.vqpytorch"}
@@ -101,9 +106,10 @@ def train_argv(name: str, seed: int, steps: int, out: str, scale: dict, fold: in
 
 def plan(only: Optional[Sequence[str]], seeds: Sequence[int], steps: int, length: str,
          fold_ids: Optional[Sequence[int]] = None, n_folds: int = N_FOLDS) -> List[Tuple[str, int, int, int]]:
-    """The ``(name, seed, steps, fold)`` runs to do, in order: the short grid seed by seed (every
-    configuration on every fold, so that a partial study is balanced), then the long runs."""
-    names = [n for n in CONFIGS if (not only or n in only) and available(n)]
+    """The ``(name, seed, steps, fold)`` runs to do, in order: the short grid seed by seed, fold by fold
+    (every configuration in :data:`ORDER` on every fold, so that a partial study covers whole folds),
+    then the long runs."""
+    names = [n for n in ORDER if (not only or n in only) and available(n)]
     fold_ids = list(range(n_folds)) if fold_ids is None else list(fold_ids)
     runs = []
     if length in ("short", "both"):

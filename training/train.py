@@ -41,8 +41,8 @@ from training.distributed import Dist, any_rank, setup_distributed, teardown_dis
 from training.flag_types import float_flag, int_flag, join_negative_values
 from training.lpips_loss import ReconstructionLoss, load_lpips
 from training.lpips_weights import LPIPSWeightsError
-from training.metrics import evaluate as compute_metrics  # looked up at call time: tests patch it
-from training.model import AutoEncoder, build_quantizer
+from training.metrics import compute_metrics  # looked up at call time: tests patch it
+from training.model import AutoEncoder, build_quantizer, quantizer_kwargs
 from training.jsonio import dumps, read_jsonl, write_json_atomic, write_text_atomic
 from training.plots import plot_curves, save_grid
 from training.presets import PAPER_TABLE1, PRESETS, identity_differences, preset_of, run_identity
@@ -52,7 +52,7 @@ log = logging.getLogger("rfsq.train")
 MAX_NAMED_UNREADABLE = 20  # unreadable files named in the log; the rest are counted (and in results.json)
 
 # How this file reads, top to bottom: the command line; logging and --output-dir; data loaders and the LR
-# schedule; the Run (setup_run, resume); what one iteration uses (batches, train_step, log_step, evaluate,
+# schedule; the Run (setup_run, resume); what one iteration uses (batches, train_step, log_step, validate,
 # save_checkpoint); the loop (train); main(), which sets up the distributed context, the run and the
 # signal handlers, and maps errors to exit codes.
 
@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one of the paper's 9 configurations; sets the quantizer flags below (explicit flags "
                         "still override): vq-ema, fsq, lfq, rfsq2-{none,scale,ln} (2x2048, 22 bits/token), "
                         "rfsq4-{none,scale,ln} (4x1024, 40 bits/token)")
-    g.add_argument("--quantizer", choices=["rfsq", "fsq", "lfq", "ema", "lucidrains"], default="rfsq",
-                   help="rfsq (ours), fsq, lfq, ema (VQ-EMA) or lucidrains (vector_quantize_pytorch.ResidualFSQ "
-                        "with --levels and --rfsq-stages; no conditioning) (default rfsq)")
+    g.add_argument("--quantizer", choices=["rfsq", "fsq", "lfq", "ema", "lucidrains", "vqpy"], default="rfsq",
+                   help="rfsq (ours), fsq, lfq, ema (VQ-EMA), lucidrains (vector_quantize_pytorch.ResidualFSQ "
+                        "with --levels and --rfsq-stages; no conditioning) or vqpy (its exact drop-in "
+                        "rfsq_kernels.vqpytorch.ResidualFSQ) (default rfsq)")
     g.add_argument("--rfsq-stages", type=int_flag(1), default=2, help="RFSQ residual stages K (default 2)")
     g.add_argument("--rfsq-strategy", choices=STRATEGIES, default="layernorm",
                    help="RFSQ conditioning: none, scale (learnable a_k) or layernorm (default)")
@@ -362,8 +363,7 @@ def setup_run(args: argparse.Namespace, d: Dist, t_start: float) -> Run:
                          "use --quantizer-backend auto or reference on CPU")
     train_loader, sampler, train_set, val_loader = make_loaders(args, d.rank, d.world, device.type == "cuda")
     torch.manual_seed(args.seed)  # identical init on every rank
-    quantizer = build_quantizer(args.quantizer, args.rfsq_stages, args.rfsq_strategy, args.rfsq_initial_scale,
-                                args.levels, args.embed_dim, args.n_embed, args.lfq_dim, args.quantizer_backend)
+    quantizer = build_quantizer(args.quantizer, **quantizer_kwargs(args, backend=args.quantizer_backend))
     model = AutoEncoder(quantizer, width=args.model_width).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -550,8 +550,8 @@ def log_step(run: Run, epoch: int, losses: Dict[str, float], images_per_s: float
                      f"{losses['lpips']:.4f}" if run.lpips_in_loss else "n/a", losses["aux"], lr, images_per_s)
 
 
-def evaluate(run: Run) -> Dict:
-    """Evaluate on the validation set (:func:`training.metrics.evaluate`, all ranks), append the val row,
+def validate(run: Run) -> Dict:
+    """Evaluate on the validation set (:func:`training.metrics.compute_metrics`, all ranks), append the val row,
     draw reconstructions.png and the curves, and checkpoint: before (marked eval_pending, so that a crash
     here costs no steps) and after (ckpt_best.pt too when the score, LPIPS else L1, improved)."""
     args = run.args
@@ -676,7 +676,7 @@ def train(run: Run) -> int:
     run.model.train()
     try:
         if run.eval_pending and run.step < run.total_steps:  # the previous run died during this evaluation
-            evaluate(run)
+            validate(run)
         t0 = time.time()
         for epoch, images in batches(run):
             losses = train_step(run, images)
@@ -688,7 +688,7 @@ def train(run: Run) -> int:
                 return stop_early(run, 130 if losses["stop"] else 0)
             if run.step % run.eval_every == 0 and run.step < run.total_steps:
                 run.train_time += time.time() - t0
-                evaluate(run)
+                validate(run)
                 t0 = time.time()
             elif run.step % args.save_every == 0:
                 save_checkpoint(run)
@@ -697,7 +697,7 @@ def train(run: Run) -> int:
             return stop_early(run, 130)
     finally:
         bar.close()
-    metrics = evaluate(run)
+    metrics = validate(run)
     report_results(run, metrics)
     return 0
 

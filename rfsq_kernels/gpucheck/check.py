@@ -25,9 +25,9 @@ def default_archs() -> List[int]:
 
 
 def _family(strategy: str) -> str:
-    """The kernel family a strategy launches (strategy table: per-image statistics or not)."""
+    """The kernel family a strategy launches (its strategy-table row names it)."""
     from rfsq_kernels.reference import get_strategy
-    return "layernorm" if get_strategy(strategy).per_image_stats else "elementwise"
+    return get_strategy(strategy).kernel_family
 
 
 def _jsonable(v):

@@ -26,7 +26,6 @@ import torch
 from ..kernels.launch import rfsq_backward_launch, rfsq_forward_launch
 from .driver import Launch, offline_target
 from rfsq_kernels.reference import STRATEGIES, get_strategy, index_dtype
-from rfsq_kernels.reference.strategies import ALL_PARAM_NAMES
 
 DIRECTIONS = ("forward", "backward")
 STAGES = (1, 2, 3, 4, 8)
@@ -134,20 +133,18 @@ def run_case(case: Case) -> None:
     k, c = case.stages, len(case.levels)
     z = torch.empty(case.shape, dtype=case.dtype, device=meta)
     row = get_strategy(case.strategy)
-    params = {p.name: torch.empty(p.shape(k, c), dtype=torch.float32, device=meta) for p in row.params}
-    scale, ln_weight, ln_bias = (params.get(n) for n in ALL_PARAM_NAMES)
+    params = tuple(torch.empty(p.shape(k, c), dtype=torch.float32, device=meta) for p in row.params)
     sparse = dict(mask=torch.empty((case.shape[0], *case.shape[2:]), dtype=torch.bool, device=meta) if case.mask else None,
                   active_stages=torch.empty((case.shape[0],), dtype=torch.int32, device=meta) if case.dropout else None)
     if case.direction == "forward":
-        rfsq_forward_launch(z, list(case.levels), k, case.strategy, scale, ln_weight, ln_bias, **sparse)
+        rfsq_forward_launch(z, list(case.levels), k, case.strategy, params, **sparse)
         return
     mean = std = None
     if row.per_image_stats:
         mean = torch.empty((case.shape[0], k, c), dtype=torch.float32, device=meta)
         std = torch.empty_like(mean)
     grad_q = torch.empty_like(z)
-    rfsq_backward_launch(grad_q, z, list(case.levels), k, case.strategy, scale, ln_weight, ln_bias,
-                         mean, std, **sparse)
+    rfsq_backward_launch(grad_q, z, list(case.levels), k, case.strategy, params, mean, std, **sparse)
 
 
 @dataclass

@@ -27,6 +27,11 @@ CHUNK_ELEMS = 2048
 #: Elements per thread of a full chunk (8 warps at 2048) and of the one-tile layernorm path.
 CHUNK_ELEMS_PER_THREAD = 8
 ONE_TILE_ELEMS_PER_THREAD = 4
+#: Every launch passes ``enable_fp_fusion=FP_FUSION``: no multiply-add is contracted into an FMA,
+#: so each float32 operation rounds on its own, like the reference's PyTorch ops
+#: (docs/semantics.md, "Arithmetic contract"). A Triton compile option since 2.2, so a launch
+#: keyword on triton 3.6-3.8; the interpreter ignores it (it never fuses).
+FP_FUSION = False
 ONE_TILE_WARPS = {"forward": (4, 16), "backward": (4, 32)}
 #: Elements per thread of a full chunk when a mask or per-sample stage counts are passed.
 SPARSE_ELEMS_PER_THREAD = 4

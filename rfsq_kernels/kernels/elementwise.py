@@ -148,9 +148,11 @@ def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tupl
     return quantized, indices, config.empty_output(z), config.empty_output(z)
 
 
-def forward(z: torch.Tensor, levels: Sequence[int], stages: int, scale: Optional[torch.Tensor],
-            mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-    """Fused ``none`` (``scale is None``) or ``scale`` forward: ``(quantized, indices, mean, std)``."""
+def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, params: Tuple[torch.Tensor, ...],
+            eps: float, mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """Fused elementwise forward of ``strategy`` (parameter group ``params``, kernel form):
+    ``(quantized, indices, mean, std)``; ``eps`` is unused (no statistics)."""
+    scale = params[0] if params else None
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
@@ -164,21 +166,16 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, scale: Optional
         K=stages, HAS_SCALE=scale is not None, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
         HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
         USE_INT64=config.needs_int64(x, quantized, indices), USE_LIBDEVICE=config.use_libdevice(z),
-        num_warps=tiles.num_warps)
+        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
     return quantized, indices, mean, std
 
 
-def backward_outputs(z: torch.Tensor, scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-    """Uninitialised ``(grad_z, grad_scale, grad_ln_weight, grad_ln_bias)``; absent gradients empty."""
-    grad_scale = config.empty_output(z) if scale is None else torch.empty_like(scale)
-    return config.new_output(z), grad_scale, config.empty_output(z), config.empty_output(z)
-
-
-def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int,
-             scale: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-             active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-    """Fused ``none``/``scale`` backward: ``(grad_z, grad_scale, grad_ln_weight, grad_ln_bias)``."""
-    grad_z, grad_scale, grad_w, grad_b = backward_outputs(z, scale)
+def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str,
+             params: Tuple[torch.Tensor, ...], mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
+             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]):
+    """Fused elementwise backward: ``(grad_z, grad_params)`` (``mean``/``std`` unused)."""
+    scale = params[0] if params else None
+    grad_z = config.new_output(z)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
     g, g_strides = config.strided_view(grad_q)
@@ -194,7 +191,6 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
         K=stages, HAS_SCALE=scale is not None, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
         HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
         USE_INT64=config.needs_int64(x, g, grad_z), USE_LIBDEVICE=config.use_libdevice(z),
-        num_warps=tiles.num_warps)
-    if part is not None:
-        grad_scale.copy_(part.sum(0))
-    return grad_z, grad_scale, grad_w, grad_b
+        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
+    grad_params = () if part is None else (part.sum(0).to(scale.dtype),)
+    return grad_z, grad_params

@@ -1,20 +1,33 @@
-"""The fused kernels' entry points: pick the kernel family from the strategy table.
+"""The fused kernels' entry points: run the kernel family the strategy table names.
 
-A strategy with per-image statistics (``Strategy.per_image_stats``) runs the one-program-per-image
-kernels of :mod:`.layernorm`; the others run the elementwise kernels of :mod:`.elementwise`, with a
-per-stage scale when the strategy has a ``scale_param``. Design: ``docs/kernel-design.md``.
+``Strategy.kernel_family`` picks the file: ``layernorm`` (one program per image, per-image
+statistics) or ``elementwise`` (one program per image tile). The strategy's parameters arrive as
+one group in table order (kernel form: ``ParamSpec.kernel_form``, e.g. ``a = softplus(p)``) and
+go to the family as that group; parameter gradients come back as a group in the same order.
+Design: ``docs/kernel-design.md``.
 """
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import Optional, Sequence, Tuple
 
 import torch
 
 from ..reference import get_strategy
-from . import elementwise, layernorm
+from . import config, elementwise, layernorm
 
 Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+#: ``(grad_z, parameter gradients in table order)``.
+Gradients = Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]
+
+#: The kernel family modules by ``Strategy.kernel_family``; each has ``forward_outputs``,
+#: ``forward``, ``backward_outputs`` and ``backward`` with the signatures used below.
+FAMILIES = {"elementwise": elementwise, "layernorm": layernorm}
+
+
+def _family(strategy: str) -> ModuleType:
+    return FAMILIES[get_strategy(strategy).kernel_family]
 
 
 def _no_positions(z: torch.Tensor) -> bool:
@@ -23,16 +36,11 @@ def _no_positions(z: torch.Tensor) -> bool:
     return z.shape[0] == 0 or math.prod(z.shape[2:]) == 0
 
 
-def _has_scale(strategy: str) -> bool:
-    return "scale_param" in get_strategy(strategy).param_names
-
-
 def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str) -> Outputs:
     """Uninitialised ``(quantized, indices, mean, std)`` with the reference's shapes and dtypes
     (shared by the launcher and the fake/meta implementation); mean/std are empty ``(0,)``
     tensors for strategies without per-image statistics."""
-    family = layernorm if get_strategy(strategy).per_image_stats else elementwise
-    return family.forward_outputs(z, levels, stages)
+    return _family(strategy).forward_outputs(z, levels, stages)
 
 
 def rfsq_forward_launch(
@@ -40,9 +48,7 @@ def rfsq_forward_launch(
     levels: Sequence[int],
     stages: int,
     strategy: str,
-    scale: Optional[torch.Tensor] = None,
-    ln_weight: Optional[torch.Tensor] = None,
-    ln_bias: Optional[torch.Tensor] = None,
+    params: Sequence[torch.Tensor] = (),
     eps: float = 1e-5,
     mask: Optional[torch.Tensor] = None,
     active_stages: Optional[torch.Tensor] = None,
@@ -51,25 +57,19 @@ def rfsq_forward_launch(
     :func:`rfsq_kernels.reference.rfsq_forward` (``mask`` ``(B, *spatial)`` bool and
     ``active_stages`` ``(B,)`` int32 included: one launch serves any mix of per-sample counts).
 
-    ``scale`` is ``a = softplus(scale_param)`` (``(K,)``, float32) for ``strategy='scale'``;
-    ``ln_weight``/``ln_bias`` are ``(K, C)`` for ``'layernorm'``.
+    ``params``: the strategy's parameter group in table order and kernel form (for ``'scale'``
+    ``(a,)`` with ``a = softplus(scale_param)`` ``(K,)`` float32; for ``'layernorm'``
+    ``(ln_weight, ln_bias)``, ``(K, C)``).
     """
     if _no_positions(z):
         return tuple(t.zero_() for t in forward_outputs(z, levels, stages, strategy))
-    if get_strategy(strategy).per_image_stats:
-        return layernorm.forward(z, levels, stages, ln_weight, ln_bias, eps, mask, active_stages)
-    return elementwise.forward(z, levels, stages, scale if _has_scale(strategy) else None, mask, active_stages)
+    return _family(strategy).forward(z, levels, stages, strategy, tuple(params), eps, mask, active_stages)
 
 
-def backward_outputs(
-    z: torch.Tensor, stages: int, strategy: str,
-    scale: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
-) -> Outputs:
-    """Shapes/dtypes of ``(grad_z, grad_scale, grad_ln_weight, grad_ln_bias)``; unused
-    parameter gradients are empty ``(0,)`` tensors. Shared with the fake implementation."""
-    if get_strategy(strategy).per_image_stats:
-        return layernorm.backward_outputs(z, ln_weight, ln_bias)
-    return elementwise.backward_outputs(z, scale if _has_scale(strategy) else None)
+def backward_outputs(z: torch.Tensor, stages: int, strategy: str, params: Sequence[torch.Tensor]) -> Gradients:
+    """Uninitialised ``(grad_z, grad_params)``, ``grad_params`` shaped like ``params``. Shared
+    with the fake implementation."""
+    return config.new_output(z), tuple(torch.empty_like(p) for p in params)
 
 
 def rfsq_backward_launch(
@@ -78,23 +78,19 @@ def rfsq_backward_launch(
     levels: Sequence[int],
     stages: int,
     strategy: str,
-    scale: Optional[torch.Tensor] = None,
-    ln_weight: Optional[torch.Tensor] = None,
-    ln_bias: Optional[torch.Tensor] = None,
+    params: Sequence[torch.Tensor] = (),
     mean: Optional[torch.Tensor] = None,
     std: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
     active_stages: Optional[torch.Tensor] = None,
-) -> Outputs:
-    """Gradients ``(grad_z, grad_scale, grad_ln_weight, grad_ln_bias)`` of ``sum(grad_q * quantized)``.
-
-    ``scale`` is ``a = softplus(scale_param)`` (the gradient returned is d/da; autograd applies
-    the softplus derivative); ``mean``/``std`` are the forward's saved LN statistics.
+) -> Gradients:
+    """Gradients ``(grad_z, grad_params)`` of ``sum(grad_q * quantized)``, ``grad_params`` in the
+    order of ``params`` (kernel form: for ``'scale'`` d/da; autograd applies the softplus
+    derivative). ``mean``/``std`` are the forward's saved statistics (per-image strategies).
     ``grad_q`` may have any strides (an expanded stride-0 gradient is read in place).
     """
+    params = tuple(params)
     if _no_positions(z):
-        return tuple(t.zero_() for t in backward_outputs(z, stages, strategy, scale, ln_weight, ln_bias))
-    if get_strategy(strategy).per_image_stats:
-        return layernorm.backward(grad_q, z, levels, stages, ln_weight, ln_bias, mean, std, mask, active_stages)
-    return elementwise.backward(grad_q, z, levels, stages, scale if _has_scale(strategy) else None,
-                                mask, active_stages)
+        grad_z, grad_params = backward_outputs(z, stages, strategy, params)
+        return grad_z.zero_(), tuple(g.zero_() for g in grad_params)
+    return _family(strategy).backward(grad_q, z, levels, stages, strategy, params, mean, std, mask, active_stages)

@@ -362,10 +362,11 @@ def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tupl
     return quantized, indices, mean, std
 
 
-def forward(z: torch.Tensor, levels: Sequence[int], stages: int, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, params: Tuple[torch.Tensor, ...],
             eps: float, mask: Optional[torch.Tensor],
             active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-    """Fused ``layernorm`` forward: ``(quantized, indices, mean, std)``."""
+    """Fused ``layernorm`` forward (``params = (ln_weight, ln_bias)``): ``(quantized, indices, mean, std)``."""
+    ln_weight, ln_bias = params
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
@@ -378,20 +379,17 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, ln_weight: torc
         C, S, *x_strides, *config.flat_strides(quantized), float(eps),
         K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
         HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
-        USE_INT64=use_int64, USE_LIBDEVICE=config.use_libdevice(z), num_warps=tiles.num_warps)
+        USE_INT64=use_int64, USE_LIBDEVICE=config.use_libdevice(z), num_warps=tiles.num_warps,
+        enable_fp_fusion=config.FP_FUSION)
     return quantized, indices, mean, std
 
 
-def backward_outputs(z: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """Uninitialised ``(grad_z, grad_scale, grad_ln_weight, grad_ln_bias)``; grad_scale empty."""
-    return config.new_output(z), config.empty_output(z), torch.empty_like(ln_weight), torch.empty_like(ln_bias)
-
-
-def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int,
-             ln_weight: torch.Tensor, ln_bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-    """Fused ``layernorm`` backward: ``(grad_z, grad_scale, grad_ln_weight, grad_ln_bias)``."""
-    grad_z, grad_scale, grad_w, grad_b = backward_outputs(z, ln_weight, ln_bias)
+def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str,
+             params: Tuple[torch.Tensor, ...], mean: torch.Tensor, std: torch.Tensor,
+             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]):
+    """Fused ``layernorm`` backward: ``(grad_z, (grad_ln_weight, grad_ln_bias))``."""
+    ln_weight, ln_bias = params
+    grad_z, grad_w, grad_b = config.new_output(z), torch.empty_like(ln_weight), torch.empty_like(ln_bias)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
     g, g_strides = config.strided_view(grad_q)
@@ -409,7 +407,7 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
         K=stages, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
         HAS_MASK=mask is not None, HAS_DROPOUT=active_stages is not None,
         USE_INT64=config.needs_int64(x, g, grad_z, scratch), USE_LIBDEVICE=config.use_libdevice(z),
-        num_warps=tiles.num_warps)
+        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
     grad_w.copy_(dw_part.sum(0))
     grad_b.copy_(db_part.sum(0))
-    return grad_z, grad_scale, grad_w, grad_b
+    return grad_z, (grad_w, grad_b)

@@ -20,7 +20,7 @@ sees bit-identical rounding decisions.
 import triton
 import triton.language as tl
 
-from .math import round_half_even, tanh_f32
+from .fpmath import round_half_even, tanh_f32
 
 # Rows of the per-channel constant table built by ``config.level_tables``.
 ROW_HALF_L = tl.constexpr(0)

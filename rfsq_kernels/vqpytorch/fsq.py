@@ -1,0 +1,199 @@
+"""Drop-in ``FSQ`` of vector-quantize-pytorch 1.32.0 (standalone finite scalar quantization).
+
+Same constructor arguments and defaults, buffers (``_levels``, ``_basis`` non-persistent;
+``orthogonal_rot`` persistent when ``orthogonal_rotation``), ``state_dict`` keys, call signature
+and outputs. The ``implicit_codebook`` buffer is not built; ``implicit_codebook`` is a property
+computed on demand. Indices are packed exactly from the integer digits.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..backend import check_backend, use_fused
+from . import reference as ref
+
+
+class FSQ(nn.Module):
+    """vector-quantize-pytorch's ``FSQ``: ``forward(z) -> (codes, indices)``.
+
+    ``z`` is ``(B, N, dim)``, or ``(B, dim, *spatial)`` when ``channel_first=True`` or
+    ``z.ndim >= 4`` (as in the library). ``backend`` as in :class:`rfsq_kernels.RFSQ`.
+    """
+
+    def __init__(
+        self,
+        levels: Sequence[int],
+        dim: Optional[int] = None,
+        num_codebooks: int = 1,
+        keep_num_codebooks_dim: Optional[bool] = None,
+        scale: Optional[float] = None,
+        allowed_dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.float64),
+        channel_first: bool = False,
+        projection_has_bias: bool = True,
+        return_indices: bool = True,
+        force_quantization_f32: bool = True,
+        preserve_symmetry: bool = False,
+        noise_dropout: float = 0.,
+        bound_hard_clamp: bool = False,
+        orthogonal_rotation: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        levels = [int(v) for v in levels]
+        if not levels or any(v < 2 for v in levels):
+            raise ValueError(f"levels must be a non-empty list of ints >= 2, got {levels!r}")
+        if any(v == 2 for v in levels) and not preserve_symmetry:
+            raise ValueError("levels == 2 needs preserve_symmetry=True (or a greater level), as in "
+                             "vector-quantize-pytorch")
+        if noise_dropout > 0 and not preserve_symmetry:
+            raise ValueError("noise_dropout > 0 needs preserve_symmetry=True, as in vector-quantize-pytorch")
+        if num_codebooks < 1:
+            raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks}")
+        self.levels = levels
+        self.register_buffer("_levels", ref.levels_tensor(levels), persistent=False)
+        self.register_buffer("_basis", torch.cumprod(torch.tensor([1] + levels[:-1]), dim=0, dtype=torch.int32),
+                             persistent=False)
+        self.scale = scale
+        self.preserve_symmetry = preserve_symmetry
+        self.noise_dropout = noise_dropout
+        self.codebook_dim = len(levels)
+        self.num_codebooks = num_codebooks
+        self.effective_codebook_dim = self.codebook_dim * num_codebooks
+        keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
+        if num_codebooks > 1 and not keep_num_codebooks_dim:
+            raise ValueError("num_codebooks > 1 needs keep_num_codebooks_dim=True")
+        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.dim = len(levels) * num_codebooks if dim is None else dim
+        self.channel_first = channel_first
+        self.has_projections = self.dim != self.effective_codebook_dim
+        if self.has_projections:
+            self.project_in = nn.Linear(self.dim, self.effective_codebook_dim, bias=projection_has_bias)
+            self.project_out = nn.Linear(self.effective_codebook_dim, self.dim, bias=projection_has_bias)
+        else:
+            self.project_in = self.project_out = nn.Identity()
+        self.return_indices = return_indices
+        if return_indices:
+            self.codebook_size = ref.codebook_size(levels)
+        self.allowed_dtypes = allowed_dtypes
+        self.force_quantization_f32 = force_quantization_f32
+        self.bound_hard_clamp = bound_hard_clamp
+        self.orthogonal_rotation = orthogonal_rotation
+        if orthogonal_rotation:
+            rot = torch.empty(self.codebook_dim, self.codebook_dim)
+            nn.init.orthogonal_(rot)
+            self.register_buffer("orthogonal_rot", rot)
+        self.backend = check_backend(backend)
+
+    # -- math -------------------------------------------------------------------------------------
+
+    def quantize(self, z: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(codes, digits)`` of ``z`` ``(..., codebook_dim)``."""
+        if self.preserve_symmetry:
+            return ref.symmetric_bound(z, self._levels, self.bound_hard_clamp)
+        return ref.tanh_bound(z, self._levels, self.bound_hard_clamp)
+
+    def fused_supported(self) -> Optional[str]:
+        """None when the fused kernels compute this configuration, else why not."""
+        if self.preserve_symmetry or self.bound_hard_clamp or self.orthogonal_rotation:
+            return "preserve_symmetry, bound_hard_clamp or orthogonal_rotation"
+        if not self.force_quantization_f32:
+            return "force_quantization_f32=False"
+        return None
+
+    def _codes_and_indices(self, z: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """The library's quantization block on ``z`` ``(B, N, c, d)``."""
+        reason = self.fused_supported()
+        if reason is None and use_fused(self.backend, z):
+            from .fused import fsq_fused
+
+            codes, indices = fsq_fused(z, self.levels)
+            return codes, (indices if self.return_indices else None)
+        if reason is not None and self.backend == "triton":
+            raise ValueError(f"backend='triton' does not support {reason}; use backend='reference' or 'auto'")
+        orig_dtype = z.dtype
+        if self.force_quantization_f32 and orig_dtype not in self.allowed_dtypes:
+            z = z.float()
+        codes, digits = self.quantize(z)
+        indices = ref.pack_digits(digits, self.levels) if self.return_indices else None
+        if self.training and self.noise_dropout > 0:
+            codes = ref.noise_dropout(codes, self.noise_dropout)
+        return codes.to(orig_dtype), indices
+
+    def forward(self, z: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(codes, indices)``: codes in ``z``'s layout and dtype, indices ``(B, N[, c])`` int32
+        (``(B, *spatial[, c])`` for image/video input)."""
+        need_move = z.ndim >= 4 or self.channel_first
+        if z.ndim < 3:
+            raise ValueError(f"z must be (B, N, dim) or channel-first (B, dim, ...), got shape {tuple(z.shape)}")
+        if need_move:
+            z = z.movedim(1, -1)
+        spatial = z.shape[1:-1]
+        z = z.reshape(z.shape[0], -1, z.shape[-1])
+        if z.shape[-1] != self.dim:
+            raise ValueError(f"expected dimension of {self.dim} but found dimension of {z.shape[-1]}")
+        z = self.project_in(z)
+        z = z.reshape(*z.shape[:2], self.num_codebooks, self.codebook_dim)
+        if self.orthogonal_rotation:
+            z = z @ self.orthogonal_rot
+        codes, indices = self._codes_and_indices(z)
+        if self.orthogonal_rotation:
+            codes = codes @ self.orthogonal_rot.t()
+        codes = codes.reshape(*codes.shape[:2], self.effective_codebook_dim)
+        out = self.project_out(codes)
+        out = out.reshape(out.shape[0], *spatial, out.shape[-1])
+        if indices is not None:
+            indices = indices.reshape(indices.shape[0], *spatial, self.num_codebooks)
+        if need_move:
+            out = out.movedim(-1, 1)
+        if indices is not None and not self.keep_num_codebooks_dim:
+            indices = indices.squeeze(-1)
+        return out, indices
+
+    # -- codes and indices ------------------------------------------------------------------------
+
+    def _scale_and_shift_inverse(self, digits: Tensor) -> Tensor:
+        if self.preserve_symmetry:
+            return ref.symmetric_codes_from_digits(digits, self._levels)
+        return ref.tanh_codes_from_digits(digits, self._levels)
+
+    def indices_to_level_indices(self, indices: Tensor) -> Tensor:
+        """Digits ``(..., codebook_dim)`` (int64, exact) of ``indices``."""
+        return ref.unpack_indices(indices, self.levels)
+
+    def codes_to_indices(self, zhat: Tensor) -> Tensor:
+        """Index of each code ``(..., codebook_dim)``: digits recovered in float, rounded, packed
+        exactly (the library packs in float32, wrong above 2**24)."""
+        if zhat.shape[-1] != self.codebook_dim:
+            raise ValueError(f"zhat must have {self.codebook_dim} channels on its last axis, got {zhat.shape[-1]}")
+        if self.preserve_symmetry:
+            digits = (zhat + 1.) / (2. / (self._levels - 1))
+        else:
+            half_width = self._levels // 2
+            digits = zhat * half_width + half_width
+        return ref.pack_digits(digits.round(), self.levels)
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """Inverse of :meth:`codes_to_indices`, with ``project_out`` and the library's layout."""
+        is_img_or_video = indices.ndim >= (3 + int(self.keep_num_codebooks_dim))
+        codes = self._scale_and_shift_inverse(self.indices_to_level_indices(indices))
+        if self.orthogonal_rotation:
+            codes = codes @ self.orthogonal_rot.t()
+        if self.keep_num_codebooks_dim:
+            codes = codes.reshape(*codes.shape[:-2], -1)
+        codes = self.project_out(codes)
+        if is_img_or_video or self.channel_first:
+            codes = codes.movedim(-1, 1)
+        return codes
+
+    @property
+    def implicit_codebook(self) -> Tensor:
+        """The library's ``implicit_codebook`` ``(prod(levels), codebook_dim)``, computed now."""
+        digits = ref.unpack_indices(torch.arange(ref.codebook_size(self.levels), device=self._levels.device),
+                                    self.levels)
+        return self._scale_and_shift_inverse(digits)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, dim={self.dim}, num_codebooks={self.num_codebooks}, backend={self.backend!r}"

@@ -1,0 +1,1 @@
+"""Autograd / torch.compile glue around the fused ResidualFSQ kernels (placeholder until wired)."""
