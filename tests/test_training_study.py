@@ -274,3 +274,23 @@ def test_holdout_split_is_by_image_and_keeps_the_stereo_pair_together():
     assert held.isdisjoint(int(p[0, 0, 0]) for p in train) and len(train) + len(val) == len(photos)
     with pytest.raises(DataError, match="unknown photo"):
         split_embedded(photos, ["nope"])
+
+
+def test_seeds_pair_init_across_configurations_of_one_latent_width():
+    """Same seed -> the same encoder/decoder initialisation for every configuration of one latent width
+    (the quantizers' own parameters are deterministic or drawn after), as train.setup_run builds them."""
+    import torch
+
+    from training.model import AutoEncoder, build_quantizer, quantizer_kwargs
+    from training.train import parse_args
+
+    for group in (("fsq22", "rfsq2-none", "rfsq2-scale", "rfsq2-ln", "lucid2"),
+                  ("fsq40", "rfsq4-none", "rfsq4-scale", "rfsq4-ln", "lucid4", "vqpy4")):
+        weights = []
+        for name in (n for n in group if available(n)):
+            a = parse_args(train_argv(name, 3, 10, "unused", {"model_width": 4}, 0))
+            torch.manual_seed(a.seed)
+            model = AutoEncoder(build_quantizer(a.quantizer, **quantizer_kwargs(a, backend="reference")), width=4)
+            weights.append({k: v for k, v in model.state_dict().items() if k.startswith(("encoder.", "decoder."))})
+        for w in weights[1:]:
+            assert w.keys() == weights[0].keys() and all(torch.equal(w[k], weights[0][k]) for k in w)
