@@ -99,13 +99,16 @@ def test_interrupted_run_is_continued(tmp_path):
 
 
 def test_plan_is_seed_major_over_every_fold_then_the_long_runs():
-    runs = plan(["fsq22", "rfsq2-ln", "rfsq4-ln"], [0, 1], 100, "both")
+    runs = plan(["fsq22", "rfsq2-ln", "rfsq4-ln", "rfsq2-none"], [0, 1], 100, "both")
     short = [r for r in runs if r[2] == 100]
-    assert len(short) == 2 * N_FOLDS * 3 and [r[1] for r in short] == [0] * (3 * N_FOLDS) + [1] * (3 * N_FOLDS)
+    assert len(short) == 2 * N_FOLDS * 4 and [r[1] for r in short] == [0] * (4 * N_FOLDS) + [1] * (4 * N_FOLDS)
     assert {r[3] for r in short} == set(range(N_FOLDS))
+    # within a seed: the headline configurations on every fold, then the others
+    assert [(r[0], r[3]) for r in short[:4 * N_FOLDS]] == (
+        [(n, f) for f in range(N_FOLDS) for n in ("fsq22", "rfsq2-ln", "rfsq4-ln")] + [("rfsq2-none", f) for f in range(N_FOLDS)])
     long = [r for r in runs if r[2] != 100]
     assert runs[-len(long):] == long and {r[2] for r in long} == {100 * LONG_FACTOR}
-    assert {r[0] for r in long} == {"fsq22", "rfsq2-ln", "rfsq4-ln"} and {r[3] for r in long} == {LONG_FOLD}
+    assert {r[0] for r in long} == {"fsq22", "rfsq2-ln", "rfsq4-ln", "rfsq2-none"} and {r[3] for r in long} == {LONG_FOLD}
     assert set(MAIN) >= {r[0] for r in long}
     assert sorted(ORDER) == sorted(CONFIGS) and plan(None, [0], 10, "short")[0][0] == ORDER[0]
 

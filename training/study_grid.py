@@ -41,11 +41,12 @@ CONFIGS: Dict[str, tuple] = {
     "vqpy4": (["--quantizer", "vqpy", "--rfsq-stages", "4", "--levels", "4", "4", "4", "4", "4"],
               "fused vqpytorch ResidualFSQ-4", "lucidrains"),
 }
-#: the order runs are scheduled in within one (seed, fold): the configurations of the headline comparisons
-#: (equal-bit single-stage FSQ vs RFSQ-layernorm, lucidrains' ResidualFSQ) first, so that a partial
-#: study answers those first.
-ORDER = ("fsq22", "rfsq2-ln", "fsq40", "rfsq4-ln", "lucid4", "rfsq2-none", "rfsq4-none", "lucid2", "rfsq2-scale",
-         "rfsq4-scale", "fsq", "vq-ema", "lfq", "vqpy4")
+#: the order runs are scheduled in within one seed: the :data:`HEADLINE` configurations (equal-bit
+#: single-stage FSQ vs RFSQ-layernorm, lucidrains' ResidualFSQ) on every fold first, then the others on
+#: every fold, so that a partial study answers the headline comparisons on every photo first.
+HEADLINE = ("fsq22", "rfsq2-ln", "fsq40", "rfsq4-ln", "lucid4")
+ORDER = HEADLINE + ("rfsq2-none", "rfsq4-none", "lucid2", "rfsq2-scale", "rfsq4-scale", "fsq", "vq-ema", "lfq",
+                    "vqpy4")
 #: configuration -> the module it needs (skipped, with a message, when that does not import).
 REQUIRES = {"lucid2": "vector_quantize_pytorch", "lucid4": "vector_quantize_pytorch",
             "vqpy4": "rfsq_kernels.vqpytorch"}
@@ -106,14 +107,14 @@ def train_argv(name: str, seed: int, steps: int, out: str, scale: dict, fold: in
 
 def plan(only: Optional[Sequence[str]], seeds: Sequence[int], steps: int, length: str,
          fold_ids: Optional[Sequence[int]] = None, n_folds: int = N_FOLDS) -> List[Tuple[str, int, int, int]]:
-    """The ``(name, seed, steps, fold)`` runs to do, in order: the short grid seed by seed, fold by fold
-    (every configuration in :data:`ORDER` on every fold, so that a partial study covers whole folds),
-    then the long runs."""
+    """The ``(name, seed, steps, fold)`` runs to do, in order: the short grid seed by seed (in each, the
+    :data:`HEADLINE` configurations on every fold, then the others on every fold), then the long runs."""
     names = [n for n in ORDER if (not only or n in only) and available(n)]
     fold_ids = list(range(n_folds)) if fold_ids is None else list(fold_ids)
     runs = []
+    tiers = [[n for n in names if n in HEADLINE], [n for n in names if n not in HEADLINE]]
     if length in ("short", "both"):
-        runs += [(n, s, steps, f) for s in seeds for f in fold_ids for n in names]
+        runs += [(n, s, steps, f) for s in seeds for tier in tiers for f in fold_ids for n in tier]
     if length in ("long", "both"):
         runs += [(n, s, steps * LONG_FACTOR, LONG_FOLD) for s in seeds for n in names if n in MAIN]
     return runs
