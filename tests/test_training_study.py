@@ -163,8 +163,14 @@ def test_real_rate_round_trip_and_known_entropy():
     entropy = -(p0 * np.log2(p0)).sum() + 3.0  # 1.357 + 3 bits
     assert abs(r["ideal_bits_per_token"] - entropy) < 0.02
     assert r["ideal_bits_per_token"] <= r["bits_per_token"] < r["ideal_bits_per_token"] + 0.01  # real stream
-    assert r["bytes"] == len(encode(test, probs)) * 4
+    assert r["bytes"] == len(encode(test, probs)) * 4 and r["ideal_bits_per_column"][0] < 1.4  # fitted, not uniform
     assert np.array_equal(decode(encode(test, probs), probs, n), test)
+    # held-out codes spread wider than the training ones: the column falls back to uniform (never much
+    # above the nominal log2(4) + log2(8) = 5 bits), and still decodes exactly
+    narrow = np.stack([np.zeros(n, int), rng.choice(8, n, p=p1)], 1)
+    wide = np.stack([rng.choice(4, 500), rng.choice(8, 500, p=p1)], 1).astype(np.int32)
+    r = code_tokens(wide, fit_factorized(narrow, sizes))
+    assert r["uniform_columns"] >= 1 and r["bits_per_token"] < 5.1 and r["ideal_bits_per_column"][0] == 2.0
     # a symbol never seen in training stays codable (pseudo-count), and decodes exactly
     probs = fit_factorized(np.zeros((10, 2), np.int32), sizes)
     assert code_tokens(np.array([[3, 7], [0, 0]], np.int32), probs)["tokens"] == 2

@@ -6,8 +6,10 @@ channel of FSQ / RFSQ / ResidualFSQ levels, one per bit of LFQ, the whole index 
 (counts + :data:`PSEUDO_COUNT` per symbol, the Krichevsky–Trofimov estimator, so that a symbol never
 seen in training stays codable). Encoder and decoder both know the model (it is a property of the
 trained codec, not sent with each image). The held-out tokens of one image are range-coded with
-`constriction <https://bamler-lab.github.io/constriction/>`_ into one bitstream; its size in bytes is
-the real rate, and :func:`code_tokens` decodes it back and checks it is exact.
+`constriction <https://bamler-lab.github.io/constriction/>`_ into one bitstream; a header bit per
+column says whether that column uses the fitted model or the uniform one (whichever is cheaper on this
+image: a codec never needs more than the nominal bits plus the header). Its size in bytes is the real
+rate, and :func:`code_tokens` decodes it back and checks it is exact.
 
     digits, sizes = token_digits(model, loader)               # (N, D) digits, (D,) alphabet sizes
     probs = fit_factorized(train_digits, sizes)
@@ -15,7 +17,7 @@ the real rate, and :func:`code_tokens` decodes it back and checks it is exact.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -75,15 +77,33 @@ def fit_factorized(digits: np.ndarray, sizes: Sequence[int], pseudo_count: float
     return probs
 
 
-def encode(digits: np.ndarray, probs: List[np.ndarray]) -> np.ndarray:
-    """Range-code ``digits`` (``(N, J)``) column by column, each with its categorical; returns the
-    compressed words (uint32)."""
+def choose_models(digits: np.ndarray, probs: List[np.ndarray]) -> List[bool]:
+    """Per column: True to code it with the fitted model, False to fall back to the uniform one (when
+    the fitted model would cost more than ``log2(alphabet)`` bits per symbol on these digits, e.g. when
+    the held-out photo's codes are spread wider than the training photos')."""
+    n = max(len(digits), 1)
+    return [float(-np.log2(p[digits[:, j]]).sum()) / n <= np.log2(len(p)) for j, p in enumerate(probs)]
+
+
+def _models(probs: List[np.ndarray], fitted: Sequence[bool]):
     import constriction
 
+    cat = constriction.stream.model.Categorical
+    return [cat(p if f else np.full(len(p), 1.0 / len(p)), perfect=False) for p, f in zip(probs, fitted)]
+
+
+def encode(digits: np.ndarray, probs: List[np.ndarray], fitted: Optional[Sequence[bool]] = None) -> np.ndarray:
+    """Range-code ``digits`` (``(N, J)``) into one stream: a header of one bit per column (fitted model or
+    uniform, see :func:`choose_models`; default: :func:`choose_models`), then each column with its model.
+    Returns the compressed words (uint32)."""
+    import constriction
+
+    fitted = choose_models(digits, probs) if fitted is None else list(fitted)
     enc = constriction.stream.queue.RangeEncoder()
-    for j, p in enumerate(probs):
-        enc.encode(np.ascontiguousarray(digits[:, j], dtype=np.int32),
-                   constriction.stream.model.Categorical(p, perfect=False))
+    enc.encode(np.asarray(fitted, dtype=np.int32), constriction.stream.model.Categorical(np.array([0.5, 0.5]),
+                                                                                         perfect=False))
+    for j, model in enumerate(_models(probs, fitted)):
+        enc.encode(np.ascontiguousarray(digits[:, j], dtype=np.int32), model)
     return enc.get_compressed()
 
 
@@ -92,20 +112,26 @@ def decode(compressed: np.ndarray, probs: List[np.ndarray], n: int) -> np.ndarra
     import constriction
 
     dec = constriction.stream.queue.RangeDecoder(compressed)
-    cols = [dec.decode(constriction.stream.model.Categorical(p, perfect=False), n) for p in probs]
+    fitted = dec.decode(constriction.stream.model.Categorical(np.array([0.5, 0.5]), perfect=False), len(probs))
+    cols = [dec.decode(model, n) for model in _models(probs, [bool(f) for f in fitted])]
     return np.stack(cols, axis=1).astype(np.int32) if cols else np.zeros((n, 0), np.int32)
 
 
 def code_tokens(digits: np.ndarray, probs: List[np.ndarray]) -> Dict[str, float]:
-    """Code ``digits`` into one bitstream, decode it and check the round trip (``RuntimeError`` if not
-    exact). Returns ``bytes`` (of the bitstream), ``tokens``, ``bits_per_token`` (8 * bytes / tokens) and
-    ``ideal_bits_per_token`` (the model's cross-entropy, what an ideal coder would need)."""
+    """Code ``digits`` into one bitstream (:func:`encode`), decode it and check the round trip
+    (``RuntimeError`` if not exact). Returns ``bytes`` (of the whole bitstream), ``tokens``,
+    ``bits_per_token`` (8 * bytes / tokens), ``ideal_bits_per_token`` (the cross-entropy of the models
+    used, what an ideal coder would need; ``ideal_bits_per_column`` per column) and ``uniform_columns``
+    (columns that fell back to uniform)."""
     digits = np.asarray(digits, dtype=np.int32)
     n = digits.shape[0]
-    compressed = encode(digits, probs)
+    fitted = choose_models(digits, probs)
+    compressed = encode(digits, probs, fitted)
     if not np.array_equal(decode(compressed, probs, n), digits):
         raise RuntimeError("entropy-coded tokens did not decode back exactly")
     nbytes = int(compressed.nbytes)
-    ideal = -sum(np.log2(p[digits[:, j]]).sum() for j, p in enumerate(probs))
+    columns = [float(-np.log2(p[digits[:, j]]).sum() / max(n, 1)) if f else float(np.log2(len(p)))
+               for j, (p, f) in enumerate(zip(probs, fitted))]
     return {"bytes": nbytes, "tokens": n, "bits_per_token": 8.0 * nbytes / max(n, 1),
-            "ideal_bits_per_token": float(ideal) / max(n, 1)}
+            "ideal_bits_per_token": float(sum(columns)), "ideal_bits_per_column": columns,
+            "uniform_columns": int(len(fitted) - sum(fitted))}

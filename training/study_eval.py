@@ -12,7 +12,6 @@ import json
 import os
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -59,15 +58,15 @@ def evaluate_photos(run_dir: str, lpips_weights: Optional[str] = None) -> Dict:
         m, _ = compute_metrics(model, loader, lpips_model, torch.device("cpu"))
         digits = token_digits(model, loader)
         rate = code_tokens(digits, probs)
-        per_stage = [float(-sum(np.log2(probs[k * D + d][digits[:, k * D + d]]).sum() for d in range(D)) / len(digits))
-                     for k in range(K)]
+        per_stage = [sum(rate["ideal_bits_per_column"][k * D:(k + 1) * D]) for k in range(K)]
         out[name] = {"tiles": m["images"], "psnr": m["psnr"], "lpips": m["lpips"], "l1": m["l1"],
                      "nominal_bits_per_token": m["bits_per_token"], "real_bits_per_token": rate["bits_per_token"],
                      "ideal_bits_per_token": rate["ideal_bits_per_token"], "ideal_bits_per_stage": per_stage,
-                     "bytes": rate["bytes"], "tokens": rate["tokens"]}
+                     "bytes": rate["bytes"], "tokens": rate["tokens"], "uniform_columns": rate["uniform_columns"]}
     result = {"run_dir": run_dir, "photos": out,
               "rate_model": {"kind": "factorized categorical per (stage, digit), fitted on the training photos' "
-                                     "tokens (+0.5 per symbol), range-coded with constriction, one stream per photo",
+                                     "tokens (+0.5 per symbol), or uniform where that is cheaper (a header bit per column), "
+                                     "range-coded with constriction, one stream per photo",
                              "digit_sizes": sizes, "stages": K,
                              "train_tokens": int(len(train_digits))}}
     path = os.path.join(run_dir, "eval_heldout", PHOTOS_JSON)
