@@ -196,6 +196,10 @@ def test_statistics_on_synthetic_data_with_known_answers():
         _, lo, hi = bootstrap_ci(d, n_boot=800, seed=r)
         hits += lo <= 0.3 <= hi
     assert 0.85 <= hits / 120 <= 1.0
+    # the expanded percentile: wider at few photos, the plain one as photos grow
+    from training.study_stats import expanded_alpha
+
+    assert expanded_alpha(0.025, 5) < expanded_alpha(0.025, 17) < expanded_alpha(0.025, 10**6) == pytest.approx(0.025, abs=1e-4)
     # a clear difference is found with the right sign; none where there is none
     big = 1.0 + 0.1 * rng.normal(size=(5, 17))
     _, lo, hi = bootstrap_ci(big)

@@ -144,10 +144,11 @@ def _progress_wall(root: str) -> Optional[str]:
     with open(path) as f:
         lines = [ln.split(" ", 1) for ln in f if ln.strip()]
     starts = [t for t, rest in lines if " start " in " " + rest]
-    done = [t for t, rest in lines if " done " in " " + rest]
+    done = [(t, re.sub(r" in [\d.]+ s$", "", rest.split(" done ", 1)[1].strip())) for t, rest in lines if " done " in rest]
     if not starts or not done:
         return None
-    return f"first start {starts[0]} UTC, last run finished {done[-1]} UTC, {len(done)} runs finished"
+    return (f"first start {starts[0]} UTC, last run finished {done[-1][0]} UTC, {len({k for _, k in done})} "
+            "distinct runs finished")
 
 
 def coverage(data: Data, root: str) -> List[str]:

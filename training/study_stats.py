@@ -7,12 +7,13 @@ every photo is held out once in cross-validation. A comparison A vs B uses the p
 
 The 95 % interval of the mean difference is a **crossed (two-way) percentile bootstrap**: each
 replicate resamples seeds and photos independently, with replacement, and averages ``D`` over the
-resampled grid. Why not a paired t interval: the differences have two crossed sources of variation
+resampled grid; the percentiles are *expanded* for the number of photos (:func:`expanded_alpha`),
+because the plain percentile interval is too narrow with few photos. Why not a paired t interval: the differences have two crossed sources of variation
 (photos differ far more than seeds, and not normally: a texture and a sky are different animals), and a
 t interval over one of them ignores the other; resampling both is the standard non-parametric answer
-and is conservative when one of them is small. With one seed the interval covers photos only (the
-report says so), and with few photos a percentile bootstrap is somewhat too narrow (tested: coverage
-on synthetic data with known answers, tests/test_training_study.py).
+and is conservative when one of them is small. With one seed the interval cannot include the seed
+variation (the report says so). Measured coverage of the nominal 95 % on synthetic data (photo SD 0.8,
+seed SD 0.2, cell noise 0.3; 400 draws): see tests/test_training_study.py and the README.
 """
 from __future__ import annotations
 
@@ -57,8 +58,19 @@ def bootstrap_ci(d: np.ndarray, level: float = 0.95, n_boot: int = N_BOOT,
         warnings.simplefilter("ignore", RuntimeWarning)
         reps = np.nanmean(grid.reshape(n_boot, -1), axis=1)
     reps = reps[~np.isnan(reps)]
-    alpha = (1 - level) / 2
+    alpha = expanded_alpha((1 - level) / 2, P)
     return mean, float(np.quantile(reps, alpha)), float(np.quantile(reps, 1 - alpha))
+
+
+def expanded_alpha(alpha: float, n: int) -> float:
+    """The tail probability of the *expanded* percentile bootstrap (Hesterberg 2015, "What teachers should
+    know about the bootstrap", sec. 5.3): ``Phi(sqrt(n / (n - 1)) * t_{alpha, n - 1})``, which corrects the
+    percentile interval's known narrowness at small ``n`` (here ``n`` = photos, the main resampled unit)."""
+    from scipy import stats
+
+    if n < 2:
+        return alpha
+    return float(stats.norm.cdf(np.sqrt(n / (n - 1)) * stats.t.ppf(alpha, n - 1)))
 
 
 def verdict(low: float, high: float, higher_is_better: bool) -> str:
