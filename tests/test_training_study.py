@@ -213,6 +213,7 @@ def test_statistics_on_synthetic_data_with_known_answers():
     c = compare(a, b, higher_is_better=True)
     assert c["mean"] == pytest.approx(2.5) and (c["seeds"], c["photos"]) == (1, 2) and c["verdict"] == "better"
     assert compare(a, {(7, "z"): 1.0}, True) is None
+    assert compare(a, a, True)["verdict"] == "identical"
     # spread: SD over seeds of the per-seed photo means, SD over photos of the per-photo seed means
     sp = spread({(0, "x"): 1.0, (0, "y"): 3.0, (1, "x"): 3.0, (1, "y"): 5.0})
     assert sp["mean"] == 3.0 and sp["sd_seeds"] == pytest.approx(np.std([2, 4], ddof=1)) and sp["n_seeds"] == 2

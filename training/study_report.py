@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from training.study_grid import CONFIGS, MAIN, folds
-from training.study_stats import NO_DIFFERENCE, compare, spread
+from training.study_stats import IDENTICAL, NO_DIFFERENCE, compare, spread
 
 HIGHER_IS_BETTER = {"psnr": True, "lpips": False, "l1": False, "real_bits_per_token": False}
 #: (A, B) comparisons the study's questions are about, per run length.
@@ -111,6 +111,8 @@ def rate_verdict(psnr: Optional[dict], bits: Optional[dict]) -> str:
         return "better, at more real bits (trade-off)" if b == "worse" else "better"
     if p == "worse":
         return "worse, at fewer real bits (trade-off)" if b == "better" else "worse"
+    if p == b == IDENTICAL:
+        return IDENTICAL
     if b == "better":
         return "better (same PSNR, fewer real bits)"
     if b == "worse":
