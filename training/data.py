@@ -23,6 +23,10 @@ RGB_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "
               "retina", "stereo_motorcycle", "colorwheel")
 #: Greyscale ones (replicated to 3 channels).
 GREY_PHOTOS = ("camera", "brick", "grass", "gravel", "moon", "coins", "clock")
+#: Other real photographs that ship offline in an installed package (``--extra-photos``): name ->
+#: (package, file inside it). Not part of the default embedded set (which the presets train on).
+EXTRA_PHOTOS = {"grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+                "cell": ("skimage", "data/cell.png")}
 
 
 class DataError(RuntimeError):
@@ -141,11 +145,48 @@ def collate_skip(batch: Sequence[Union[torch.Tensor, Unreadable]]) -> Tuple[torc
 # ---------------------------------------------------------------------------------------------
 # Embedded photos (default, offline)
 # ---------------------------------------------------------------------------------------------
+def _to_photo(a, short_side: int) -> torch.Tensor:
+    """A uint8/float HxW or HxWxC array -> ``(3, H', W')`` in [0, 1] with shorter side ``short_side``."""
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(a.copy())
+    t = t.float() / (255.0 if a.dtype.kind == "u" and a.max() > 1 else 1.0)
+    t = t.unsqueeze(0).expand(3, -1, -1) if t.ndim == 2 else t[..., :3].permute(2, 0, 1)
+    h, w = t.shape[1:]
+    s = short_side / min(h, w)
+    t = F.interpolate(t[None].contiguous(), size=(max(short_side, round(h * s)), max(short_side, round(w * s))),
+                      mode="bilinear", antialias=True, align_corners=False)[0]
+    return t.clamp(0, 1)
+
+
+@functools.lru_cache(maxsize=4)
+def load_extra_photos(names: Tuple[str, ...], short_side: int = 256) -> List[torch.Tensor]:
+    """The :data:`EXTRA_PHOTOS` named (in that order), like :func:`load_embedded_photos`."""
+    import importlib
+
+    import numpy as np
+    from PIL import Image
+
+    unknown = sorted(set(names) - set(EXTRA_PHOTOS))
+    if unknown:
+        raise DataError(f"--extra-photos: unknown photo(s) {unknown}; choose from {sorted(EXTRA_PHOTOS)}")
+    out = []
+    for name in names:
+        package, rel = EXTRA_PHOTOS[name]
+        try:
+            root = os.path.dirname(importlib.import_module(package).__file__)
+            with Image.open(os.path.join(root, rel)) as im:
+                a = np.asarray(im.convert("L" if im.mode in ("L", "I;16") else "RGB"))
+        except (ImportError, OSError) as e:
+            raise DataError(f"--extra-photos {name}: cannot read {rel} of package {package} ({e})") from None
+        out.append(_to_photo(a, short_side))
+    return out
+
+
 @functools.lru_cache(maxsize=2)
 def load_embedded_photos(short_side: int = 256) -> List[torch.Tensor]:
     """The scikit-image photos as ``(3, H, W)`` float tensors in [0, 1], resized so that the shorter
     side is ``short_side`` (so that a 128x128 crop holds a recognisable part of the scene)."""
-    import torch.nn.functional as F
     from skimage import data
 
     arrays = []
@@ -157,17 +198,7 @@ def load_embedded_photos(short_side: int = 256) -> List[torch.Tensor]:
             arrays.append(img)
     for name in GREY_PHOTOS:
         arrays.append(getattr(data, name)())
-    photos = []
-    for a in arrays:
-        t = torch.from_numpy(a.copy())
-        t = t.float() / (255.0 if a.dtype.kind == "u" and a.max() > 1 else 1.0)
-        t = t.unsqueeze(0).expand(3, -1, -1) if t.ndim == 2 else t[..., :3].permute(2, 0, 1)
-        h, w = t.shape[1:]
-        s = short_side / min(h, w)
-        t = F.interpolate(t[None].contiguous(), size=(max(short_side, round(h * s)), max(short_side, round(w * s))),
-                          mode="bilinear", antialias=True, align_corners=False)[0]
-        photos.append(t.clamp(0, 1))
-    return photos
+    return [_to_photo(a, short_side) for a in arrays]
 
 
 def embedded_photo_names() -> List[str]:
@@ -179,20 +210,32 @@ def embedded_photo_names() -> List[str]:
     return names + list(GREY_PHOTOS)
 
 
-def split_embedded(photos: List[torch.Tensor], heldout: Sequence[str]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+def load_photos(short_side: int, extra: Sequence[str] = ()) -> Tuple[List[torch.Tensor], List[str]]:
+    """The embedded photos plus the :data:`EXTRA_PHOTOS` named in ``extra``, and their names (as
+    :func:`embedded_photo_names`, extras by their own name)."""
+    photos, names = list(load_embedded_photos(short_side=short_side)), embedded_photo_names()
+    if extra:
+        photos += load_extra_photos(tuple(extra), short_side)
+        names += list(extra)
+    return photos, names
+
+
+def split_embedded(photos: List[torch.Tensor], heldout: Sequence[str],
+                   names: Optional[Sequence[str]] = None) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """Split the embedded photos *by image* into ``(train, held-out)``.
 
-    ``heldout`` names photos of :data:`RGB_PHOTOS` / :data:`GREY_PHOTOS`; both views of the stereo
+    ``heldout`` names photos of :data:`RGB_PHOTOS` / :data:`GREY_PHOTOS` (or of ``names``, the
+    photos' names when extras were added, see :func:`load_photos`); both views of the stereo
     pair go to the same side (they show the same scene). Raises :class:`DataError` on an unknown name
     or when nothing is left to train on.
     """
-    known = set(RGB_PHOTOS) | set(GREY_PHOTOS)
+    names = list(names) if names is not None else embedded_photo_names()
+    known = {n.split(":")[0] for n in names}
     unknown = sorted(set(heldout) - known)
     if unknown:
         raise DataError(f"--holdout-photos: unknown photo(s) {unknown}; choose from {sorted(known)}")
-    names = embedded_photo_names()
     if len(names) != len(photos):
-        raise DataError(f"expected {len(names)} embedded photos, got {len(photos)}")
+        raise DataError(f"expected {len(names)} photos, got {len(photos)}")
     is_out = [n.split(":")[0] in set(heldout) for n in names]
     train = [p for p, out in zip(photos, is_out) if not out]
     val = [p for p, out in zip(photos, is_out) if out]

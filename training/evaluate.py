@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from training import checkpoint as ckpt
-from training.data import (DataError, TiledCrops, denormalize, load_embedded_photos, normalize, read_rgb,
-                           split_embedded, unreadable_reason)
+from training.data import (DataError, TiledCrops, denormalize, load_photos, normalize,
+                           read_rgb, split_embedded, unreadable_reason)
 from training.lpips_loss import load_lpips
 from training.lpips_weights import LPIPSWeightsError
 from training.metrics import compute_metrics
@@ -84,8 +84,8 @@ def heldout_photos(cfg: dict) -> List[torch.Tensor]:
     """The embedded photos a run held out (``--holdout-photos``), at its training resolution."""
     if not cfg.get("holdout_photos"):
         raise DataError("the run held out no embedded photos (trained without --holdout-photos); give --val-dir")
-    photos = load_embedded_photos(short_side=max(2 * cfg["image_size"], 64))
-    return split_embedded(photos, cfg["holdout_photos"])[1]
+    photos, names = load_photos(max(2 * cfg["image_size"], 64), cfg.get("extra_photos") or ())
+    return split_embedded(photos, cfg["holdout_photos"], names)[1]
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ from rfsq_kernels.reference import default_levels
 
 
 class LucidrainsResidualFSQ(nn.Module):
-    """``vector_quantize_pytorch.ResidualFSQ`` (the benchmark peer of ``bench/backends.py``: same
+    """``vector_quantize_pytorch.ResidualFSQ`` (or, with ``impl="vqpy"``, its exact drop-in
+    ``rfsq_kernels.vqpytorch.ResidualFSQ``) (the benchmark peer of ``bench/backends.py``: same
     levels and stage count, ``dim = len(levels)``, defaults otherwise: fixed per-stage scales
     ``levels**-k``, a tanh soft clamp of the input, no learned conditioning) on channel-first latents.
 
@@ -20,12 +21,15 @@ class LucidrainsResidualFSQ(nn.Module):
     :meth:`decode_stages` gives each stage's contribution (in the latent space) from those indices.
     """
 
-    def __init__(self, levels: Sequence[int], stages: int):
+    def __init__(self, levels: Sequence[int], stages: int, impl: str = "lucidrains"):
         super().__init__()
-        try:
-            from vector_quantize_pytorch import ResidualFSQ
-        except ImportError as e:
-            raise ValueError("--quantizer lucidrains needs vector-quantize-pytorch (pip install -e '.[bench]')") from e
+        if impl == "vqpy":  # this package's exact drop-in (fused kernels on CUDA, the reference elsewhere)
+            from rfsq_kernels.vqpytorch import ResidualFSQ
+        else:
+            try:
+                from vector_quantize_pytorch import ResidualFSQ
+            except ImportError as e:
+                raise ValueError("--quantizer lucidrains needs vector-quantize-pytorch (pip install -e '.[bench]')") from e
         self.levels, self.stages = list(levels), stages
         self.peer = ResidualFSQ(levels=self.levels, num_quantizers=stages, dim=len(self.levels))
         self.codebook_size = self.peer.codebook_size
@@ -58,7 +62,7 @@ class QuantizerAdapter(nn.Module):
 
     @property
     def stages(self) -> int:
-        return self.quantizer.stages if self.kind in ("rfsq", "lucidrains") else 1
+        return self.quantizer.stages if self.kind in ("rfsq", "lucidrains", "vqpy") else 1
 
     @property
     def codebook_size(self) -> int:
@@ -70,7 +74,7 @@ class QuantizerAdapter(nn.Module):
         return float(self.quantizer.bits_per_token)
 
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.kind in ("rfsq", "fsq", "lucidrains"):
+        if self.kind in ("rfsq", "fsq", "lucidrains", "vqpy"):
             q, idx = self.quantizer(z)
             aux = z.new_zeros((), dtype=torch.float32)
         else:
@@ -84,7 +88,7 @@ class QuantizerAdapter(nn.Module):
         """Per-stage reconstructions ``[q_0, ..., q_{K-1}]`` (float32) of ``z``."""
         if self.kind == "rfsq":
             return self.quantizer.decode_stages(*self.quantizer.encode(z))
-        if self.kind == "lucidrains":
+        if self.kind in ("lucidrains", "vqpy"):
             return self.quantizer.decode_stages(self.quantizer(z)[1])
         q, _, _ = self.forward(z)
         return [q.float()]
@@ -118,21 +122,21 @@ def build_quantizer(
                  initial_scale=rfsq_initial_scale, backend=backend)
     elif quantizer == "fsq":
         q = FSQ(levels if levels is not None else [8, 8, 8, 8])
-    elif quantizer == "lucidrains":
-        q = LucidrainsResidualFSQ(levels if levels is not None else default_levels(rfsq_stages), rfsq_stages)
+    elif quantizer in ("lucidrains", "vqpy"):
+        q = LucidrainsResidualFSQ(levels if levels is not None else default_levels(rfsq_stages), rfsq_stages, quantizer)
     elif quantizer == "lfq":
         q = LFQ(dim=lfq_dim, commitment_weight=1.0)
     elif quantizer == "ema":
         q = VQEMA(n_embed=n_embed, dim=embed_dim, decay=0.99, eps=1e-5, commitment_weight=1.0)
     else:
-        raise ValueError(f"unknown quantizer {quantizer!r}; choose rfsq, fsq, lfq, ema or lucidrains")
+        raise ValueError(f"unknown quantizer {quantizer!r}; choose rfsq, fsq, lfq, ema, lucidrains or vqpy")
     return QuantizerAdapter(q, quantizer)
 
 
 def latent_channels(adapter: QuantizerAdapter) -> int:
     """C of the latent the quantizer expects: len(levels), the LFQ dim or the VQ code dim."""
     q = adapter.quantizer
-    if adapter.kind in ("rfsq", "fsq", "lucidrains"):
+    if adapter.kind in ("rfsq", "fsq", "lucidrains", "vqpy"):
         return len(q.levels)
     return q.dim
 

@@ -78,12 +78,14 @@ def run_identity(cfg: dict) -> Dict[str, object]:
         out["lfq_dim"] = cfg["lfq_dim"]
     elif q == "ema":
         out.update(n_embed=cfg["n_embed"], embed_dim=cfg["embed_dim"])
-    elif q == "lucidrains":
+    elif q in ("lucidrains", "vqpy"):
         stages = cfg["rfsq_stages"]
         out.update(rfsq_stages=stages, levels=[int(v) for v in (cfg.get("levels") or default_levels(stages))])
     out.update(model_width=cfg["model_width"], image_size=cfg["image_size"])
     holdout = cfg.get("holdout_photos")  # which photos are held out decides what validation measures
     out["holdout_photos"] = sorted(holdout) if holdout else None
+    extra = cfg.get("extra_photos")  # so do the photos added to the embedded set
+    out["extra_photos"] = sorted(extra) if extra else None
     return out
 
 

@@ -1,17 +1,17 @@
-"""The study's report: table, pairwise verdicts and plots from whatever runs exist (``study --report``).
+"""The study's report: coverage, table with spreads, paired verdicts with intervals, plots (``study --report``).
 
-Reads ``ROOT/<steps>steps/<config>-seed<k>/{results.json, config.json, eval_heldout/eval.json}`` of the
-runs that finished and writes to RESULTS_DIR:
+Reads every finished run ``ROOT/<steps>steps/fold<f>/<config>-seed<k>/`` (``results.json``,
+``config.json``, ``eval_heldout/eval.json`` and ``eval_heldout/photos.json``) and writes to RESULTS_DIR:
 
-- ``table.md``: every configuration at every run length, mean ± half the min–max range over seeds
-  (with 2 seeds: the distance of each seed from the mean), bits/token, per-stage usage, perplexity,
-  residual RMS and the PSNR bought by each stage; the length check (ranking of the main configurations
-  at each length); the pairwise verdicts the README's conclusions rest on;
-- ``summary.json``: the per-seed numbers behind the table;
-- ``rate_distortion.png``, ``residual_decay.png``, ``reconstructions.png``.
-
-A difference counts only when the seed ranges do not overlap (every seed of A beats every seed of B);
-otherwise the verdict is "within seed spread".
+- ``table.md``: what ran (seeds and folds per configuration, photos covered, measured wall time); every
+  configuration at every run length: nominal and real (entropy-coded) bits/token, PSNR, LPIPS, L1 as
+  mean with SD over seeds and over photos (with n), per-stage PSNR gain, perplexity and residual RMS;
+  the pairwise comparisons (mean paired difference A − B with its 95 % crossed-bootstrap interval over
+  seeds and photos, :mod:`training.study_stats`), their verdicts at equal nominal bits and what
+  changes once the real rate is counted;
+- ``summary.json``: the per-run, per-photo numbers behind the table;
+- ``rate_distortion.png`` (PSNR and LPIPS against nominal and against real bits/token),
+  ``residual_decay.png``, ``reconstructions.png``.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from training.study import CONFIGS, HELDOUT, MAIN
+from training.study_grid import CONFIGS, MAIN, folds
+from training.study_stats import IDENTICAL, NO_DIFFERENCE, compare, spread
 
-METRICS = ("psnr", "lpips", "l1")
-HIGHER_IS_BETTER = {"psnr": True, "lpips": False, "l1": False}
+HIGHER_IS_BETTER = {"psnr": True, "lpips": False, "l1": False, "real_bits_per_token": False}
 #: (A, B) comparisons the study's questions are about, per run length.
 PAIRS = (
     ("rfsq2-none", "fsq22"), ("rfsq2-scale", "fsq22"), ("rfsq2-ln", "fsq22"),
@@ -34,78 +34,154 @@ PAIRS = (
     ("rfsq2-ln", "rfsq2-none"), ("rfsq2-ln", "rfsq2-scale"), ("rfsq2-scale", "rfsq2-none"),
     ("rfsq4-ln", "rfsq4-none"), ("rfsq4-ln", "rfsq4-scale"), ("rfsq4-scale", "rfsq4-none"),
     ("rfsq2-none", "lucid2"), ("rfsq2-ln", "lucid2"), ("rfsq4-none", "lucid4"), ("rfsq4-ln", "lucid4"),
-    ("lucid2", "fsq22"), ("lucid4", "fsq40"),
+    ("lucid2", "fsq22"), ("lucid4", "fsq40"), ("vqpy4", "lucid4"), ("vqpy4", "rfsq4-ln"),
     ("fsq", "lfq"), ("fsq", "vq-ema"), ("vq-ema", "lfq"), ("rfsq2-none", "fsq"), ("rfsq2-scale", "fsq"),
     ("rfsq2-ln", "fsq"), ("rfsq4-none", "rfsq2-ln"), ("rfsq4-ln", "rfsq2-ln"),
 )
+Data = Dict[int, Dict[str, List[dict]]]
 
 
-def collect(root: str) -> Dict[int, Dict[str, List[dict]]]:
+def collect(root: str) -> Data:
     """``{steps: {config: [run, ...]}}`` of the finished runs under ``root``; a run is its results.json
-    with ``heldout`` (eval_heldout/eval.json), ``config`` (config.json), ``seed`` and ``run_dir``."""
-    out: Dict[int, Dict[str, List[dict]]] = defaultdict(lambda: defaultdict(list))
+    with ``heldout`` (eval.json), ``photos`` (photos.json's per-photo numbers), ``config``, ``seed``,
+    ``fold`` and ``run_dir``."""
+    out: Data = defaultdict(lambda: defaultdict(list))
     if not os.path.isdir(root):
         return {}
     for group in sorted(os.listdir(root)):
         m = re.fullmatch(r"(\d+)steps", group)
-        if not m:
+        if not m or not os.path.isdir(os.path.join(root, group)):
             continue
-        for name in sorted(os.listdir(os.path.join(root, group))):
-            d = os.path.join(root, group, name)
-            m2 = re.fullmatch(r"(.+)-seed(\d+)", name)
-            paths = [os.path.join(d, f) for f in ("results.json", "config.json", os.path.join("eval_heldout", "eval.json"))]
-            if not m2 or m2.group(1) not in CONFIGS or not all(os.path.isfile(p) for p in paths):
+        for fold_dir in sorted(os.listdir(os.path.join(root, group))):
+            mf = re.fullmatch(r"fold(\d+)", fold_dir)
+            if not mf:
                 continue
-            with open(paths[0]) as f:
-                run = json.load(f)
-            with open(paths[1]) as f:
-                run["config"] = json.load(f)
-            with open(paths[2]) as f:
-                run["heldout"] = json.load(f)
-            if run["steps"] != int(m.group(1)):
-                continue
-            run["seed"], run["run_dir"] = int(m2.group(2)), d
-            out[int(m.group(1))][m2.group(1)].append(run)
+            for name in sorted(os.listdir(os.path.join(root, group, fold_dir))):
+                d = os.path.join(root, group, fold_dir, name)
+                m2 = re.fullmatch(r"(.+)-seed(\d+)", name)
+                files = ("results.json", "config.json", os.path.join("eval_heldout", "eval.json"),
+                         os.path.join("eval_heldout", "photos.json"))
+                paths = [os.path.join(d, f) for f in files]
+                if not m2 or m2.group(1) not in CONFIGS or not all(os.path.isfile(p) for p in paths):
+                    continue
+                loaded = []
+                for p in paths:
+                    with open(p) as f:
+                        loaded.append(json.load(f))
+                run, run["config"], run["heldout"], run["photos"] = loaded[0], loaded[1], loaded[2], loaded[3]["photos"]
+                if run["steps"] != int(m.group(1)):
+                    continue
+                run.update(seed=int(m2.group(2)), fold=int(mf.group(1)), run_dir=d)
+                out[int(m.group(1))][m2.group(1)].append(run)
     return {s: dict(v) for s, v in sorted(out.items())}
 
 
-def values(runs: List[dict], key: str) -> List[float]:
-    """Held-out ``key`` of each seed (None where unavailable is dropped)."""
-    return [r["heldout"][key] for r in runs if r["heldout"].get(key) is not None]
+def cells(runs: List[dict], key: str, photos: Optional[set] = None) -> Dict[Tuple[int, str], float]:
+    """``{(seed, photo): value}`` of ``key`` over the runs' held-out photos (optionally only ``photos``)."""
+    out = {}
+    for r in runs:
+        for name, m in r["photos"].items():
+            if m.get(key) is not None and (photos is None or name in photos):
+                out[r["seed"], name] = float(m[key])
+    return out
 
 
-def mean_spread(vals: Sequence[float]) -> Tuple[float, float]:
-    """(mean, half the min–max range)."""
-    a = np.asarray(vals, dtype=float)
-    return float(a.mean()), float((a.max() - a.min()) / 2)
-
-
-def verdict(a: List[dict], b: List[dict], key: str) -> str:
-    """'better' / 'worse' when every seed of A beats / loses to every seed of B on ``key``, else 'tie'
-    ('1 seed' when either side has fewer than 2 seeds: no verdict)."""
-    va, vb = values(a, key), values(b, key)
-    if not va or not vb:
+def _fmt_spread(sp: dict, digits: int) -> str:
+    if sp["mean"] is None:
         return "n/a"
-    if min(len(va), len(vb)) < 2:
-        return "1 seed"
-    sign = 1 if HIGHER_IS_BETTER[key] else -1
-    if min(sign * x for x in va) > max(sign * y for y in vb):
-        return "better"
-    if max(sign * x for x in va) < min(sign * y for y in vb):
-        return "worse"
-    return "tie"
+    sd_s = "n/a" if sp["sd_seeds"] is None else f"{sp['sd_seeds']:.{digits}f}"
+    sd_p = "n/a" if sp["sd_photos"] is None else f"{sp['sd_photos']:.{digits}f}"
+    return f"{sp['mean']:.{digits}f} (SD {sd_s} seeds n={sp['n_seeds']}; {sd_p} photos n={sp['n_photos']})"
 
 
-def _fmt(vals: Sequence[float], digits: int) -> str:
-    if not vals:
+def _fmt_cmp(c: Optional[dict], digits: int) -> str:
+    if c is None:
         return "n/a"
-    m, s = mean_spread(vals)
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    v = "n.d." if c["verdict"] == NO_DIFFERENCE else c["verdict"]
+    return f"{c['mean']:+.{digits}f} [{c['low']:+.{digits}f}, {c['high']:+.{digits}f}] {v}"
+
+
+def rate_verdict(psnr: Optional[dict], bits: Optional[dict]) -> str:
+    """A vs B once the real rate is counted: PSNR verdict combined with the real-bits verdict
+    ('better' bits = fewer)."""
+    if psnr is None or bits is None:
+        return "n/a"
+    p, b = psnr["verdict"], bits["verdict"]
+    if p == "better":
+        return "better, at more real bits (trade-off)" if b == "worse" else "better"
+    if p == "worse":
+        return "worse, at fewer real bits (trade-off)" if b == "better" else "worse"
+    if p == b == IDENTICAL:
+        return IDENTICAL
+    if b == "better":
+        return "better (same PSNR, fewer real bits)"
+    if b == "worse":
+        return "worse (same PSNR, more real bits)"
+    return NO_DIFFERENCE
+
+
+def comparisons(data: Data) -> List[dict]:
+    """Every :data:`PAIRS` comparison at every run length, on the photos both configurations share."""
+    out = []
+    for steps, by_name in data.items():
+        for a, b in PAIRS:
+            if a not in by_name or b not in by_name:
+                continue
+            row = {"steps": steps, "a": a, "b": b}
+            for key in ("psnr", "lpips", "l1", "real_bits_per_token"):
+                row[key] = compare(cells(by_name[a], key), cells(by_name[b], key), HIGHER_IS_BETTER[key])
+            if row["psnr"] is None:
+                continue
+            row["at_real_rate"] = rate_verdict(row["psnr"], row["real_bits_per_token"])
+            row["changes"] = row["at_real_rate"] != row["psnr"]["verdict"]
+            out.append(row)
+    return out
+
+
+def _progress_wall(root: str) -> Optional[str]:
+    """First start and last finished run in ROOT/progress.log, and how many runs finished in between."""
+    path = os.path.join(root, "progress.log")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        lines = [ln.split(" ", 1) for ln in f if ln.strip()]
+    starts = [t for t, rest in lines if " start " in " " + rest]
+    done = [(t, re.sub(r" in [\d.]+ s$", "", rest.split(" done ", 1)[1].strip())) for t, rest in lines if " done " in rest]
+    if not starts or not done:
+        return None
+    return (f"first start {starts[0]} UTC, last run finished {done[-1][0]} UTC, {len({k for _, k in done})} "
+            "distinct runs finished")
+
+
+def coverage(data: Data, root: str) -> List[str]:
+    """What actually ran: seeds and folds per configuration and run length."""
+    lines = ["## What ran\n"]
+    wall = _progress_wall(root)
+    if wall:
+        lines.append(f"Measured: {wall} (from `{os.path.join(root, 'progress.log')}`).\n")
+    lines.append("| steps | config | runs | seeds | folds | held-out photos | train wall s (mean per run) |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for steps, by_name in data.items():
+        for name in CONFIGS:
+            runs = by_name.get(name)
+            if not runs:
+                continue
+            seeds = sorted({r["seed"] for r in runs})
+            fds = sorted({r["fold"] for r in runs})
+            photos = {p for r in runs for p in r["photos"]}
+            walls = [r.get("wall_time_s") for r in runs if r.get("wall_time_s")]
+            lines.append(f"| {steps} | {name} | {len(runs)} | {' '.join(map(str, seeds))} | {' '.join(map(str, fds))} | "
+                         f"{len(photos)} | {np.mean(walls):.0f} |" if walls else
+                         f"| {steps} | {name} | {len(runs)} | {' '.join(map(str, seeds))} | {' '.join(map(str, fds))} | "
+                         f"{len(photos)} | n/a |")
+    lines.append("")
+    lines.append("Folds (held-out photos): " + "; ".join(f"{i}: {', '.join(f)}" for i, f in enumerate(folds())) + ".\n")
+    return lines
 
 
 def _per_stage(runs: List[dict], key: str, digits: int) -> str:
     arr = np.asarray([r["heldout"][key] for r in runs], dtype=float).mean(axis=0)
-    return " / ".join(f"{v:.{digits}g}" if key == "codebook_usage" else f"{v:.{digits}f}" for v in arr)
+    return " / ".join(f"{v:.{digits}f}" for v in arr)
 
 
 def _stage_gain(runs: List[dict]) -> str:
@@ -114,120 +190,151 @@ def _stage_gain(runs: List[dict]) -> str:
     return " / ".join(f"{g:+.2f}" if i else f"{g:.2f}" for i, g in enumerate(gains))
 
 
-def markdown(data: Dict[int, Dict[str, List[dict]]], extra: Optional[Dict[str, Dict[int, Dict[str, List[dict]]]]] = None) -> str:
+def _real_per_stage(runs: List[dict]) -> str:
+    arr = np.asarray([m["ideal_bits_per_stage"] for r in runs for m in r["photos"].values()], dtype=float).mean(0)
+    return " / ".join(f"{v:.2f}" for v in arr)
+
+
+def markdown(data: Data, root: str, extra: Optional[Dict[str, Data]] = None) -> str:
     """The whole ``table.md``."""
-    lines = [f"# Rate–distortion study: results\n",
-             f"Held-out photos (never trained on): {', '.join(HELDOUT)}; metrics on their overlapping 32x32 "
-             "tiles. Mean ± half the min–max range over seeds. PSNR in dB on [0, 1]; L1 in the "
-             "ImageNet-normalized space; LPIPS-VGG. Generated by `python -m training.study --report`.\n"]
+    lines = ["# Rate–distortion study: results\n",
+             "Cross-validation by image: every real photo held out once per seed (folds below); numbers are "
+             "per held-out photo (mean over its overlapping 32x32 tiles), then over photos and seeds. PSNR in dB "
+             "on [0, 1]; L1 in the ImageNet-normalized space; LPIPS-VGG. *Real bits*: the bytes of an actual "
+             "range-coded bitstream per photo (factorized categorical model per stage and digit, fitted on the "
+             "training photos' tokens; decoded back exactly) × 8 / tokens. Intervals: 95 % crossed bootstrap "
+             "over seeds and photos of the mean paired difference A − B (`training/study_stats.py`); "
+             "\"n.d.\" = no detectable difference at this size. Per-stage PSNR, perplexity and residual RMS are "
+             "over all held-out tiles of a run (tile-weighted), averaged over runs. Generated by "
+             "`python -m training.study --report`.\n"]
+    lines += coverage(data, root)
     for title, groups in [("", data)] + sorted((extra or {}).items()):
         for steps, by_name in groups.items():
             lines.append(f"## {steps} steps{(' — ' + title) if title else ''}\n")
-            lines.append("| config | method | bits/token | seeds | PSNR ↑ | LPIPS ↓ | L1 ↓ | PSNR per stage (1st, +gain of each next) "
-                         "| usage per stage | perplexity per stage | residual RMS after each stage (latent RMS) |")
+            lines.append("| config | method | nominal bits | real bits (ideal) | real bits per stage (ideal) | PSNR ↑ | "
+                         "LPIPS ↓ | L1 ↓ | PSNR per stage (1st, +gain of each next) | perplexity per stage | "
+                         "residual RMS after each stage (latent RMS) |")
             lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
             for name in CONFIGS:
                 runs = by_name.get(name)
                 if not runs:
                     continue
                 lat = np.mean([r["heldout"]["latent_rms"] for r in runs])
+                ideal = np.mean([m["ideal_bits_per_token"] for r in runs for m in r["photos"].values()])
+                lp = spread(cells(runs, "lpips"))
                 lines.append(
-                    f"| {name} | {CONFIGS[name][1]} | {runs[0]['bits_per_token']:.0f} | {len(runs)} | "
-                    f"{_fmt(values(runs, 'psnr'), 2)} | {_fmt(values(runs, 'lpips'), 4)} | {_fmt(values(runs, 'l1'), 4)} | "
-                    f"{_stage_gain(runs)} | {_per_stage(runs, 'codebook_usage', 3)} | "
+                    f"| {name} | {CONFIGS[name][1]} | {runs[0]['bits_per_token']:.0f} | "
+                    f"{_fmt_spread(spread(cells(runs, 'real_bits_per_token')), 2)} ({ideal:.2f}) | {_real_per_stage(runs)} | "
+                    f"{_fmt_spread(spread(cells(runs, 'psnr')), 2)} | {_fmt_spread(lp, 4) if lp['mean'] is not None else 'n/a'} | "
+                    f"{_fmt_spread(spread(cells(runs, 'l1')), 4)} | {_stage_gain(runs)} | "
                     f"{_per_stage(runs, 'perplexity', 0)} | {_per_stage(runs, 'residual_rms', 4)} ({lat:.3f}) |")
             lines.append("")
-    lines.append("## Length check: ranking of the main configurations (by mean; `=` joins seed-overlapping neighbours)\n")
-    lines.append("| steps | by PSNR (best first) | by LPIPS (best first) |")
-    lines.append("|---|---|---|")
-    for steps, by_name in data.items():
-        present = [n for n in MAIN if n in by_name]
-        if len(present) < 2:
-            continue
-        lines.append(f"| {steps} | {_ranking(by_name, present, 'psnr')} | {_ranking(by_name, present, 'lpips')} |")
+    lines.append("## Pairwise comparisons (A − B: mean paired difference [95 % interval] verdict)\n")
+    lines.append("Verdict at equal nominal bits = the PSNR column. *At real rate*: the PSNR verdict with the real-bits "
+                 "one (fewer bits = better); *changes* marks the comparisons whose verdict is not the same once the "
+                 "real rate is counted.\n")
+    lines.append("| steps | A | B | cells (seeds × photos) | ΔPSNR dB | ΔLPIPS | ΔL1 | Δreal bits/token | at real rate | changes |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for c in comparisons(data):
+        lines.append(f"| {c['steps']} | {c['a']} | {c['b']} | {c['psnr']['seeds']} × {c['psnr']['photos']} | "
+                     f"{_fmt_cmp(c['psnr'], 2)} | {_fmt_cmp(c['lpips'], 4)} | {_fmt_cmp(c['l1'], 4)} | "
+                     f"{_fmt_cmp(c['real_bits_per_token'], 2)} | {c['at_real_rate']} | {'**yes**' if c['changes'] else ''} |")
     lines.append("")
-    lines.append("## Pairwise verdicts (A vs B: better/worse only when the seed ranges do not overlap)\n")
-    lines.append("| steps | A | B | PSNR | LPIPS | L1 | ΔPSNR (A−B, dB) |")
-    lines.append("|---|---|---|---|---|---|---|")
-    for steps, by_name in data.items():
-        for a, b in PAIRS:
-            if a in by_name and b in by_name and values(by_name[a], "psnr") and values(by_name[b], "psnr"):
-                d = np.mean(values(by_name[a], "psnr")) - np.mean(values(by_name[b], "psnr"))
-                lines.append(f"| {steps} | {a} | {b} | {verdict(by_name[a], by_name[b], 'psnr')} | "
-                             f"{verdict(by_name[a], by_name[b], 'lpips')} | {verdict(by_name[a], by_name[b], 'l1')} | {d:+.2f} |")
-    lines.append("")
+    lines += length_check(data)
     return "\n".join(lines)
 
 
-def _ranking(by_name: Dict[str, List[dict]], names: List[str], key: str) -> str:
-    names = [n for n in names if values(by_name[n], key)]
-    if not names:
-        return "n/a"
-    sign = 1 if HIGHER_IS_BETTER[key] else -1
-    order = sorted(names, key=lambda n: -sign * np.mean(values(by_name[n], key)))
-    out = order[0]
-    for prev, cur in zip(order, order[1:]):
-        out += (" > " if verdict(by_name[prev], by_name[cur], key) == "better" else " = ") + cur
-    return out
+def length_check(data: Data) -> List[str]:
+    """The main configurations at each run length, on the photos of the long runs' fold."""
+    long_photos = {p for by in data.values() for n in MAIN for r in by.get(n, []) for p in r["photos"]
+                   if r["steps"] == max(data)}
+    if len(data) < 2 or not long_photos:
+        return []
+    lines = ["## Length check (main configurations, on the long runs' held-out photos only)\n",
+             "| steps | A | B | cells | ΔPSNR dB | ΔLPIPS |", "|---|---|---|---|---|---|"]
+    for steps, by_name in data.items():
+        for i, a in enumerate(MAIN):
+            for b in MAIN[i + 1:]:
+                if a in by_name and b in by_name:
+                    cp = compare(cells(by_name[a], "psnr", long_photos), cells(by_name[b], "psnr", long_photos), True)
+                    cl = compare(cells(by_name[a], "lpips", long_photos), cells(by_name[b], "lpips", long_photos), False)
+                    if cp:
+                        lines.append(f"| {steps} | {a} | {b} | {cp['seeds']} × {cp['photos']} | {_fmt_cmp(cp, 2)} | "
+                                     f"{_fmt_cmp(cl, 4)} |")
+    lines.append("")
+    return lines
 
 
 _X_OFFSET = {"fsq22": -1.2, "rfsq2-none": -0.6, "rfsq2-ln": 0.6, "lucid2": 1.2,
-             "fsq40": -1.2, "rfsq4-none": -0.6, "rfsq4-ln": 0.6, "lucid4": 1.2,
+             "fsq40": -1.2, "rfsq4-none": -0.6, "rfsq4-ln": 0.6, "lucid4": 1.2, "vqpy4": 1.8,
              "vq-ema": -0.6, "lfq": 0.6}
+_FAMILY_COLOR = {"baseline": "tab:gray", "fsq": "tab:blue", "none": "tab:orange", "scale": "tab:green",
+                 "layernorm": "tab:red", "lucidrains": "tab:purple"}
+_MARKER = {"vq-ema": "s", "lfq": "D", "fsq": "o", "fsq22": "p", "fsq40": "h", "rfsq2-none": "^",
+           "rfsq2-scale": "^", "rfsq2-ln": "^", "rfsq4-none": "v", "rfsq4-scale": "v", "rfsq4-ln": "v",
+           "lucid2": "P", "lucid4": "X", "vqpy4": "*"}
 
 
-def plot_rate_distortion(data, path: str) -> None:
-    """Bits/token vs PSNR and vs LPIPS: one marker per method (filled: shortest runs; hollow: longest)."""
+def _seed_means(c: Dict[Tuple[int, str], float]) -> np.ndarray:
+    seeds = sorted({s for s, _ in c})
+    return np.asarray([np.mean([v for (s, _), v in c.items() if s == k]) for k in seeds])
+
+
+def plot_rate_distortion(data: Data, path: str) -> None:
+    """PSNR and LPIPS against nominal bits/token (top) and real entropy-coded bits/token (bottom); one
+    marker per configuration (filled: shortest runs, all folds; hollow: longest runs, their fold);
+    error bars: SD over seeds of the photo mean (none with one seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fams = {"baseline": "tab:gray", "fsq": "tab:blue", "none": "tab:orange", "scale": "tab:green",
-            "layernorm": "tab:red", "lucidrains": "tab:purple"}
-    markers = {"vq-ema": "s", "lfq": "D", "fsq": "o", "fsq22": "p", "fsq40": "h", "rfsq2-none": "^",
-               "rfsq2-scale": "^", "rfsq2-ln": "^", "rfsq4-none": "v", "rfsq4-scale": "v", "rfsq4-ln": "v",
-               "lucid2": "P", "lucid4": "X"}
     steps_list = list(data)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, key in zip(axes, ("psnr", "lpips")):
-        for si, steps in enumerate(steps_list):
-            hollow = si > 0 and si == len(steps_list) - 1
-            for name, runs in data[steps].items():
-                vals = values(runs, key)
-                if not vals:
-                    continue
-                m, s = mean_spread(vals)
-                # spread the methods of one bit rate sideways so that their markers do not hide each other
-                bits = runs[0]["bits_per_token"] + _X_OFFSET.get(name, 0.0) + (0.3 if hollow else 0.0)
-                col = fams[CONFIGS[name][2]]
-                ax.errorbar(bits, m, yerr=s, fmt=markers[name], color=col, mfc="none" if hollow else col, ms=8,
-                            capsize=3, label=f"{CONFIGS[name][1]}" if si == 0 else None)
-        ax.set_xlabel("bits / token (methods of one rate drawn side by side)")
-        ax.set_ylabel({"psnr": "held-out PSNR (dB) ↑", "lpips": "held-out LPIPS-VGG ↓"}[key])
-        ax.grid(alpha=0.3)
-    title = f"filled: {steps_list[0]} steps" + (f"; hollow: {steps_list[-1]} steps (main configs)" if len(steps_list) > 1 else "")
-    fig.suptitle(f"Rate–distortion on held-out photos (error bar: seed range) — {title}", fontsize=10)
-    handles, labels = axes[0].get_legend_handles_labels()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    for row, xkey in enumerate(("nominal", "real")):
+        for ax, key in zip(axes[row], ("psnr", "lpips")):
+            for si, steps in enumerate(steps_list):
+                hollow = si > 0 and si == len(steps_list) - 1
+                for name, runs in data[steps].items():
+                    y = _seed_means(cells(runs, key))
+                    if not len(y):
+                        continue
+                    if xkey == "nominal":
+                        x = runs[0]["bits_per_token"] + _X_OFFSET.get(name, 0.0) + (0.3 if hollow else 0.0)
+                        xerr = None
+                    else:
+                        xs = _seed_means(cells(runs, "real_bits_per_token"))
+                        x, xerr = xs.mean(), (xs.std(ddof=1) if len(xs) > 1 else None)
+                    col = _FAMILY_COLOR[CONFIGS[name][2]]
+                    ax.errorbar(x, y.mean(), yerr=y.std(ddof=1) if len(y) > 1 else None, xerr=xerr,
+                                fmt=_MARKER[name], color=col, mfc="none" if hollow else col, ms=8, capsize=3,
+                                label=CONFIGS[name][1] if si == 0 and row == 0 else None)
+            ax.set_xlabel("nominal bits / token (methods of one rate drawn side by side)" if xkey == "nominal"
+                          else "real bits / token (range-coded held-out tokens)")
+            ax.set_ylabel({"psnr": "held-out PSNR (dB) ↑", "lpips": "held-out LPIPS-VGG ↓"}[key])
+            ax.grid(alpha=0.3)
+    title = f"filled: {steps_list[0]} steps" + (f"; hollow: {steps_list[-1]} steps" if len(steps_list) > 1 else "")
+    fig.suptitle(f"Rate–distortion, cross-validated held-out photos (error bar: SD over seeds; none with one seed) — "
+                 f"{title}", fontsize=10)
+    handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8)
     fig.tight_layout(rect=(0, 0, 0.8, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def plot_residual_decay(data, path: str) -> Optional[str]:
-    """RMS of the residual entering each stage (stage 1: the latent) for K=4 none/scale/layernorm
-    (and lucidrains' ResidualFSQ), absolute and relative to the latent, at the run length that has most of them."""
+def plot_residual_decay(data: Data, path: str) -> Optional[str]:
+    """RMS of the residual entering each stage (stage 1: the latent) for the K=4 configurations,
+    absolute and relative to the latent (error bar: SD over runs), at the shortest run length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["rfsq4-none", "rfsq4-scale", "rfsq4-ln", "lucid4"]
-    present = {s: sum(n in by for n in names) for s, by in data.items()}
-    if not any(present.values()):
+    names = ["rfsq4-none", "rfsq4-scale", "rfsq4-ln", "lucid4", "vqpy4"]
+    steps = next(iter(data), None)
+    if steps is None or not any(n in data[steps] for n in names):
         return None
-    steps = max(present, key=lambda s: (present[s], s))  # the length that has the most of them
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name in names:
         runs = data[steps].get(name)
@@ -236,21 +343,22 @@ def plot_residual_decay(data, path: str) -> Optional[str]:
         curves = np.asarray([[r["heldout"]["latent_rms"]] + r["heldout"]["residual_rms"] for r in runs])
         x = np.arange(1, curves.shape[1] + 1)
         for ax, c in zip(axes, (curves, curves / curves[:, :1])):
-            ax.errorbar(x, c.mean(0), yerr=(c.max(0) - c.min(0)) / 2, marker="o", capsize=3, label=CONFIGS[name][1])
+            ax.errorbar(x, c.mean(0), yerr=c.std(0, ddof=1) if len(c) > 1 else None, marker="o", capsize=3,
+                        label=f"{CONFIGS[name][1]} (n={len(c)})")
     for ax, t in zip(axes, ("RMS of the residual", "relative to the latent's RMS")):
         ax.set_yscale("log"), ax.set_xlabel("k (1 = latent entering stage 1; 5 = left after stage 4)")
         ax.set_title(t), ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=8)
-    fig.suptitle(f"Residual decay, K=4, held-out photos, {steps} steps (error bar: seed range)", fontsize=10)
+    fig.suptitle(f"Residual decay, K=4, held-out photos, {steps} steps (error bar: SD over runs)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def plot_reconstructions(data, path: str, names: Sequence[str] = ("fsq22", "rfsq2-none", "rfsq2-ln", "rfsq4-ln",
-                                                                   "lucid4", "fsq40")) -> Optional[str]:
-    """Centre and side tiles of each held-out photo, above the reconstructions of seed 0 (longest run
-    available) of the main methods."""
+def plot_reconstructions(data: Data, path: str, names: Sequence[str] = ("fsq22", "rfsq2-none", "rfsq2-ln",
+                                                                         "rfsq4-ln", "lucid4", "fsq40")) -> Optional[str]:
+    """Centre and side tiles of fold 0's held-out photos above the reconstructions of the lowest seed
+    on fold 0 (shortest run length) of the main methods."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,15 +367,16 @@ def plot_reconstructions(data, path: str, names: Sequence[str] = ("fsq22", "rfsq
 
     from training.evaluate import heldout_photos, load_run, reconstruct
 
+    steps = next(iter(data), None)
     chosen = []
     for name in names:
-        steps = max((s for s, by in data.items() if name in by), default=None)
-        if steps is not None:
-            run = sorted(data[steps][name], key=lambda r: r["seed"])[0]
-            chosen.append((name, steps, run["run_dir"]))
+        runs = sorted((r for r in (data[steps].get(name, []) if steps else []) if r["fold"] == 0),
+                      key=lambda r: r["seed"])
+        if runs:
+            chosen.append((name, runs[0]["run_dir"]))
     if not chosen:
         return None
-    _, cfg = load_run(chosen[0][2])
+    _, cfg = load_run(chosen[0][1])
     size = cfg["image_size"]
     tiles = []
     for img in heldout_photos(cfg):
@@ -277,7 +386,7 @@ def plot_reconstructions(data, path: str, names: Sequence[str] = ("fsq22", "rfsq
             tiles.append(img[:, y:y + size, x:x + size])
     originals = torch.stack(tiles)
     rows = [("held-out original", originals)]
-    for name, steps, d in chosen:
+    for name, d in chosen:
         model, _ = load_run(d)
         rows.append((f"{CONFIGS[name][1]}\n{steps} steps", reconstruct(model, originals)))
     fig, axes = plt.subplots(len(rows), 1, figsize=(len(tiles) * 0.9 + 2, len(rows) * 1.0 + 0.3))
@@ -287,17 +396,20 @@ def plot_reconstructions(data, path: str, names: Sequence[str] = ("fsq22", "rfsq
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def summary(data) -> dict:
-    """Per-seed held-out numbers (small) for summary.json."""
-    keep = ("psnr", "lpips", "l1", "psnr_by_stages", "codebook_usage", "perplexity", "residual_rms", "latent_rms")
-    return {str(steps): {name: [{"seed": r["seed"], "bits_per_token": r["bits_per_token"],
-                                 "wall_time_s": r.get("wall_time_s"), **{k: r["heldout"][k] for k in keep}}
-                                for r in sorted(runs, key=lambda r: r["seed"])]
+def summary(data: Data) -> dict:
+    """Per-run, per-photo held-out numbers (small) for summary.json."""
+    keep = ("psnr", "lpips", "l1", "real_bits_per_token", "ideal_bits_per_token")
+    rnd = (lambda v: None if v is None else round(v, 5))
+    return {str(steps): {name: [{"seed": r["seed"], "fold": r["fold"], "bits_per_token": r["bits_per_token"],
+                                 "wall_time_s": r.get("wall_time_s"),
+                                 "perplexity": r["heldout"]["perplexity"],
+                                 "photos": {p: {k: rnd(m[k]) for k in keep} for p, m in r["photos"].items()}}
+                                for r in sorted(runs, key=lambda r: (r["seed"], r["fold"]))]
                          for name, runs in by_name.items()}
             for steps, by_name in data.items()}
 
@@ -314,11 +426,11 @@ def write_report(root: str, results_dir: str, extra_roots: Optional[Dict[str, st
     written = []
     p = os.path.join(results_dir, "table.md")
     with open(p, "w") as f:
-        f.write(markdown(data, extra))
+        f.write(markdown(data, root, extra))
     written.append(p)
     p = os.path.join(results_dir, "summary.json")
     with open(p, "w") as f:
-        json.dump({"main": summary(data), **{t: summary(d) for t, d in extra.items()}}, f, indent=1)
+        json.dump({"main": summary(data), **{t: summary(d) for t, d in extra.items()}}, f, indent=0)
     written.append(p)
     p = os.path.join(results_dir, "rate_distortion.png")
     plot_rate_distortion(data, p)

@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader, Dataset
 from rfsq_kernels.reference import DEFAULT_LEVELS, STRATEGIES, check_levels
 from rfsq_kernels.reference.validation import check_initial_scale
 from training import checkpoint as ckpt
-from training.data import (DataError, EmbeddedTrain, EmbeddedVal, SafeImageFolder, ShardedSampler, TiledCrops,
-                           collate_skip, load_embedded_photos, split_embedded)
+from training.data import (EXTRA_PHOTOS, DataError, EmbeddedTrain, EmbeddedVal, SafeImageFolder, ShardedSampler,
+                           TiledCrops, collate_skip, load_photos, split_embedded)
 from training.distributed import Dist, any_rank, setup_distributed, teardown_distributed
 from training.flag_types import float_flag, int_flag, join_negative_values
 from training.lpips_loss import ReconstructionLoss, load_lpips
@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one of the paper's 9 configurations; sets the quantizer flags below (explicit flags "
                         "still override): vq-ema, fsq, lfq, rfsq2-{none,scale,ln} (2x2048, 22 bits/token), "
                         "rfsq4-{none,scale,ln} (4x1024, 40 bits/token)")
-    g.add_argument("--quantizer", choices=["rfsq", "fsq", "lfq", "ema", "lucidrains"], default="rfsq",
-                   help="rfsq (ours), fsq, lfq, ema (VQ-EMA) or lucidrains (vector_quantize_pytorch.ResidualFSQ "
-                        "with --levels and --rfsq-stages; no conditioning) (default rfsq)")
+    g.add_argument("--quantizer", choices=["rfsq", "fsq", "lfq", "ema", "lucidrains", "vqpy"], default="rfsq",
+                   help="rfsq (ours), fsq, lfq, ema (VQ-EMA), lucidrains (vector_quantize_pytorch.ResidualFSQ "
+                        "with --levels and --rfsq-stages; no conditioning) or vqpy (its exact drop-in "
+                        "rfsq_kernels.vqpytorch.ResidualFSQ) (default rfsq)")
     g.add_argument("--rfsq-stages", type=int_flag(1), default=2, help="RFSQ residual stages K (default 2)")
     g.add_argument("--rfsq-strategy", choices=STRATEGIES, default="layernorm",
                    help="RFSQ conditioning: none, scale (learnable a_k) or layernorm (default)")
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--holdout-photos", nargs="+", metavar="NAME", default=None,
                    help="embedded photos only: train on the other photos and validate on these (split by image; "
                         "val = overlapping tiles of each held-out photo), e.g. chelsea coffee rocket coins")
+    g.add_argument("--extra-photos", nargs="+", metavar="NAME", choices=sorted(EXTRA_PHOTOS), default=None,
+                   help="embedded photos only: add these real photographs that ship offline in installed packages "
+                        f"({', '.join(sorted(EXTRA_PHOTOS))}) to the embedded set (trained on unless held out)")
     g.add_argument("--embedded-epoch-size", type=int_flag(1), default=512, help="random crops per epoch of the embedded "
                                                                         "photos (default 512)")
     g.add_argument("--num-workers", type=int_flag(0), default=None,
@@ -278,17 +282,18 @@ def _worker_init(_):
 def make_loaders(args: argparse.Namespace, rank: int, world: int,
                  pin: bool) -> Tuple[DataLoader, ShardedSampler, Dataset, DataLoader]:
     """(train loader, train sampler, train dataset, val loader)."""
-    if args.holdout_photos and (args.train_dir or args.val_dir):
-        raise DataError("--holdout-photos splits the embedded photos; it cannot be combined with --train-dir/--val-dir")
+    if (args.holdout_photos or args.extra_photos) and (args.train_dir or args.val_dir):
+        raise DataError("--holdout-photos and --extra-photos are about the embedded photos; they cannot be combined "
+                        "with --train-dir/--val-dir")
     if args.train_dir or args.val_dir:
         if not (args.train_dir and args.val_dir):
             raise DataError("give both --train-dir and --val-dir (or neither, for the embedded photos)")
         train_set, val_set = SafeImageFolder(args.train_dir, args.image_size), SafeImageFolder(args.val_dir, args.image_size)
         workers = 8 if args.num_workers is None else args.num_workers
     else:
-        photos = load_embedded_photos(short_side=max(2 * args.image_size, 64))
+        photos, names = load_photos(max(2 * args.image_size, 64), args.extra_photos or ())
         if args.holdout_photos:
-            train_photos, heldout = split_embedded(photos, args.holdout_photos)
+            train_photos, heldout = split_embedded(photos, args.holdout_photos, names)
             train_set = EmbeddedTrain(train_photos, args.image_size, args.embedded_epoch_size, args.seed)
             val_set = TiledCrops(heldout, args.image_size, stride=args.image_size // 2)
         else:
