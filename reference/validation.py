@@ -43,8 +43,10 @@ def check_latent(z: torch.Tensor, channels: int, name: str = "z") -> None:
 #: underflow to 0 would be flushed / divide by zero on the device; above the max it is inf).
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # 1.1754944e-38
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4028235e+38
-#: Smallest ``initial_scale``: float32 ``softplus(p)`` misses values near FLOAT32_TINY by an ulp into subnormals.
-MIN_INITIAL_SCALE = 1e-37
+#: Smallest ``initial_scale``. Un-conditioning multiplies by ``1/a`` (docs/semantics.md, "Arithmetic
+#: contract"), whose derivative ``-1/a**2`` overflows float32 below about 5e-20: the scale's gradient
+#: would be inf, or NaN where every code is 0. 1e-18 keeps ``1/a**2 <= 1e36``.
+MIN_INITIAL_SCALE = 1e-18
 
 
 def check_positive_float32(value: float, name: str, meaning: str, low: float = FLOAT32_TINY) -> float:

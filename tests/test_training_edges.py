@@ -32,7 +32,7 @@ def fast_runs(monkeypatch):
 @pytest.mark.parametrize("argv,match", [
     (["--levels", "4294967296", "4294967296"], r"--levels: levels\[0\]=4294967296: every level count must be <= 2\*\*24"),
     (["--levels", *["2"] * 70, "--rfsq-stages", "2"], r"--levels: .*more than the 2\*\*63 that int64 indices"),
-    (["--rfsq-initial-scale", "1e-50", "--rfsq-strategy", "scale"], r"--rfsq-initial-scale=1e-50 must lie in \[1e-37"),
+    (["--rfsq-initial-scale", "1e-50", "--rfsq-strategy", "scale"], r"--rfsq-initial-scale=1e-50 must lie in \[1e-18"),
     (["--rfsq-initial-scale", "1e39"], r"--rfsq-initial-scale=1e\+39 must lie in"),
 ])
 def test_quantizer_constants_are_refused_at_parse_time(argv, match, capsys):
