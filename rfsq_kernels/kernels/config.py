@@ -94,6 +94,19 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
     return replace(_chunk_tiles(block_c, spatial, sparse or (small and direction == "backward")), one_tile=False)
 
 
+#: Register cap passed (Triton's ``maxnreg``) to the chunked layernorm launches. Without one,
+#: ptxas compiled them at 80 registers and spilled 8-56 B around the calls of ``div.rn`` /
+#: ``sqrt.rn``'s slow-path subroutine (issue 17's IEEE statistics); with it they use ~96 and
+#: do not spill. 8 warps could hold 255.
+CHUNKED_LAYERNORM_MAXNREG = 128
+
+
+def layernorm_maxnreg(tiles: Tiles) -> Optional[int]:
+    """``maxnreg`` of a layernorm launch: :data:`CHUNKED_LAYERNORM_MAXNREG` on the chunked path,
+    None (ptxas decides) for one tile."""
+    return None if tiles.one_tile else CHUNKED_LAYERNORM_MAXNREG
+
+
 def elementwise_tiles(channels: int, spatial: int, sparse: bool = False) -> Tiles:
     """Tile of the none/scale kernels for ``channels`` x ``spatial``: at most ``CHUNK_ELEMS``
     elements (half of it, at 4 per thread, when ``sparse``)."""

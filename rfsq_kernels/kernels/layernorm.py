@@ -104,26 +104,35 @@ def ln_replay(x, stats, affine, chan, fsq, nstages, valid, active_stages, HAS_MA
 
 
 @triton.jit
-def _ln_emit(r, acc, mu, sd, k, affine, chan, fsq, digits, index_rows, valid, active_stages,
+def _ln_emit(r, acc, mu, sd, k, stats, affine, chan, fsq, digits, index_rows, valid, active_stages,
              HAS_MASK: tl.constexpr, HAS_ACTIVE_STAGES: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """Quantize stage ``k`` with known statistics and store its indices; returns ``(r_{k+1}, acc + q_k)``."""
     weight, bias = ln_affine(affine, k, chan)
-    q, _code, _t, rounded = ln_stage(r, mu, ln_factors(weight, sd), bias, fsq, USE_LIBDEVICE)
+    q, _code, _t, rounded = ln_stage(r, mu, stage_factors(stats, k, chan, weight, sd), bias, fsq, USE_LIBDEVICE)
     store_index(index_rows, k, rounded, fsq, digits, valid, active_stages, HAS_MASK, HAS_ACTIVE_STAGES)
     q = keep_only(q, valid[None, :], active_stages, k, HAS_MASK, HAS_ACTIVE_STAGES)
     return r - q, acc + q
 
 
 @triton.jit
-def _ln_store_stats(stats, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES: tl.constexpr):
-    """Write stage ``k``'s ``[BLOCK_C]`` statistics; a dropped stage stores the neutral ``(0, 1)``."""
-    mean_ptr, std_ptr, _factor_ptr, stat_start = stats
+def _ln_store_stats(stats, affine, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES: tl.constexpr):
+    """Write stage ``k``'s ``[BLOCK_C]`` statistics; a dropped stage stores the neutral ``(0, 1)``.
+    With a factor table (the chunked path) also its ``(weight/sd, sd/weight)`` of the stored
+    ``sd``: computed once here, loaded by every later chunk's replay (:func:`stage_factors`)."""
+    mean_ptr, std_ptr, factor_ptr, stat_start = stats
     offs_c, mask_c, C = chan
     if HAS_ACTIVE_STAGES:
         mu = tl.where(k < active_stages, mu, 0.0)
         sd = tl.where(k < active_stages, sd, 1.0)
     tl.store(mean_ptr + stat_start + k * C + offs_c, mu, mask=mask_c)
     tl.store(std_ptr + stat_start + k * C + offs_c, sd, mask=mask_c)
+    if factor_ptr is not None:
+        weight_ptr, _bias_ptr = affine
+        weight = tl.load(weight_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)
+        w_sd, sd_w = ln_factors(weight, sd)
+        row = factor_ptr + 2 * stat_start + 2 * k * C + offs_c
+        tl.store(row, w_sd, mask=mask_c)
+        tl.store(row + C, sd_w, mask=mask_c)
 
 
 @triton.heuristics(config.FLAGS_FROM_POINTERS)
@@ -134,6 +143,7 @@ def _fwd_layernorm_kernel(
     idx_ptr,            # out: packed indices, (B, S, K) contiguous, int32 or int64
     mean_ptr,           # out: per-image statistics, (B, K, C) float32 contiguous
     std_ptr,            # out: (B, K, C) float32 contiguous
+    factor_ptr,         # scratch (B, K, 2, C) float32 (weight/std, std/weight) of the chunked path, or None
     param_ptrs,         # tuple (weight_ptr, bias_ptr): the strategy's (K, C) parameter group
     consts_ptr,         # (5, C) float32 level constants (config.level_tables)
     basis_ptr,          # (C,) mixed-radix place values in the index dtype (int32 or int64)
@@ -166,7 +176,7 @@ def _fwd_layernorm_kernel(
     valid_row = (valid_ptr, img * S)
     x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
     q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
-    stats = (mean_ptr, std_ptr, None, img * K * C)
+    stats = (mean_ptr, std_ptr, factor_ptr, img * K * C)
     affine = param_ptrs
     offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
     mask_c = offs_c < C
@@ -190,17 +200,19 @@ def _fwd_layernorm_kernel(
             mu = masked_row_sum(r, mask) * inv_n
             d = r - mu[:, None]
             sd = tl.sqrt_rn(masked_row_sum(d * d, mask) * inv_n + eps)
-            _ln_store_stats(stats, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES)
-            r, acc = _ln_emit(r, acc, mu[:, None], sd[:, None], k, affine, chan, fsq, digits, index_rows, valid,
+            _ln_store_stats(stats, affine, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES)
+            r, acc = _ln_emit(r, acc, mu[:, None], sd[:, None], k, stats, affine, chan, fsq, digits, index_rows, valid,
                               active_stages, HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
         store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
     else:
+        # Positions entering the statistics and their IEEE reciprocal, once per program (not per
+        # stage: fewer div.rn slow-path calls in the stage loop).
+        inv_n = recip_rn(_valid_count(valid_row, S, BLOCK_S, HAS_MASK, USE_INT64))
         for k in range(K):
             # Sweep 0 sums the replayed residual r_k over the image's chunks (mean); sweep 1 sums
             # its centred squares (variance). One chunk loop, unrolled twice.
             for sweep in tl.static_range(2):
                 total = tl.zeros([BLOCK_C], dtype=tl.float32)
-                count = tl.zeros([BLOCK_C], dtype=tl.float32)
                 for s0 in range(0, S, BLOCK_S):
                     offs_s, _mask_s, valid = spatial_lanes(s0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
                     mask = mask_c[:, None] & valid[None, :]
@@ -208,19 +220,13 @@ def _fwd_layernorm_kernel(
                                   HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
                     if sweep == 0:
                         total += masked_row_sum(r, mask)
-                        if HAS_MASK:
-                            count += tl.sum(mask.to(tl.float32), axis=1)
                     else:
                         d = r - mu[:, None]
                         total += masked_row_sum(d * d, mask)
                 if sweep == 0:
-                    n = as_f32(S)
-                    if HAS_MASK:
-                        n = tl.maximum(count, 1.0)
-                    inv_n = recip_rn(n)  # statistics: multiplied (see the one-tile path)
-                    mu = total * inv_n
+                    mu = total * inv_n  # statistics: multiplied (see the one-tile path)
             sd = tl.sqrt_rn(total * inv_n + eps)
-            _ln_store_stats(stats, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES)
+            _ln_store_stats(stats, affine, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES)
             # Later passes re-read these statistics, possibly from other threads of the program.
             tl.debug_barrier()
         for s0 in range(0, S, BLOCK_S):
@@ -231,7 +237,7 @@ def _fwd_layernorm_kernel(
             for k in range(K):
                 # New names: mu/sd above are [BLOCK_C]; a loop must not rebind them as [BLOCK_C, 1].
                 mu_col, sd_col = ln_stats(stats, k, chan)
-                r, acc = _ln_emit(r, acc, mu_col, sd_col, k, affine, chan, fsq, digits, index_rows, valid,
+                r, acc = _ln_emit(r, acc, mu_col, sd_col, k, stats, affine, chan, fsq, digits, index_rows, valid,
                                   active_stages, HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
             store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
 
@@ -458,12 +464,14 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, 
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
     use_int64 = config.needs_int64(x, quantized, indices)
     tiles = config.layernorm_tiles(C, S, "forward", use_int64, arch=config.target_arch(z))
+    # The chunked path's replay factors, written once per stage (no div.rn in its chunk loops).
+    factors = None if tiles.one_tile else torch.empty((B, stages, 2, C), dtype=torch.float32, device=z.device)
     _fwd_layernorm_kernel[(B,)](
-        x, quantized, indices, mean, std, (ln_weight, ln_bias), consts, basis, valid, active_stages,
+        x, quantized, indices, mean, std, factors, (ln_weight, ln_bias), consts, basis, valid, active_stages,
         C, S, *x_strides, *config.flat_strides(quantized), float(eps), stages,
         BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
         USE_INT64=use_int64, USE_LIBDEVICE=config.use_libdevice(z), num_warps=tiles.num_warps,
-        enable_fp_fusion=config.FP_FUSION)
+        enable_fp_fusion=config.FP_FUSION, maxnreg=config.layernorm_maxnreg(tiles))
     return quantized, indices, mean, std
 
 
@@ -495,7 +503,7 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
         C, S, *x_strides, *g_strides, *config.flat_strides(grad_z), C * S, stages,
         BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
         USE_INT64=config.needs_int64(x, g, grad_z, scratch), USE_LIBDEVICE=config.use_libdevice(z),
-        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
+        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION, maxnreg=config.layernorm_maxnreg(tiles))
     grad_w.copy_(dw_part.sum(0))
     grad_b.copy_(db_part.sum(0))
     return grad_z, (grad_w, grad_b)
