@@ -165,7 +165,6 @@ def load_extra_photos(names: Tuple[str, ...], short_side: int = 256) -> List[tor
     import importlib
 
     import numpy as np
-    from PIL import Image
 
     unknown = sorted(set(names) - set(EXTRA_PHOTOS))
     if unknown:
@@ -175,9 +174,8 @@ def load_extra_photos(names: Tuple[str, ...], short_side: int = 256) -> List[tor
         package, rel = EXTRA_PHOTOS[name]
         try:
             root = os.path.dirname(importlib.import_module(package).__file__)
-            with Image.open(os.path.join(root, rel)) as im:
-                a = np.asarray(im.convert("L" if im.mode in ("L", "I;16") else "RGB"))
-        except (ImportError, OSError) as e:
+            a = np.asarray(read_rgb(os.path.join(root, rel)))
+        except (ImportError, OSError, ValueError) as e:
             raise DataError(f"--extra-photos {name}: cannot read {rel} of package {package} ({e})") from None
         out.append(_to_photo(a, short_side))
     return out
