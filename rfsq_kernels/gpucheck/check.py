@@ -1,6 +1,7 @@
 """Run the sweep in worker processes, turn it into per-binary records, and judge them."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import multiprocessing
@@ -91,6 +92,10 @@ def _run_task(arch: int, direction: str, family: str, full: bool, strategies: Op
         rec["coherence"] = _coherence(rec, compiled)
         rec["approx"] = approx_math(compiled.asm["ptx"])
         rec["fp_fusion"] = bool(compiled.metadata.enable_fp_fusion)
+        sass = sass_instructions(compiled.asm["cubin"])
+        # What "the compiled code did not change" is judged by (bench/compare_binaries.py).
+        rec["sass_instructions"] = len(sass)
+        rec["sass_sha256"] = hashlib.sha256("\n".join(sass).encode()).hexdigest()
     failures = [(str(c), m) for c, m in result.failures]
     return list(records.values()), failures
 
