@@ -103,11 +103,8 @@ def _run_task(arch: int, direction: str, family: str, full: bool, strategies: Op
 def barrier_offsets(kernel_name: str) -> Tuple[str, List[int]]:
     """``(file, offsets)``: where the named kernel's ``tl.debug_barrier()`` calls are, as line
     offsets from its ``def`` line."""
-    from ..kernels.launch import FAMILIES
-    from .sweep import jit_function
-    from ..kernels import residual_fsq
-    modules = (*FAMILIES.values(), residual_fsq)
-    fn = jit_function(next(getattr(m, kernel_name) for m in modules if hasattr(m, kernel_name)))
+    from .sweep import jit_function, kernel_modules
+    fn = jit_function(next(getattr(m, kernel_name) for m in kernel_modules() if hasattr(m, kernel_name)))
     lines, _start = inspect.getsourcelines(fn.fn)
     def_index = next(i for i, text in enumerate(lines) if text.lstrip().startswith("def "))
     return inspect.getsourcefile(fn.fn), [i - def_index for i, text in enumerate(lines)

@@ -13,7 +13,7 @@ caps the chunk, so ``MAX_BLOCK_ELEMS = 64`` gives 64-element chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,7 +40,8 @@ SMALL_ONE_TILE_ARCH = 100
 #: Elements per thread of a full chunk when a mask or per-sample stage counts are passed.
 SPARSE_ELEMS_PER_THREAD = 4
 
-_TABLES: Dict[Tuple[Tuple[int, ...], torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
+#: Every launcher's constant tables, built once per key (:func:`cached`).
+_TABLES: Dict[Tuple, Tuple] = {}
 
 
 @dataclass(frozen=True)
@@ -136,14 +137,21 @@ def level_tables(levels: Sequence[int], device: torch.device) -> Tuple[torch.Ten
     mixed-radix place values in the index dtype (int32 below 2**31 codes: 32-bit index math).
     Built once per (levels, device), so later calls (and CUDA-graph capture) do no host-to-device
     copies."""
-    key = (tuple(levels), torch.device(device))
-    hit = _TABLES.get(key)
-    if hit is None:
+    def build() -> Tuple[torch.Tensor, torch.Tensor]:
         half_l, offset, shift, half_w = fsq_constants(levels)
         rows = [half_l, offset, shift, [float(v) for v in half_w], [float(v - 1) for v in levels]]
         consts = torch.tensor(rows, dtype=torch.float32, device=device)
-        basis = torch.tensor(index_basis(levels), dtype=index_dtype(levels), device=device)
-        hit = _TABLES[key] = (consts, basis)
+        return consts, torch.tensor(index_basis(levels), dtype=index_dtype(levels), device=device)
+    return cached(("levels", tuple(levels), torch.device(device)), build)
+
+
+def cached(key: Tuple, build: Callable[[], Tuple], fresh: Callable[[Tuple], bool] = lambda hit: True) -> Tuple:
+    """The constant tables cached under ``key`` (hashable, device included), built by
+    ``build()`` on the first call and whenever ``fresh(hit)`` is false. A hit costs a dict lookup:
+    no host-device copy, so later launches (and CUDA-graph capture) copy nothing."""
+    hit = _TABLES.get(key)
+    if hit is None or not fresh(hit):
+        hit = _TABLES[key] = build()
     return hit
 
 
