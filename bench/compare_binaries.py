@@ -1,14 +1,15 @@
 """Did a refactor change the compiled code? Compare two ``python -m rfsq_kernels.gpucheck --json`` files.
 
-    python bench/compare_binaries.py before.json after.json
+    python bench/compare_binaries.py before.json after.json [--common]
 
 A binary is identified by what the launcher chose, not by its hash (the hash covers the Python
 source, so moving a jit function changes it): target, kernel name, ``num_warps``, the constexprs
 (a constexpr jit function by its bare name: a moved helper keeps its identity), the input and
 index dtypes. For each binary present in both files the registers, spill bytes, SASS
 instruction count and digest, and approximate-math counts must be equal. Exit status 0 when
-every binary is identical and no binary is missing from either side; 1 otherwise, with the
-differences listed.
+every binary is identical and no binary is missing from either side (with ``--common``: binaries
+on one side only are counted, not failed -- a targeted run against a full baseline); 1 otherwise,
+with the differences listed.
 """
 from __future__ import annotations
 
@@ -40,13 +41,12 @@ def load(path: str) -> Dict[Tuple, dict]:
         return {binary_key(b): b for b in json.load(f)["binaries"]}
 
 
-def compare(before: Dict[Tuple, dict], after: Dict[Tuple, dict]) -> List[str]:
-    """One line per difference (missing binaries, changed columns)."""
+def compare(before: Dict[Tuple, dict], after: Dict[Tuple, dict], common: bool = False) -> List[str]:
+    """One line per difference (missing binaries unless ``common``, changed columns)."""
     out = []
-    for key in sorted(set(before) - set(after), key=str):
-        out.append(f"- only before: {key}")
-    for key in sorted(set(after) - set(before), key=str):
-        out.append(f"- only after: {key}")
+    if not common:
+        out += [f"- only before: {key}" for key in sorted(set(before) - set(after), key=str)]
+        out += [f"- only after: {key}" for key in sorted(set(after) - set(before), key=str)]
     for key in sorted(set(before) & set(after), key=str):
         b, a = before[key], after[key]
         for col in COLUMNS:
@@ -61,11 +61,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("before")
     p.add_argument("after")
+    p.add_argument("--common", action="store_true", help="compare the binaries both files hold; count the others")
     args = p.parse_args(argv)
     before, after = load(args.before), load(args.after)
-    diffs = compare(before, after)
-    kernels = sorted({k[1] for k in before})
-    print(f"{len(before)} binaries before, {len(after)} after ({', '.join(kernels)})")
+    diffs = compare(before, after, args.common)
+    kernels = sorted({k[1] for k in after})
+    print(f"{len(before)} binaries before, {len(after)} after, {len(set(before) & set(after))} in both "
+          f"({', '.join(kernels)})")
     if diffs:
         print(f"{len(diffs)} differences:")
         print("\n".join(diffs))

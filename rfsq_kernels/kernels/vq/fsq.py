@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .. import config
 from ..fpmath import round_half_even, tanh_f32
+from ..launch_settings import launch
 from ..stages import load_tile, spatial_lanes, store_tile, widen
 from .common import bcs_strides, load_row, one_minus_square, place_values, vq_index_dtype
 
@@ -129,10 +130,9 @@ def forward(x: torch.Tensor, levels: Sequence[int]) -> Tuple[torch.Tensor, torch
     consts, basis = constant_table(levels, x.device)
     tiles = config.elementwise_tiles(C, N)
     tiles_per_image = triton.cdiv(N, tiles.block_s)
-    _fwd_vq_fsq_kernel[(B * tiles_per_image,)](
-        x, codes, indices, consts, basis, C, N, tiles_per_image, *bcs_strides(x), *bcs_strides(codes),
-        BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, USE_INT64=config.needs_int64(x, codes, indices),
-        USE_LIBDEVICE=config.use_libdevice(x), num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
+    launch(_fwd_vq_fsq_kernel, (B * tiles_per_image,),
+           (x, codes, indices, consts, basis, C, N, tiles_per_image, *bcs_strides(x), *bcs_strides(codes)),
+           tiles=tiles, tensors=(x, codes, indices))
     return codes, indices
 
 
@@ -145,8 +145,7 @@ def backward(grad: torch.Tensor, x: torch.Tensor, levels: Sequence[int]) -> torc
     consts, _basis = constant_table(levels, x.device)
     tiles = config.elementwise_tiles(C, N)
     tiles_per_image = triton.cdiv(N, tiles.block_s)
-    _bwd_vq_fsq_kernel[(B * tiles_per_image,)](
-        x, grad, grad_x, consts, C, N, tiles_per_image, *bcs_strides(x), *bcs_strides(grad), *bcs_strides(grad_x),
-        BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, USE_INT64=config.needs_int64(x, grad, grad_x),
-        USE_LIBDEVICE=config.use_libdevice(x), num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
+    launch(_bwd_vq_fsq_kernel, (B * tiles_per_image,),
+           (x, grad, grad_x, consts, C, N, tiles_per_image, *bcs_strides(x), *bcs_strides(grad), *bcs_strides(grad_x)),
+           tiles=tiles, tensors=(x, grad, grad_x))
     return grad_x

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .. import config
 from ..fpmath import tanh_f32
+from ..launch_settings import launch
 from ..stages import keep_only, load_active_stages, load_tile, spatial_lanes, stage_keep, store_tile, widen
 from .common import bcs_strides, load_row, one_minus_square, place_values, vq_index_dtype
 
@@ -234,16 +235,14 @@ def forward(x: torch.Tensor, levels: Sequence[int], scales: torch.Tensor, clamp_
         return quantized.zero_(), indices.zero_()
     consts, basis = constant_table(levels, clamp_value, x.device)
     valid, counts = config.mask_and_active_stages(mask, active, B, N)
-    int64 = config.needs_int64(x, quantized, indices)
+    offsets = (x, quantized, indices)
     # 64-bit offsets spilled 8 B/thread on sm_90 (16-bit inputs, 8 channels) at 8 per thread: half tiles
-    tiles = config.elementwise_tiles(C, N, sparse=mask is not None or active is not None or int64)
+    tiles = config.elementwise_tiles(C, N, sparse=mask is not None or active is not None or config.needs_int64(*offsets))
     tiles_per_image = triton.cdiv(N, tiles.block_s)
-    _fwd_vq_rfsq_kernel[(B * tiles_per_image,)](
-        x, quantized, indices, consts, scales.float().contiguous(), basis, valid, counts,
-        C, N, tiles_per_image, *bcs_strides(x), *bcs_strides(quantized), K,
-        BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
-        USE_INT64=int64, USE_LIBDEVICE=config.use_libdevice(x),
-        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
+    launch(_fwd_vq_rfsq_kernel, (B * tiles_per_image,),
+           (x, quantized, indices, consts, scales.float().contiguous(), basis, valid, counts,
+            C, N, tiles_per_image, *bcs_strides(x), *bcs_strides(quantized), K),
+           tiles=tiles, tensors=offsets)
     return quantized, indices
 
 
@@ -260,10 +259,8 @@ def backward(grad_q: torch.Tensor, x: torch.Tensor, levels: Sequence[int], scale
     valid, counts = config.mask_and_active_stages(mask, active, B, N)
     tiles = config.elementwise_tiles(C, N, sparse=mask is not None or active is not None)
     tiles_per_image = triton.cdiv(N, tiles.block_s)
-    _bwd_vq_rfsq_kernel[(B * tiles_per_image,)](
-        x, grad_q, grad_x, consts, scales.float().contiguous(), valid, counts,
-        C, N, tiles_per_image, *bcs_strides(x), *bcs_strides(grad_q), *bcs_strides(grad_x),
-        K=K, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
-        USE_INT64=config.needs_int64(x, grad_q, grad_x), USE_LIBDEVICE=config.use_libdevice(x),
-        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
+    launch(_bwd_vq_rfsq_kernel, (B * tiles_per_image,),
+           (x, grad_q, grad_x, consts, scales.float().contiguous(), valid, counts,
+            C, N, tiles_per_image, *bcs_strides(x), *bcs_strides(grad_q), *bcs_strides(grad_x)),
+           tiles=tiles, tensors=(x, grad_q, grad_x), K=K)
     return grad_x
