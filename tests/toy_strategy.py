@@ -85,6 +85,26 @@ def offset_grads_store(parts, dparam_part_ptrs, pid, K, stage_ids, chan):
     tl.store(doffset_part_ptr + pid * K + stage_ids, parts, mask=stage_ids < K)
 
 
+@triton.jit
+def offset_row_grads_init():
+    """Channel-row kernels: one stage's sum of ``dL/do`` terms starts as 0."""
+    return 0.0
+
+
+@triton.jit
+def offset_row_vjp(v, r, q, dcode, o, k):
+    """Channel-row kernels: ``dq/dr = dcode/du``; the term of ``dL/do_k = sum v (dcode/du - 1)``."""
+    return dcode, v * (dcode - 1.0)
+
+
+@triton.jit
+def offset_row_grads_store(parts, param_ptrs, dparam_part_ptrs, pid, K: tl.constexpr, valid):
+    """Channel-row kernels: row ``pid`` of the ``(programs, K)`` partials of ``dL/do``."""
+    (doffset_part_ptr,) = dparam_part_ptrs
+    for k in tl.static_range(K):
+        tl.store(doffset_part_ptr + pid * K + k, tl.sum(tl.where(valid, parts[k], 0.0), axis=0))
+
+
 def registrations():
     """``(registry, key, value)``: everything the package needs to know about ``toy_offset``."""
     return [
@@ -94,5 +114,6 @@ def registrations():
         (reference_rfsq.STAGE_MATH, NAME, stage_math),
         (reference_rfsq.DECODE_MATH, NAME, decode_math),
         (elementwise.STAGES, NAME, elementwise.ElementwiseStage(offset_stage, offset_grads_init, offset_vjp,
-                                                                 offset_grads_store)),
+                                                                 offset_grads_store, offset_row_grads_init,
+                                                                 offset_row_vjp, offset_row_grads_store)),
     ]

@@ -16,8 +16,9 @@ import triton.language as tl
 from . import config
 from .fpmath import recip_rn
 from .launch_settings import launch
-from .stages import (fsq_code, fsq_dcode, keep_only, load_active_stages, load_digit_range, load_levels, load_tile,
-                     masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, widen)
+from .stages import (channel_digit, fsq_code, fsq_dcode, keep_only, load_active_stages, load_channel_levels,
+                     load_digit_range, load_levels, load_row, load_tile, masked_row_sum, row_prologue, spatial_lanes,
+                     stage_keep, store_index, store_row, store_row_index, store_tile, widen)
 
 
 # -- the stages of the built-in elementwise strategies -------------------------------------------
@@ -90,20 +91,70 @@ def scale_grads_store(parts, dparam_part_ptrs, pid, K, stage_ids, chan):
     tl.store(dscale_part_ptr + pid * K + stage_ids, parts, mask=stage_ids < K)
 
 
-class ElementwiseStage(NamedTuple):
-    """One strategy's kernel stage in the elementwise family (signatures above)."""
+# The channel-row kernels' parameter gradients (the row_* contract, with those kernels below).
 
-    forward: object      # triton.JITFunction, each of the four
+
+@triton.jit
+def no_row_grads_init():
+    """No parameters: a constant the compiler drops."""
+    return 0.0
+
+
+@triton.jit
+def none_row_vjp(v, r, q, dcode, saved, k):
+    """``dq/dr = dcode/du``; no parameter-gradient term."""
+    return dcode, 0.0
+
+
+@triton.jit
+def no_row_grads_store(parts, param_ptrs, dparam_part_ptrs, pid, K: tl.constexpr, valid):
+    """Nothing to store."""
+    pass
+
+
+@triton.jit
+def scale_row_grads_init():
+    """One stage's ``[BLOCK_S]`` sum of terms starts as 0 (broadcast on the first add)."""
+    return 0.0
+
+
+@triton.jit
+def scale_row_vjp(v, r, q, dcode, inv_a, k):
+    """``dq/dr = dcode/du`` (the scale cancels); the term of ``dL/da_k = (sum v (dcode/du * r - q)) * (1 / a)``."""
+    return dcode, v * (dcode * r - q)
+
+
+@triton.jit
+def scale_row_grads_store(parts, param_ptrs, dparam_part_ptrs, pid, K: tl.constexpr, valid):
+    """Row ``pid`` of the ``(programs, K)`` partials of ``dL/da``: each stage's terms summed over
+    the tile's valid positions, times ``1 / a_k``."""
+    (scale_ptr,) = param_ptrs
+    (dscale_part_ptr,) = dparam_part_ptrs
+    for k in tl.static_range(K):
+        inv_a = recip_rn(tl.load(scale_ptr + k).to(tl.float32))
+        tl.store(dscale_part_ptr + pid * K + k, tl.sum(tl.where(valid, parts[k], 0.0), axis=0) * inv_a)
+
+
+class ElementwiseStage(NamedTuple):
+    """One strategy's kernel stage in the elementwise family (signatures above; the ``row_*``
+    functions are the channel-row kernels', below)."""
+
+    forward: object      # triton.JITFunction, each of them
     grads_init: object
     vjp: object
     grads_store: object
+    row_grads_init: object = None
+    row_vjp: object = None
+    row_grads_store: object = None
 
 
 #: The elementwise family's stage of each strategy, by strategy name. A new elementwise strategy
 #: adds its entry here; the kernels, launchers and custom ops stay as they are.
 STAGES: Dict[str, ElementwiseStage] = {
-    "none": ElementwiseStage(none_stage, no_grads_init, none_vjp, no_grads_store),
-    "scale": ElementwiseStage(scale_stage, scale_grads_init, scale_vjp, scale_grads_store),
+    "none": ElementwiseStage(none_stage, no_grads_init, none_vjp, no_grads_store,
+                             no_row_grads_init, none_row_vjp, no_row_grads_store),
+    "scale": ElementwiseStage(scale_stage, scale_grads_init, scale_vjp, scale_grads_store,
+                              scale_row_grads_init, scale_row_vjp, scale_row_grads_store),
 }
 
 
@@ -243,6 +294,164 @@ def _bwd_elementwise_kernel(
     STAGE_GRADS_STORE(grads, dparam_part_ptrs, pid, K, stage_ids, chan)
 
 
+# -- channel rows: every channel of a position in one thread (config.ELEMENTWISE_ROWS) ----------
+# The row kernels' program is ``C`` rows (one 1-D ``[BLOCK_S]`` vector per channel, unrolled over
+# the exact ``C``) by ``BLOCK_S`` positions, warps along the positions (docs/kernel-design.md,
+# "Channels inside a thread"): the index packing is thread-local and no lane runs for a padded
+# channel. They call the stage's ``forward`` on one row (``chan = (c, C)``, ``fsq`` that
+# channel's scalars) and its row-gradient functions:
+#   row_grads_init() -> the accumulator of one stage's per-position parameter-gradient terms
+#   row_vjp(v, r, q, dcode, saved, k) -> (dq/dr, term): the row's per-position term of the
+#       stage's parameter gradients, added over the channels in the thread
+#   row_grads_store(parts, param_ptrs, dparam_part_ptrs, pid, K, valid): this program's partials
+#       from ``parts``, the tuple of every stage's summed terms (reduced over positions once)
+# Parameters are per stage (the terms of all channels and positions add up).
+
+
+@triton.jit
+def row_replay(x, param_ptrs, chan, fsq, valid, active_stages, NSTAGES: tl.constexpr, STAGE: tl.constexpr,
+               HAS_MASK: tl.constexpr, HAS_ACTIVE_STAGES: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """Residual ``r_NSTAGES`` of one channel row recomputed from its input ``x`` (unrolled;
+    positions and stages the forward skipped subtract nothing)."""
+    r = x
+    for j in tl.static_range(NSTAGES):
+        q, _t, _rounded, _saved = STAGE(r, j, param_ptrs, chan, fsq, USE_LIBDEVICE)
+        r = r - keep_only(q, valid, active_stages, j, HAS_MASK, HAS_ACTIVE_STAGES)
+    return r
+
+
+@triton.jit
+def replace_at(items, i: tl.constexpr, value, N: tl.constexpr):
+    """``items`` (an ``N``-tuple) with entry ``i`` replaced by ``value`` (constexpr positions)."""
+    out = ()
+    for j in tl.static_range(N):
+        if j == i:
+            out = out + (value,)
+        else:
+            out = out + (items[j],)
+    return out
+
+
+@triton.heuristics(config.FLAGS_FROM_POINTERS)
+@triton.jit(do_not_specialize=["tiles_per_image", "K"])
+def _fwd_elementwise_rows_kernel(
+    x_ptr,              # input z: (B, C, S) through stride_x*, any float dtype
+    q_ptr,              # out: quantized, (B, C, S) through stride_q*, z's dtype
+    idx_ptr,            # out: packed indices, (B, S, K) contiguous, int32 or int64
+    param_ptrs,         # tuple: the strategy's parameter group (table order, kernel form)
+    consts_ptr,         # (5, C) float32 level constants (config.level_tables)
+    basis_ptr,          # (C,) mixed-radix place values in the index dtype (int32 or int64)
+    valid_ptr,          # (B, S) uint8 padding mask (1 = valid), or None
+    active_stages_ptr,  # (B,) int32 stages each image runs, or None
+    S,                  # flattened spatial positions per image
+    tiles_per_image,    # programs per image: cdiv(S, BLOCK_S)
+    stride_xb, stride_xc, stride_xs,  # z's strides: image, channel, flattened spatial
+    stride_qb, stride_qc, stride_qs,  # quantized's strides
+    K,                  # stages (runtime: one binary serves every K)
+    STAGE: tl.constexpr,              # the strategy's stage forward (STAGES[strategy].forward)
+    BLOCK_C: tl.constexpr,            # the exact channel count C: every channel in every thread
+    BLOCK_S: tl.constexpr,            # spatial positions per program
+    HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
+    HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
+    USE_INT64: tl.constexpr,          # some offset may reach 2**31: index in 64 bits
+    USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice tanh/rint; interpreter: fallbacks
+):
+    """Elementwise forward: one program per (image, spatial tile), all K stages in registers (a
+    runtime stage loop: the residual is carried, nothing is replayed). Every thread holds all
+    ``C`` channel rows of its positions, so the index packing is thread-local."""
+    img, offs_s, mask_s, valid = row_prologue(valid_ptr, S, tiles_per_image, BLOCK_S, HAS_MASK, USE_INT64)
+    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
+    q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
+    active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
+    rs = ()
+    accs = ()
+    for c in tl.static_range(BLOCK_C):
+        rs = rs + (load_row(x_view, c, offs_s, valid),)
+        accs = accs + (tl.zeros([BLOCK_S], dtype=tl.float32),)
+    index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_row_index
+    for k in range(K):
+        new_rs = ()
+        new_accs = ()
+        index = 0
+        for c in tl.static_range(BLOCK_C):
+            fsq = load_channel_levels(consts_ptr, c, BLOCK_C)
+            q, _t, rounded, _saved = STAGE(rs[c], k, param_ptrs, (c, BLOCK_C), fsq, USE_LIBDEVICE)
+            index = index + channel_digit(rounded, fsq, consts_ptr, basis_ptr, c, BLOCK_C)
+            q = keep_only(q, valid, active_stages, k, HAS_MASK, HAS_ACTIVE_STAGES)
+            new_accs = new_accs + (accs[c] + q,)
+            new_rs = new_rs + (rs[c] - q,)
+        store_row_index(index_rows, k, index, valid, active_stages, HAS_MASK, HAS_ACTIVE_STAGES)
+        rs = new_rs
+        accs = new_accs
+    for c in tl.static_range(BLOCK_C):
+        store_row(q_view, accs[c], c, offs_s, mask_s)
+
+
+@triton.heuristics(config.FLAGS_FROM_POINTERS)
+@triton.jit(do_not_specialize=["tiles_per_image"])
+def _bwd_elementwise_rows_kernel(
+    x_ptr,              # input z: (B, C, S) through stride_x*
+    g_ptr,              # dL/dquantized: (B, C, S) through stride_g* (may be stride 0)
+    dx_ptr,             # out: dL/dz, (B, C, S) through stride_dx*, z's dtype
+    param_ptrs,         # tuple: the strategy's parameter group (table order, kernel form)
+    dparam_part_ptrs,   # tuple: out, per parameter a float32 (programs * K, ...) partial-sum buffer
+    consts_ptr,         # (5, C) float32 level constants
+    valid_ptr,          # (B, S) uint8 padding mask, or None
+    active_stages_ptr,  # (B,) int32 stages each image runs, or None
+    S,                  # flattened spatial positions per image
+    tiles_per_image,    # programs per image
+    stride_xb, stride_xc, stride_xs,     # z's strides: image, channel, flattened spatial
+    stride_gb, stride_gc, stride_gs,     # dL/dquantized's strides
+    stride_dxb, stride_dxc, stride_dxs,  # dL/dz's strides
+    K: tl.constexpr,                  # stages (unrolled: the replay is shared between them)
+    STAGE: tl.constexpr,              # the strategy's stage forward (STAGES[strategy].forward, replayed)
+    STAGE_GRADS_INIT: tl.constexpr,   # its parameter-gradient term accumulator (.row_grads_init)
+    STAGE_VJP: tl.constexpr,          # its vector-Jacobian product (.row_vjp)
+    STAGE_GRADS_STORE: tl.constexpr,  # stores this program's parameter-gradient partials (.row_grads_store)
+    BLOCK_C: tl.constexpr,            # the exact channel count C
+    BLOCK_S: tl.constexpr,            # spatial positions per program
+    HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
+    HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
+    USE_INT64: tl.constexpr,          # 64-bit offsets
+    USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice; interpreter: fallbacks
+):
+    """Elementwise backward: J_k is diagonal, so every position and channel is independent; one
+    channel row at a time.
+
+    Per stage, in reverse: ``v_k = g - G_{k+1}`` on the positions the stage ran, ``STAGE_VJP``
+    returns ``dq_k/dr_k`` and the row's parameter-gradient terms (added to the stage's
+    accumulator), ``G_k = G_{k+1} + v_k dq/dr``; after the stages ``dL/dz = G_0`` of the row,
+    and after every row the parameter-gradient partials are stored. The residual is replayed from
+    the input for every stage; the stages are unrolled, so the compiler shares the O(K^2) replay.
+    """
+    pid = tl.program_id(0)  # also the row of this program's parameter-gradient partials
+    img, offs_s, mask_s, valid = row_prologue(valid_ptr, S, tiles_per_image, BLOCK_S, HAS_MASK, USE_INT64)
+    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
+    g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
+    dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
+    active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
+    parts = ()
+    for k in tl.static_range(K):
+        parts = parts + (STAGE_GRADS_INIT(),)
+    for c in tl.static_range(BLOCK_C):
+        chan = (c, BLOCK_C)
+        fsq = load_channel_levels(consts_ptr, c, BLOCK_C)
+        x = load_row(x_view, c, offs_s, valid)
+        g = load_row(g_view, c, offs_s, valid)
+        G = tl.zeros([BLOCK_S], dtype=tl.float32)
+        for k in tl.static_range(K - 1, -1, -1):
+            r = row_replay(x, param_ptrs, chan, fsq, valid, active_stages, k, STAGE, HAS_MASK, HAS_ACTIVE_STAGES,
+                           USE_LIBDEVICE)
+            q, t, _rounded, saved = STAGE(r, k, param_ptrs, chan, fsq, USE_LIBDEVICE)
+            dcode = fsq_dcode(t, fsq)
+            v = tl.where(stage_keep(valid, active_stages, k, HAS_ACTIVE_STAGES), g - G, 0.0)
+            dq_dr, term = STAGE_VJP(v, r, q, dcode, saved, k)
+            parts = replace_at(parts, k, parts[k] + term, K)
+            G = G + v * dq_dr
+        store_row(dx_view, G, c, offs_s, mask_s)
+    STAGE_GRADS_STORE(parts, param_ptrs, dparam_part_ptrs, pid, K, valid)
+
+
 def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, ...]:
     """Uninitialised ``(quantized, indices, mean, std)``; no statistics (empty mean/std)."""
     quantized, indices = config.quantized_and_indices(z, levels, stages)
@@ -250,43 +459,58 @@ def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tupl
 
 
 def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, params: Tuple[torch.Tensor, ...],
-            eps: float, mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+            eps: float, mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor],
+            fsq_shift: str = "atanh") -> Tuple[torch.Tensor, ...]:
     """Fused elementwise forward of ``strategy`` (its :data:`STAGES` entry, parameter group
     ``params`` in kernel form): ``(quantized, indices, mean, std)``; ``eps`` is unused."""
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
-    consts, basis = config.level_tables(levels, z.device)
+    consts, basis = config.level_tables(levels, z.device, fsq_shift)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
-    tiles = config.elementwise_tiles(C, S, sparse=valid is not None or active_stages is not None)
+    sparse = valid is not None or active_stages is not None
+    if config.ELEMENTWISE_ROWS:
+        tiles = config.elementwise_row_tiles(C, S, sparse)
+        kernel, channels = _fwd_elementwise_rows_kernel, ()
+    else:
+        tiles = config.elementwise_tiles(C, S, sparse)
+        kernel, channels = _fwd_elementwise_kernel, (C,)
     tiles_per_image = triton.cdiv(S, tiles.block_s)
-    launch(_fwd_elementwise_kernel, (B * tiles_per_image,),
+    launch(kernel, (B * tiles_per_image,),
            (x, quantized, indices, params, consts, basis, valid, active_stages,
-            C, S, tiles_per_image, *x_strides, *config.flat_strides(quantized), stages),
+            *channels, S, tiles_per_image, *x_strides, *config.flat_strides(quantized), stages),
            tiles=tiles, tensors=(x, quantized, indices), STAGE=STAGES[strategy].forward)
     return quantized, indices, mean, std
 
 
 def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str,
              params: Tuple[torch.Tensor, ...], mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
-             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]):
+             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], fsq_shift: str = "atanh"):
     """Fused elementwise backward: ``(grad_z, grad_params)`` (``mean``/``std`` unused)."""
     grad_z = config.new_output(z)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
     g, g_strides = config.strided_view(grad_q)
-    consts, _basis = config.level_tables(levels, z.device)
+    consts, _basis = config.level_tables(levels, z.device, fsq_shift)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
-    tiles = config.elementwise_tiles(C, S, sparse=valid is not None or active_stages is not None)
+    sparse = valid is not None or active_stages is not None
+    rows = config.ELEMENTWISE_ROWS
+    tiles = config.elementwise_row_tiles(C, S, sparse) if rows else config.elementwise_tiles(C, S, sparse)
     tiles_per_image = triton.cdiv(S, tiles.block_s)
     programs = B * tiles_per_image
     # Every parameter gradient as one partial sum per (program, stage[, channel]), reduced below in
     # a fixed order (no atomics: bitwise-reproducible).
     parts = tuple(torch.empty((programs, *p.shape), dtype=torch.float32, device=z.device) for p in params)
     stage = STAGES[strategy]
-    launch(_bwd_elementwise_kernel, (programs,),
+    if rows:
+        kernel, channels = _bwd_elementwise_rows_kernel, ()
+        grads = dict(STAGE_GRADS_INIT=stage.row_grads_init, STAGE_VJP=stage.row_vjp,
+                     STAGE_GRADS_STORE=stage.row_grads_store)
+    else:
+        kernel, channels = _bwd_elementwise_kernel, (C,)
+        grads = dict(STAGE_GRADS_INIT=stage.grads_init, STAGE_VJP=stage.vjp, STAGE_GRADS_STORE=stage.grads_store)
+    launch(kernel, (programs,),
            (x, g, grad_z, params, parts, consts, valid, active_stages,
-            C, S, tiles_per_image, *x_strides, *g_strides, *config.flat_strides(grad_z)),
-           tiles=tiles, tensors=(x, g, grad_z), K=stages, STAGE=stage.forward, STAGE_GRADS_INIT=stage.grads_init,
-           STAGE_VJP=stage.vjp, STAGE_GRADS_STORE=stage.grads_store)
+            *channels, S, tiles_per_image, *x_strides, *g_strides, *config.flat_strides(grad_z)),
+           tiles=tiles, tensors=(x, g, grad_z), K=stages, STAGE=stage.forward, **grads)
     return grad_z, tuple(part.sum(0).to(p.dtype) for part, p in zip(parts, params))

@@ -189,3 +189,79 @@ def keep_only(q, valid, active_stages, k, HAS_MASK: tl.constexpr, HAS_ACTIVE_STA
         return tl.where(stage_keep(valid, active_stages, k, HAS_ACTIVE_STAGES), q, 0.0)
     else:
         return q
+
+
+# -- channel rows: every channel of a position in one thread (the elementwise kernels) ----------
+# A program holds ``C`` rows, one 1-D ``[BLOCK_S]`` vector per channel (unrolled over the exact
+# ``C``, a constexpr), so each thread owns every channel of its positions: the index packing and
+# any per-position channel sum are thread-local, and no lane runs for a padded channel. The
+# per-channel constants are scalars. Same arithmetic, in the same order, as the tile helpers.
+
+
+@triton.jit
+def row_prologue(valid_ptr, S, tiles_per_image, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
+                 USE_INT64: tl.constexpr):
+    """Opening of a channel-row kernel (one program per image tile of ``BLOCK_S`` positions):
+    ``(img, offs_s, mask_s, valid)`` -- the image (int64 with ``USE_INT64``) and the tile's
+    positions (:func:`spatial_lanes`)."""
+    pid = tl.program_id(0)
+    img = widen(pid // tiles_per_image, USE_INT64)
+    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, (valid_ptr, img * S), S, BLOCK_S,
+                                          HAS_MASK, USE_INT64)
+    return img, offs_s, mask_s, valid
+
+
+@triton.jit
+def _row_offsets(view, c: tl.constexpr, offs_s):
+    ptr, start, stride_c, stride_s = view
+    # offs_s is int64 under USE_INT64 (so is start); c * stride_c is taken in offs_s's type.
+    chan = tl.full([], c, offs_s.dtype)
+    return ptr, start + chan * stride_c + offs_s * stride_s
+
+
+@triton.jit
+def load_row(view, c: tl.constexpr, offs_s, mask):
+    """Channel ``c``'s ``[BLOCK_S]`` row of ``view = (ptr, start, stride_c, stride_s)`` as float32;
+    masked lanes read 0."""
+    ptr, offs = _row_offsets(view, c, offs_s)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_row(view, val, c: tl.constexpr, offs_s, mask):
+    """Store channel ``c``'s float32 row into ``view`` in the pointer's element type."""
+    ptr, offs = _row_offsets(view, c, offs_s)
+    tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_channel_levels(consts_ptr, c: tl.constexpr, C: tl.constexpr):
+    """Channel ``c``'s ``fsq = (half_l, offset, shift, half_w, inv_w)`` as float32 scalars
+    (:func:`load_levels` for one channel)."""
+    half_l = tl.load(consts_ptr + ROW_HALF_L * C + c)
+    offset = tl.load(consts_ptr + ROW_OFFSET * C + c)
+    shift = tl.load(consts_ptr + ROW_SHIFT * C + c)
+    half_w = tl.load(consts_ptr + ROW_HALF_W * C + c)
+    return half_l, offset, shift, half_w, recip_rn(half_w)
+
+
+@triton.jit
+def channel_digit(rounded, fsq, consts_ptr, basis_ptr, c: tl.constexpr, C: tl.constexpr):
+    """Channel ``c``'s term of the packed index, ``digit * basis`` in the index dtype (the
+    basis's), for a row of rounded values: :func:`pack_index` for one channel (same clamp, same
+    NaN -> 0); the kernel adds the ``C`` terms in the thread."""
+    _half_l, _offset, _shift, half_w, _inv_w = fsq
+    top = tl.load(consts_ptr + ROW_TOP * C + c)
+    basis = tl.load(basis_ptr + c)
+    digit = tl.minimum(tl.maximum(rounded + half_w, 0.0), top)
+    return digit.to(basis.dtype) * basis
+
+
+@triton.jit
+def store_row_index(index_rows, k, index, valid, active_stages, HAS_MASK: tl.constexpr,
+                    HAS_ACTIVE_STAGES: tl.constexpr):
+    """:func:`store_index` for an index already packed in the thread (``[BLOCK_S]``)."""
+    idx_ptr, rows, mask_s = index_rows
+    if HAS_MASK or HAS_ACTIVE_STAGES:
+        index = tl.where(stage_keep(valid, active_stages, k, HAS_ACTIVE_STAGES), index, -1)
+    tl.store(idx_ptr + rows + k, index.to(idx_ptr.dtype.element_ty), mask=mask_s)
