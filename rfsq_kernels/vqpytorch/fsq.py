@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backend import check_backend, use_fused
+from ..reference import check_indices
 from . import reference as ref
 
 
@@ -162,8 +163,9 @@ class FSQ(nn.Module):
         return ref.tanh_codes_from_digits(digits, self._levels)
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:
-        """Digits ``(..., codebook_dim)`` (int64, exact) of ``indices``."""
-        return ref.unpack_indices(indices, self.levels)
+        """Digits ``(..., codebook_dim)`` (int64, exact) of ``indices`` (any integer dtype; values outside
+        ``[0, prod(levels))`` raise: ``rfsq_kernels.reference.check_indices``, as every decoder)."""
+        return ref.unpack_indices(check_indices(indices, ref.codebook_size(self.levels)), self.levels)
 
     def codes_to_indices(self, zhat: Tensor) -> Tensor:
         """Index of each code ``(..., codebook_dim)``: digits recovered in float, rounded, packed
