@@ -70,7 +70,10 @@ def draw_active_stages(
     multiple of ``m`` (capped at K). ``per_sample=False`` draws one count for the whole batch.
     """
     n = batch if per_sample else 1
-    k = torch.randint(cutoff_index + 1, stages + 1, (n,), device=device, generator=generator)
+    # (no generator argument unless one is given: randint's generator overload does not take the symbolic
+    # batch size of torch.compile(dynamic=True))
+    extra = {} if generator is None else {"generator": generator}
+    k = torch.randint(cutoff_index + 1, stages + 1, (n,), device=device, **extra)
     if multiple_of != 1:
         k = (torch.div(k + multiple_of - 1, multiple_of, rounding_mode="floor") * multiple_of).clamp_max(stages)
     if not per_sample:

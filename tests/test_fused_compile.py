@@ -155,3 +155,18 @@ def test_compile_fullgraph_decode(seed):
     bad[0, 0, 1, 0] = -1.0
     with pytest.raises(RuntimeError, match="std <= 0"):
         decode(idx, bad)
+
+
+def test_compile_fullgraph_dynamic_quantize_dropout(seed):
+    """Training with quantize dropout under a symbolic batch size: the per-sample counts are drawn
+    on the device (randint's generator overload did not take a symbolic size)."""
+    m = RFSQ(stages=3, strategy="layernorm", levels=[8, 5, 4], channel_first=False, dim=6, quantize_dropout=True,
+             backend="triton").train()
+    compiled = torch.compile(m, fullgraph=True, dynamic=True, backend="aot_eager")
+    for batch in (3, 5):
+        z = torch.randn(batch, 10, 6, requires_grad=True)
+        mask = torch.rand(batch, 10) > 0.2
+        q, idx = compiled(z, mask=mask)
+        q.sum().backward()
+        assert idx.shape == (batch, 10, 3) and torch.isfinite(z.grad).all()
+        assert ((idx == -1) | mask[..., None]).all()
