@@ -24,7 +24,8 @@ def _views(strategy, kind):
             leaf = p[:1].clone().requires_grad_()
             views[name] = lambda leaf=leaf, shape=p.shape: leaf.expand(shape)
         else:
-            leaf = p.t().clone().requires_grad_() if p.ndim == 2 else p.flip(0).clone().requires_grad_()
+            # (contiguous(), not clone(): clone keeps the transposed strides, and leaf.t() would be dense)
+            leaf = p.t().contiguous().requires_grad_() if p.ndim == 2 else p.flip(0).contiguous().requires_grad_()
             views[name] = (lambda leaf=leaf: leaf.t()) if p.ndim == 2 else (lambda leaf=leaf: leaf.flip(0))
         leaves[name] = leaf
     return leaves, views
@@ -37,6 +38,7 @@ def test_strided_parameters_match_the_reference(seed, strategy, kind):
     materialized = {n: v().detach().contiguous() for n, v in views.items()}
     z = draw_input((2, len(LEVELS), 5, 6), LEVELS, STAGES, strategy, materialized)
     outs, grads = [], []
+    assert all(not v().is_contiguous() for v in views.values() if v().ndim == 2 or kind == "expanded")
     for fn in (rfsq_fused, rfsq_forward):
         for leaf in leaves.values():
             leaf.grad = None
