@@ -23,6 +23,7 @@ import triton.language as tl
 
 from . import config
 from .fpmath import as_f32, div_rn, recip_rn
+from .launch_settings import launch
 from .stages import (fsq_code, fsq_dcode, keep_only, load_active_stages, load_digit_range, load_levels, load_tile,
                      masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, widen)
 
@@ -462,16 +463,14 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, 
     x, x_strides = config.strided_view(z)
     consts, basis = config.level_tables(levels, z.device)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
-    use_int64 = config.needs_int64(x, quantized, indices)
-    tiles = config.layernorm_tiles(C, S, "forward", use_int64, arch=config.target_arch(z))
+    offsets = (x, quantized, indices)
+    tiles = config.layernorm_tiles(C, S, "forward", config.needs_int64(*offsets), arch=config.target_arch(z))
     # The chunked path's replay factors, written once per stage (no div.rn in its chunk loops).
     factors = None if tiles.one_tile else torch.empty((B, stages, 2, C), dtype=torch.float32, device=z.device)
-    _fwd_layernorm_kernel[(B,)](
-        x, quantized, indices, mean, std, factors, (ln_weight, ln_bias), consts, basis, valid, active_stages,
-        C, S, *x_strides, *config.flat_strides(quantized), float(eps), stages,
-        BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
-        USE_INT64=use_int64, USE_LIBDEVICE=config.use_libdevice(z), num_warps=tiles.num_warps,
-        enable_fp_fusion=config.FP_FUSION, maxnreg=config.layernorm_maxnreg(tiles))
+    launch(_fwd_layernorm_kernel, (B,),
+           (x, quantized, indices, mean, std, factors, (ln_weight, ln_bias), consts, basis, valid, active_stages,
+            C, S, *x_strides, *config.flat_strides(quantized), float(eps), stages),
+           tiles=tiles, tensors=offsets, ONE_TILE=tiles.one_tile)
     return quantized, indices, mean, std
 
 
@@ -497,13 +496,10 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     # the reference makes), done once here instead of in every chunk of every replayed stage.
     w = ln_weight.float().unsqueeze(0)
     factors = torch.stack((w / std, std / w), dim=2).contiguous()
-    _bwd_layernorm_kernel[(B,)](
-        x, g, grad_z, scratch, mean, std, factors, (ln_weight, ln_bias), (dw_part, db_part), consts, valid,
-        active_stages,
-        C, S, *x_strides, *g_strides, *config.flat_strides(grad_z), C * S, stages,
-        BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
-        USE_INT64=config.needs_int64(x, g, grad_z, scratch), USE_LIBDEVICE=config.use_libdevice(z),
-        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION, maxnreg=config.layernorm_maxnreg(tiles))
+    launch(_bwd_layernorm_kernel, (B,),
+           (x, g, grad_z, scratch, mean, std, factors, (ln_weight, ln_bias), (dw_part, db_part), consts, valid,
+            active_stages, C, S, *x_strides, *g_strides, *config.flat_strides(grad_z), C * S, stages),
+           tiles=tiles, tensors=(x, g, grad_z, scratch), ONE_TILE=tiles.one_tile)
     grad_w.copy_(dw_part.sum(0))
     grad_b.copy_(db_part.sum(0))
     return grad_z, (grad_w, grad_b)
