@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .backend import use_fused
 from .kernels.launch import backward_outputs, forward_outputs, rfsq_backward_launch, rfsq_forward_launch
-from .reference import check_eps, check_levels, check_stages, get_strategy, rfsq_forward
+from .reference import check_eps, check_fsq_shift, check_levels, check_stages, get_strategy, rfsq_forward
 from .reference.validation import check_call_tensors
 
 __all__ = ["rfsq_fused"]
@@ -33,14 +33,15 @@ __all__ = ["rfsq_fused"]
 @torch.library.custom_op("rfsq_kernels::rfsq_forward", mutates_args=())
 def _forward_op(
     z: Tensor, params: List[Tensor], mask: Optional[Tensor], active_stages: Optional[Tensor],
-    levels: List[int], stages: int, strategy: str, eps: float,
+    levels: List[int], stages: int, strategy: str, eps: float, fsq_shift: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     params = _kernel_params(z, params, mask, active_stages, levels, stages, strategy)
-    return rfsq_forward_launch(z, levels, stages, strategy, params, eps, mask=mask, active_stages=active_stages)
+    return rfsq_forward_launch(z, levels, stages, strategy, params, eps, mask=mask, active_stages=active_stages,
+                               fsq_shift=fsq_shift)
 
 
 @_forward_op.register_fake
-def _forward_fake(z, params, mask, active_stages, levels, stages, strategy, eps):
+def _forward_fake(z, params, mask, active_stages, levels, stages, strategy, eps, fsq_shift):
     _kernel_params(z, params, mask, active_stages, levels, stages, strategy)
     return forward_outputs(z, levels, stages, strategy)
 
@@ -63,17 +64,17 @@ def _kernel_params(z: Tensor, params: Sequence[Tensor], mask: Optional[Tensor], 
 @torch.library.custom_op("rfsq_kernels::rfsq_backward", mutates_args=())
 def _backward_op(
     grad_q: Tensor, z: Tensor, params: List[Tensor], mean: Tensor, std: Tensor, mask: Optional[Tensor],
-    active_stages: Optional[Tensor], levels: List[int], stages: int, strategy: str,
+    active_stages: Optional[Tensor], levels: List[int], stages: int, strategy: str, fsq_shift: str,
 ) -> List[Tensor]:
     """``[grad_z, *grad_params]`` (parameter gradients in the order of ``params``)."""
     params, mean, std = _backward_inputs(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy)
     grad_z, grad_params = rfsq_backward_launch(grad_q, z, levels, stages, strategy, params, mean, std,
-                                               mask=mask, active_stages=active_stages)
+                                               mask=mask, active_stages=active_stages, fsq_shift=fsq_shift)
     return [grad_z, *grad_params]
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy):
+def _backward_fake(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy, fsq_shift):
     params, _, _ = _backward_inputs(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy)
     grad_z, grad_params = backward_outputs(z, stages, strategy, params)
     return [grad_z, *grad_params]
@@ -106,18 +107,18 @@ def _saveable(t: Optional[Tensor]) -> Optional[Tensor]:
 def _setup_context(ctx, inputs, output) -> None:
     # Called only when grad mode is on and some input requires grad (torch.library's autograd glue):
     # z is then needed, since every parameter gradient replays the stages from z.
-    z, params, mask, active_stages, levels, stages, strategy, _eps = inputs
+    z, params, mask, active_stages, levels, stages, strategy, _eps, fsq_shift = inputs
     _, indices, mean, std = output
     ctx.save_for_backward(*(_saveable(t) for t in (z, mean, std, mask, active_stages, *params)))
-    ctx.levels, ctx.stages, ctx.strategy = levels, stages, strategy
+    ctx.levels, ctx.stages, ctx.strategy, ctx.fsq_shift = levels, stages, strategy, fsq_shift
     ctx.mark_non_differentiable(indices, mean, std)
 
 
 def _backward(ctx, grad_q, _grad_indices, _grad_mean, _grad_std):
     z, mean, std, mask, active_stages, *params = ctx.saved_tensors
     grad_z, *grad_params = torch.ops.rfsq_kernels.rfsq_backward(
-        grad_q, z, params, mean, std, mask, active_stages, ctx.levels, ctx.stages, ctx.strategy)
-    return grad_z, grad_params, None, None, None, None, None, None
+        grad_q, z, params, mean, std, mask, active_stages, ctx.levels, ctx.stages, ctx.strategy, ctx.fsq_shift)
+    return grad_z, grad_params, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -156,6 +157,7 @@ def rfsq_fused(
     eps: float = 1e-5,
     mask: Optional[Tensor] = None,
     active_stages: Optional[Tensor] = None,
+    fsq_shift: str = "atanh",
     **params: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused K-stage RFSQ: same contract as :func:`rfsq_kernels.reference.rfsq_forward`, ``mask``
@@ -163,8 +165,9 @@ def rfsq_fused(
     counts, read on the device: one compiled kernel serves every mix, no host sync) included.
 
     ``params``: the strategy's parameters by name (``scale_param`` ``(K,)``; ``ln_weight``,
-    ``ln_bias`` ``(K, C)``; ``RFSQ.strategy_parameters()``), differentiable. Everything after
-    ``strategy`` is keyword-only.
+    ``ln_bias`` ``(K, C)``; ``RFSQ.strategy_parameters()``), differentiable. ``fsq_shift``:
+    ``'atanh'`` (default) or the official code's ``'tan'`` (the kernels read the shift from their
+    constant table). Everything after ``strategy`` is keyword-only.
 
     Returns ``(quantized, indices, mean, std)``: ``quantized`` in ``z``'s dtype and layout
     (contiguous / channels_last / channels_last_3d kept), ``indices`` ``(B, *spatial, K)`` int32
@@ -178,16 +181,18 @@ def rfsq_fused(
     ``backend='reference'``.
     """
     levels, eps = list(check_levels(levels)), check_eps(eps)
+    fsq_shift = check_fsq_shift(fsq_shift)
     stages = check_stages(stages)
     spec = get_strategy(strategy)
     group = spec.bind(params)
     check_call_tensors(z, levels, stages, spec, group, mask, active_stages)
     use_fused("triton", z)  # z on CUDA, or the Triton interpreter on: else the error says how to proceed
     if _needs_reference_autodiff(z, *group):
-        return rfsq_forward(z, levels, stages, strategy, eps=eps, mask=mask, active_stages=active_stages, **params)
+        return rfsq_forward(z, levels, stages, strategy, eps=eps, mask=mask, active_stages=active_stages,
+                            fsq_shift=fsq_shift, **params)
     # contiguous here (not only inside the op): what autograd saves for the backward is then the copy
     kernel_params = [p.kernel_form(value).contiguous() for p, value in zip(spec.params, group)]
     if active_stages is not None:
         active_stages = active_stages.to(torch.int32)
     return torch.ops.rfsq_kernels.rfsq_forward(z, kernel_params, mask, active_stages, levels, stages,
-                                               spec.name, float(eps))
+                                               spec.name, float(eps), fsq_shift)

@@ -108,20 +108,20 @@ def test_the_custom_op_checks_and_copies_what_it_reads(seed):
     group = [params[p.name] for p in spec.params]
     strided = [p.t().contiguous().t() for p in group]  # same values, transposed memory
     op = torch.ops.rfsq_kernels.rfsq_forward
-    want = op(z, group, None, None, LEVELS, STAGES, "layernorm", 1e-5)
-    got = op(z, strided, None, None, LEVELS, STAGES, "layernorm", 1e-5)
+    want = op(z, group, None, None, LEVELS, STAGES, "layernorm", 1e-5, "atanh")
+    got = op(z, strided, None, None, LEVELS, STAGES, "layernorm", 1e-5, "atanh")
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"active_stages must have shape \(B,\) = \(2,\)"):
-        op(z, group, None, torch.ones(1, dtype=torch.int32), LEVELS, STAGES, "layernorm", 1e-5)
+        op(z, group, None, torch.ones(1, dtype=torch.int32), LEVELS, STAGES, "layernorm", 1e-5, "atanh")
     with pytest.raises(ValueError, match="has 4 channels"):
-        op(torch.randn(2, 4, 4, 5), group, None, None, LEVELS, STAGES, "layernorm", 1e-5)
+        op(torch.randn(2, 4, 4, 5), group, None, None, LEVELS, STAGES, "layernorm", 1e-5, "atanh")
     with pytest.raises(ValueError, match="takes 2 parameter tensors"):
-        op(z, group[:1], None, None, LEVELS, STAGES, "layernorm", 1e-5)
+        op(z, group[:1], None, None, LEVELS, STAGES, "layernorm", 1e-5, "atanh")
     _, _, mean, std = want
     with pytest.raises(ValueError, match="mean must be the forward's float32"):
         torch.ops.rfsq_kernels.rfsq_backward(torch.ones_like(z), z, group, mean[:1], std, None, None, LEVELS,
-                                             STAGES, "layernorm")
+                                             STAGES, "layernorm", "atanh")
 
 
 @pytest.mark.parametrize("strategy", ["scale", "layernorm"])

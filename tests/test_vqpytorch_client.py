@@ -322,3 +322,29 @@ def test_grouped_image_fmap_quantizes_the_channel_axis_like_the_library(seed):
     qc, ic = cf(x)
     assert torch.equal(q, qc) and torch.equal(idx, ic.movedim(2, -1))
     assert torch.equal(mine.get_output_from_indices(idx), q)
+
+
+# -- issue 30 item 3: the K=8 late-stage indices ---------------------------------------------------
+
+
+def test_late_stages_resolve_below_float32_precision(seed):
+    """Stage k's grid step is ``2 L**-k / (L-1)`` in input units: for L=8 at k=7 it is 1.4e-7, about
+    one ulp of an input near 1, so the late digits are decided by the input's last bits. The
+    library's own indices move there under a one-ulp nudge of its (clamped) input; the early
+    stages do not. (The fused path equals the library bitwise once both use the same tanh:
+    test_readme_rfsq[triton]; measured counts: bench/vq_deep_stages.py, docs.)"""
+    assert 2 * 8.0 ** -7 / 7 < 2 * torch.finfo(torch.float32).eps
+    levels = [8, 5, 5, 3]
+    lib = vq.ResidualFSQ(levels=levels, num_quantizers=8).eval()
+    mine = ours.ResidualFSQ(levels=levels, num_quantizers=8, backend="reference").eval()
+    c = lib.soft_clamp_input_value
+    lib.soft_clamp_input_value = None  # feed the clamped input directly
+    y = (torch.randn(4, 1024, 4) * 1.5 / c).tanh() * c
+    nudged = torch.nextafter(y, torch.full_like(y, float("inf")))
+    a, b = lib(y)[1], lib(nudged)[1]
+    moved = [(a[..., k] != b[..., k]).float().mean().item() for k in range(8)]
+    assert moved[:3] == [0.0, 0.0, 0.0] and moved[7] > 0.05
+    from rfsq_kernels.vqpytorch import reference as ref
+
+    _, idx = ref.residual_fsq_core(nudged, levels, mine.scales, None)  # our stage loop, no clamp
+    assert torch.equal(idx, b)  # the reference path follows the library's last bits too
