@@ -154,18 +154,20 @@ def target_arch(t: torch.Tensor) -> Optional[int]:
     return arch if isinstance(arch, int) else None
 
 
-def level_tables(levels: Sequence[int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def level_tables(levels: Sequence[int], device: torch.device, fsq_shift: str = "atanh"
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cached ``(consts, basis)``: float32 ``(5, C)`` rows half_l, offset, shift, half_w, L-1
     (float64 values rounded to float32, exactly as the reference builds them) and ``(C,)``
     mixed-radix place values in the index dtype (int32 below 2**31 codes: 32-bit index math).
-    Built once per (levels, device), so later calls (and CUDA-graph capture) do no host-to-device
-    copies."""
+    ``fsq_shift`` picks the shift row (``'atanh'``, or the official code's ``'tan'``): the kernels
+    read the shift from this table, so they compute either. Built once per (levels, device, shift),
+    so later calls (and CUDA-graph capture) do no host-to-device copies."""
     def build() -> Tuple[torch.Tensor, torch.Tensor]:
-        half_l, offset, shift, half_w = fsq_constants(levels)
+        half_l, offset, shift, half_w = fsq_constants(levels, fsq_shift)
         rows = [half_l, offset, shift, [float(v) for v in half_w], [float(v - 1) for v in levels]]
         consts = torch.tensor(rows, dtype=torch.float32, device=device)
         return consts, torch.tensor(index_basis(levels), dtype=index_dtype(levels), device=device)
-    return cached(("levels", tuple(levels), torch.device(device)), build)
+    return cached(("levels", tuple(levels), torch.device(device), fsq_shift), build)
 
 
 def cached(key: Tuple, build: Callable[[], Tuple], fresh: Callable[[Tuple], bool] = lambda hit: True) -> Tuple:
