@@ -115,24 +115,25 @@ def elementwise_tiles(channels: int, spatial: int, sparse: bool = False) -> Tile
 #: ``elementwise._fwd_elementwise_rows_kernel``) instead of the ``[next_pow2(C), BLOCK_S]`` tile
 #: kernels. Off until the row kernels pass the full offline compile check (bench/NOTES.md).
 ELEMENTWISE_ROWS = False
-#: Positions per thread of the channel-row elementwise kernels (:func:`elementwise_row_tiles`), by
-#: channel count: a thread holds ``C * positions`` elements of each carried row set (bench/NOTES.md).
+#: Positions per thread of the channel-row elementwise kernels (:func:`elementwise_row_tiles`), at
+#: most, and the elements (channels x positions) a thread holds at most, by direction: the
+#: forward carries two rows per channel through its stage loop (residual and sum), the backward
+#: one row at a time (sm_90, bench/NOTES.md "Channels inside a thread").
 ROW_POSITIONS_PER_THREAD = 4
-#: Elements (channels x positions) a thread of those kernels holds at most.
-ROW_ELEMS_PER_THREAD = 16
+ROW_ELEMS_PER_THREAD = {"forward": 16, "backward": 32}
 ROW_WARPS = 4
 
 
-def elementwise_row_tiles(channels: int, spatial: int, sparse: bool = False) -> Tiles:
-    """Tile of the none/scale kernels: every one of the ``channels`` (exact, ``block_c = C``) in
-    every thread, ``block_s`` positions along the threads and warps -- up to
+def elementwise_row_tiles(channels: int, spatial: int, sparse: bool = False, direction: str = "forward") -> Tiles:
+    """Tile of the channel-row none/scale kernels: every one of the ``channels`` (exact,
+    ``block_c = C``) in every thread, ``block_s`` positions along the threads and warps -- up to
     :data:`ROW_POSITIONS_PER_THREAD` positions per thread, fewer when ``C`` times that exceeds
-    :data:`ROW_ELEMS_PER_THREAD`; ``sparse`` (mask or stage counts) does not change it.
-    ``MAX_BLOCK_ELEMS`` caps the tile (tests lower it to force several tiles per image)."""
-    per_thread = max(1, min(ROW_POSITIONS_PER_THREAD, ROW_ELEMS_PER_THREAD // max(channels, 1)))
+    :data:`ROW_ELEMS_PER_THREAD` of ``direction``; ``sparse`` (mask or stage counts) does not
+    change it. ``MAX_BLOCK_ELEMS`` caps the tile (tests lower it to force several tiles per image)."""
+    per_thread = max(1, min(ROW_POSITIONS_PER_THREAD, ROW_ELEMS_PER_THREAD[direction] // max(channels, 1)))
     per_thread = 1 << (per_thread.bit_length() - 1)
-    block_s = min(next_pow2(spatial), per_thread * 32 * ROW_WARPS, max(next_pow2(MAX_BLOCK_ELEMS // max(channels, 1)) // 2, 2))
-    block_s = max(block_s, 2)
+    cap = max(next_pow2(MAX_BLOCK_ELEMS // max(channels, 1)) // 2, 2)
+    block_s = max(min(next_pow2(spatial), per_thread * 32 * ROW_WARPS, cap), 2)
     warps = min(max(block_s // (32 * per_thread), 1), ROW_WARPS)
     return Tiles(channels, block_s, warps, block_s >= spatial)
 

@@ -16,8 +16,8 @@ import triton.language as tl
 from . import config
 from .fpmath import recip_rn
 from .launch_settings import launch
-from .stages import (channel_digit, fsq_code, fsq_dcode, keep_only, load_active_stages, load_channel_levels,
-                     load_digit_range, load_levels, load_row, load_tile, masked_row_sum, row_prologue, spatial_lanes,
+from .stages import (channel_digit, fsq_code, fsq_dcode, keep_only, load_active_stages, load_channel_digits,
+                     load_channel_levels, load_digit_range, load_levels, load_row, load_tile, masked_row_sum, row_prologue, spatial_lanes,
                      stage_keep, store_index, store_row, store_row_index, store_tile, widen)
 
 
@@ -363,9 +363,14 @@ def _fwd_elementwise_rows_kernel(
     x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
     q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
+    # Each channel's constants once, before the stage loop (scalars; the compiler would reload
+    # them every stage, as it cannot prove the index stores leave them alone).
+    chans = ()
     rs = ()
     accs = ()
     for c in tl.static_range(BLOCK_C):
+        chans = chans + ((load_channel_levels(consts_ptr, c, BLOCK_C),
+                          load_channel_digits(consts_ptr, basis_ptr, c, BLOCK_C)),)
         rs = rs + (load_row(x_view, c, offs_s, valid),)
         accs = accs + (tl.zeros([BLOCK_S], dtype=tl.float32),)
     index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_row_index
@@ -374,9 +379,9 @@ def _fwd_elementwise_rows_kernel(
         new_accs = ()
         index = 0
         for c in tl.static_range(BLOCK_C):
-            fsq = load_channel_levels(consts_ptr, c, BLOCK_C)
+            fsq, digits = chans[c]
             q, _t, rounded, _saved = STAGE(rs[c], k, param_ptrs, (c, BLOCK_C), fsq, USE_LIBDEVICE)
-            index = index + channel_digit(rounded, fsq, consts_ptr, basis_ptr, c, BLOCK_C)
+            index = index + channel_digit(rounded, fsq, digits)
             q = keep_only(q, valid, active_stages, k, HAS_MASK, HAS_ACTIVE_STAGES)
             new_accs = new_accs + (accs[c] + q,)
             new_rs = new_rs + (rs[c] - q,)
@@ -495,7 +500,7 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
     sparse = valid is not None or active_stages is not None
     rows = config.ELEMENTWISE_ROWS
-    tiles = config.elementwise_row_tiles(C, S, sparse) if rows else config.elementwise_tiles(C, S, sparse)
+    tiles = config.elementwise_row_tiles(C, S, sparse, 'backward') if rows else config.elementwise_tiles(C, S, sparse)
     tiles_per_image = triton.cdiv(S, tiles.block_s)
     programs = B * tiles_per_image
     # Every parameter gradient as one partial sum per (program, stage[, channel]), reduced below in

@@ -246,13 +246,18 @@ def load_channel_levels(consts_ptr, c: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def channel_digit(rounded, fsq, consts_ptr, basis_ptr, c: tl.constexpr, C: tl.constexpr):
-    """Channel ``c``'s term of the packed index, ``digit * basis`` in the index dtype (the
+def load_channel_digits(consts_ptr, basis_ptr, c: tl.constexpr, C: tl.constexpr):
+    """Channel ``c``'s ``digits = (top, basis)`` as scalars (:func:`load_digit_range` for one channel)."""
+    return tl.load(consts_ptr + ROW_TOP * C + c), tl.load(basis_ptr + c)
+
+
+@triton.jit
+def channel_digit(rounded, fsq, digits):
+    """One channel's term of the packed index, ``digit * basis`` in the index dtype (the
     basis's), for a row of rounded values: :func:`pack_index` for one channel (same clamp, same
     NaN -> 0); the kernel adds the ``C`` terms in the thread."""
     _half_l, _offset, _shift, half_w, _inv_w = fsq
-    top = tl.load(consts_ptr + ROW_TOP * C + c)
-    basis = tl.load(basis_ptr + c)
+    top, basis = digits
     digit = tl.minimum(tl.maximum(rounded + half_w, 0.0), top)
     return digit.to(basis.dtype) * basis
 
