@@ -464,6 +464,10 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, 
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
     use_int64 = config.needs_int64(x, quantized, indices)
     tiles = config.layernorm_tiles(C, S, "forward", use_int64, arch=config.target_arch(z))
+    if not tiles.one_tile and config.LAYERNORM_SPLIT:
+        from . import layernorm_split
+        return layernorm_split.forward(z, levels, stages, params, eps, valid, active_stages, tiles,
+                                       (quantized, indices, mean, std))
     # The chunked path's replay factors, written once per stage (no div.rn in its chunk loops).
     factors = None if tiles.one_tile else torch.empty((B, stages, 2, C), dtype=torch.float32, device=z.device)
     _fwd_layernorm_kernel[(B,)](
