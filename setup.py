@@ -13,8 +13,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["rfsq_kernels", "rfsq_kernels.kernels", "rfsq_kernels.gpucheck", "rfsq_kernels.reference",
-              "rfsq_kernels.vqpytorch"],
+    packages=["rfsq_kernels", "rfsq_kernels.kernels", "rfsq_kernels.kernels.vq", "rfsq_kernels.gpucheck",
+              "rfsq_kernels.reference", "rfsq_kernels.vqpytorch"],
     package_dir={"rfsq_kernels.reference": "reference"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

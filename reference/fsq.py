@@ -31,16 +31,17 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def fsq_quantize(
-    z: torch.Tensor, levels: Sequence[int], compute_dtype: torch.dtype = torch.float32
+    z: torch.Tensor, levels: Sequence[int], compute_dtype: torch.dtype = torch.float32, fsq_shift: str = "atanh"
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantize channel-first ``z`` per channel; return ``(codes, digits)``.
 
     ``codes`` (``compute_dtype``) are ``round_ste(tanh(z + shift) * half_l - offset) / half_w`` in
     [-1, 1]; ``digits`` (int64, same shape) are the integer levels in ``[0, L-1]``, computed from the
-    explicit round and clamped so that NaN/Inf inputs still give valid digits.
+    explicit round and clamped so that NaN/Inf inputs still give valid digits. ``fsq_shift``:
+    ``'atanh'`` (default) or the official code's ``'tan'`` (:func:`~.codebook.fsq_constants`).
     """
     levels = check_levels(levels)
-    half_l, offset, shift, half_w = fsq_constants(levels)
+    half_l, offset, shift, half_w = fsq_constants(levels, fsq_shift)
     dev, nd = z.device, z.ndim
     zc = z.to(compute_dtype)
     hl = channel_view(half_l, nd, dev, compute_dtype)

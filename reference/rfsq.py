@@ -15,6 +15,7 @@ from torch import nn
 
 from .codebook import (
     LevelsMixin,
+    check_fsq_shift,
     check_levels,
     default_levels,
     digits_to_codes,
@@ -54,6 +55,7 @@ def rfsq_forward(
     compute_dtype: torch.dtype = torch.float32,
     mask: Optional[torch.Tensor] = None,
     active_stages: Optional[torch.Tensor] = None,
+    fsq_shift: str = "atanh",
     **params: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The K-stage RFSQ loop; returns ``(quantized, indices, mean, std)``.
@@ -76,8 +78,11 @@ def rfsq_forward(
     ``active_stages`` (optional, ``(B,)`` integer): sample ``b`` runs stages ``k < k_b`` only
     (quantize dropout); for ``k >= k_b`` its ``q_k`` is 0, its indices are -1, its residual is
     unchanged and its layernorm side information is ``(mean 0, std 1)``.
+
+    ``fsq_shift``: the FSQ shift, ``'atanh'`` (default) or ``'tan'`` (the official RFSQ code's).
     """
     levels, eps = check_levels(levels), check_eps(eps)
+    fsq_shift = check_fsq_shift(fsq_shift)
     spec = get_strategy(strategy)
     group = spec.bind(params)
     nd = z.ndim
@@ -92,7 +97,7 @@ def rfsq_forward(
         count = valid_count(mask, compute_dtype).view(-1, *([1] * (nd - 1)))
     quantized = torch.zeros_like(residual)
     stage_math = STAGE_MATH[spec.name]
-    ctx = StageContext(levels, compute_dtype, eps, dims, valid, count)
+    ctx = StageContext(levels, compute_dtype, eps, dims, valid, count, fsq_shift)
     indices, means, stds = [], [], []
     for k in range(stages):
         keep = stage_keep(valid, active_stages, k, nd)
@@ -128,6 +133,7 @@ class StageContext(NamedTuple):
     dims: Tuple[int, ...]  # spatial dims of the channel-first residual
     valid: Optional[torch.Tensor]  # (B, 1, *spatial) bool, or None without a mask
     count: Optional[torch.Tensor]  # valid positions per image, (B, 1, ...), or None without a mask
+    fsq_shift: str = "atanh"  # the FSQ shift: 'atanh' or the official code's 'tan'
 
 
 #: A strategy's parameter group: its parameters in table order (``Strategy.bind``).
@@ -135,14 +141,14 @@ ParamGroup = Tuple[torch.Tensor, ...]
 
 
 def _stage_none(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
-    codes, digits = fsq_quantize(r, ctx.levels, ctx.compute_dtype)
+    codes, digits = fsq_quantize(r, ctx.levels, ctx.compute_dtype, ctx.fsq_shift)
     return codes, digits, None
 
 
 def _stage_scale(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
     (scale_param,) = params
     a = stage_scales(scale_param, ctx.compute_dtype)[k]
-    codes, digits = fsq_quantize(a * r, ctx.levels, ctx.compute_dtype)
+    codes, digits = fsq_quantize(a * r, ctx.levels, ctx.compute_dtype, ctx.fsq_shift)
     # Un-conditioning multiplies by the reciprocal (one IEEE division per stage, not per element):
     # the fused kernels compute exactly this (docs/semantics.md, "Arithmetic contract").
     return codes * torch.reciprocal(a), digits, None
@@ -163,7 +169,7 @@ def _stage_layernorm(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageCont
     # Per-(image, channel) factors, divided once; every element is multiplied (docs/semantics.md,
     # "Arithmetic contract": the fused kernels and decode compute exactly these operations).
     w_sd, sd_w = w / sd, sd / w
-    codes, digits = fsq_quantize((r - mu) * w_sd + b, ctx.levels, cdt)
+    codes, digits = fsq_quantize((r - mu) * w_sd + b, ctx.levels, cdt, ctx.fsq_shift)
     q = (codes - b) * sd_w + mu
     return q, digits, (mu.detach().flatten(1).float(), sd.detach().flatten(1).float())
 
@@ -261,6 +267,8 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         quantize_dropout_per_sample: True (default): one ``k_b`` per sample; False: one per batch
             (vector-quantize-pytorch's behaviour).
         projection_has_bias: bias of the ``dim`` projections.
+        fsq_shift: ``'atanh'`` (default: the exact inverse of FSQ's tanh) or ``'tan'`` (the official
+            RFSQ code's shift, for models trained with it: ``rfsq_kernels.from_official``).
 
     Range of the ``'layernorm'`` statistics: they are computed in float32, so the per-image, per-channel
     variance over the spatial positions overflows once it passes float32's max (3.4e38). This reference
@@ -292,8 +300,10 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         quantize_dropout_multiple_of: int = 1,
         quantize_dropout_per_sample: bool = True,
         projection_has_bias: bool = True,
+        fsq_shift: str = "atanh",
     ):
         super().__init__()
+        self.fsq_shift = check_fsq_shift(fsq_shift)
         self.stages = check_stages(stages)
         self.strategy = get_strategy(strategy).name
         self.levels = check_levels(levels) if levels is not None else default_levels(stages)
@@ -337,7 +347,8 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
 
     def config(self) -> dict:
         """What the parameters mean; stored in (and checked against) the state_dict."""
-        return {"levels": list(self.levels), "stages": self.stages, "strategy": self.strategy, "dim": self.dim}
+        return {"levels": list(self.levels), "stages": self.stages, "strategy": self.strategy, "dim": self.dim,
+                "fsq_shift": self.fsq_shift}
 
     @property
     def strategy_spec(self) -> Strategy:
@@ -374,7 +385,8 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
              active_stages: Optional[torch.Tensor]):
         """The K-stage loop on a checked channel-first latent (the fused module overrides this)."""
         return rfsq_forward(z, self.levels, num_stages, self.strategy, eps=self.eps, mask=mask,
-                            active_stages=active_stages, **self.strategy_parameters(num_stages))
+                            active_stages=active_stages, fsq_shift=self.fsq_shift,
+                            **self.strategy_parameters(num_stages))
 
     def quantize(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, stages: StageCount = None):
         """Full result ``(quantized, indices, mean, std)`` of a channel-first ``(B, C, *spatial)``
@@ -543,6 +555,8 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
             extra += f", dim={self.dim}"
         if not self.channel_first:
             extra += ", channel_first=False"
+        if self.fsq_shift != "atanh":
+            extra += f", fsq_shift={self.fsq_shift!r}"
         if self.quantize_dropout:
             extra += (f", quantize_dropout=True, cutoff_index={self.quantize_dropout_cutoff_index}, "
                       f"multiple_of={self.quantize_dropout_multiple_of}, per_sample={self.quantize_dropout_per_sample}")

@@ -23,7 +23,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .kernels.launch import backward_outputs, forward_outputs, rfsq_backward_launch, rfsq_forward_launch
-from .reference import check_eps, check_levels, check_stages, get_strategy, rfsq_forward
+from .reference import check_eps, check_fsq_shift, check_levels, check_stages, get_strategy, rfsq_forward
 
 __all__ = ["rfsq_fused"]
 
@@ -31,46 +31,47 @@ __all__ = ["rfsq_fused"]
 @torch.library.custom_op("rfsq_kernels::rfsq_forward", mutates_args=())
 def _forward_op(
     z: Tensor, params: List[Tensor], mask: Optional[Tensor], active_stages: Optional[Tensor],
-    levels: List[int], stages: int, strategy: str, eps: float,
+    levels: List[int], stages: int, strategy: str, eps: float, fsq_shift: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return rfsq_forward_launch(z, levels, stages, strategy, params, eps, mask=mask, active_stages=active_stages)
+    return rfsq_forward_launch(z, levels, stages, strategy, params, eps, mask=mask, active_stages=active_stages,
+                               fsq_shift=fsq_shift)
 
 
 @_forward_op.register_fake
-def _forward_fake(z, params, mask, active_stages, levels, stages, strategy, eps):
+def _forward_fake(z, params, mask, active_stages, levels, stages, strategy, eps, fsq_shift):
     return forward_outputs(z, levels, stages, strategy)
 
 
 @torch.library.custom_op("rfsq_kernels::rfsq_backward", mutates_args=())
 def _backward_op(
     grad_q: Tensor, z: Tensor, params: List[Tensor], mean: Tensor, std: Tensor, mask: Optional[Tensor],
-    active_stages: Optional[Tensor], levels: List[int], stages: int, strategy: str,
+    active_stages: Optional[Tensor], levels: List[int], stages: int, strategy: str, fsq_shift: str,
 ) -> List[Tensor]:
     """``[grad_z, *grad_params]`` (parameter gradients in the order of ``params``)."""
     grad_z, grad_params = rfsq_backward_launch(grad_q, z, levels, stages, strategy, params, mean, std,
-                                               mask=mask, active_stages=active_stages)
+                                               mask=mask, active_stages=active_stages, fsq_shift=fsq_shift)
     return [grad_z, *grad_params]
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy):
+def _backward_fake(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy, fsq_shift):
     grad_z, grad_params = backward_outputs(z, stages, strategy, params)
     return [grad_z, *grad_params]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    z, params, mask, active_stages, levels, stages, strategy, _eps = inputs
+    z, params, mask, active_stages, levels, stages, strategy, _eps, fsq_shift = inputs
     _, indices, mean, std = output
     ctx.save_for_backward(z, mean, std, mask, active_stages, *params)
-    ctx.levels, ctx.stages, ctx.strategy = levels, stages, strategy
+    ctx.levels, ctx.stages, ctx.strategy, ctx.fsq_shift = levels, stages, strategy, fsq_shift
     ctx.mark_non_differentiable(indices, mean, std)
 
 
 def _backward(ctx, grad_q, _grad_indices, _grad_mean, _grad_std):
     z, mean, std, mask, active_stages, *params = ctx.saved_tensors
     grad_z, *grad_params = torch.ops.rfsq_kernels.rfsq_backward(
-        grad_q, z, params, mean, std, mask, active_stages, ctx.levels, ctx.stages, ctx.strategy)
-    return grad_z, grad_params, None, None, None, None, None, None
+        grad_q, z, params, mean, std, mask, active_stages, ctx.levels, ctx.stages, ctx.strategy, ctx.fsq_shift)
+    return grad_z, grad_params, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -109,6 +110,7 @@ def rfsq_fused(
     eps: float = 1e-5,
     mask: Optional[Tensor] = None,
     active_stages: Optional[Tensor] = None,
+    fsq_shift: str = "atanh",
     **params: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused K-stage RFSQ: same contract as :func:`rfsq_kernels.reference.rfsq_forward`, ``mask``
@@ -116,8 +118,9 @@ def rfsq_fused(
     counts, read on the device: one compiled kernel serves every mix, no host sync) included.
 
     ``params``: the strategy's parameters by name (``scale_param`` ``(K,)``; ``ln_weight``,
-    ``ln_bias`` ``(K, C)``; ``RFSQ.strategy_parameters()``), differentiable. Everything after
-    ``strategy`` is keyword-only.
+    ``ln_bias`` ``(K, C)``; ``RFSQ.strategy_parameters()``), differentiable. ``fsq_shift``:
+    ``'atanh'`` (default) or the official code's ``'tan'`` (the kernels read the shift from their
+    constant table). Everything after ``strategy`` is keyword-only.
 
     Returns ``(quantized, indices, mean, std)``: ``quantized`` in ``z``'s dtype and layout
     (contiguous / channels_last / channels_last_3d kept), ``indices`` ``(B, *spatial, K)`` int32
@@ -131,6 +134,7 @@ def rfsq_fused(
     ``backend='reference'``.
     """
     levels, eps = list(check_levels(levels)), check_eps(eps)
+    fsq_shift = check_fsq_shift(fsq_shift)
     stages = check_stages(stages)
     spec = get_strategy(strategy)
     group = spec.bind(params)
@@ -139,9 +143,10 @@ def rfsq_fused(
         if tuple(value.shape) != want:
             raise ValueError(f"strategy={strategy!r} needs {p.name} of shape {want}, got {tuple(value.shape)}")
     if _needs_reference_autodiff(z, *group):
-        return rfsq_forward(z, levels, stages, strategy, eps=eps, mask=mask, active_stages=active_stages, **params)
+        return rfsq_forward(z, levels, stages, strategy, eps=eps, mask=mask, active_stages=active_stages,
+                            fsq_shift=fsq_shift, **params)
     kernel_params = [p.kernel_form(value) for p, value in zip(spec.params, group)]
     if active_stages is not None:
         active_stages = active_stages.to(torch.int32)
     return torch.ops.rfsq_kernels.rfsq_forward(z, kernel_params, mask, active_stages, levels, stages,
-                                               spec.name, float(eps))
+                                               spec.name, float(eps), fsq_shift)

@@ -67,7 +67,7 @@ def test_chunked_path(seed, monkeypatch, strategy):
     layernorm statistics and backward (S=45 positions in chunks of 16)."""
     monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
     levels, stages = [8, 5, 3, 4], 2
-    assert config.layernorm_tiles(4, 45) == config.Tiles(4, 16, 1, False)  # chunked, 16 per chunk
+    assert config.layernorm_tiles(4, 45) == config.Tiles(4, 16, 1, False, config.CHUNKED_LAYERNORM_MAXNREG)  # chunked, 16 per chunk
     params = random_strategy_params(strategy, stages, len(levels))
     z = draw_input((2, 4, 5, 9), levels, stages, strategy, params)
     g = torch.randn(z.shape)

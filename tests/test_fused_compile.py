@@ -83,6 +83,6 @@ def test_opcheck(seed, strategy, sparse):
     mask = active = None
     if sparse:  # padding mask (B, *spatial) and per-sample stage counts (B,) int32
         mask, active = torch.rand(2, 3, 5) > 0.3, torch.tensor([1, 2], dtype=torch.int32)
-    args = (z, group, mask, active, levels, stages, strategy, 1e-5)
+    args = (z, group, mask, active, levels, stages, strategy, 1e-5, "atanh")
     # schema, autograd registration, fake tensor and aot_dispatch_dynamic (which runs the backward op)
     torch.library.opcheck(torch.ops.rfsq_kernels.rfsq_forward.default, args)

@@ -160,11 +160,11 @@ def test_fused_grouped_and_projections(seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_fsq_bitwise_against_oracle(dtype, seed):
-    from rfsq_kernels.kernels.residual_fsq import fsq_table
+    from rfsq_kernels.kernels.vq.fsq import constant_table
     from rfsq_kernels.vqpytorch import FSQ
 
     levels = [3, 4, 5, 6, 7, 8, 16]
-    consts, _ = fsq_table(levels, "cpu")
+    consts, _ = constant_table(levels, "cpu")
     half_l, offset, shift, half_w = consts[0], consts[1], consts[2], consts[3]
     fsq = FSQ(levels=levels, backend="triton")
     shape = (2, 7, 20, 30)  # channel-first image: the library moves channels last
@@ -197,3 +197,46 @@ def test_custom_ops_opcheck(seed):
     active = torch.full((2,), 2, dtype=torch.int32)
     torch.library.opcheck(torch.ops.rfsq_kernels.vq_rfsq_forward.default, (x, scales, clamp, None, active, levels))
     torch.library.opcheck(torch.ops.rfsq_kernels.vq_fsq_forward.default, (x, levels))
+
+
+class _NoLaunch:
+    """Stands in for a kernel: ``kernel[grid](...)`` does nothing (the host path alone is tested)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def test_launch_host_path_reads_nothing_back_after_the_first_call(monkeypatch):
+    """Issue 29 item 4: the constant tables are cached by the clamp tensor's identity and version,
+    not its values, so a launch with a known configuration converts no tensor to Python (no
+    device-to-host copy, no sync); an in-place change of the buffer rebuilds the table."""
+    from rfsq_kernels.kernels.vq import fsq, residual_fsq
+
+    for module, name in ((residual_fsq, "_fwd_vq_rfsq_kernel"), (residual_fsq, "_bwd_vq_rfsq_kernel"),
+                         (fsq, "_fwd_vq_fsq_kernel"), (fsq, "_bwd_vq_fsq_kernel")):
+        monkeypatch.setattr(module, name, _NoLaunch())
+    levels = [8, 5, 5, 5]
+    scales, clamp = ref.stage_scales(levels, 3), ref.default_soft_clamp(levels)
+    x = torch.randn(2, 6, 4)
+    active, mask = torch.full((2,), 2, dtype=torch.int32), torch.ones(2, 6, dtype=torch.bool)
+
+    def launches():
+        residual_fsq.forward(x, levels, scales, clamp, mask, active)
+        residual_fsq.backward(x, x, levels, scales, clamp, mask, active)
+        fsq.forward(x, levels)
+        fsq.backward(x, x, levels)
+
+    launches()  # first call with this configuration: builds the tables
+    first = residual_fsq.constant_table(levels, clamp, x.device)[0]
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("a tensor was converted to Python on the cached launch path")
+
+    with monkeypatch.context() as m:
+        for attr in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__", "numpy", "cpu"):
+            m.setattr(torch.Tensor, attr, no_conversion)
+        launches()
+        assert residual_fsq.constant_table(levels, clamp, x.device)[0] is first
+    clamp.mul_(2)  # in place (e.g. load_state_dict): the version counter moves, the table is rebuilt
+    rebuilt = residual_fsq.constant_table(levels, clamp, x.device)[0]
+    assert rebuilt is not first and torch.equal(rebuilt[0], clamp) and torch.equal(rebuilt[1:], first[1:])

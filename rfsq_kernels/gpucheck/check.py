@@ -1,6 +1,7 @@
 """Run the sweep in worker processes, turn it into per-binary records, and judge them."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import multiprocessing
@@ -91,6 +92,10 @@ def _run_task(arch: int, direction: str, family: str, full: bool, strategies: Op
         rec["coherence"] = _coherence(rec, compiled)
         rec["approx"] = approx_math(compiled.asm["ptx"])
         rec["fp_fusion"] = bool(compiled.metadata.enable_fp_fusion)
+        sass = sass_instructions(compiled.asm["cubin"])
+        # What "the compiled code did not change" is judged by (bench/compare_binaries.py).
+        rec["sass_instructions"] = len(sass)
+        rec["sass_sha256"] = hashlib.sha256("\n".join(sass).encode()).hexdigest()
     failures = [(str(c), m) for c, m in result.failures]
     return list(records.values()), failures
 
@@ -98,11 +103,8 @@ def _run_task(arch: int, direction: str, family: str, full: bool, strategies: Op
 def barrier_offsets(kernel_name: str) -> Tuple[str, List[int]]:
     """``(file, offsets)``: where the named kernel's ``tl.debug_barrier()`` calls are, as line
     offsets from its ``def`` line."""
-    from ..kernels.launch import FAMILIES
-    from .sweep import jit_function
-    from ..kernels import layernorm_split, residual_fsq
-    modules = (*FAMILIES.values(), layernorm_split, residual_fsq)
-    fn = jit_function(next(getattr(m, kernel_name) for m in modules if hasattr(m, kernel_name)))
+    from .sweep import jit_function, kernel_modules
+    fn = jit_function(next(getattr(m, kernel_name) for m in kernel_modules() if hasattr(m, kernel_name)))
     lines, _start = inspect.getsourcelines(fn.fn)
     def_index = next(i for i, text in enumerate(lines) if text.lstrip().startswith("def "))
     return inspect.getsourcefile(fn.fn), [i - def_index for i, text in enumerate(lines)

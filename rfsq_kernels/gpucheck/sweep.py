@@ -87,7 +87,7 @@ def all_cases(directions: Iterable[str] = DIRECTIONS, strategies: Iterable[str] 
 
 
 #: The pseudo-strategy of vector-quantize-pytorch's ResidualFSQ kernels (their own family,
-#: :mod:`rfsq_kernels.kernels.residual_fsq`, not a row of the strategy table).
+#: :mod:`rfsq_kernels.kernels.vq`, not a row of the strategy table).
 VQ_RFSQ = "vq_rfsq"
 
 
@@ -189,7 +189,7 @@ def default_cases() -> List[Case]:
 def run_vq_case(case: Case) -> None:
     """Call the ResidualFSQ launchers on ``meta`` tensors: ``x`` is ``(B, S, C)`` channel-last, as
     after ``project_in``; at K in {1, 8} without flags also the standalone FSQ's launchers."""
-    from ..kernels import residual_fsq
+    from ..kernels.vq import fsq, residual_fsq
     meta = torch.device("meta")
     k, c, b, s = case.stages, len(case.levels), case.shape[0], math.prod(case.shape[2:])
     x = torch.empty((b, s, c), dtype=case.dtype, device=meta)
@@ -201,11 +201,11 @@ def run_vq_case(case: Case) -> None:
     if case.direction == "forward":
         residual_fsq.forward(x, list(case.levels), scales, clamp, mask, active)
         if standalone_fsq:
-            residual_fsq.fsq_forward(x, list(case.levels))
+            fsq.forward(x, list(case.levels))
     else:
         residual_fsq.backward(torch.empty_like(x), x, list(case.levels), scales, clamp, mask, active)
         if standalone_fsq:
-            residual_fsq.fsq_backward(torch.empty_like(x), x, list(case.levels))
+            fsq.backward(torch.empty_like(x), x, list(case.levels))
 
 
 def run_case(case: Case) -> None:
@@ -294,10 +294,8 @@ def jit_function(obj):
 
 def compiled_kernels(arch: int) -> Dict[str, object]:
     """Every ``CompiledKernel`` the project's kernels hold for device ``arch``, by hash."""
-    from ..kernels import layernorm_split, residual_fsq
-    from ..kernels.launch import FAMILIES
     out = {}
-    for module in (*FAMILIES.values(), layernorm_split, residual_fsq):
+    for module in kernel_modules():
         for obj in vars(module).values():
             caches = getattr(jit_function(obj), "device_caches", None)
             if caches is None or arch not in caches:
@@ -305,3 +303,11 @@ def compiled_kernels(arch: int) -> Dict[str, object]:
             for kernel in caches[arch][0].values():
                 out[kernel.hash] = kernel
     return out
+
+
+def kernel_modules() -> Tuple[object, ...]:
+    """Every module that defines kernels: the strategy families and the vector-quantize-pytorch ones."""
+    from ..kernels.launch import FAMILIES
+    from ..kernels import layernorm_split
+    from ..kernels.vq import fsq, residual_fsq
+    return (*FAMILIES.values(), layernorm_split, residual_fsq, fsq)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,7 +28,7 @@ CHUNK_ELEMS = 2048
 #: Elements per thread of a full chunk (8 warps at 2048) and of the one-tile layernorm path.
 CHUNK_ELEMS_PER_THREAD = 8
 ONE_TILE_ELEMS_PER_THREAD = 4
-#: Every launch passes ``enable_fp_fusion=FP_FUSION``: no multiply-add is contracted into an FMA,
+#: Every launch (:func:`.launch_settings.launch`) passes ``enable_fp_fusion=FP_FUSION``: no multiply-add is contracted into an FMA,
 #: so each float32 operation rounds on its own, like the reference's PyTorch ops
 #: (docs/semantics.md, "Arithmetic contract"). A Triton compile option since 2.2, so a launch
 #: keyword on triton 3.6-3.8; the interpreter ignores it (it never fuses).
@@ -41,19 +41,21 @@ SMALL_ONE_TILE_ARCH = 100
 #: Elements per thread of a full chunk when a mask or per-sample stage counts are passed.
 SPARSE_ELEMS_PER_THREAD = 4
 
-_TABLES: Dict[Tuple[Tuple[int, ...], torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
+#: Every launcher's constant tables, built once per key (:func:`cached`).
+_TABLES: Dict[Tuple, Tuple] = {}
 
 
 @dataclass(frozen=True)
 class Tiles:
-    """One launch's tile: ``[block_c, block_s]`` per program, ``num_warps``, and whether one
+    """One launch's tile: ``[block_c, block_s]`` per program, ``num_warps``, whether one
     tile covers the whole image (layernorm: the single-tile path; none/scale: one program per
-    image)."""
+    image) and the register cap (``maxnreg``, None: ptxas decides)."""
 
     block_c: int
     block_s: int
     num_warps: int
     one_tile: bool
+    maxnreg: Optional[int] = None
 
 
 def next_pow2(n: int) -> int:
@@ -80,7 +82,8 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
     ``spatial``; ``int64``: the launch uses 64-bit offsets; ``sparse``: a mask or per-sample
     stage counts are passed; ``arch``: the compute capability compiled for (None: interpreter).
     One tile up to ``MAX_BLOCK_ELEMS`` padded elements (half of it for a 64-bit-offset forward,
-    for a sparse backward and on ``SMALL_ONE_TILE_ARCH`` and later), chunks otherwise."""
+    for a sparse backward and on ``SMALL_ONE_TILE_ARCH`` and later), chunks otherwise (register
+    cap :data:`CHUNKED_LAYERNORM_MAXNREG`)."""
     block_c, block_s = next_pow2(channels), next_pow2(spatial)
     single_max = MAX_BLOCK_ELEMS // 2 if int64 and direction == "forward" else MAX_BLOCK_ELEMS
     if arch is not None and arch >= SMALL_ONE_TILE_ARCH:
@@ -92,20 +95,15 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
         warps = _warps(block_c * block_s, ONE_TILE_ELEMS_PER_THREAD, *ONE_TILE_WARPS[direction])
         return Tiles(block_c, max(block_s, 2), warps, True)
     small = arch is not None and arch >= SMALL_ONE_TILE_ARCH
-    return replace(_chunk_tiles(block_c, spatial, sparse or (small and direction == "backward")), one_tile=False)
+    return replace(_chunk_tiles(block_c, spatial, sparse or (small and direction == "backward")), one_tile=False,
+                   maxnreg=CHUNKED_LAYERNORM_MAXNREG)
 
 
-#: Register cap passed (Triton's ``maxnreg``) to the chunked layernorm launches. Without one,
-#: ptxas compiled them at 80 registers and spilled 8-56 B around the calls of ``div.rn`` /
-#: ``sqrt.rn``'s slow-path subroutine (issue 17's IEEE statistics); with it they use ~96 and
-#: do not spill. 8 warps could hold 255.
+#: Register cap (Triton's ``maxnreg``) of the chunked layernorm launches (``Tiles.maxnreg``).
+#: Without one, ptxas settles on 80 registers and spills around the calls of ``div.rn`` /
+#: ``sqrt.rn``'s slow-path subroutine; with it they use ~96 and do not spill (bench/NOTES.md).
+#: 8 warps could hold 255.
 CHUNKED_LAYERNORM_MAXNREG = 128
-
-
-def layernorm_maxnreg(tiles: Tiles) -> Optional[int]:
-    """``maxnreg`` of a layernorm launch: :data:`CHUNKED_LAYERNORM_MAXNREG` on the chunked path,
-    None (ptxas decides) for one tile."""
-    return None if tiles.one_tile else CHUNKED_LAYERNORM_MAXNREG
 
 
 #: Switch of the split ``layernorm`` path (issue 28, :mod:`.layernorm_split`): images that do
@@ -163,20 +161,29 @@ def target_arch(t: torch.Tensor) -> Optional[int]:
     return arch if isinstance(arch, int) else None
 
 
-def level_tables(levels: Sequence[int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def level_tables(levels: Sequence[int], device: torch.device, fsq_shift: str = "atanh"
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cached ``(consts, basis)``: float32 ``(5, C)`` rows half_l, offset, shift, half_w, L-1
     (float64 values rounded to float32, exactly as the reference builds them) and ``(C,)``
     mixed-radix place values in the index dtype (int32 below 2**31 codes: 32-bit index math).
-    Built once per (levels, device), so later calls (and CUDA-graph capture) do no host-to-device
-    copies."""
-    key = (tuple(levels), torch.device(device))
-    hit = _TABLES.get(key)
-    if hit is None:
-        half_l, offset, shift, half_w = fsq_constants(levels)
+    ``fsq_shift`` picks the shift row (``'atanh'``, or the official code's ``'tan'``): the kernels
+    read the shift from this table, so they compute either. Built once per (levels, device, shift),
+    so later calls (and CUDA-graph capture) do no host-to-device copies."""
+    def build() -> Tuple[torch.Tensor, torch.Tensor]:
+        half_l, offset, shift, half_w = fsq_constants(levels, fsq_shift)
         rows = [half_l, offset, shift, [float(v) for v in half_w], [float(v - 1) for v in levels]]
         consts = torch.tensor(rows, dtype=torch.float32, device=device)
-        basis = torch.tensor(index_basis(levels), dtype=index_dtype(levels), device=device)
-        hit = _TABLES[key] = (consts, basis)
+        return consts, torch.tensor(index_basis(levels), dtype=index_dtype(levels), device=device)
+    return cached(("levels", tuple(levels), torch.device(device), fsq_shift), build)
+
+
+def cached(key: Tuple, build: Callable[[], Tuple], fresh: Callable[[Tuple], bool] = lambda hit: True) -> Tuple:
+    """The constant tables cached under ``key`` (hashable, device included), built by
+    ``build()`` on the first call and whenever ``fresh(hit)`` is false. A hit costs a dict lookup:
+    no host-device copy, so later launches (and CUDA-graph capture) copy nothing."""
+    hit = _TABLES.get(key)
+    if hit is None or not fresh(hit):
+        hit = _TABLES[key] = build()
     return hit
 
 

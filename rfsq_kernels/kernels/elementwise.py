@@ -15,6 +15,7 @@ import triton.language as tl
 
 from . import config
 from .fpmath import recip_rn
+from .launch_settings import launch
 from .stages import (fsq_code, fsq_dcode, keep_only, load_active_stages, load_digit_range, load_levels, load_tile,
                      masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, widen)
 
@@ -249,34 +250,33 @@ def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tupl
 
 
 def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, params: Tuple[torch.Tensor, ...],
-            eps: float, mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+            eps: float, mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor],
+            fsq_shift: str = "atanh") -> Tuple[torch.Tensor, ...]:
     """Fused elementwise forward of ``strategy`` (its :data:`STAGES` entry, parameter group
     ``params`` in kernel form): ``(quantized, indices, mean, std)``; ``eps`` is unused."""
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
-    consts, basis = config.level_tables(levels, z.device)
+    consts, basis = config.level_tables(levels, z.device, fsq_shift)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
     tiles = config.elementwise_tiles(C, S, sparse=valid is not None or active_stages is not None)
     tiles_per_image = triton.cdiv(S, tiles.block_s)
-    _fwd_elementwise_kernel[(B * tiles_per_image,)](
-        x, quantized, indices, params, consts, basis, valid, active_stages,
-        C, S, tiles_per_image, *x_strides, *config.flat_strides(quantized), stages,
-        STAGE=STAGES[strategy].forward, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
-        USE_INT64=config.needs_int64(x, quantized, indices), USE_LIBDEVICE=config.use_libdevice(z),
-        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
+    launch(_fwd_elementwise_kernel, (B * tiles_per_image,),
+           (x, quantized, indices, params, consts, basis, valid, active_stages,
+            C, S, tiles_per_image, *x_strides, *config.flat_strides(quantized), stages),
+           tiles=tiles, tensors=(x, quantized, indices), STAGE=STAGES[strategy].forward)
     return quantized, indices, mean, std
 
 
 def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str,
              params: Tuple[torch.Tensor, ...], mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
-             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]):
+             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], fsq_shift: str = "atanh"):
     """Fused elementwise backward: ``(grad_z, grad_params)`` (``mean``/``std`` unused)."""
     grad_z = config.new_output(z)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
     g, g_strides = config.strided_view(grad_q)
-    consts, _basis = config.level_tables(levels, z.device)
+    consts, _basis = config.level_tables(levels, z.device, fsq_shift)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
     tiles = config.elementwise_tiles(C, S, sparse=valid is not None or active_stages is not None)
     tiles_per_image = triton.cdiv(S, tiles.block_s)
@@ -285,11 +285,9 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     # a fixed order (no atomics: bitwise-reproducible).
     parts = tuple(torch.empty((programs, *p.shape), dtype=torch.float32, device=z.device) for p in params)
     stage = STAGES[strategy]
-    _bwd_elementwise_kernel[(programs,)](
-        x, g, grad_z, params, parts, consts, valid, active_stages,
-        C, S, tiles_per_image, *x_strides, *g_strides, *config.flat_strides(grad_z),
-        K=stages, STAGE=stage.forward, STAGE_GRADS_INIT=stage.grads_init, STAGE_VJP=stage.vjp,
-        STAGE_GRADS_STORE=stage.grads_store, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
-        USE_INT64=config.needs_int64(x, g, grad_z), USE_LIBDEVICE=config.use_libdevice(z),
-        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION)
+    launch(_bwd_elementwise_kernel, (programs,),
+           (x, g, grad_z, params, parts, consts, valid, active_stages,
+            C, S, tiles_per_image, *x_strides, *g_strides, *config.flat_strides(grad_z)),
+           tiles=tiles, tensors=(x, g, grad_z), K=stages, STAGE=stage.forward, STAGE_GRADS_INIT=stage.grads_init,
+           STAGE_VJP=stage.vjp, STAGE_GRADS_STORE=stage.grads_store)
     return grad_z, tuple(part.sum(0).to(p.dtype) for part, p in zip(parts, params))

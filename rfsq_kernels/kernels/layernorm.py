@@ -23,6 +23,7 @@ import triton.language as tl
 
 from . import config
 from .fpmath import as_f32, div_rn, recip_rn
+from .launch_settings import launch
 from .stages import (fsq_code, fsq_dcode, keep_only, load_active_stages, load_digit_range, load_levels, load_tile,
                      masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, widen)
 
@@ -454,41 +455,39 @@ def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tupl
 
 def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, params: Tuple[torch.Tensor, ...],
             eps: float, mask: Optional[torch.Tensor],
-            active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+            active_stages: Optional[torch.Tensor], fsq_shift: str = "atanh") -> Tuple[torch.Tensor, ...]:
     """Fused ``layernorm`` forward (``params = (ln_weight, ln_bias)``): ``(quantized, indices, mean, std)``."""
     ln_weight, ln_bias = params
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
-    consts, basis = config.level_tables(levels, z.device)
+    consts, basis = config.level_tables(levels, z.device, fsq_shift)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
-    use_int64 = config.needs_int64(x, quantized, indices)
-    tiles = config.layernorm_tiles(C, S, "forward", use_int64, arch=config.target_arch(z))
+    offsets = (x, quantized, indices)
+    tiles = config.layernorm_tiles(C, S, "forward", config.needs_int64(*offsets), arch=config.target_arch(z))
     if not tiles.one_tile and config.LAYERNORM_SPLIT:
         from . import layernorm_split
         return layernorm_split.forward(z, levels, stages, params, eps, valid, active_stages, tiles,
-                                       (quantized, indices, mean, std))
+                                       (quantized, indices, mean, std), fsq_shift)
     # The chunked path's replay factors, written once per stage (no div.rn in its chunk loops).
     factors = None if tiles.one_tile else torch.empty((B, stages, 2, C), dtype=torch.float32, device=z.device)
-    _fwd_layernorm_kernel[(B,)](
-        x, quantized, indices, mean, std, factors, (ln_weight, ln_bias), consts, basis, valid, active_stages,
-        C, S, *x_strides, *config.flat_strides(quantized), float(eps), stages,
-        BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
-        USE_INT64=use_int64, USE_LIBDEVICE=config.use_libdevice(z), num_warps=tiles.num_warps,
-        enable_fp_fusion=config.FP_FUSION, maxnreg=config.layernorm_maxnreg(tiles))
+    launch(_fwd_layernorm_kernel, (B,),
+           (x, quantized, indices, mean, std, factors, (ln_weight, ln_bias), consts, basis, valid, active_stages,
+            C, S, *x_strides, *config.flat_strides(quantized), float(eps), stages),
+           tiles=tiles, tensors=offsets, ONE_TILE=tiles.one_tile)
     return quantized, indices, mean, std
 
 
 def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str,
              params: Tuple[torch.Tensor, ...], mean: torch.Tensor, std: torch.Tensor,
-             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]):
+             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], fsq_shift: str = "atanh"):
     """Fused ``layernorm`` backward: ``(grad_z, (grad_ln_weight, grad_ln_bias))``."""
     ln_weight, ln_bias = params
     grad_z, grad_w, grad_b = config.new_output(z), torch.empty_like(ln_weight), torch.empty_like(ln_bias)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
     g, g_strides = config.strided_view(grad_q)
-    consts, _basis = config.level_tables(levels, z.device)
+    consts, _basis = config.level_tables(levels, z.device, fsq_shift)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
     tiles = config.layernorm_tiles(C, S, "backward", sparse=valid is not None or active_stages is not None,
                                    arch=config.target_arch(z))
@@ -501,13 +500,10 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     # the reference makes), done once here instead of in every chunk of every replayed stage.
     w = ln_weight.float().unsqueeze(0)
     factors = torch.stack((w / std, std / w), dim=2).contiguous()
-    _bwd_layernorm_kernel[(B,)](
-        x, g, grad_z, scratch, mean, std, factors, (ln_weight, ln_bias), (dw_part, db_part), consts, valid,
-        active_stages,
-        C, S, *x_strides, *g_strides, *config.flat_strides(grad_z), C * S, stages,
-        BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, ONE_TILE=tiles.one_tile,
-        USE_INT64=config.needs_int64(x, g, grad_z, scratch), USE_LIBDEVICE=config.use_libdevice(z),
-        num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION, maxnreg=config.layernorm_maxnreg(tiles))
+    launch(_bwd_layernorm_kernel, (B,),
+           (x, g, grad_z, scratch, mean, std, factors, (ln_weight, ln_bias), (dw_part, db_part), consts, valid,
+            active_stages, C, S, *x_strides, *g_strides, *config.flat_strides(grad_z), C * S, stages),
+           tiles=tiles, tensors=(x, g, grad_z, scratch), ONE_TILE=tiles.one_tile)
     grad_w.copy_(dw_part.sum(0))
     grad_b.copy_(db_part.sum(0))
     return grad_z, (grad_w, grad_b)

@@ -31,13 +31,14 @@ Design and costs per element: ``docs/kernel-design.md``, "Split layernorm".
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import config
+from .launch_settings import launch
 from .fpmath import as_f32, div_small_int, recip_rn
 from .layernorm import _ln_store_stats, ln_affine, ln_factors, ln_stage
 from .stages import (keep_only, load_active_stages, load_digit_range, load_levels, load_tile, load_valid,
@@ -55,9 +56,6 @@ ROW_M_HI = tl.constexpr(2)
 ROW_L_HI = tl.constexpr(3)
 ROW_RADIX = tl.constexpr(4)
 
-_TABLES: Dict[Tuple, torch.Tensor] = {}
-
-
 def _magic(d: int, bits: int = 32) -> Tuple[int, int]:
     """``(m, l)`` with ``floor(n / d) == (n * m) >> (bits - 1 + l)`` for every ``0 <= n <
     2**(bits-1)``: ``l = ceil(log2 d)``, ``m = ceil(2**(bits-1+l) / d) < 2**bits`` (Granlund &
@@ -74,9 +72,8 @@ def radix_table(levels: Sequence[int], index_dtype: torch.dtype, device: torch.d
     dividing an index by ``basis_c`` and by ``basis_c * L_c`` (:func:`_magic`), so that a digit is
     two high multiplies, two shifts and a multiply-subtract (:func:`index_digit`), no division."""
     bits = 64 if index_dtype == torch.int64 else 32
-    key = ("radix", tuple(levels), bits, torch.device(device))
-    hit = _TABLES.get(key)
-    if hit is None:
+
+    def build():
         rows = [[], [], [], [], []]
         basis = 1
         for L in levels:
@@ -86,19 +83,19 @@ def radix_table(levels: Sequence[int], index_dtype: torch.dtype, device: torch.d
             for row, v in zip(rows, (m_lo, l_lo, m_hi, l_hi, L)):
                 row.append(v)
             basis *= L
-        hit = _TABLES[key] = torch.tensor(rows, dtype=index_dtype, device=device)
-    return hit
+        return (torch.tensor(rows, dtype=index_dtype, device=device),)
+
+    return config.cached(("ln_split_radix", tuple(levels), bits, torch.device(device)), build)[0]
 
 
 def reciprocal_table(n: int, device: torch.device) -> torch.Tensor:
     """Cached float32 ``1 / max(i, 1)`` for ``i = 0 .. n`` (torch's IEEE division): the counts'
     reciprocals of the tile loop, looked up instead of divided (``div.rn``'s slow path is a
     subroutine call, and a call inside the loop made ptxas save the live tile around it)."""
-    key = ("recip", n, torch.device(device))
-    hit = _TABLES.get(key)
-    if hit is None:
-        hit = _TABLES[key] = 1.0 / torch.arange(n + 1, dtype=torch.float32, device=device).clamp_min(1.0)
-    return hit
+    def build():
+        return (1.0 / torch.arange(n + 1, dtype=torch.float32, device=device).clamp_min(1.0),)
+
+    return config.cached(("ln_split_recip", n, torch.device(device)), build)[0]
 
 
 @triton.jit
@@ -178,7 +175,7 @@ def chan_update(run, r, mask, n_b, recip_ptr):
 
 
 @triton.heuristics(config.FLAGS_FROM_POINTERS)
-@triton.jit(do_not_specialize=["C", "K", "P", "slice_len", "launch"])
+@triton.jit(do_not_specialize=["C", "K", "P", "slice_len", "step"])
 def _fwd_layernorm_split_kernel(
     x_ptr,              # input z: (B, C, S) through stride_x*, any float dtype
     q_ptr,              # out (last launch): quantized, (B, C, S) through stride_q*, z's dtype
@@ -202,7 +199,7 @@ def _fwd_layernorm_split_kernel(
     stride_qb, stride_qc, stride_qs,  # quantized's strides
     eps,                # variance epsilon
     K,                  # stages
-    launch,             # this launch, 0 .. K (the stage it quantizes is launch - 1)
+    step,               # this launch, 0 .. K (the stage it quantizes is step - 1)
     BLOCK_C: tl.constexpr,            # next_pow2(C)
     BLOCK_S: tl.constexpr,            # positions per tile
     PARTS_BLOCK: tl.constexpr,        # next_pow2(P)
@@ -233,7 +230,7 @@ def _fwd_layernorm_split_kernel(
     radix = (radix_ptr, offs_c, mask_c, C)
     digits = load_digit_range(consts_ptr, basis_ptr, offs_c, mask_c, C)
     count_ptr, part_mean_ptr, part_m2_ptr = part_ptrs
-    k_q = launch - 1  # the stage this launch quantizes (PHASE_MIDDLE / PHASE_LAST)
+    k_q = step - 1  # the stage this launch quantizes (PHASE_MIDDLE / PHASE_LAST)
     if PHASE != PHASE_FIRST:
         mu, sd = merge_partials(part_ptrs, k_q, K, img, P, chan, eps, PARTS_BLOCK)
         if part == 0:
@@ -281,7 +278,7 @@ def _fwd_layernorm_split_kernel(
                 n_b = as_f32(tl.minimum(end - s0, BLOCK_S))
             run = chan_update(run, r, mask, n_b, recip_ptr)
     if PHASE != PHASE_LAST:
-        k_p = launch  # the stage whose input r_launch these partials describe
+        k_p = step  # the stage whose input r_launch these partials describe
         n_run, mean_run, m2_run = run
         if PHASE == PHASE_FIRST:
             tl.store(count_ptr + img * P + part, n_run)
@@ -295,7 +292,7 @@ def _fwd_layernorm_split_kernel(
 
 def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[torch.Tensor, ...], eps: float,
             valid: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], tiles: config.Tiles,
-            outputs: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
+            outputs: Tuple[torch.Tensor, ...], fsq_shift: str = "atanh") -> Tuple[torch.Tensor, ...]:
     """The split forward's K + 1 launches into ``outputs = (quantized, indices, mean, std)``
     (``valid``/``active_stages``: the kernel views of :func:`.config.mask_and_active_stages`;
     ``tiles``: the chunk tile of :func:`.config.layernorm_tiles`). Scratch (sd / weight, partial
@@ -304,7 +301,7 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[t
     quantized, indices, mean, std = outputs
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
-    consts, basis = config.level_tables(levels, z.device)
+    consts, basis = config.level_tables(levels, z.device, fsq_shift)
     radix = radix_table(levels, indices.dtype, z.device)
     plan = config.layernorm_split_plan(B, S, tiles)
     dev = z.device
@@ -312,15 +309,12 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[t
     parts = (torch.empty((B, plan.parts), dtype=torch.float32, device=dev),
              torch.empty((B, stages, plan.parts, C), dtype=torch.float32, device=dev),
              torch.empty((B, stages, plan.parts, C), dtype=torch.float32, device=dev))
-    use_int64 = config.needs_int64(x, quantized, indices)
-    for launch in range(stages + 1):
-        phase = 0 if launch == 0 else 2 if launch == stages else 1
-        _fwd_layernorm_split_kernel[(B * plan.parts,)](
-            x, quantized, indices, mean, std, sdw, parts, (ln_weight, ln_bias), consts, basis, radix,
-            reciprocal_table(plan.slice_len, z.device), valid,
-            active_stages, C, S, plan.parts, plan.slice_len, *x_strides, *config.flat_strides(quantized), float(eps),
-            stages, launch,
-            BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, PARTS_BLOCK=config.next_pow2(plan.parts), PHASE=phase,
-            USE_INT64=use_int64, USE_LIBDEVICE=config.use_libdevice(z),
-            num_warps=tiles.num_warps, enable_fp_fusion=config.FP_FUSION, maxnreg=config.layernorm_maxnreg(tiles))
+    recip = reciprocal_table(plan.slice_len, dev)
+    for step in range(stages + 1):
+        phase = 0 if step == 0 else 2 if step == stages else 1
+        launch(_fwd_layernorm_split_kernel, (B * plan.parts,),
+               (x, quantized, indices, mean, std, sdw, parts, (ln_weight, ln_bias), consts, basis, radix, recip,
+                valid, active_stages, C, S, plan.parts, plan.slice_len, *x_strides, *config.flat_strides(quantized),
+                float(eps), stages, step),
+               tiles=tiles, tensors=(x, quantized, indices), PARTS_BLOCK=config.next_pow2(plan.parts), PHASE=phase)
     return quantized, indices, mean, std

@@ -1,5 +1,5 @@
-"""Autograd / torch.compile glue around the fused ResidualFSQ kernels
-(:mod:`rfsq_kernels.kernels.residual_fsq`).
+"""Autograd / torch.compile glue around the fused vector-quantize-pytorch kernels
+(:mod:`rfsq_kernels.kernels.vq`: ResidualFSQ and the standalone FSQ).
 
 Two ``torch.library.custom_op``s, ``rfsq_kernels::vq_rfsq_forward`` and
 ``rfsq_kernels::vq_rfsq_backward``, with fake implementations, so ``torch.compile`` sees one opaque
@@ -12,7 +12,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..kernels import residual_fsq as kernels
+from ..kernels.vq import fsq as fsq_kernels
+from ..kernels.vq import residual_fsq as kernels
 
 __all__ = ["fsq_fused", "residual_fsq_fused"]
 
@@ -69,17 +70,17 @@ def residual_fsq_fused(x: Tensor, levels: Sequence[int], scales: Tensor, clamp_v
 
 @torch.library.custom_op("rfsq_kernels::vq_fsq_forward", mutates_args=())
 def _fsq_forward_op(x: Tensor, levels: List[int]) -> Tuple[Tensor, Tensor]:
-    return kernels.fsq_forward(x, levels)
+    return fsq_kernels.forward(x, levels)
 
 
 @_fsq_forward_op.register_fake
 def _fsq_forward_fake(x, levels):
-    return torch.empty_like(x), x.new_empty(x.shape[:2], dtype=kernels._index_dtype(levels, False))
+    return fsq_kernels.forward_outputs(x, levels)
 
 
 @torch.library.custom_op("rfsq_kernels::vq_fsq_backward", mutates_args=())
 def _fsq_backward_op(grad: Tensor, x: Tensor, levels: List[int]) -> Tensor:
-    return kernels.fsq_backward(grad, x, levels)
+    return fsq_kernels.backward(grad, x, levels)
 
 
 @_fsq_backward_op.register_fake

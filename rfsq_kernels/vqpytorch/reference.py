@@ -8,40 +8,22 @@ is wrong above 2**24), and the implicit codebook is never built.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-#: The index written for a stage that quantize dropout skipped (the library's sentinel).
-SENTINEL = -1
+from ..reference.codebook import codebook_size, index_basis, index_dtype
+from ..reference.fsq import round_ste
+from ..reference.sentinel import SENTINEL
+
+# codebook_size, index_dtype, round_ste and SENTINEL are the package's own (imported above, used
+# as ``ref.<name>`` by the modules): the library's definitions agree with them.
 
 
 def levels_tensor(levels: Sequence[int], device=None) -> Tensor:
     """The library's ``_levels`` buffer: int32 ``(C,)``."""
     return torch.tensor(list(levels), dtype=torch.int32, device=device)
-
-
-def basis_list(levels: Sequence[int]) -> List[int]:
-    """Mixed-radix place values ``cumprod([1] + levels[:-1])`` as exact Python ints."""
-    out, acc = [], 1
-    for level in levels:
-        out.append(acc)
-        acc *= int(level)
-    return out
-
-
-def codebook_size(levels: Sequence[int]) -> int:
-    """``prod(levels)``, exact."""
-    size = 1
-    for level in levels:
-        size *= int(level)
-    return size
-
-
-def index_dtype(levels: Sequence[int]) -> torch.dtype:
-    """int32 like the library while every index fits, else int64 (the library overflows)."""
-    return torch.int32 if codebook_size(levels) <= 2**31 - 1 else torch.int64
 
 
 def stage_scales(levels: Sequence[int], num_quantizers: int) -> Tensor:
@@ -63,11 +45,6 @@ def soft_clamp(x: Tensor, clamp_value: Tensor) -> Tensor:
 def floor_ste(z: Tensor) -> Tensor:
     """floor with a straight-through gradient, written like the library's."""
     return z + (z.floor() - z).detach()
-
-
-def round_ste(z: Tensor) -> Tensor:
-    """round-half-to-even with a straight-through gradient, written like the library's."""
-    return z + (z.round() - z).detach()
 
 
 def symmetric_bound(z: Tensor, levels_t: Tensor, hard_clamp: bool) -> Tuple[Tensor, Tensor]:
@@ -101,14 +78,14 @@ def pack_digits(digits: Tensor, levels: Sequence[int]) -> Tensor:
     top = torch.tensor([level - 1 for level in levels], device=digits.device)
     d = digits.nan_to_num(0.0) if digits.is_floating_point() else digits
     d = torch.minimum(torch.maximum(d.to(torch.int64), torch.zeros_like(top)), top)
-    basis = torch.tensor(basis_list(levels), dtype=torch.int64, device=digits.device)
+    basis = torch.tensor(index_basis(levels), dtype=torch.int64, device=digits.device)
     return (d * basis).sum(-1).to(index_dtype(levels))
 
 
 def unpack_indices(indices: Tensor, levels: Sequence[int]) -> Tensor:
     """Digits ``(..., C)`` int64 of packed ``indices`` (the library's ``indices_to_level_indices``,
     exact in int64)."""
-    basis = torch.tensor(basis_list(levels), dtype=torch.int64, device=indices.device)
+    basis = torch.tensor(index_basis(levels), dtype=torch.int64, device=indices.device)
     lt = torch.tensor(list(levels), dtype=torch.int64, device=indices.device)
     return (indices.to(torch.int64)[..., None] // basis) % lt
 
@@ -167,8 +144,6 @@ def residual_fsq_core(
         quantized = codes.to(orig_dtype) * scale
         residual = residual - quantized.detach()
         quantized_out = quantized_out + quantized
-    if isinstance(quantized_out, float):  # no stage ran (cannot happen: at least one stage runs)
-        quantized_out = torch.zeros_like(x, dtype=torch.float32)
     return quantized_out, torch.stack(all_indices, dim=-1)
 
 
