@@ -18,7 +18,7 @@ from .codebook import (
 )
 from .layout import check_input, first_to_last, from_channel_last, last_to_first, to_channel_last
 from .state import ConfigStateMixin
-from .validation import check_indices
+from .validation import POSITION_RANKS, check_indices
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -107,8 +107,10 @@ class FSQ(ConfigStateMixin, LevelsMixin, nn.Module):
 
     def indices_to_codes(self, indices: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Indices ``(B, *spatial)`` -> normalized codes in the module's layout (float32 unless ``dtype``);
-        ``(B,)`` -> ``(B, C)``. Indices outside ``[0, codebook_size)`` raise (FSQ has no sentinel)."""
-        check_indices(indices, self.codebook_size)
+        ``(B,)`` -> ``(B, C)``. Indices outside ``[0, codebook_size)`` raise (FSQ has no sentinel), and so
+        do ranks outside 1 to 4 (the indices of a ``(B, C)`` to ``(B, C, T, H, W)`` input); any integer
+        dtype is read exactly."""
+        indices = check_indices(indices, self.codebook_size, ranks=POSITION_RANKS)
         flat = indices.ndim == 1
         codes = digits_to_codes(indices_to_digits(indices.unsqueeze(-1) if flat else indices, self.levels), self.levels)
         codes = self._from_first(codes, flat)
