@@ -12,6 +12,7 @@ caps the chunk, so ``MAX_BLOCK_ELEMS = 64`` gives 64-element chunks.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -103,6 +104,38 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
 #: ``sqrt.rn``'s slow-path subroutine; with it they use ~96 and do not spill (bench/NOTES.md).
 #: 8 warps could hold 255.
 CHUNKED_LAYERNORM_MAXNREG = 128
+
+
+#: Switch of the split ``layernorm`` path (issue 28, :mod:`.layernorm_split`): images that do
+#: not fit one tile are spread over several programs per image instead of the chunked
+#: one-program-per-image kernels. Off by default until every step of issue 28 has landed
+#: (``RFSQ_LAYERNORM_SPLIT=1`` or setting this attribute turns it on for the forward).
+LAYERNORM_SPLIT = os.environ.get("RFSQ_LAYERNORM_SPLIT", "0") == "1"
+#: Programs the split path aims for over a whole launch: two per SM of a 132-SM H100.
+SPLIT_MIN_PROGRAMS = 2 * 132
+#: Tests force a number of programs per image (some slices then may be empty); None: the plan.
+SPLIT_PROGRAMS_PER_IMAGE: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How the split layernorm path cuts an image: ``parts`` programs of ``slice_len`` positions
+    (a multiple of the tile's ``block_s``; the last slices may be short or empty)."""
+
+    parts: int
+    slice_len: int
+
+
+def layernorm_split_plan(batch: int, spatial: int, tiles: Tiles) -> SplitPlan:
+    """Programs per image for the split path: the fewest that give the launch
+    :data:`SPLIT_MIN_PROGRAMS` programs (fewer partials to merge), at most one per tile;
+    :data:`SPLIT_PROGRAMS_PER_IMAGE` overrides (tests)."""
+    tiles_per_image = -(-spatial // tiles.block_s)
+    want = SPLIT_PROGRAMS_PER_IMAGE or min(tiles_per_image, -(-SPLIT_MIN_PROGRAMS // max(batch, 1)))
+    if SPLIT_PROGRAMS_PER_IMAGE:
+        return SplitPlan(want, max(-(-tiles_per_image // want), 1) * tiles.block_s)
+    per_slice = max(tiles_per_image // want, 1)  # rounded down: at least ``want`` programs
+    return SplitPlan(-(-tiles_per_image // per_slice), per_slice * tiles.block_s)
 
 
 def elementwise_tiles(channels: int, spatial: int, sparse: bool = False) -> Tiles:

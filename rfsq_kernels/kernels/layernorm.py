@@ -465,6 +465,10 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, 
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
     offsets = (x, quantized, indices)
     tiles = config.layernorm_tiles(C, S, "forward", config.needs_int64(*offsets), arch=config.target_arch(z))
+    if not tiles.one_tile and config.LAYERNORM_SPLIT:
+        from . import layernorm_split
+        return layernorm_split.forward(z, levels, stages, params, eps, valid, active_stages, tiles,
+                                       (quantized, indices, mean, std), fsq_shift)
     # The chunked path's replay factors, written once per stage (no div.rn in its chunk loops).
     factors = None if tiles.one_tile else torch.empty((B, stages, 2, C), dtype=torch.float32, device=z.device)
     launch(_fwd_layernorm_kernel, (B,),
