@@ -39,6 +39,47 @@ def widen(v, USE_INT64: tl.constexpr):
         return v
 
 
+# -- the program prologue and tile views (every kernel opens with one of the two prologues) ------
+
+
+@triton.jit
+def channel_lanes(C, BLOCK_C: tl.constexpr, USE_INT64: tl.constexpr):
+    """``(offs_c, mask_c)``: the program's ``BLOCK_C`` channel lanes and those below ``C``."""
+    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
+    return offs_c, offs_c < C
+
+
+@triton.jit
+def tile_prologue(valid_ptr, C, S, tiles_per_image, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                  HAS_MASK: tl.constexpr, USE_INT64: tl.constexpr):
+    """Opening of a kernel with one program per (image, tile of ``BLOCK_S`` positions):
+    ``(img, offs_c, mask_c, offs_s, mask_s, valid)`` -- the image (int64 with ``USE_INT64``), the
+    channel lanes (:func:`channel_lanes`) and the tile's positions (:func:`spatial_lanes`;
+    ``valid_ptr``: the ``(B, S)`` padding mask, or None without ``HAS_MASK``)."""
+    pid = tl.program_id(0)
+    img = widen(pid // tiles_per_image, USE_INT64)
+    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, (valid_ptr, img * S), S, BLOCK_S,
+                                          HAS_MASK, USE_INT64)
+    offs_c, mask_c = channel_lanes(C, BLOCK_C, USE_INT64)
+    return img, offs_c, mask_c, offs_s, mask_s, valid
+
+
+@triton.jit
+def image_prologue(valid_ptr, C, S, BLOCK_C: tl.constexpr, USE_INT64: tl.constexpr):
+    """Opening of a kernel with one program per image (it walks the positions itself, with
+    :func:`spatial_lanes` on ``valid_row``): ``(img, valid_row, offs_c, mask_c)``."""
+    img = widen(tl.program_id(0), USE_INT64)
+    offs_c, mask_c = channel_lanes(C, BLOCK_C, USE_INT64)
+    return img, (valid_ptr, img * S), offs_c, mask_c
+
+
+@triton.jit
+def tile_view(ptr, img, stride_b, stride_c, stride_s):
+    """The view ``(ptr, start, stride_c, stride_s)`` of image ``img`` of a ``(B, C, S)`` tensor
+    (``start = img * stride_b``), for :func:`load_tile` / :func:`store_tile`."""
+    return ptr, img * stride_b, stride_c, stride_s
+
+
 @triton.jit
 def load_tile(view, offs_c, offs_s, mask):
     """A ``[BLOCK_C, BLOCK_S]`` tile of ``view = (ptr, start, stride_c, stride_s)`` (one image

@@ -25,7 +25,7 @@ import triton.language as tl
 from .. import config
 from ..fpmath import tanh_f32
 from ..launch_settings import launch
-from ..stages import keep_only, load_active_stages, load_tile, spatial_lanes, stage_keep, store_tile, widen
+from ..stages import keep_only, load_active_stages, load_tile, stage_keep, store_tile, tile_prologue, tile_view
 from .common import bcs_strides, load_row, one_minus_square, place_values, vq_index_dtype
 
 # Rows of the per-channel constant table built by :func:`constant_table`.
@@ -92,15 +92,10 @@ def _fwd_vq_rfsq_kernel(
 ):
     """Forward: one program per (image, tile of positions), the K stages a runtime loop with the
     (detached) residual in registers; the output sums the stage outputs in stage order."""
-    pid = tl.program_id(0)
-    img = widen(pid // tiles_per_image, USE_INT64)
-    valid_row = (valid_ptr, img * S)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
-    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_row, S, BLOCK_S,
-                                          HAS_MASK, USE_INT64)
-    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
-    mask_c = offs_c < C
+    img, offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S,
+                                                               HAS_MASK, USE_INT64)
+    x_view = tile_view(x_ptr, img, stride_xb, stride_xc, stride_xs)
+    q_view = tile_view(q_ptr, img, stride_qb, stride_qc, stride_qs)
     n_act = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     c = load_row(consts_ptr, VQ_CLAMP_ROW, offs_c, mask_c, C, 1.0)
     a = load_row(consts_ptr, VQ_STEP_ROW, offs_c, mask_c, C, 0.0)
@@ -147,16 +142,11 @@ def _bwd_vq_rfsq_kernel(
     """Backward: the residual is detached, so ``dL/dy = sum_k [-1 < u_k < 1] * g*s_k*a/2*(L-1)/s_k``,
     each term rounded op by op like autograd and summed from the last stage back; then the soft
     clamp: ``dx = (dy * c) * (1 - t^2) / c``. A forward replay records which stages pass."""
-    pid = tl.program_id(0)
-    img = widen(pid // tiles_per_image, USE_INT64)
-    valid_row = (valid_ptr, img * S)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
-    dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
-    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_row, S, BLOCK_S,
-                                          HAS_MASK, USE_INT64)
-    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
-    mask_c = offs_c < C
+    img, offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S,
+                                                               HAS_MASK, USE_INT64)
+    x_view = tile_view(x_ptr, img, stride_xb, stride_xc, stride_xs)
+    g_view = tile_view(g_ptr, img, stride_gb, stride_gc, stride_gs)
+    dx_view = tile_view(dx_ptr, img, stride_dxb, stride_dxc, stride_dxs)
     mask = mask_c[:, None] & valid[None, :]
     n_act = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     c = load_row(consts_ptr, VQ_CLAMP_ROW, offs_c, mask_c, C, 1.0)
