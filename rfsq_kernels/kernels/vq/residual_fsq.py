@@ -7,7 +7,7 @@ fixed per-channel scale and hard-clamps onto a symmetric grid with ``floor``, an
 detached, so the backward is a sum of per-stage pass-through terms rather than a chain. Math,
 op for op: ``docs/semantics.md``, "vector-quantize-pytorch's ResidualFSQ".
 
-Arithmetic contract (issue #17): every division is IEEE (``tl.div_rn``) on the same float32
+Arithmetic contract (``docs/semantics.md``): every division is IEEE (``tl.div_rn``) on the same float32
 constants the library uses (``c``, ``scales``, ``a = 2/(L-1)``), launches pass
 ``enable_fp_fusion=False`` (``a*d - 1`` rounds twice, like torch), the soft clamp's derivative
 ``1 - t*t`` rounds once (an explicit fma, like ATen's ``tanh_backward``), and tanh is libdevice
@@ -96,7 +96,7 @@ def _fwd_vq_rfsq_kernel(
                                                                HAS_MASK, USE_INT64)
     x_view = tile_view(x_ptr, img, stride_xb, stride_xc, stride_xs)
     q_view = tile_view(q_ptr, img, stride_qb, stride_qc, stride_qs)
-    n_act = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
+    active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     c = load_row(consts_ptr, VQ_CLAMP_ROW, offs_c, mask_c, C, 1.0)
     a = load_row(consts_ptr, VQ_STEP_ROW, offs_c, mask_c, C, 0.0)
     lm1 = load_row(consts_ptr, VQ_LM1_ROW, offs_c, mask_c, C, 0.0)
@@ -108,8 +108,8 @@ def _fwd_vq_rfsq_kernel(
     for k in range(K):
         s = tl.load(scales_ptr + k * C + offs_c, mask=mask_c, other=1.0)[:, None]
         q, d, _inside = vq_stage(r, s, a, lm1)
-        store_vq_index(index_rows, k, d, lm1, basis, stage_keep(valid, n_act, k, HAS_ACTIVE_STAGES))
-        q = keep_only(q, valid[None, :], n_act, k, HAS_MASK, HAS_ACTIVE_STAGES)
+        store_vq_index(index_rows, k, d, lm1, basis, stage_keep(valid, active_stages, k, HAS_ACTIVE_STAGES))
+        q = keep_only(q, valid[None, :], active_stages, k, HAS_MASK, HAS_ACTIVE_STAGES)
         acc = acc + q
         r = r - q
     store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
@@ -148,7 +148,7 @@ def _bwd_vq_rfsq_kernel(
     g_view = tile_view(g_ptr, img, stride_gb, stride_gc, stride_gs)
     dx_view = tile_view(dx_ptr, img, stride_dxb, stride_dxc, stride_dxs)
     mask = mask_c[:, None] & valid[None, :]
-    n_act = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
+    active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     c = load_row(consts_ptr, VQ_CLAMP_ROW, offs_c, mask_c, C, 1.0)
     a = load_row(consts_ptr, VQ_STEP_ROW, offs_c, mask_c, C, 0.0)
     lm1 = load_row(consts_ptr, VQ_LM1_ROW, offs_c, mask_c, C, 0.0)
@@ -158,7 +158,7 @@ def _bwd_vq_rfsq_kernel(
     for k in tl.static_range(K):
         s = tl.load(scales_ptr + k * C + offs_c, mask=mask_c, other=1.0)[:, None]
         q, _d, inside = vq_stage(r, s, a, lm1)
-        inside = inside & stage_keep(mask, n_act, k, HAS_ACTIVE_STAGES)
+        inside = inside & stage_keep(mask, active_stages, k, HAS_ACTIVE_STAGES)
         passing = passing | (inside.to(tl.int32) << k)
         r = r - q
     g = load_tile(g_view, offs_c, offs_s, mask)
@@ -215,22 +215,22 @@ def forward_outputs(x: torch.Tensor, levels: Sequence[int], stages: int, dropout
 
 
 def forward(x: torch.Tensor, levels: Sequence[int], scales: torch.Tensor, clamp_value: torch.Tensor,
-            mask: Optional[torch.Tensor] = None, active: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward on ``x`` ``(B, N, C)``: ``(quantized, indices)``; ``active`` ``(B,)`` int32
+            mask: Optional[torch.Tensor] = None, active_stages: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward on ``x`` ``(B, N, C)``: ``(quantized, indices)``; ``active_stages`` ``(B,)`` int32
     stage counts (quantize dropout, -1 indices for dropped stages), ``mask`` ``(B, N)`` bool."""
     K = scales.shape[0]
-    quantized, indices = forward_outputs(x, levels, K, active is not None)
+    quantized, indices = forward_outputs(x, levels, K, active_stages is not None)
     B, N, C = x.shape
     if B * N == 0:
         return quantized.zero_(), indices.zero_()
     consts, basis = constant_table(levels, clamp_value, x.device)
-    valid, counts = config.mask_and_active_stages(mask, active, B, N)
+    valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, N)
     offsets = (x, quantized, indices)
-    # 64-bit offsets spilled 8 B/thread on sm_90 (16-bit inputs, 8 channels) at 8 per thread: half tiles
-    tiles = config.elementwise_tiles(C, N, sparse=mask is not None or active is not None or config.needs_int64(*offsets))
+    # 64-bit offsets take the sparse (half) tiles, like masks: at full tiles ptxas spills (bench/NOTES.md)
+    tiles = config.elementwise_tiles(C, N, sparse=mask is not None or active_stages is not None or config.needs_int64(*offsets))
     tiles_per_image = triton.cdiv(N, tiles.block_s)
     launch(_fwd_vq_rfsq_kernel, (B * tiles_per_image,),
-           (x, quantized, indices, consts, scales.float().contiguous(), basis, valid, counts,
+           (x, quantized, indices, consts, scales.float().contiguous(), basis, valid, active_stages,
             C, N, tiles_per_image, *bcs_strides(x), *bcs_strides(quantized), K),
            tiles=tiles, tensors=offsets)
     return quantized, indices
@@ -238,7 +238,7 @@ def forward(x: torch.Tensor, levels: Sequence[int], scales: torch.Tensor, clamp_
 
 def backward(grad_q: torch.Tensor, x: torch.Tensor, levels: Sequence[int], scales: torch.Tensor,
              clamp_value: torch.Tensor, mask: Optional[torch.Tensor] = None,
-             active: Optional[torch.Tensor] = None) -> torch.Tensor:
+             active_stages: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fused backward: ``dL/dx`` ``(B, N, C)`` in ``x``'s dtype from ``dL/dquantized``."""
     K = scales.shape[0]
     grad_x = torch.empty_like(x)
@@ -246,11 +246,11 @@ def backward(grad_q: torch.Tensor, x: torch.Tensor, levels: Sequence[int], scale
     if B * N == 0:
         return grad_x.zero_()
     consts, _basis = constant_table(levels, clamp_value, x.device)
-    valid, counts = config.mask_and_active_stages(mask, active, B, N)
-    tiles = config.elementwise_tiles(C, N, sparse=mask is not None or active is not None)
+    valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, N)
+    tiles = config.elementwise_tiles(C, N, sparse=mask is not None or active_stages is not None)
     tiles_per_image = triton.cdiv(N, tiles.block_s)
     launch(_bwd_vq_rfsq_kernel, (B * tiles_per_image,),
-           (x, grad_q, grad_x, consts, scales.float().contiguous(), valid, counts,
+           (x, grad_q, grad_x, consts, scales.float().contiguous(), valid, active_stages,
             C, N, tiles_per_image, *bcs_strides(x), *bcs_strides(grad_q), *bcs_strides(grad_x)),
            tiles=tiles, tensors=(x, grad_q, grad_x), K=K)
     return grad_x
