@@ -69,8 +69,9 @@ def image_prologue(valid_ptr, C, S, BLOCK_C: tl.constexpr, USE_INT64: tl.constex
     """Opening of a kernel with one program per image (it walks the positions itself, with
     :func:`spatial_lanes` on ``valid_row``): ``(img, valid_row, offs_c, mask_c)``."""
     img = widen(tl.program_id(0), USE_INT64)
+    valid_row = (valid_ptr, img * S)
     offs_c, mask_c = channel_lanes(C, BLOCK_C, USE_INT64)
-    return img, (valid_ptr, img * S), offs_c, mask_c
+    return img, valid_row, offs_c, mask_c
 
 
 @triton.jit
