@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from training import study  # noqa: E402
-from training.study_grid import (CONFIGS, CV_PHOTOS, LONG_FACTOR, LONG_FOLD, MAIN, N_FOLDS, ORDER,  # noqa: E402
-                                 available, folds, plan, run_dir, train_argv)
+from training.study_grid import (CONFIGS, CV_PHOTOS, LONG_FACTOR, LONG_FOLD, MAIN, N_FOLDS, ON_REQUEST,  # noqa: E402
+                                 ORDER, available, folds, plan, run_dir, train_argv)
 
 # 1 step per run, width 4, no LPIPS (the VGG is what makes a run cost seconds); 32x32 crops (the study's
 # size) keep the held-out tiles few.
@@ -30,7 +30,10 @@ def grid(tmp_path_factory):
     results = root / "results"
     runs = str(root / "runs")
     assert study.main([*TOY, "--seeds", "1", "--folds", "0", "--only", "fsq22", "rfsq2-ln", "--length", "short",
-                       "--root", runs, "--no-report"]) == 0
+                       "--root", runs, "--results-dir", str(results), "--no-report"]) == 0
+    if available("vqpy4"):  # not in the grid (same computation as lucid4): run on request
+        assert study.main([*TOY, "--seeds", "0", "--folds", "0", "--only", "vqpy4", "--length", "short",
+                           "--root", runs, "--results-dir", str(results), "--no-report"]) == 0
     code = study.main([*TOY, "--seeds", "0", "--folds", "0", "--length", "short", "--root", runs,
                        "--results-dir", str(results)])
     return root, results, code
@@ -74,7 +77,7 @@ def test_grid_runs_every_configuration_and_reports(grid):
 def test_finished_runs_are_skipped_and_busy_ones_left_alone(grid, capsys):
     root, results, _ = grid
     runs = str(root / "runs")
-    args = [*TOY, "--folds", "0", "--length", "short", "--root", runs, "--no-report"]
+    args = [*TOY, "--folds", "0", "--length", "short", "--root", runs, "--results-dir", str(results), "--no-report"]
     assert study.main([*args, "--seeds", "0", "--only", "fsq"]) == 0
     assert "skipped" in capsys.readouterr().err
     d = run_dir(runs, "lfq", 5, 1, 0)  # a run held by a live process (this one) is not touched
@@ -93,7 +96,8 @@ def test_interrupted_run_is_continued(tmp_path):
     assert train_main(train_argv("rfsq2-ln", 0, 4, d, scale, 1) + ["--stop-at-step", "2"]) == 0
     assert not os.path.exists(os.path.join(d, "results.json"))
     assert study.main(["--steps", "4", *TOY[2:], "--seeds", "0", "--folds", "1", "--only", "rfsq2-ln",
-                       "--length", "short", "--root", runs, "--no-report"]) == 0
+                       "--length", "short", "--root", runs, "--results-dir", str(tmp_path / "results"),
+                       "--no-report"]) == 0
     assert "resumed from" in open(os.path.join(d, "train.log")).read()
     assert study.is_finished(d, 4)
 
@@ -110,7 +114,9 @@ def test_plan_is_seed_major_over_every_fold_then_the_long_runs():
     assert runs[-len(long):] == long and {r[2] for r in long} == {100 * LONG_FACTOR}
     assert {r[0] for r in long} == {"fsq22", "rfsq2-ln", "rfsq4-ln", "rfsq2-none"} and {r[3] for r in long} == {LONG_FOLD}
     assert set(MAIN) >= {r[0] for r in long}
-    assert sorted(ORDER) == sorted(CONFIGS) and plan(None, [0], 10, "short")[0][0] == ORDER[0]
+    assert sorted(ORDER + ON_REQUEST) == sorted(CONFIGS) and plan(None, [0], 10, "short")[0][0] == ORDER[0]
+    assert "vqpy4" not in {r[0] for r in plan(None, [0], 10, "both")}
+    assert {r[0] for r in plan(["vqpy4"], [0], 10, "short")} <= {"vqpy4"}
 
 
 def test_every_photo_is_held_out_once_and_never_on_both_sides():
@@ -242,7 +248,7 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         study.main(["--jobs", "0"])
     assert study.main(["--report", "--root", str(tmp_path / "none"), "--results-dir", str(tmp_path / "r")]) == 1
-    assert "no finished study run" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert "no study record" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
 def test_runner_and_report_do_not_import_each_other():
@@ -308,3 +314,77 @@ def test_seeds_pair_init_across_configurations_of_one_latent_width():
             weights.append({k: v for k, v in model.state_dict().items() if k.startswith(("encoder.", "decoder."))})
         for w in weights[1:]:
             assert w.keys() == weights[0].keys() and all(torch.equal(w[k], weights[0][k]) for k in w)
+
+
+def _copy_records(results, dest):
+    import shutil
+
+    shutil.copytree(results / "records", dest / "records")
+
+
+def test_a_clone_with_records_continues_without_rerunning_them(grid, tmp_path, capsys):
+    """A fresh clone has the committed records but no run directories: those runs are finished."""
+    _, results, _ = grid
+    _copy_records(results, tmp_path)
+    runs = tmp_path / "runs"
+    assert study.main([*TOY, "--seeds", "0", "1", "--folds", "0", "--only", "fsq22", "rfsq2-ln", "--length", "short",
+                       "--root", str(runs), "--results-dir", str(tmp_path), "--no-report"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(": skipped") == 4 and ": done" not in err
+    assert not runs.exists() or not any((runs / "1steps").rglob("results.json"))
+
+
+def test_a_partial_run_keeps_every_committed_record(grid, tmp_path, capsys):
+    """Running one more run on a clone rebuilds the report from every record, the committed ones included."""
+    from training.study_records import covered, load_records
+
+    _, results, _ = grid
+    _copy_records(results, tmp_path)
+    before = covered(load_records(str(tmp_path / "records")))
+    assert study.main([*TOY, "--seeds", "2", "--folds", "0", "--only", "fsq22", "--length", "short",
+                       "--root", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]) == 0
+    with open(tmp_path / "summary.json") as f:
+        summ = json.load(f)["main"]
+    reported = {(int(st), n, r["seed"], r["fold"]) for st, by in summ.items() for n, rs in by.items() for r in rs}
+    assert reported == before | {(1, "fsq22", 2, 0)}
+
+
+def test_a_report_is_never_rebuilt_from_fewer_runs(grid, tmp_path, capsys):
+    """A committed report whose runs have no records (older than the records) is left alone."""
+    import shutil
+
+    _, results, _ = grid
+    shutil.copy(results / "summary.json", tmp_path / "summary.json")
+    (tmp_path / "table.md").write_text("committed table")
+    assert study.main([*TOY, "--seeds", "3", "--folds", "0", "--only", "fsq22", "--length", "short",
+                       "--root", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]) == 0
+    assert "report not written" in capsys.readouterr().err
+    assert (tmp_path / "table.md").read_text() == "committed table"
+    assert (tmp_path / "records" / "main" / "1steps" / "fold0" / "fsq22-seed3.json").is_file()
+
+
+def test_commit_lands_each_record(grid, tmp_path):
+    """--commit: each record is committed as its run finishes, and nothing else that was staged."""
+    _, results, _ = grid
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], cwd=repo, check=True)
+    (repo / "other.txt").write_text("staged, not the study's")
+    subprocess.run(git + ["add", "other.txt"], cwd=repo, check=True)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        assert study.main([*TOY, "--seeds", "0", "--folds", "0", "--only", "fsq22", "--length", "short",
+                           "--root", str(tmp_path / "runs"), "--results-dir", str(repo), "--commit",
+                           "--no-report"]) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    files = subprocess.run(["git", "show", "--name-only", "--format=", "HEAD"], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert files == ["records/main/1steps/fold0/fsq22-seed0.json"]
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+    assert "A  other.txt" in status

@@ -1,10 +1,16 @@
 """Rate–distortion study: does RFSQ's conditioning pay off at equal bits, and at equal *real* rate?
-(issues 13 and 22)
 
-    python -m training.study --jobs 2             # the whole study (short grid, then long runs), then the report
+    python -m training.study --jobs 2 --commit    # the whole study (short grid, then long runs), then the report
     python -m training.study --length short --seeds 0 1 --jobs 2
     python -m training.study --only fsq22 rfsq2-ln --seeds 0 --folds 0 --steps 200
-    python -m training.study --report             # only regenerate training/results/ from the runs that exist
+    python -m training.study --loss-check --commit  # L1 vs the paper's L1 + LPIPS on the main configurations
+    python -m training.study --report             # only regenerate training/results/ from the records
+
+**Continuing from a clone.** Each finished run leaves a small record (its results, config, held-out
+and per-photo metrics) in ``training/results/records/`` (:mod:`training.study_records`); ``--commit``
+commits each record as its run finishes. The runner treats a record as a finished run, so on a fresh
+clone the same command continues where the last commit stopped; the report is built from every
+record and is never rebuilt from fewer runs than the committed one covers.
 
 Every run is ``training/train.py``'s ``main`` (same code path as any training run) on the offline
 photos: the embedded scikit-image set plus the real photographs of :data:`training.data.EXTRA_PHOTOS`
@@ -15,14 +21,14 @@ the held-out one, so every photo is held out exactly once per seed. Seeds pair a
 (same ``--seed`` and photos: the same crops in the same order; the same initialisation of the layers
 whose shapes agree). The long runs (:data:`~training.study_grid.MAIN`, 10x longer) use fold 0 only.
 
-Runs live in ``ROOT/<steps>steps/fold<f>/<config>-seed<k>/`` (default ROOT ``runs/study-cv``,
-git-ignored); a finished run (``results.json`` + ``eval_heldout/{eval.json, photos.json}``) is
-skipped, an interrupted one continued (``--resume auto``), and a lock file per run lets several
+Run directories (checkpoints, logs) live in ``ROOT/<steps>steps/fold<f>/<config>-seed<k>/`` (default
+ROOT ``runs/study-cv``, git-ignored); a run with a record is skipped, an interrupted one continued
+(``--resume auto``), and a lock file per run lets several
 processes share the grid: ``--jobs N`` starts N of them (one per free core). ``ROOT/progress.log``
 records when each run finished (the measured wall time). After training, :func:`training.evaluate.evaluate_run`
 writes the overall held-out metrics and :func:`training.study_eval.evaluate_photos` the per-photo
 ones with the real entropy-coded rate. ``--report`` writes the table (paired differences with 95 %
-bootstrap intervals, :mod:`training.study_stats`) and the plots to ``training/results/``.
+bootstrap intervals, :mod:`training.study_stats`) and the plots to ``training/results/`` from the records.
 
 Scale (chosen for a 2-core machine shared with other jobs; measured, one thread per run):
 
@@ -50,6 +56,8 @@ from training.flag_types import int_flag
 from training.study_grid import (CONFIGS, LONG_FACTOR, LOSS_CHECK, LOSS_CHECK_STEPS, MAIN, N_FOLDS, SCALE, SEEDS,
                                  SHORT_STEPS, folds, plan, run_dir, skipped_configs, train_argv)
 from training.study_eval import PHOTOS_JSON
+from training.study_records import (MAIN_GROUP, commit_records, make_record, record_path, uncommitted_records,
+                                    write_record)
 
 
 def is_finished(out: str, steps: int) -> bool:
@@ -118,16 +126,23 @@ def _log(root: str, line: str) -> None:
 
 
 def run_one(name: str, seed: int, steps: int, root: str, scale: dict, lpips_weights: Optional[str] = None,
-            fold: int = 0, n_folds: int = N_FOLDS) -> str:
+            fold: int = 0, n_folds: int = N_FOLDS, records_dir: Optional[str] = None,
+            group: str = MAIN_GROUP) -> str:
     """Train (or continue) one run on every fold but ``fold`` and evaluate it on the held-out photos
-    (overall and per photo, with the real rate). Returns ``done``, ``skipped`` (finished before),
-    ``busy`` (another process holds it) or ``failed (code N)``."""
+    (overall and per photo, with the real rate), then write its record under ``records_dir``.
+    Returns ``done``, ``skipped`` (its record exists, or its directory finished before: the record is
+    written then), ``busy`` (another process holds it) or ``failed (code N)``."""
     from training.evaluate import evaluate_run
     from training.study_eval import evaluate_photos
     from training.train import main as train_main
 
     out = run_dir(root, name, seed, steps, fold)
+    rec = record_path(records_dir, group, name, seed, steps, fold) if records_dir else None
+    if rec and os.path.isfile(rec):
+        return "skipped"
     if is_finished(out, steps):
+        if rec:
+            write_record(rec, make_record(out, name, seed, fold))
         return "skipped"
     if not acquire_lock(out):
         return "busy"
@@ -142,6 +157,8 @@ def run_one(name: str, seed: int, steps: int, root: str, scale: dict, lpips_weig
                 return f"failed (code {code})"
         evaluate_run(out, lpips_weights=lpips_weights)
         evaluate_photos(out, lpips_weights=lpips_weights)
+        if rec:
+            write_record(rec, make_record(out, name, seed, fold))
         _log(root, f"done {name} seed {seed} fold {fold} {steps} steps in {time.time() - t0:.1f} s")
         return "done"
     finally:
@@ -181,7 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=os.path.join("runs", "study-cv"), help="where runs go (default runs/study-cv)")
     p.add_argument("--results-dir", default=os.path.join("training", "results"),
                    help="where --report writes the table and plots (default training/results)")
-    p.add_argument("--report", action="store_true", help="only (re)write the report from existing runs")
+    p.add_argument("--records-dir", default=None,
+                   help="where each finished run's record goes (default RESULTS_DIR/records): the committed "
+                        "progress of the study, read by the runner (a record = a finished run) and the report")
+    p.add_argument("--commit", action="store_true",
+                   help="git-commit each record as its run finishes (only the record files), so that progress "
+                        "lands even if the machine is lost")
+    p.add_argument("--report", action="store_true", help="only (re)write the report from the records")
     p.add_argument("--loss-check", action="store_true",
                    help=f"instead of the grid: the main configurations for {LOSS_CHECK_STEPS} steps (or --steps if "
                         "given) with L1 only and with the paper's L1 + LPIPS, fold 0 (ROOT-losscheck/)")
@@ -202,12 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the grid (or ``--report`` only); returns 0 when every selected run finished (``--report``:
-    1 when there is no finished run to report on)."""
+    1 when there is no record to report on)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = LOSS_CHECK_STEPS if args.loss_check else SHORT_STEPS
+    records = args.records_dir or os.path.join(args.results_dir, "records")
 
     failed = 0
     if not args.report:
@@ -219,21 +243,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         if skipped:
             print(f"skipping {skipped}: their module is not installed ({', '.join(skipped)} need "
                   "vector-quantize-pytorch or rfsq_kernels.vqpytorch)", file=sys.stderr)
+        if args.commit:  # records a killed earlier process wrote but could not commit
+            commit_records(uncommitted_records(records), "study: records left uncommitted by an earlier run")
         if args.loss_check:
-            runs = [(n, s, args.steps, 0, os.path.join(args.root + "-losscheck", variant), w)
+            runs = [(n, s, args.steps, 0, os.path.join(args.root + "-losscheck", variant), w, f"losscheck-{variant}")
                     for variant, w in LOSS_CHECK.items() for s in args.seeds for n in MAIN
                     if not args.only or n in args.only]
         else:
-            runs = [(n, s, st, f, args.root, args.lpips_loss_weight) for n, s, st, f in
+            runs = [(n, s, st, f, args.root, args.lpips_loss_weight, MAIN_GROUP) for n, s, st, f in
                     plan(args.only, args.seeds, args.steps, args.length, args.folds)]
         workers = _spawn_workers(_without_jobs(argv), args.jobs - 1) if args.jobs > 1 else []
         t_start = time.time()
         _log(args.root, f"start {len(runs)} runs, {args.jobs} job(s): {' '.join(argv)}")
-        for i, (name, seed, steps, fold, root, lpips_w) in enumerate(runs):
+        for i, (name, seed, steps, fold, root, lpips_w, group) in enumerate(runs):
             t0 = time.time()
             status = run_one(name, seed, steps, root, {**scale, "lpips_loss_weight": lpips_w}, args.lpips_weights,
-                             fold)
+                             fold, records_dir=records, group=group)
             failed += status.startswith("failed")
+            rec = record_path(records, group, name, seed, steps, fold)
+            if args.commit and status in ("done", "skipped") and rec in uncommitted_records(records):
+                commit_records([rec], f"study record: {name} seed {seed} fold {fold}, {steps} steps "
+                                      f"({group}; {time.time() - t0:.0f} s)")
             print(f"[study {i + 1}/{len(runs)}] {name} seed {seed} fold {fold} {steps} steps: {status} "
                   f"({time.time() - t0:.0f} s; {time.time() - t_start:.0f} s in all)", file=sys.stderr, flush=True)
             if status == "failed (code 130)":  # Ctrl-C / SIGTERM: the run saved a checkpoint; stop the grid
@@ -244,7 +274,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for w in workers:
             failed += w.wait() != 0
         # runs another copy held while this one passed them: finished now, or still busy
-        busy = [r for r in runs if not is_finished(run_dir(r[4], r[0], r[1], r[2], r[3]), r[2])]
+        busy = [r for r in runs if not os.path.isfile(record_path(records, r[6], r[0], r[1], r[2], r[3]))]
         _log(args.root, f"end after {time.time() - t_start:.0f} s, {len(busy)} run(s) unfinished")
         if failed or busy:
             print(f"{failed} run(s) failed, {len(busy)} not finished (held by another process or failed): "
@@ -253,13 +283,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.report or not args.no_report:
         from training.study_report import write_report
 
-        extra = {f"loss check, {v}": os.path.join(args.root + "-losscheck", v) for v in LOSS_CHECK}
-        written = write_report(args.root, args.results_dir, extra)
+        written, why_not = write_report(records, args.results_dir, run_root=args.root)
         if not written:
-            print(f"error: no finished study run under {args.root!r} (a run needs results.json and "
-                  f"eval_heldout/{{eval.json,{PHOTOS_JSON}}}): nothing to report. Run the study first "
-                  "(python -m training.study) or give --root", file=sys.stderr)
-            return 1
+            print(f"{'error' if args.report else 'report not written'}: {why_not}", file=sys.stderr)
+            if args.report:
+                return 1
         for path in written:
             print(f"wrote {path}", file=sys.stderr)
     return 1 if failed else 0

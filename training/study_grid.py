@@ -45,8 +45,10 @@ CONFIGS: Dict[str, tuple] = {
 #: single-stage FSQ vs RFSQ-layernorm, lucidrains' ResidualFSQ) on every fold first, then the others on
 #: every fold, so that a partial study answers the headline comparisons on every photo first.
 HEADLINE = ("fsq22", "rfsq2-ln", "fsq40", "rfsq4-ln", "lucid4")
-ORDER = HEADLINE + ("rfsq2-none", "rfsq4-none", "lucid2", "rfsq2-scale", "rfsq4-scale", "fsq", "vq-ema", "lfq",
-                    "vqpy4")
+ORDER = HEADLINE + ("rfsq2-none", "rfsq4-none", "lucid2", "rfsq2-scale", "rfsq4-scale", "fsq", "vq-ema", "lfq")
+#: configurations run only when named with ``--only``: ``vqpy4`` is the same computation as ``lucid4``
+#: (run for run, tests/test_training_study.py), so the grid does not spend its time on it.
+ON_REQUEST = ("vqpy4",)
 #: configuration -> the module it needs (skipped, with a message, when that does not import).
 REQUIRES = {"lucid2": "vector_quantize_pytorch", "lucid4": "vector_quantize_pytorch",
             "vqpy4": "rfsq_kernels.vqpytorch"}
@@ -109,7 +111,7 @@ def plan(only: Optional[Sequence[str]], seeds: Sequence[int], steps: int, length
          fold_ids: Optional[Sequence[int]] = None, n_folds: int = N_FOLDS) -> List[Tuple[str, int, int, int]]:
     """The ``(name, seed, steps, fold)`` runs to do, in order: the short grid seed by seed (in each, the
     :data:`HEADLINE` configurations on every fold, then the others on every fold), then the long runs."""
-    names = [n for n in ORDER if (not only or n in only) and available(n)]
+    names = [n for n in ORDER + ON_REQUEST if (n in only if only else n in ORDER) and available(n)]
     fold_ids = list(range(n_folds)) if fold_ids is None else list(fold_ids)
     runs = []
     tiers = [[n for n in names if n in HEADLINE], [n for n in names if n not in HEADLINE]]

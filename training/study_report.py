@@ -1,7 +1,7 @@
 """The study's report: coverage, table with spreads, paired verdicts with intervals, plots (``study --report``).
 
-Reads every finished run ``ROOT/<steps>steps/fold<f>/<config>-seed<k>/`` (``results.json``,
-``config.json``, ``eval_heldout/eval.json`` and ``eval_heldout/photos.json``) and writes to RESULTS_DIR:
+Reads every run record (:mod:`training.study_records`: ``RESULTS_DIR/records/``, committed as each run
+finishes) and writes to RESULTS_DIR (never from fewer runs than the report already there covers):
 
 - ``table.md``: what ran (seeds and folds per configuration, photos covered, measured wall time); every
   configuration at every run length: nominal and real (entropy-coded) bits/token, PSNR, LPIPS, L1 as
@@ -11,7 +11,8 @@ Reads every finished run ``ROOT/<steps>steps/fold<f>/<config>-seed<k>/`` (``resu
   changes once the real rate is counted;
 - ``summary.json``: the per-run, per-photo numbers behind the table;
 - ``rate_distortion.png`` (PSNR and LPIPS against nominal and against real bits/token),
-  ``residual_decay.png``, ``reconstructions.png``.
+  ``residual_decay.png``, ``reconstructions.png`` (this one needs the run directories' checkpoints: on a
+  machine without them the committed picture is kept).
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from training.study_grid import CONFIGS, MAIN, folds
+from training.study_grid import CONFIGS, MAIN, folds, run_dir
+from training.study_records import (MAIN_GROUP, covered, load_records, record_groups,
+                                    summary_runs)
 from training.study_stats import IDENTICAL, NO_DIFFERENCE, compare, spread
 
 HIGHER_IS_BETTER = {"psnr": True, "lpips": False, "l1": False, "real_bits_per_token": False}
@@ -41,39 +44,15 @@ PAIRS = (
 Data = Dict[int, Dict[str, List[dict]]]
 
 
-def collect(root: str) -> Data:
-    """``{steps: {config: [run, ...]}}`` of the finished runs under ``root``; a run is its results.json
-    with ``heldout`` (eval.json), ``photos`` (photos.json's per-photo numbers), ``config``, ``seed``,
-    ``fold`` and ``run_dir``."""
-    out: Data = defaultdict(lambda: defaultdict(list))
-    if not os.path.isdir(root):
-        return {}
-    for group in sorted(os.listdir(root)):
-        m = re.fullmatch(r"(\d+)steps", group)
-        if not m or not os.path.isdir(os.path.join(root, group)):
-            continue
-        for fold_dir in sorted(os.listdir(os.path.join(root, group))):
-            mf = re.fullmatch(r"fold(\d+)", fold_dir)
-            if not mf:
-                continue
-            for name in sorted(os.listdir(os.path.join(root, group, fold_dir))):
-                d = os.path.join(root, group, fold_dir, name)
-                m2 = re.fullmatch(r"(.+)-seed(\d+)", name)
-                files = ("results.json", "config.json", os.path.join("eval_heldout", "eval.json"),
-                         os.path.join("eval_heldout", "photos.json"))
-                paths = [os.path.join(d, f) for f in files]
-                if not m2 or m2.group(1) not in CONFIGS or not all(os.path.isfile(p) for p in paths):
-                    continue
-                loaded = []
-                for p in paths:
-                    with open(p) as f:
-                        loaded.append(json.load(f))
-                run, run["config"], run["heldout"], run["photos"] = loaded[0], loaded[1], loaded[2], loaded[3]["photos"]
-                if run["steps"] != int(m.group(1)):
-                    continue
-                run.update(seed=int(m2.group(2)), fold=int(mf.group(1)), run_dir=d)
-                out[int(m.group(1))][m2.group(1)].append(run)
-    return {s: dict(v) for s, v in sorted(out.items())}
+def attach_run_dirs(data: Data, root: Optional[str]) -> Data:
+    """Give each run of ``data`` its directory under ``root`` when that still exists on this machine (the
+    reconstructions plot needs its checkpoint); the rest of the report needs only the records."""
+    for steps, by_name in data.items():
+        for name, runs in by_name.items():
+            for r in runs:
+                d = run_dir(root, name, r["seed"], steps, r["fold"]) if root else None
+                r["run_dir"] = d if d and os.path.isfile(os.path.join(d, "results.json")) else None
+    return data
 
 
 def cells(runs: List[dict], key: str, photos: Optional[set] = None) -> Dict[Tuple[int, str], float]:
@@ -138,27 +117,23 @@ def comparisons(data: Data) -> List[dict]:
     return out
 
 
-def _progress_wall(root: str) -> Optional[str]:
-    """First start and last finished run in ROOT/progress.log, and how many runs finished in between."""
-    path = os.path.join(root, "progress.log")
-    if not os.path.isfile(path):
+def _progress_wall(data: Data) -> Optional[str]:
+    """When the first and last record finished, and the runs' summed wall time (from the records)."""
+    runs = [r for by in data.values() for rs in by.values() for r in rs]
+    stamps = sorted(r["finished_utc"] for r in runs if r.get("finished_utc"))
+    walls = [r["wall_time_s"] for r in runs if r.get("wall_time_s")]
+    if not stamps:
         return None
-    with open(path) as f:
-        lines = [ln.split(" ", 1) for ln in f if ln.strip()]
-    starts = [t for t, rest in lines if " start " in " " + rest]
-    done = [(t, re.sub(r" in [\d.]+ s$", "", rest.split(" done ", 1)[1].strip())) for t, rest in lines if " done " in rest]
-    if not starts or not done:
-        return None
-    return (f"first start {starts[0]} UTC, last run finished {done[-1][0]} UTC, {len({k for _, k in done})} "
-            "distinct runs finished")
+    return (f"{len(runs)} runs; records finished from {stamps[0]} to {stamps[-1]} UTC; "
+            f"{sum(walls) / 3600:.2f} h of run wall time in all ({len(walls)} runs timed)")
 
 
-def coverage(data: Data, root: str) -> List[str]:
+def coverage(data: Data) -> List[str]:
     """What actually ran: seeds and folds per configuration and run length."""
     lines = ["## What ran\n"]
-    wall = _progress_wall(root)
+    wall = _progress_wall(data)
     if wall:
-        lines.append(f"Measured: {wall} (from `{os.path.join(root, 'progress.log')}`).\n")
+        lines.append(f"Measured: {wall} (from the records in `training/results/records/`).\n")
     lines.append("| steps | config | runs | seeds | folds | held-out photos | train wall s (mean per run) |")
     lines.append("|---|---|---|---|---|---|---|")
     for steps, by_name in data.items():
@@ -195,7 +170,7 @@ def _real_per_stage(runs: List[dict]) -> str:
     return " / ".join(f"{v:.2f}" for v in arr)
 
 
-def markdown(data: Data, root: str, extra: Optional[Dict[str, Data]] = None) -> str:
+def markdown(data: Data, extra: Optional[Dict[str, Data]] = None) -> str:
     """The whole ``table.md``."""
     lines = ["# Rate–distortion study: results\n",
              "Cross-validation by image: every real photo held out once per seed (folds below); numbers are "
@@ -207,7 +182,7 @@ def markdown(data: Data, root: str, extra: Optional[Dict[str, Data]] = None) -> 
              "\"n.d.\" = no detectable difference at this size. Per-stage PSNR, perplexity and residual RMS are "
              "over all held-out tiles of a run (tile-weighted), averaged over runs. Generated by "
              "`python -m training.study --report`.\n"]
-    lines += coverage(data, root)
+    lines += coverage(data)
     for title, groups in [("", data)] + sorted((extra or {}).items()):
         for steps, by_name in groups.items():
             lines.append(f"## {steps} steps{(' — ' + title) if title else ''}\n")
@@ -370,11 +345,11 @@ def plot_reconstructions(data: Data, path: str, names: Sequence[str] = ("fsq22",
     steps = next(iter(data), None)
     chosen = []
     for name in names:
-        runs = sorted((r for r in (data[steps].get(name, []) if steps else []) if r["fold"] == 0),
+        runs = sorted((r for r in (data[steps].get(name, []) if steps else []) if r["fold"] == 0 and r["run_dir"]),
                       key=lambda r: r["seed"])
         if runs:
             chosen.append((name, runs[0]["run_dir"]))
-    if not chosen:
+    if not chosen:  # no run directory on this machine: the committed picture stays
         return None
     _, cfg = load_run(chosen[0][1])
     size = cfg["image_size"]
@@ -414,19 +389,30 @@ def summary(data: Data) -> dict:
             for steps, by_name in data.items()}
 
 
-def write_report(root: str, results_dir: str, extra_roots: Optional[Dict[str, str]] = None) -> List[str]:
-    """Write the report files for the runs under ``root`` (and titled ``extra_roots``, table only);
-    returns the paths written (none when no run finished)."""
-    data = collect(root)
-    extra = {title: collect(r) for title, r in (extra_roots or {}).items()}
+def write_report(records_dir: str, results_dir: str, run_root: Optional[str] = None) -> Tuple[List[str], str]:
+    """Write the report files from every record under ``records_dir`` (group ``main`` for the table and
+    plots, the loss-check groups as extra tables). Returns ``(paths written, message)``: nothing is
+    written when there is no record, or when the report already in ``results_dir`` covers a run that
+    no record holds (a report is never rebuilt from fewer runs than it had); the message says why."""
+    data = attach_run_dirs(load_records(records_dir, MAIN_GROUP), run_root)
+    extra = {f"loss check, {g[len('losscheck-'):]}": load_records(records_dir, g)
+             for g in record_groups(records_dir) if g.startswith("losscheck-")}
     extra = {t: d for t, d in extra.items() if d}
     if not data:
-        return []
+        return [], (f"no study record under {records_dir!r}: nothing to report. Run the study first "
+                    "(python -m training.study) or give --records-dir")
+    old = summary_runs(os.path.join(results_dir, "summary.json"))
+    missing = sorted(old - covered(data)) if old else []
+    if missing:
+        eg = ", ".join(f"{n} seed {s} fold {f} ({st} steps)" for st, n, s, f in missing[:4])
+        return [], (f"the report in {results_dir!r} covers {len(missing)} run(s) that no record holds (e.g. {eg}); "
+                    f"it is left as it is, not rebuilt from fewer runs. Run those runs (python -m training.study) "
+                    "and the report is rebuilt with them")
     os.makedirs(results_dir, exist_ok=True)
     written = []
     p = os.path.join(results_dir, "table.md")
     with open(p, "w") as f:
-        f.write(markdown(data, root, extra))
+        f.write(markdown(data, extra))
     written.append(p)
     p = os.path.join(results_dir, "summary.json")
     with open(p, "w") as f:
@@ -439,4 +425,4 @@ def write_report(root: str, results_dir: str, extra_roots: Optional[Dict[str, st
         out = fn(data, os.path.join(results_dir, name))
         if out:
             written.append(out)
-    return written
+    return written, ""
