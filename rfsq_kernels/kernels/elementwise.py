@@ -17,7 +17,7 @@ from . import config
 from .fpmath import recip_rn
 from .launch_settings import launch
 from .stages import (fsq_code, fsq_dcode, keep_only, load_active_stages, load_digit_range, load_levels, load_tile,
-                     masked_row_sum, stage_keep, store_index, store_tile, tile_prologue, tile_view)
+                     masked_row_sum, stage_keep, store_index, store_tile, tile_prologue)
 
 
 # -- the stages of the built-in elementwise strategies -------------------------------------------
@@ -146,11 +146,9 @@ def _fwd_elementwise_kernel(
 ):
     """Elementwise forward: one program per (image, spatial tile), all K stages in registers (a
     runtime stage loop: the residual is carried, nothing is replayed)."""
-    img, offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S,
-                                                               HAS_MASK, USE_INT64)
-    # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
-    x_view = tile_view(x_ptr, img, stride_xb, stride_xc, stride_xs)
-    q_view = tile_view(q_ptr, img, stride_qb, stride_qc, stride_qs)
+    img, (x_view, q_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
+        valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S, HAS_MASK, USE_INT64)
     chan = (offs_c, mask_c, C)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
@@ -205,12 +203,10 @@ def _bwd_elementwise_kernel(
     unrolled, so the compiler shares the O(K^2) replay.
     """
     pid = tl.program_id(0)  # also the row of this program's parameter-gradient partials
-    img, offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S,
-                                                               HAS_MASK, USE_INT64)
-    # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
-    x_view = tile_view(x_ptr, img, stride_xb, stride_xc, stride_xs)
-    g_view = tile_view(g_ptr, img, stride_gb, stride_gc, stride_gs)
-    dx_view = tile_view(dx_ptr, img, stride_dxb, stride_dxc, stride_dxs)
+    img, (x_view, g_view, dx_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
+         (dx_ptr, stride_dxb, stride_dxc, stride_dxs)),
+        valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S, HAS_MASK, USE_INT64)
     chan = (offs_c, mask_c, C)
     inside = mask_c[:, None] & mask_s[None, :]
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)

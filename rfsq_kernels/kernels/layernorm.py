@@ -172,11 +172,10 @@ def _fwd_layernorm_kernel(
     statistics count valid positions only (at least 1); with ``HAS_ACTIVE_STAGES`` stages
     ``k >= active_stages`` quantize nothing.
     """
-    img, valid_row, offs_c, mask_c = image_prologue(valid_ptr, C, S, BLOCK_C, USE_INT64)
-    # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
-    x_view = tile_view(x_ptr, img, stride_xb, stride_xc, stride_xs)
-    q_view = tile_view(q_ptr, img, stride_qb, stride_qc, stride_qs)
-    stats = (mean_ptr, std_ptr, factor_ptr, img * K * C)
+    img, (x_view, q_view), valid_row, stat_start, offs_c, mask_c = image_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
+        valid_ptr, C, S, K, BLOCK_C, USE_INT64)
+    stats = (mean_ptr, std_ptr, factor_ptr, stat_start)
     affine = param_ptrs
     chan = (offs_c, mask_c, C)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
@@ -365,12 +364,11 @@ def _bwd_layernorm_kernel(
     float32 ``(B, C, S)`` scratch between stages. Parameter gradients go to per-image partials
     ``(B, K, C)``, reduced on the host.
     """
-    img, valid_row, offs_c, mask_c = image_prologue(valid_ptr, C, S, BLOCK_C, USE_INT64)
-    # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
-    x_view = tile_view(x_ptr, img, stride_xb, stride_xc, stride_xs)
-    g_view = tile_view(g_ptr, img, stride_gb, stride_gc, stride_gs)
-    dx_view = tile_view(dx_ptr, img, stride_dxb, stride_dxc, stride_dxs)
-    stats = (mean_ptr, std_ptr, factor_ptr, img * K * C)
+    img, (x_view, g_view, dx_view), valid_row, stat_start, offs_c, mask_c = image_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
+         (dx_ptr, stride_dxb, stride_dxc, stride_dxs)),
+        valid_ptr, C, S, K, BLOCK_C, USE_INT64)
+    stats = (mean_ptr, std_ptr, factor_ptr, stat_start)
     affine = param_ptrs
     dparts = dparam_part_ptrs
     chan = (offs_c, mask_c, C)

@@ -25,7 +25,7 @@ import triton.language as tl
 from .. import config
 from ..fpmath import tanh_f32
 from ..launch_settings import launch
-from ..stages import keep_only, load_active_stages, load_tile, stage_keep, store_tile, tile_prologue, tile_view
+from ..stages import keep_only, load_active_stages, load_tile, stage_keep, store_tile, tile_prologue
 from .common import bcs_strides, load_row, one_minus_square, place_values, vq_index_dtype
 
 # Rows of the per-channel constant table built by :func:`constant_table`.
@@ -92,10 +92,9 @@ def _fwd_vq_rfsq_kernel(
 ):
     """Forward: one program per (image, tile of positions), the K stages a runtime loop with the
     (detached) residual in registers; the output sums the stage outputs in stage order."""
-    img, offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S,
-                                                               HAS_MASK, USE_INT64)
-    x_view = tile_view(x_ptr, img, stride_xb, stride_xc, stride_xs)
-    q_view = tile_view(q_ptr, img, stride_qb, stride_qc, stride_qs)
+    img, (x_view, q_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
+        valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S, HAS_MASK, USE_INT64)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     c = load_row(consts_ptr, VQ_CLAMP_ROW, offs_c, mask_c, C, 1.0)
     a = load_row(consts_ptr, VQ_STEP_ROW, offs_c, mask_c, C, 0.0)
@@ -142,11 +141,10 @@ def _bwd_vq_rfsq_kernel(
     """Backward: the residual is detached, so ``dL/dy = sum_k [-1 < u_k < 1] * g*s_k*a/2*(L-1)/s_k``,
     each term rounded op by op like autograd and summed from the last stage back; then the soft
     clamp: ``dx = (dy * c) * (1 - t^2) / c``. A forward replay records which stages pass."""
-    img, offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S,
-                                                               HAS_MASK, USE_INT64)
-    x_view = tile_view(x_ptr, img, stride_xb, stride_xc, stride_xs)
-    g_view = tile_view(g_ptr, img, stride_gb, stride_gc, stride_gs)
-    dx_view = tile_view(dx_ptr, img, stride_dxb, stride_dxc, stride_dxs)
+    img, (x_view, g_view, dx_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
+         (dx_ptr, stride_dxb, stride_dxc, stride_dxs)),
+        valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S, HAS_MASK, USE_INT64)
     mask = mask_c[:, None] & valid[None, :]
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     c = load_row(consts_ptr, VQ_CLAMP_ROW, offs_c, mask_c, C, 1.0)
