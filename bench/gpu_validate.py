@@ -17,7 +17,10 @@ never ran on a GPU may hang (a device-side spin, a compiler stuck) or kill the C
 (illegal address, device assert), and a dead context cannot be recovered in that process; a fresh
 process recovers both, at the cost of one torch import (~3 s) per step. Inside a step the process
 checks the time between sub-cases and records the ones it cannot start as ``skipped`` (time box).
-Every row is appended to ``<stem>.rows.jsonl`` as it finishes, so a killed step keeps what it did.
+Every row is appended to a per-process JSON-lines file as it finishes, so a killed step keeps what
+it did; the parent merges them into the JSON after each step. Correctness on the GPU runs in four
+processes (sub-cases dealt round-robin, so each keeps the priority order): it is mostly Triton
+compilation, which one process does serially.
 When a step reports a dead CUDA context the parent probes a fresh process; only if the device is
 unusable there too are the later steps recorded as skipped.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import signal
@@ -41,14 +45,17 @@ if __package__ in (None, ""):  # run as a script: the checkout, not an installed
 
 from bench import gpu_env  # noqa: E402  (stdlib only: safe before TRITON_INTERPRET is decided)
 
-#: name -> (module:function returning the step's sub-cases, GPU budget s, dry-run budget s, what).
-#: GPU budgets sum to 420 s; with the per-step grace and wheel install the run stays under 8 min.
-STEPS: Dict[str, Tuple[str, float, float, str]] = {
-    "environment": ("bench.gpu_env:subcases", 20, 15, "device, versions, packages, copy bandwidth"),
-    "correctness": ("bench.gpu_correct:subcases", 215, 55, "fused vs reference on the device"),
-    "graphs": ("bench.gpu_graphs:subcases", 55, 25, "CUDA graph capture/replay, torch.compile fullgraph"),
-    "timing": ("bench.gpu_timing:timing_subcases", 115, 10, "bench/report.py machinery, curated cases"),
-    "model": ("bench.gpu_timing:model_subcases", 15, 10, "measured vs the static report's model"),
+#: name -> (module:function returning the step's sub-cases, GPU budget s, dry-run budget s, GPU
+#: processes, what). GPU budgets sum to 420 s; with the per-step grace and the wheel install the
+#: run stays under 8 minutes. Correctness is mostly Triton compilation (one process compiles
+#: serially), so on the GPU its sub-cases are dealt round-robin to 4 processes sharing the device
+#: (the machine has 16 cores); timing is never split (it would measure the neighbours).
+STEPS: Dict[str, Tuple[str, float, float, int, str]] = {
+    "environment": ("bench.gpu_env:subcases", 20, 15, 1, "device, versions, packages, copy bandwidth"),
+    "correctness": ("bench.gpu_correct:subcases", 215, 55, 4, "fused vs reference on the device"),
+    "graphs": ("bench.gpu_graphs:subcases", 55, 25, 1, "CUDA graph capture/replay, torch.compile fullgraph"),
+    "timing": ("bench.gpu_timing:timing_subcases", 115, 10, 1, "bench/report.py machinery, curated cases"),
+    "model": ("bench.gpu_timing:model_subcases", 15, 10, 1, "measured vs the static report's model"),
 }
 GRACE_S = 8.0
 #: A sub-case is not started with less than this left, nor with less than 1.5x the longest so far.
@@ -71,15 +78,15 @@ def _cuda_dead(exc: BaseException) -> bool:
     return any(s in text for s in CUDA_DEAD)
 
 
-def run_subcases(step: str, subcases: Sequence[Tuple[str, Callable[[], Optional[Dict]]]], rows_path: Path,
+def run_subcases(step: str, subcases: Sequence[Tuple[int, str, Callable[[], Optional[Dict]]]], rows_path: Path,
                  deadline: float) -> int:
-    """Run ``subcases`` in order, appending one row each to ``rows_path``; returns the exit code
-    (``DEAD_CONTEXT_EXIT`` once the CUDA context died: the rest are recorded as skipped)."""
+    """Run ``(index, name, fn)`` sub-cases in order, appending one row each to ``rows_path``; returns
+    the exit code (``DEAD_CONTEXT_EXIT`` once the CUDA context died: the rest are then skipped)."""
     longest, dead = 0.0, False
     with rows_path.open("a") as sink:
-        for name, fn in subcases:
+        for index, name, fn in subcases:
             left = deadline - time.time()
-            row: Dict = {"step": step, "name": name}
+            row: Dict = {"step": step, "index": index, "name": name}
             if dead:
                 row.update(status="skipped", reason="CUDA context died in an earlier sub-case of this step")
             elif left < max(MIN_LEFT_S, 1.5 * longest):
@@ -110,33 +117,47 @@ def _child(args) -> int:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
-    earlier = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.strip()]
+    rows_dir = Path(args.rows)
+    shard, shards = (int(x) for x in args.shard.split("/"))
     module, func = STEPS[args.step][0].split(":")
-    ctx = Context(device, args.dry_run, earlier)
+    ctx = Context(device, args.dry_run, read_rows(rows_dir))
     try:
-        subcases = getattr(importlib.import_module(module), func)(ctx)
+        listed = getattr(importlib.import_module(module), func)(ctx)
     except Exception as exc:  # the step could not even list its sub-cases
-        subcases = [("setup", lambda: (_ for _ in ()).throw(exc))]
-    return run_subcases(args.step, subcases, Path(args.rows), args.deadline)
+        listed = [("setup", functools.partial(_raise, exc))]
+    mine = [(i, name, fn) for i, (name, fn) in enumerate(listed) if i % shards == shard]
+    return run_subcases(args.step, mine, rows_dir / f"{args.step}-{shard}.jsonl", args.deadline)
 
 
-def _run_step(step: str, budget: float, rows: Path, dry: bool, env: Dict[str, str]) -> Dict:
-    """Start the step process; kill its process group at ``budget + GRACE_S``."""
+def _raise(exc: BaseException):
+    raise exc
+
+
+def _run_step(step: str, budget: float, shards: int, rows: Path, dry: bool, env: Dict[str, str]) -> Dict:
+    """Start the step's ``shards`` processes; kill each one's process group at ``budget + GRACE_S``.
+    Status: the worst of the processes (timed-out, error, cuda-dead, ok)."""
     started = time.time()
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step, "--rows", str(rows),
-           "--deadline", str(started + budget)] + (["--dry-run"] if dry else [])
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        out, _ = proc.communicate(timeout=budget + GRACE_S)
-        status = {0: "ok", DEAD_CONTEXT_EXIT: "cuda-dead"}.get(proc.returncode, "error")
-        reason = "" if status == "ok" else f"exit code {proc.returncode}: {(out or '')[-1500:]}"
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        status, reason = "timed-out", f"killed after {budget + GRACE_S:.0f} s (budget {budget:.0f} s); rows so far kept"
-    return {"step": step, "status": status, "reason": reason, "budget_s": round(budget, 1),
-            "seconds": round(time.time() - started, 1), "output_tail": (out or "")[-800:]}
+    procs = []
+    for i in range(shards):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step, "--rows", str(rows), "--shard",
+               f"{i}/{shards}", "--deadline", str(started + budget)] + (["--dry-run"] if dry else [])
+        procs.append(subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    results = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(0.0, started + budget + GRACE_S - time.time()))
+            status = {0: "ok", DEAD_CONTEXT_EXIT: "cuda-dead"}.get(proc.returncode, "error")
+            reason = "" if status == "ok" else f"exit code {proc.returncode}: {(out or '')[-1500:]}"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            status, reason = "timed-out", f"killed after {budget + GRACE_S:.0f} s (budget {budget:.0f} s); rows so far kept"
+        results.append((status, reason, out or ""))
+    order = ("timed-out", "error", "cuda-dead", "ok")
+    status, reason, out = min(results, key=lambda r: order.index(r[0]))
+    return {"step": step, "status": status, "reason": reason, "budget_s": round(budget, 1), "processes": shards,
+            "seconds": round(time.time() - started, 1), "output_tail": out[-800:]}
 
 
 def _cuda_usable(env: Dict[str, str]) -> bool:
@@ -147,14 +168,17 @@ def _cuda_usable(env: Dict[str, str]) -> bool:
         return False
 
 
-def _read_rows(path: Path) -> List[Dict]:
+def read_rows(rows_dir: Path) -> List[Dict]:
+    """Every row written so far, in step order, then sub-case order."""
     rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill
-            pass
-    return rows
+    for path in rows_dir.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                pass
+    steps = list(STEPS)
+    return sorted(rows, key=lambda r: (steps.index(r["step"]), r.get("index", 0)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -164,20 +188,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="total step budget in seconds; scales the table (GPU 420 s, dry run 115 s)")
     p.add_argument("--dry-run", action="store_true", help="every step on the CPU: tiny shapes, interpreter, no timing")
     p.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))
+    p.add_argument("--processes", type=int, default=None,
+                   help="processes for the correctness step (default: the table's on a GPU, 1 in a dry run)")
     p.add_argument("--no-wheels", action="store_true", help="do not install the wheels of .whl/ (tests)")
     p.add_argument("--step", choices=list(STEPS), help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
+    p.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.step:
         return _child(args)
+    import torch  # the parent never imports triton: the steps decide TRITON_INTERPRET
+
+    if not args.dry_run and not torch.cuda.is_available():
+        p.error("no CUDA device here: use --dry-run (every step on the CPU, kernels in the Triton interpreter)")
     from bench.gpu_report import write_outputs
 
     started = time.time()
     env = dict(os.environ)
     if args.dry_run:
         env["TRITON_INTERPRET"] = "1"
-    index = 1 if args.dry_run else 2
+    index = 2 if args.dry_run else 1
     table_total = sum(STEPS[s][index] for s in args.steps)
     scale = (args.budget_s / table_total) if args.budget_s else 1.0
     args.out.mkdir(parents=True, exist_ok=True)
@@ -190,19 +221,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if record["wheels"]["status"] == "ok":
             env[gpu_env.SITE_ENV] = str(Path(tmp) / "site")
         stem = None
-        rows_path = Path(tmp) / "rows.jsonl"
-        rows_path.touch()
+        rows_dir = Path(tmp) / "rows"
+        rows_dir.mkdir()
         dead = False
         for step in args.steps:
             budget = STEPS[step][index] * scale
             if dead:
                 result = {"step": step, "status": "skipped", "reason": "CUDA unusable in a fresh process"}
             else:
-                result = _run_step(step, budget, rows_path, args.dry_run, env)
-                if result["status"] == "cuda-dead" and not args.dry_run:
+                shards = 1 if args.dry_run else STEPS[step][3]
+                if args.processes and step == "correctness":
+                    shards = args.processes
+                result = _run_step(step, budget, shards, rows_dir, args.dry_run, env)
+                if result["status"] != "ok" and not args.dry_run:  # a crash or hang may have taken the device
                     dead = not _cuda_usable(env)
             record["steps"].append(result)
-            record["rows"] = _read_rows(rows_path)
+            record["rows"] = read_rows(rows_dir)
+            env_row = next((r for r in record["rows"] if r["name"] == "versions+device"), None)
+            if env_row:  # device, versions and date at the top of the record too
+                record["environment"] = {k: v for k, v in env_row.items() if k not in ("step", "index", "name")}
             record["wall_s"] = round(time.time() - started, 1)
             stem = write_outputs(record, args.out, stem)
             print(f"[{record['wall_s']:6.1f} s] {step}: {result['status']} "

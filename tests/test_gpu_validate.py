@@ -16,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_dry_run_every_step(tmp_path):
-    """One run of the whole dry run (~1 min of interpreter work): every step ok, nothing failed."""
+    """One run of the whole dry run (~1 min of interpreter work): every step ok, nothing failed.
+    Correctness in 2 processes (the GPU run's sharding); budgets scaled up so that a loaded machine
+    slows the run rather than failing it (the default dry-run budgets sum to 115 s)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "bench/gpu_validate.py", "--dry-run", "--no-wheels", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, "bench/gpu_validate.py", "--dry-run", "--no-wheels", "--processes", "2",
+                           "--budget-s", "300", "--out", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (js,), (md,) = tmp_path.glob("*.json"), tmp_path.glob("*.md")
@@ -32,6 +35,7 @@ def test_dry_run_every_step(tmp_path):
     env_row = next(r for r in rows if r["name"] == "versions+device")
     assert env_row["reference"] == str(ROOT / "reference")  # the checkout's, mapped like setup.py
     assert sum(r["step"] == "correctness" and r["status"] == "ok" for r in rows) >= 10
+    assert record["steps"][1]["processes"] == 2
     assert "CPU DRY RUN" in md.read_text()
 
 
