@@ -50,17 +50,42 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Reading one image file (the one loader and policy of train.py and training.evaluate)
 # ---------------------------------------------------------------------------------------------
-#: Pillow modes of 16-bit integer images (16-bit greyscale PNG/TIFF): white is 65535.
+#: Pillow modes of integer greyscale images wider than 8 bits (16-bit PNG/TIFF; ``I`` = 32-bit TIFF).
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _white_level(im, a) -> int:
+    """The value that is white in integer greyscale image ``im`` (pixels ``a``): ``2**bits - 1`` for the
+    bit depth the file declares (TIFF BitsPerSample 9..16: 4095 for 12-bit data), 65535 for a 16-bit
+    mode without one; a 32-bit container (mode ``I``: a 32-bit TIFF) declares no useful depth, so its
+    value range decides: at most 255 is 8-bit data, at most 65535 16-bit data, more has no white."""
+    bits = None
+    tags = getattr(im, "tag_v2", None)
+    if tags is not None and 258 in tags:  # TIFF BitsPerSample (one value per sample)
+        v = tags[258]
+        bits = int(v[0] if isinstance(v, (tuple, list)) else v)
+    if bits is not None and 1 <= bits <= 16:
+        white = 2 ** bits - 1
+    elif im.mode != "I":  # I;16*: 16-bit samples
+        white = 65535
+    else:
+        top = int(a.max()) if a.size else 0
+        white = 255 if top <= 255 else 65535
+    if a.size and (a.min() < 0 or a.max() > white):
+        raise ValueError(f"{im.mode} image with values in [{int(a.min())}, {int(a.max())}], outside "
+                         f"[0, {white}] (its {bits or 'undeclared'}-bit depth): no defined white level")
+    return white
 
 
 def read_rgb(path: str):
     """Open an image file as an 8-bit RGB ``PIL.Image``, converting high bit depths by their range.
 
     Pillow's ``convert("RGB")`` clips a 16-bit greyscale image (mode ``I;16``/``I``) at 255, i.e. to
-    saturated white; here those are scaled from [0, 65535]. Images with no defined white level
-    (floating-point mode ``F``, or ``I`` values outside [0, 65535]) raise ``ValueError``; Pillow's own
-    errors (unreadable files, decompression bombs) propagate. Callers skip the file, naming the reason
+    saturated white; here integer greyscale is scaled from [0, white] (:func:`_white_level`: the
+    declared bit depth, else the value range of a 32-bit container, so 8-bit data in a mode-``I``
+    TIFF is not scaled by 1/65535 to black). Images with no defined white level (floating-point mode
+    ``F``, or values beyond the white level) raise ``ValueError``; Pillow's own errors (unreadable
+    files, decompression bombs) propagate. Callers skip the file, naming the reason
     (:func:`unreadable_reason`).
     """
     import numpy as np
@@ -69,9 +94,8 @@ def read_rgb(path: str):
     with Image.open(path) as im:
         if im.mode in _SIXTEEN_BIT_MODES:
             a = np.asarray(im, dtype=np.int64)
-            if a.size and (a.min() < 0 or a.max() > 65535):
-                raise ValueError(f"{im.mode} image with values outside [0, 65535]: no defined white level")
-            grey = np.rint(a * (255.0 / 65535.0)).astype(np.uint8)
+            white = _white_level(im, a)
+            grey = np.rint(a * (255.0 / white)).astype(np.uint8)
             return Image.fromarray(grey, mode="L").convert("RGB")
         if im.mode == "F":
             raise ValueError("floating-point image (Pillow mode F): no defined white level")
@@ -94,6 +118,94 @@ def paper_transform(size: int = 128):
     return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def walk_files(root: str) -> List[str]:
+    """Every file under ``root``, following symbolic links but entering each real directory once (so a
+    link loop, or a link to a folder already in the tree, does not repeat files) and listing each real
+    file once; in the order of ``sorted(os.walk(...))`` (by directory, then file name)."""
+    try:
+        st = os.stat(root)
+    except OSError:
+        return []
+    return sorted(_walk_once(root, {(st.st_dev, st.st_ino)}, set()), key=_walk_order)
+
+
+def _walk_order(path: str) -> Tuple[str, str]:
+    return os.path.dirname(path), os.path.basename(path)
+
+
+def _walk_once(top: str, seen_dirs: set, seen_files: set) -> List[str]:
+    """The files under directory ``top`` (entered whatever ``seen_dirs`` holds), not entering the
+    directories of ``seen_dirs`` (their ``(st_dev, st_ino)``) nor listing the real paths of
+    ``seen_files``; both sets are updated with what this walk enters and lists."""
+    out: List[str] = []
+    stack = [(top, os.path.realpath(top))]
+    while stack:
+        d, real_d = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:  # unreadable directory: os.walk skips it too
+            continue
+        subdirs = []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()  # follows links
+                st = e.stat() if is_dir else None
+            except OSError:  # a dangling or looping link
+                continue
+            real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_d, e.name)
+            if is_dir:
+                if (st.st_dev, st.st_ino) not in seen_dirs:
+                    seen_dirs.add((st.st_dev, st.st_ino))
+                    subdirs.append((e.path, real))
+            elif real not in seen_files:
+                seen_files.add(real)
+                out.append(e.path)
+        stack.extend(reversed(subdirs))
+    return out
+
+
+def _make_dataset_once(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+    """``torchvision``'s ``make_dataset`` over :func:`_walk_once`: the root and every class folder count
+    as entered from the start, so a link inside one class to another class's folder (or to the root, or
+    a loop) adds no file twice and none under the wrong class. Two class folders that are one directory
+    are refused (:class:`DataError`)."""
+    from torchvision.datasets.folder import has_file_allowed_extension
+
+    if extensions is not None:
+        def is_valid_file(x: str) -> bool:
+            return has_file_allowed_extension(x, extensions)
+
+    root_st = os.stat(directory)
+    seen_dirs, seen_files = {(root_st.st_dev, root_st.st_ino)}, set()
+    class_dirs = {}
+    for c in sorted(class_to_idx):
+        d = os.path.join(directory, c)
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen_dirs:
+            same = next((o for o, k in class_dirs.items() if k == key), directory)
+            raise DataError(f"class folder {d} is the same directory as {same} (a symbolic link): its images "
+                            "would be counted twice")
+        seen_dirs.add(key)
+        class_dirs[d] = key
+    instances, empty = [], []
+    for c in sorted(class_to_idx):
+        d = os.path.join(directory, c)
+        valid = [p for p in sorted(_walk_once(d, seen_dirs, seen_files), key=_walk_order) if is_valid_file(p)] if d in class_dirs else []
+        if not valid:
+            empty.append(c)
+        instances += [(p, class_to_idx[c]) for p in valid]
+    if empty and not allow_empty:
+        msg = f"Found no valid file for the classes {', '.join(sorted(empty))}. "
+        if extensions is not None:
+            msg += f"Supported extensions are: {extensions if isinstance(extensions, str) else ', '.join(extensions)}"
+        raise FileNotFoundError(msg)
+    return instances
+
+
 class SafeImageFolder(Dataset):
     """``torchvision.datasets.ImageFolder`` whose unreadable/corrupt images yield an :class:`Unreadable`
     (file and reason) instead of raising; :func:`collate_skip` drops them and reports them.
@@ -107,8 +219,11 @@ class SafeImageFolder(Dataset):
         if not root or not os.path.isdir(root):
             raise DataError(f"data directory {root!r} does not exist (expected an ImageFolder: "
                             "ROOT/<class>/<image>.JPEG, e.g. ImageNet's train/ or val/ sorted into class folders)")
+        class _Folder(ImageFolder):  # symbolic links followed, each real directory and file once
+            make_dataset = staticmethod(_make_dataset_once)
+
         try:
-            self.folder = ImageFolder(root, transform=paper_transform(size), loader=read_rgb)
+            self.folder = _Folder(root, transform=paper_transform(size), loader=read_rgb)
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"data directory {root!r} holds no images in class sub-folders "
                             f"(expected ROOT/<class>/<image>.JPEG): {e}") from None

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from training import checkpoint as ckpt
 from training.data import (DataError, TiledCrops, denormalize, load_photos, normalize,
-                           read_rgb, split_embedded, unreadable_reason)
+                           read_rgb, split_embedded, unreadable_reason, walk_files)
 from training.lpips_loss import load_lpips
 from training.lpips_weights import LPIPSWeightsError
 from training.metrics import compute_metrics
@@ -59,8 +59,7 @@ def load_folder_photos(root: str, short_side: int) -> List[torch.Tensor]:
 
     if not os.path.isdir(root):
         raise DataError(f"--val-dir {root!r} is not a directory")
-    paths = sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names
-                   if n.lower().endswith(IMAGE_EXTENSIONS))
+    paths = sorted(p for p in walk_files(root) if p.lower().endswith(IMAGE_EXTENSIONS))  # links: each real file once
     photos, skipped = [], 0
     for p in paths:
         try:  # the loader and skip policy of training (training.data.read_rgb)

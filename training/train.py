@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
-from rfsq_kernels.reference import DEFAULT_LEVELS, STRATEGIES, check_levels
+from rfsq_kernels.reference import DEFAULT_LEVELS, STRATEGIES, check_levels, get_strategy
 from rfsq_kernels.reference.validation import check_initial_scale
 from training import checkpoint as ckpt
 from training.data import (EXTRA_PHOTOS, DataError, EmbeddedTrain, EmbeddedVal, SafeImageFolder, ShardedSampler,
@@ -182,6 +182,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         check_initial_scale(args.rfsq_initial_scale, "--rfsq-initial-scale")
     except ValueError as e:
         parser.error(f"--levels: {e}" if str(e).startswith("levels") else str(e))
+    if args.quantizer == "rfsq" and get_strategy(args.rfsq_strategy).per_image_stats and args.image_size == 4:
+        parser.error(f"--image-size 4 gives 1x1 latents (the encoder downsamples by 4), and --rfsq-strategy "
+                     f"{args.rfsq_strategy} normalizes each channel over the latent's positions: with one position "
+                     f"its output copies the input and the side information carries the whole image; use "
+                     f"--image-size 8 or more, or --rfsq-strategy none/scale")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output-dir and --overwrite deletes it: give one of them")
     if args.batch_size is None:
@@ -509,7 +514,7 @@ def batches(run: Run) -> Iterator[Tuple[int, torch.Tensor]]:
 
 def train_step(run: Run, images: torch.Tensor) -> Optional[Dict[str, float]]:
     """One optimizer step on a batch of ``images``. Returns the loss terms averaged over ranks (``loss``, ``l1``,
-    ``lpips``, ``aux``) and ``stop`` (a stop was requested on some rank), or None when the loss is not
+    ``lpips``, ``aux``), the learning rate the step used (``lr``) and ``stop`` (a stop was requested on some rank), or None when the loss is not
     finite on some rank: then no rank steps (the gradients are dropped) and the error is logged.
 
     The loss reaches the host once per step, after the backward (and the clip) are queued, so the device
@@ -539,11 +544,12 @@ def train_step(run: Run, images: torch.Tensor) -> Optional[Dict[str, float]]:
         log.error("non-finite loss (%s; L1 %s, LPIPS %s, aux %s) at step %d: stopping without stepping. %s",
                   loss_v, l1_v, lp_v, aux_v, run.step + 1, _non_finite_advice(run))
         return None
+    lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler then sets the next one's)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
     run.step += 1
-    return {"loss": loss_v, "l1": l1_v, "lpips": lp_v, "aux": aux_v, "stop": stop_v > 0}
+    return {"loss": loss_v, "l1": l1_v, "lpips": lp_v, "aux": aux_v, "lr": lr, "stop": stop_v > 0}
 
 
 def _non_finite_advice(run: Run) -> str:
@@ -568,7 +574,7 @@ def log_step(run: Run, epoch: int, losses: Dict[str, float], images_per_s: float
     bar.set_postfix(loss=f"{losses['loss']:.4f}", l1=f"{losses['l1']:.4f}", img_s=f"{images_per_s:.1f}",
                     refresh=False)
     if step % args.log_every == 0 or step == 1:
-        lr = run.scheduler.get_last_lr()[0]
+        lr = losses["lr"]  # the rate step `step` used (get_last_lr() is already the next step's)
         append_metrics(run, {"split": "train", "step": step, "epoch": epoch, "lr": lr,
                              "loss": losses["loss"], "l1": losses["l1"],
                              "lpips": losses["lpips"] if run.lpips_in_loss else None,

@@ -1,9 +1,11 @@
 """Drop-in ``FSQ`` of vector-quantize-pytorch 1.32.0 (standalone finite scalar quantization).
 
-Same constructor arguments and defaults, buffers (``_levels``, ``_basis`` non-persistent;
-``orthogonal_rot`` persistent when ``orthogonal_rotation``), ``state_dict`` keys, call signature
-and outputs. The ``implicit_codebook`` buffer is not built; ``implicit_codebook`` is a property
-computed on demand. Indices are packed exactly from the integer digits.
+Same constructor arguments and defaults, buffers (``_levels``, ``_basis``, ``implicit_codebook``
+non-persistent; ``orthogonal_rot`` persistent when ``orthogonal_rotation``), ``state_dict`` keys,
+methods (``bound``, ``symmetry_preserving_bound``, ``quantize``, ``maybe_apply_noise``, ...), call
+signature, outputs and output strides. Indices are packed exactly from the integer digits.
+``implicit_codebook`` is a buffer like the library's up to :data:`CODEBOOK_BUFFER_LIMIT` floats;
+above that it is computed on each access instead of being held in memory.
 """
 from __future__ import annotations
 
@@ -13,7 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from ..backend import check_backend, use_fused
+from ..reference import check_indices
 from . import reference as ref
+from .routing import warn_reference_path
+
+#: Largest ``implicit_codebook`` (``prod(levels) * codebook_dim`` floats, 256 MB) held as a buffer.
+CODEBOOK_BUFFER_LIMIT = 2**26
 
 
 class FSQ(nn.Module):
@@ -77,6 +84,10 @@ class FSQ(nn.Module):
         self.return_indices = return_indices
         if return_indices:
             self.codebook_size = ref.codebook_size(levels)
+            if self.codebook_size * self.codebook_dim <= CODEBOOK_BUFFER_LIMIT:
+                self.register_buffer("implicit_codebook", self._build_codebook(), persistent=False)
+            else:
+                self._codebook_on_demand = True
         self.allowed_dtypes = allowed_dtypes
         self.force_quantization_f32 = force_quantization_f32
         self.bound_hard_clamp = bound_hard_clamp
@@ -89,17 +100,44 @@ class FSQ(nn.Module):
 
     # -- math -------------------------------------------------------------------------------------
 
-    def quantize(self, z: Tensor) -> Tuple[Tensor, Tensor]:
-        """``(codes, digits)`` of ``z`` ``(..., codebook_dim)``."""
+    def bound(self, z: Tensor, eps: float = 1e-3, hard_clamp: bool = False) -> Tensor:
+        """The library's default bound of ``z`` ``(..., codebook_dim)``: the normalized codes
+        ``round_ste(tanh(z + shift) * half_l - offset) / (L // 2)`` (``clamp`` and no shift
+        ``atanh`` with ``hard_clamp``)."""
+        return ref.tanh_bound(z, self._levels, hard_clamp, eps)[0]
+
+    def symmetry_preserving_bound(self, z: Tensor, hard_clamp: bool = False) -> Tensor:
+        """The library's symmetric bound: ``2/(L-1) * floor_ste((L-1)(tanh(z)+1)/2 + 0.5) - 1``
+        (``clamp(z, -1, 1)`` instead of ``tanh`` with ``hard_clamp``)."""
+        return ref.symmetric_bound(z, self._levels, hard_clamp)[0]
+
+    def quantize(self, z: Tensor) -> Tensor:
+        """The quantized codes of ``z`` ``(..., codebook_dim)``, same shape (the library's
+        ``quantize``: the configured bound with ``bound_hard_clamp``)."""
+        return self._quantize_with_digits(z)[0]
+
+    def _quantize_with_digits(self, z: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(codes, digits)``: :meth:`quantize` plus the integer digits the index is packed from."""
         if self.preserve_symmetry:
             return ref.symmetric_bound(z, self._levels, self.bound_hard_clamp)
         return ref.tanh_bound(z, self._levels, self.bound_hard_clamp)
 
+    def maybe_apply_noise(self, bounded_z: Tensor) -> Tensor:
+        """The library's noise dropout: in training with ``noise_dropout > 0``, each element gets
+        ``U(-0.5, 0.5)`` added with probability ``noise_dropout``, then is clamped to ``[-1, 1]``;
+        otherwise ``bounded_z`` unchanged."""
+        if not self.training or self.noise_dropout == 0.:
+            return bounded_z
+        return ref.noise_dropout(bounded_z, self.noise_dropout)
+
     def fused_supported(self, dtype: torch.dtype = torch.float32) -> Optional[str]:
-        """None when the fused kernels compute this configuration for inputs of ``dtype``, else why not:
-        they run the default bound (no ``preserve_symmetry``/``bound_hard_clamp``) in float32."""
+        """None when the fused kernels compute this configuration for inputs of ``dtype``, else why
+        not (the module then runs the reference path, whatever ``backend`` says): they run the
+        default bound (no ``preserve_symmetry``/``bound_hard_clamp``) in float32."""
         if self.preserve_symmetry or self.bound_hard_clamp:
             return "preserve_symmetry or bound_hard_clamp in the standalone FSQ"
+        if self.training and self.noise_dropout > 0:
+            return "noise_dropout > 0 in training (the noise is drawn from torch's RNG stream, as in the library)"
         if dtype != torch.float32 and not (dtype in (torch.bfloat16, torch.float16) and self.force_quantization_f32
                                             and dtype not in self.allowed_dtypes):
             return f"{dtype} inputs that the library quantizes in their own precision"
@@ -114,14 +152,13 @@ class FSQ(nn.Module):
             codes, indices = fsq_fused(z, self.levels)
             return codes, (indices if self.return_indices else None)
         if reason is not None and self.backend == "triton":
-            raise ValueError(f"backend='triton' does not support {reason}; use backend='reference' or 'auto'")
+            warn_reference_path(self, reason)
         orig_dtype = z.dtype
         if self.force_quantization_f32 and orig_dtype not in self.allowed_dtypes:
             z = z.float()
-        codes, digits = self.quantize(z)
+        codes, digits = self._quantize_with_digits(z)
         indices = ref.pack_digits(digits, self.levels) if self.return_indices else None
-        if self.training and self.noise_dropout > 0:
-            codes = ref.noise_dropout(codes, self.noise_dropout)
+        codes = self.maybe_apply_noise(codes)
         return codes.to(orig_dtype), indices
 
     def forward(self, z: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
@@ -134,6 +171,8 @@ class FSQ(nn.Module):
             z = z.movedim(1, -1)
         spatial = z.shape[1:-1]
         z = z.reshape(z.shape[0], -1, z.shape[-1])
+        if need_move:  # the library packs with a copy: channels_last output strides follow from it
+            z = z.contiguous()
         if z.shape[-1] != self.dim:
             raise ValueError(f"expected dimension of {self.dim} but found dimension of {z.shape[-1]}")
         z = self.project_in(z)
@@ -162,8 +201,12 @@ class FSQ(nn.Module):
         return ref.tanh_codes_from_digits(digits, self._levels)
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:
-        """Digits ``(..., codebook_dim)`` (int64, exact) of ``indices``."""
-        return ref.unpack_indices(indices, self.levels)
+        """Digits ``(..., codebook_dim)`` of ``indices``, computed exactly, in the library's dtype
+        (``indices``' dtype promoted with int32: int32 for int32 indices). Any integer dtype is read
+        exactly, and values outside ``[0, prod(levels))`` raise (``rfsq_kernels.reference.check_indices``,
+        as in every decoder)."""
+        exact = check_indices(indices, ref.codebook_size(self.levels))
+        return ref.unpack_indices(exact, self.levels).to(torch.promote_types(indices.dtype, torch.int32))
 
     def codes_to_indices(self, zhat: Tensor) -> Tensor:
         """Index of each code ``(..., codebook_dim)``: digits recovered in float, rounded, packed
@@ -190,12 +233,17 @@ class FSQ(nn.Module):
             codes = codes.movedim(-1, 1)
         return codes
 
-    @property
-    def implicit_codebook(self) -> Tensor:
-        """The library's ``implicit_codebook`` ``(prod(levels), codebook_dim)``, computed now."""
+    def _build_codebook(self) -> Tensor:
+        """The library's ``implicit_codebook`` ``(prod(levels), codebook_dim)``, computed with its ops."""
         digits = ref.unpack_indices(torch.arange(ref.codebook_size(self.levels), device=self._levels.device),
                                     self.levels)
         return self._scale_and_shift_inverse(digits)
+
+    def __getattr__(self, name: str):
+        # A codebook above CODEBOOK_BUFFER_LIMIT is not held as a buffer: build it on access.
+        if name == "implicit_codebook" and self.__dict__.get("_codebook_on_demand"):
+            return self._build_codebook()
+        return super().__getattr__(name)
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, dim={self.dim}, num_codebooks={self.num_codebooks}, backend={self.backend!r}"

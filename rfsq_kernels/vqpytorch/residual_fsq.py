@@ -2,8 +2,10 @@
 
 Same constructor arguments and defaults, buffers, ``state_dict`` keys, call signature and outputs
 as the library (``docs/migrating-from-vector-quantize-pytorch.md``, "Exact drop-in"), plus
-``backend=`` like :class:`rfsq_kernels.RFSQ`. The per-stage ``FSQ`` layers and their
-``implicit_codebook`` buffers are not built: codes are computed from the indices on demand.
+``backend=`` like :class:`rfsq_kernels.RFSQ`. ``layers`` holds the library's per-stage ``FSQ``s
+(:class:`~rfsq_kernels.vqpytorch.FSQ` drop-ins with their ``implicit_codebook`` buffers) for code
+that reads them; the forward runs the whole stage loop at once (fused, or the reference math), and
+decoding computes codes from the indices.
 """
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..backend import check_backend, use_fused
+from ..reference import check_indices
+from .fsq import FSQ
 from . import reference as ref
+from .routing import warn_reference_path
 
 #: Keyword arguments that ResidualFSQ forwards to each stage's FSQ, and what we do with them.
 _NO_EFFECT_KWARGS = ("allowed_dtypes", "force_quantization_f32", "scale", "projection_has_bias")
@@ -74,7 +79,9 @@ def _pack_channel_last(x: Tensor, channel_first: bool):
     if channel_first:
         x = x.movedim(1, -1)
     spatial = x.shape[1:-1]
-    return x.reshape(x.shape[0], -1, x.shape[-1]), spatial
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    # the library packs with a copy (einops.pack), so its output has channels_last strides
+    return (x.contiguous() if channel_first else x), spatial
 
 
 def _unpack_channel_last(x: Tensor, spatial, channel_first: bool) -> Tensor:
@@ -136,6 +143,9 @@ class ResidualFSQ(nn.Module):
         self.codebook_dim = codebook_dim
         self.codebook_size = ref.codebook_size(levels)
         self.bound_hard_clamp = bound_hard_clamp
+        self.layers = nn.ModuleList([FSQ(levels=levels, dim=codebook_dim, preserve_symmetry=True,
+                                         bound_hard_clamp=bound_hard_clamp, backend=backend, **kwargs)
+                                     for _ in range(self.num_quantizers)])
         self.register_buffer("scales", ref.stage_scales(levels, self.num_quantizers), persistent=False)
         self.quantize_dropout = quantize_dropout and num_quantizers > 1
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
@@ -153,11 +163,12 @@ class ResidualFSQ(nn.Module):
     # -- the quantizer ---------------------------------------------------------------------------
 
     def fused_supported(self) -> Optional[str]:
-        """None when the fused kernels compute this configuration, else the reason they do not."""
+        """None when the fused kernels compute this configuration, else the reason they do not
+        (the module then runs the reference path, whatever ``backend`` says)."""
         if not self.bound_hard_clamp:
             return "bound_hard_clamp=False (tanh stages)"
         if self.noise_dropout > 0 and self.training:
-            return "noise_dropout > 0 in training"
+            return "noise_dropout > 0 in training (the noise is drawn from torch's RNG stream, as in the library)"
         if self.scales.dtype != torch.float32 or self.soft_clamp_input_value.dtype != torch.float32:
             return "scales/soft_clamp_input_value buffers not in float32 (the module was cast; the library then " \
                    "computes in that dtype)"
@@ -171,7 +182,7 @@ class ResidualFSQ(nn.Module):
 
             return residual_fsq_fused(x, self.levels, self.scales, self.soft_clamp_input_value, num_active)
         if reason is not None and self.backend == "triton":
-            raise ValueError(f"backend='triton' does not support {reason}; use backend='reference' or 'auto'")
+            warn_reference_path(self, reason)
         noise = None
         if self.noise_dropout > 0 and self.training:
             p = self.noise_dropout
@@ -213,8 +224,11 @@ class ResidualFSQ(nn.Module):
     # -- decoding ---------------------------------------------------------------------------------
 
     def _indices_channel_last(self, indices: Tensor) -> Tensor:
-        if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.ndim < 2:
-            raise ValueError("indices must be an integer tensor (B, N, K) (channel-first: (B, K, *spatial))")
+        # the shared check: any integer dtype read exactly (int64), values in [0, codebook_size) or -1
+        indices = check_indices(indices, self.codebook_size, allow_sentinel=True)
+        if indices.ndim < 2:
+            raise ValueError(f"indices must be an integer tensor (B, N, K) (channel-first: (B, K, *spatial)), got shape "
+                             f"{tuple(indices.shape)}")
         if self.is_channel_first:
             indices = indices.movedim(1, -1)
         k = indices.shape[-1]
@@ -223,9 +237,6 @@ class ResidualFSQ(nn.Module):
         if k < self.num_quantizers:
             pad = indices.new_full((*indices.shape[:-1], self.num_quantizers - k), ref.SENTINEL)
             indices = torch.cat([indices, pad], dim=-1)
-        bad = (indices < ref.SENTINEL) | (indices >= self.codebook_size)
-        if bool(bad.any()):
-            raise ValueError(f"indices must be in [0, {self.codebook_size}) or -1 (a dropped stage)")
         return indices
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
@@ -256,7 +267,12 @@ class ResidualFSQ(nn.Module):
 class GroupedResidualFSQ(nn.Module):
     """vector-quantize-pytorch's ``GroupedResidualFSQ``: ``dim`` split into ``groups`` equal
     chunks, each its own :class:`ResidualFSQ` (``rvqs``). Indices ``(G, B, N, K)``; the
-    quantized output concatenates the groups along ``dim`` (dim 1 with ``accept_image_fmap``)."""
+    quantized output concatenates the groups along ``dim`` (dim 1 with ``accept_image_fmap``).
+
+    ``accept_image_fmap=True`` without ``is_channel_first=True`` on a ``(B, dim, *spatial)`` input
+    of rank >= 4 quantizes along dim 1, as the library's stage FSQs do (they treat rank >= 4 as
+    channel-first), with the library's layouts: indices ``(G, B, *spatial, K)``, output strides
+    channels_last."""
 
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, backend: str = "auto",
                  **kwargs):
@@ -266,6 +282,8 @@ class GroupedResidualFSQ(nn.Module):
         self.dim = dim
         self.groups = groups
         self.accept_image_fmap = accept_image_fmap
+        # the library's fmap case: split on dim 1, stages quantize dim 1, indices stay channel-last
+        self._fmap_channel_last = accept_image_fmap and not kwargs.get("is_channel_first", False)
         self.rvqs = nn.ModuleList([ResidualFSQ(dim=dim // groups, backend=backend, **kwargs) for _ in range(groups)])
         self.codebook_size = self.rvqs[0].codebook_size
 
@@ -282,8 +300,18 @@ class GroupedResidualFSQ(nn.Module):
         return torch.stack(tuple(rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)))
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """The forward's ``quantized`` from its indices ``(G, ...)`` (same layout)."""
         outs = tuple(rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices))
+        if self._fmap_channel_last and indices.ndim >= 5:  # (G, B, *spatial, K): outputs back to dim 1
+            outs = tuple(o.movedim(-1, 1) for o in outs)
         return torch.cat(outs, dim=self.split_dim)
+
+    def _quantize_group(self, rvq: ResidualFSQ, chunk: Tensor, **kw):
+        if not (self._fmap_channel_last and chunk.ndim >= 4):
+            return rvq(chunk, **kw)
+        # channels last, packed with a copy like the library's stage FSQ (channels_last output strides)
+        out = rvq(chunk.movedim(1, -1).contiguous(), **kw)
+        return (out[0].movedim(-1, 1), *out[1:])
 
     def forward(self, x: Tensor, return_all_codes: bool = False):
         """``(quantized, indices (G, ...)[, all_codes])``, ``all_codes`` a tuple of the groups'
@@ -295,7 +323,8 @@ class GroupedResidualFSQ(nn.Module):
         seed = None
         if self.training and self.rvqs[0].quantize_dropout and torch.is_grad_enabled():
             seed = get_maybe_sync_seed(x.device)
-        out = tuple(rvq(chunk, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed)
+        out = tuple(self._quantize_group(rvq, chunk, return_all_codes=return_all_codes,
+                                         rand_quantize_dropout_fixed_seed=seed)
                     for rvq, chunk in zip(self.rvqs, chunks))
         quantized, all_indices, *maybe_codes = tuple(zip(*out))
         ret = (torch.cat(quantized, dim=self.split_dim), torch.stack(all_indices))
