@@ -250,13 +250,14 @@ def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tupl
 
 
 def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, params: Tuple[torch.Tensor, ...],
-            eps: float, mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+            eps: float, mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor],
+            fsq_shift: str = "atanh") -> Tuple[torch.Tensor, ...]:
     """Fused elementwise forward of ``strategy`` (its :data:`STAGES` entry, parameter group
     ``params`` in kernel form): ``(quantized, indices, mean, std)``; ``eps`` is unused."""
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
-    consts, basis = config.level_tables(levels, z.device)
+    consts, basis = config.level_tables(levels, z.device, fsq_shift)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
     tiles = config.elementwise_tiles(C, S, sparse=valid is not None or active_stages is not None)
     tiles_per_image = triton.cdiv(S, tiles.block_s)
@@ -269,13 +270,13 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, 
 
 def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str,
              params: Tuple[torch.Tensor, ...], mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
-             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]):
+             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], fsq_shift: str = "atanh"):
     """Fused elementwise backward: ``(grad_z, grad_params)`` (``mean``/``std`` unused)."""
     grad_z = config.new_output(z)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
     g, g_strides = config.strided_view(grad_q)
-    consts, _basis = config.level_tables(levels, z.device)
+    consts, _basis = config.level_tables(levels, z.device, fsq_shift)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
     tiles = config.elementwise_tiles(C, S, sparse=valid is not None or active_stages is not None)
     tiles_per_image = triton.cdiv(S, tiles.block_s)

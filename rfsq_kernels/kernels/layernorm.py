@@ -455,16 +455,20 @@ def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tupl
 
 def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, params: Tuple[torch.Tensor, ...],
             eps: float, mask: Optional[torch.Tensor],
-            active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+            active_stages: Optional[torch.Tensor], fsq_shift: str = "atanh") -> Tuple[torch.Tensor, ...]:
     """Fused ``layernorm`` forward (``params = (ln_weight, ln_bias)``): ``(quantized, indices, mean, std)``."""
     ln_weight, ln_bias = params
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
-    consts, basis = config.level_tables(levels, z.device)
+    consts, basis = config.level_tables(levels, z.device, fsq_shift)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
     offsets = (x, quantized, indices)
     tiles = config.layernorm_tiles(C, S, "forward", config.needs_int64(*offsets), arch=config.target_arch(z))
+    if not tiles.one_tile and config.LAYERNORM_SPLIT:
+        from . import layernorm_split
+        return layernorm_split.forward(z, levels, stages, params, eps, valid, active_stages, tiles,
+                                       (quantized, indices, mean, std), fsq_shift)
     # The chunked path's replay factors, written once per stage (no div.rn in its chunk loops).
     factors = None if tiles.one_tile else torch.empty((B, stages, 2, C), dtype=torch.float32, device=z.device)
     launch(_fwd_layernorm_kernel, (B,),
@@ -476,14 +480,14 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, 
 
 def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str,
              params: Tuple[torch.Tensor, ...], mean: torch.Tensor, std: torch.Tensor,
-             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]):
+             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], fsq_shift: str = "atanh"):
     """Fused ``layernorm`` backward: ``(grad_z, (grad_ln_weight, grad_ln_bias))``."""
     ln_weight, ln_bias = params
     grad_z, grad_w, grad_b = config.new_output(z), torch.empty_like(ln_weight), torch.empty_like(ln_bias)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
     g, g_strides = config.strided_view(grad_q)
-    consts, _basis = config.level_tables(levels, z.device)
+    consts, _basis = config.level_tables(levels, z.device, fsq_shift)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
     tiles = config.layernorm_tiles(C, S, "backward", sparse=valid is not None or active_stages is not None,
                                    arch=config.target_arch(z))
