@@ -256,6 +256,33 @@ def check_vqpytorch(layout: str, device) -> Dict:
             "boundary_differences": int((i1 != i2).any(-1).sum())}
 
 
+def check_int64_offsets(strategy: str, device) -> Dict:
+    """A batch whose element offsets pass 2**31 (the launches' 64-bit-offset path; forward): the
+    fused indices and values of the last positions of the second image equal the reference's on
+    that slice (none/scale: positions are independent, so the slice is a valid reference input)."""
+    if device.type != "cuda":
+        return {"status": "skipped", "reason": "needs a GPU (2 x 4 x 2**28 float32 = 8.6 GB)"}
+    free = torch.cuda.mem_get_info(device)[0]
+    if free < 40 * 2**30:
+        return {"status": "skipped", "reason": f"needs 40 GiB free, {free / 2**30:.0f} GiB free"}
+    torch.manual_seed(_seed(f"int64-{strategy}"))
+    levels, k, tail = [8, 5, 3, 4], 2, 2**20
+    params = {n: v.to(device) for n, v in random_strategy_params(strategy, k, len(levels)).items()}
+    z = torch.randn(2, 4, 2**28, device=device) * 1.5
+    with torch.no_grad():
+        q, idx, _, _ = rfsq_fused(z, levels, k, strategy, **params)
+        part = z[1:, :, -tail:].contiguous()
+        rq, ridx, _, _ = rfsq_forward(part, levels, k, strategy, **params)
+        fq, fidx = q[1:, :, -tail:], idx[1:, -tail:]
+        flips = int((fidx != ridx).any(-1).sum())
+        assert flips <= 2, f"{flips} of {tail} positions differ beyond the 2**31 offset"
+        keep = ~(fidx != ridx).any(-1).unsqueeze(1)
+        assert torch.equal(fq * keep, rq * keep), "values differ beyond the 2**31 offset"
+    del z, q, idx
+    torch.cuda.empty_cache()
+    return {"elements": 2 * 4 * 2**28, "compared_positions": tail, "flips": flips}
+
+
 def _grid(dry: bool) -> List[Spec]:
     """Every strategy x K in {1, 2, 4, 8} x fp32/bf16/fp16 on odd shapes, rank and layout rotating
     (dry run: one dtype per (strategy, K), rotating, so each dtype still runs)."""
@@ -332,4 +359,5 @@ def subcases(ctx) -> List[Tuple[str, Callable[[], Optional[Dict]]]]:
     out += [run(g) for g in grid if g not in first]
     out += [run(e) for e in _extras(dry)]
     out.append(("codec-layernorm-fp16", functools.partial(check_encode_decode, "layernorm", "fp16", True, False, dev)))
+    out += [(f"{s}-int64-offsets-fwd", functools.partial(check_int64_offsets, s, dev)) for s in ("none", "scale")]
     return out

@@ -4,6 +4,8 @@ Everything here follows docs/semantics.md exactly; the fused Triton kernels are 
 """
 from .codebook import (
     DEFAULT_LEVELS,
+    FSQ_SHIFTS,
+    check_fsq_shift,
     check_levels,
     codebook_size,
     default_levels,
@@ -35,7 +37,7 @@ from .validation import check_eps, check_indices, check_latent, check_side, chec
 from .vq_ema import VQEMA
 
 __all__ = [
-    "DEFAULT_LEVELS", "FSQ", "KERNEL_FAMILIES", "LFQ", "PARAM_ROLES", "ParamRole", "ParamSpec", "RFSQ", "SENTINEL", "STRATEGIES", "STRATEGY_TABLE", "Strategy",
+    "DEFAULT_LEVELS", "FSQ", "FSQ_SHIFTS", "check_fsq_shift", "KERNEL_FAMILIES", "LFQ", "PARAM_ROLES", "ParamRole", "ParamSpec", "RFSQ", "SENTINEL", "STRATEGIES", "STRATEGY_TABLE", "Strategy",
     "VQEMA", "get_strategy", "check_eps", "check_indices",
     "check_latent", "check_levels", "check_sentinel_layout", "check_side", "draw_active_stages", "split_sentinel",
     "check_stages", "codebook_size", "default_levels", "digits_to_codes",

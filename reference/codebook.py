@@ -81,24 +81,43 @@ def index_basis(levels: Sequence[int]) -> List[int]:
     return basis
 
 
-def fsq_constants(levels: Sequence[int]) -> Tuple[List[float], List[float], List[float], List[int]]:
+#: The two FSQ shifts: ``atanh`` (this package's default, the exact inverse of the tanh that
+#: follows) and ``tan`` (the official RFSQ code's, for models trained with it).
+FSQ_SHIFTS = ("atanh", "tan")
+
+
+def check_fsq_shift(fsq_shift: str) -> str:
+    """``fsq_shift`` if it is one of :data:`FSQ_SHIFTS`, else a ValueError naming it."""
+    if fsq_shift not in FSQ_SHIFTS:
+        raise ValueError(f"fsq_shift must be one of {FSQ_SHIFTS} ('atanh': this package's default; 'tan': the "
+                         f"official RFSQ code's), got {fsq_shift!r}")
+    return fsq_shift
+
+
+def fsq_constants(levels: Sequence[int], fsq_shift: str = "atanh"
+                  ) -> Tuple[List[float], List[float], List[float], List[int]]:
     """Per-channel ``(half_l, offset, shift, half_w)`` exactly as docs/semantics.md defines them.
 
-    ``shift = atanh(offset / half_l)`` (the official code uses ``tan``, which is off by up to
-    3.2e-4 for L=4; ``atanh`` is the exact inverse of the tanh that follows).  The values are
-    computed in float64 and are rounded to float32 where they are used.
+    ``shift = atanh(offset / half_l)`` by default (the official code uses ``tan``, which is off by
+    up to 3.2e-4 for L=4; ``atanh`` is the exact inverse of the tanh that follows);
+    ``fsq_shift='tan'`` gives the official ``tan(offset / half_l)``. The values are computed in
+    float64 and are rounded to float32 where they are used.
 
-    L=2 is the one level count with no such shift (``offset / half_l = 0.5/0.4995 > 1``): there
-    the shift is 0, which puts the single decision threshold at z=0 (the official ``tan`` would
-    put it at z=-1.56, and ``atanh`` is undefined).
+    L=2 is the one level count with no atanh shift (``offset / half_l = 0.5/0.4995 > 1``): there
+    the shift is 0, which puts the single decision threshold at z=0 (the official ``tan`` puts it
+    at z=-1.56, and ``fsq_shift='tan'`` reproduces that).
     """
+    check_fsq_shift(fsq_shift)
     half_l, offset, shift, half_w = [], [], [], []
     for level in levels:
         hl = (level - 1) * (1 - FSQ_EPS) / 2
         off = 0.5 if level % 2 == 0 else 0.0
         half_l.append(hl)
         offset.append(off)
-        shift.append(math.atanh(off / hl) if off < hl else 0.0)
+        if fsq_shift == "tan":
+            shift.append(math.tan(off / hl))
+        else:
+            shift.append(math.atanh(off / hl) if off < hl else 0.0)
         half_w.append(level // 2)
     return half_l, offset, shift, half_w
 

@@ -24,22 +24,38 @@ def check_mask(mask: Optional[torch.Tensor], batch: int, spatial: Sequence[int],
         raise ValueError(f"mask is on {mask.device} but z is on {device}")
 
 
+def check_active_stages_layout(active_stages: torch.Tensor, batch: int, device: torch.device,
+                               name: str = "stages as a tensor") -> None:
+    """Raise unless ``active_stages`` is an integer ``(B,)`` tensor on ``device`` (no host sync)."""
+    if not isinstance(active_stages, torch.Tensor) or active_stages.dtype.is_floating_point \
+            or active_stages.dtype == torch.bool or active_stages.is_complex():
+        raise TypeError(f"{name} must be an integer (B,) tensor of per-sample stage counts, "
+                        f"got {getattr(active_stages, 'dtype', type(active_stages).__name__)}")
+    if tuple(active_stages.shape) != (batch,):
+        raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(active_stages.shape)}")
+    if active_stages.device != device:
+        raise ValueError(f"{name} is on {active_stages.device} but z is on {device}")
+
+
 def check_active_stages(active_stages: torch.Tensor, batch: int, stages: int,
                         device: torch.device) -> torch.Tensor:
     """Validate a user-given per-sample stage count ``(B,)`` in ``[0, K]``; return it as int32.
 
-    (This syncs with the device to check the range; the training path draws its own counts and
-    skips it.)"""
-    if active_stages.dtype.is_floating_point or active_stages.dtype == torch.bool or active_stages.is_complex():
-        raise TypeError(f"stages as a tensor must be an integer (B,) tensor of per-sample stage counts, "
-                        f"got dtype {active_stages.dtype}")
-    if tuple(active_stages.shape) != (batch,):
-        raise ValueError(f"stages as a tensor must have shape (B,) = ({batch},), got {tuple(active_stages.shape)}")
-    if active_stages.device != device:
-        raise ValueError(f"stages is on {active_stages.device} but z is on {device}")
-    if active_stages.numel() and (int(active_stages.min()) < 0 or int(active_stages.max()) > stages):
-        raise ValueError(f"per-sample stage counts must lie in [0, {stages}], got "
-                         f"[{int(active_stages.min())}, {int(active_stages.max())}]")
+    The range check reads the counts back (one host sync) in eager mode, to name them; under
+    ``torch.compile`` it is a device-side assert instead (``validation.require``), so a compiled
+    forward with ``stages=tensor`` has no host sync. The training path draws its own counts and
+    skips it."""
+    from .validation import require
+
+    check_active_stages_layout(active_stages, batch, device)
+    if active_stages.numel():
+        lo, hi = torch.aminmax(active_stages)
+
+        def message() -> str:
+            vlo, vhi = (int(v) for v in torch.stack([lo, hi]).tolist())
+            return f"per-sample stage counts must lie in [0, {stages}], got [{vlo}, {vhi}]"
+
+        require((lo >= 0) & (hi <= stages), message, f"per-sample stage counts outside [0, {stages}]")
     return active_stages.to(torch.int32)
 
 
@@ -54,7 +70,10 @@ def draw_active_stages(
     multiple of ``m`` (capped at K). ``per_sample=False`` draws one count for the whole batch.
     """
     n = batch if per_sample else 1
-    k = torch.randint(cutoff_index + 1, stages + 1, (n,), device=device, generator=generator)
+    # (no generator argument unless one is given: randint's generator overload does not take the symbolic
+    # batch size of torch.compile(dynamic=True))
+    extra = {} if generator is None else {"generator": generator}
+    k = torch.randint(cutoff_index + 1, stages + 1, (n,), device=device, **extra)
     if multiple_of != 1:
         k = (torch.div(k + multiple_of - 1, multiple_of, rounding_mode="floor") * multiple_of).clamp_max(stages)
     if not per_sample:

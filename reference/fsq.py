@@ -18,7 +18,7 @@ from .codebook import (
 )
 from .layout import check_input, first_to_last, from_channel_last, last_to_first, to_channel_last
 from .state import ConfigStateMixin
-from .validation import check_indices
+from .validation import POSITION_RANKS, check_indices
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -31,16 +31,17 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def fsq_quantize(
-    z: torch.Tensor, levels: Sequence[int], compute_dtype: torch.dtype = torch.float32
+    z: torch.Tensor, levels: Sequence[int], compute_dtype: torch.dtype = torch.float32, fsq_shift: str = "atanh"
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantize channel-first ``z`` per channel; return ``(codes, digits)``.
 
     ``codes`` (``compute_dtype``) are ``round_ste(tanh(z + shift) * half_l - offset) / half_w`` in
     [-1, 1]; ``digits`` (int64, same shape) are the integer levels in ``[0, L-1]``, computed from the
-    explicit round and clamped so that NaN/Inf inputs still give valid digits.
+    explicit round and clamped so that NaN/Inf inputs still give valid digits. ``fsq_shift``:
+    ``'atanh'`` (default) or the official code's ``'tan'`` (:func:`~.codebook.fsq_constants`).
     """
     levels = check_levels(levels)
-    half_l, offset, shift, half_w = fsq_constants(levels)
+    half_l, offset, shift, half_w = fsq_constants(levels, fsq_shift)
     dev, nd = z.device, z.ndim
     zc = z.to(compute_dtype)
     hl = channel_view(half_l, nd, dev, compute_dtype)
@@ -106,8 +107,10 @@ class FSQ(ConfigStateMixin, LevelsMixin, nn.Module):
 
     def indices_to_codes(self, indices: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Indices ``(B, *spatial)`` -> normalized codes in the module's layout (float32 unless ``dtype``);
-        ``(B,)`` -> ``(B, C)``. Indices outside ``[0, codebook_size)`` raise (FSQ has no sentinel)."""
-        check_indices(indices, self.codebook_size)
+        ``(B,)`` -> ``(B, C)``. Indices outside ``[0, codebook_size)`` raise (FSQ has no sentinel), and so
+        do ranks outside 1 to 4 (the indices of a ``(B, C)`` to ``(B, C, T, H, W)`` input); any integer
+        dtype is read exactly."""
+        indices = check_indices(indices, self.codebook_size, ranks=POSITION_RANKS)
         flat = indices.ndim == 1
         codes = digits_to_codes(indices_to_digits(indices.unsqueeze(-1) if flat else indices, self.levels), self.levels)
         codes = self._from_first(codes, flat)

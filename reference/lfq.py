@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .validation import check_indices, check_latent
+from .validation import POSITION_RANKS, check_indices, check_latent
 
 
 class LFQ(nn.Module):
@@ -47,8 +47,8 @@ class LFQ(nn.Module):
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices ``(B, *spatial)`` -> codes ``(B, dim, *spatial)`` in {-1, +1} (float32)."""
-        check_indices(indices, self.codebook_size)
-        bits = (indices.to(torch.int64).unsqueeze(1) >> torch.arange(self.dim, device=indices.device).view(
+        indices = check_indices(indices, self.codebook_size, ranks=POSITION_RANKS)
+        bits = (indices.unsqueeze(1) >> torch.arange(self.dim, device=indices.device).view(
             1, -1, *([1] * (indices.ndim - 1)))) & 1
         return bits.float() * 2 - 1
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from .codebook import (
     LevelsMixin,
+    check_fsq_shift,
     check_levels,
     default_levels,
     digits_to_codes,
@@ -28,7 +29,7 @@ from .layout import check_input, first_to_last, from_channel_last, last_to_first
 from .sentinel import SENTINEL, check_sentinel_layout, split_sentinel
 from .state import ConfigStateMixin
 from .strategies import Strategy, get_strategy, stage_scales
-from .validation import (check_eps, check_indices, check_initial_scale, check_latent, check_side, check_side_values,
+from .validation import (check_call_tensors, check_eps, check_indices, check_initial_scale, check_latent, check_side, check_side_values,
                          check_stages)
 
 #: ``stages`` at call time: None (all), an int k (the first k), or a ``(B,)`` tensor of per-sample counts.
@@ -54,6 +55,7 @@ def rfsq_forward(
     compute_dtype: torch.dtype = torch.float32,
     mask: Optional[torch.Tensor] = None,
     active_stages: Optional[torch.Tensor] = None,
+    fsq_shift: str = "atanh",
     **params: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The K-stage RFSQ loop; returns ``(quantized, indices, mean, std)``.
@@ -76,10 +78,14 @@ def rfsq_forward(
     ``active_stages`` (optional, ``(B,)`` integer): sample ``b`` runs stages ``k < k_b`` only
     (quantize dropout); for ``k >= k_b`` its ``q_k`` is 0, its indices are -1, its residual is
     unchanged and its layernorm side information is ``(mean 0, std 1)``.
+
+    ``fsq_shift``: the FSQ shift, ``'atanh'`` (default) or ``'tan'`` (the official RFSQ code's).
     """
     levels, eps = check_levels(levels), check_eps(eps)
+    fsq_shift = check_fsq_shift(fsq_shift)
     spec = get_strategy(strategy)
     group = spec.bind(params)
+    check_call_tensors(z, levels, check_stages(stages), spec, group, mask, active_stages)
     nd = z.ndim
     dims = _spatial_dims(nd)
     if z.shape[0] == 0 or z[0, 0].numel() == 0:
@@ -92,7 +98,7 @@ def rfsq_forward(
         count = valid_count(mask, compute_dtype).view(-1, *([1] * (nd - 1)))
     quantized = torch.zeros_like(residual)
     stage_math = STAGE_MATH[spec.name]
-    ctx = StageContext(levels, compute_dtype, eps, dims, valid, count)
+    ctx = StageContext(levels, compute_dtype, eps, dims, valid, count, fsq_shift)
     indices, means, stds = [], [], []
     for k in range(stages):
         keep = stage_keep(valid, active_stages, k, nd)
@@ -128,6 +134,7 @@ class StageContext(NamedTuple):
     dims: Tuple[int, ...]  # spatial dims of the channel-first residual
     valid: Optional[torch.Tensor]  # (B, 1, *spatial) bool, or None without a mask
     count: Optional[torch.Tensor]  # valid positions per image, (B, 1, ...), or None without a mask
+    fsq_shift: str = "atanh"  # the FSQ shift: 'atanh' or the official code's 'tan'
 
 
 #: A strategy's parameter group: its parameters in table order (``Strategy.bind``).
@@ -135,14 +142,14 @@ ParamGroup = Tuple[torch.Tensor, ...]
 
 
 def _stage_none(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
-    codes, digits = fsq_quantize(r, ctx.levels, ctx.compute_dtype)
+    codes, digits = fsq_quantize(r, ctx.levels, ctx.compute_dtype, ctx.fsq_shift)
     return codes, digits, None
 
 
 def _stage_scale(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
     (scale_param,) = params
     a = stage_scales(scale_param, ctx.compute_dtype)[k]
-    codes, digits = fsq_quantize(a * r, ctx.levels, ctx.compute_dtype)
+    codes, digits = fsq_quantize(a * r, ctx.levels, ctx.compute_dtype, ctx.fsq_shift)
     # Un-conditioning multiplies by the reciprocal (one IEEE division per stage, not per element):
     # the fused kernels compute exactly this (docs/semantics.md, "Arithmetic contract").
     return codes * torch.reciprocal(a), digits, None
@@ -163,7 +170,7 @@ def _stage_layernorm(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageCont
     # Per-(image, channel) factors, divided once; every element is multiplied (docs/semantics.md,
     # "Arithmetic contract": the fused kernels and decode compute exactly these operations).
     w_sd, sd_w = w / sd, sd / w
-    codes, digits = fsq_quantize((r - mu) * w_sd + b, ctx.levels, cdt)
+    codes, digits = fsq_quantize((r - mu) * w_sd + b, ctx.levels, cdt, ctx.fsq_shift)
     q = (codes - b) * sd_w + mu
     return q, digits, (mu.detach().flatten(1).float(), sd.detach().flatten(1).float())
 
@@ -201,9 +208,15 @@ def rfsq_decode_stages(
     ``indices`` may hold the first ``K' <= K`` stages only (``indices[..., :k]``, with
     ``mean[:, :k]``/``std[:, :k]``): that decodes the k-stage reconstruction. The sentinel -1
     (dropped stage, masked position) decodes to 0 (see :mod:`.sentinel`). ``params``: the
-    strategy's parameters by name, as for :func:`rfsq_forward`.
+    strategy's parameters by name, as for :func:`rfsq_forward`. ``mean``/``std`` must be float32
+    (as the forward returns them): other dtypes would change the arithmetic, so they are refused.
+    Indices of any integer dtype are read exactly (:func:`.sentinel.split_sentinel`).
     """
     levels = check_levels(levels)
+    for name, t in (("mean", mean), ("std", std)):
+        if t is not None and t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, the forward's statistics, got {t.dtype}: decode reproduces the "
+                            f"forward only in float32 (RFSQ.decode accepts a lossless float64 side)")
     stages = indices.shape[-1]
     spec = get_strategy(strategy)
     decode = DECODE_MATH[spec.name]
@@ -261,6 +274,8 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         quantize_dropout_per_sample: True (default): one ``k_b`` per sample; False: one per batch
             (vector-quantize-pytorch's behaviour).
         projection_has_bias: bias of the ``dim`` projections.
+        fsq_shift: ``'atanh'`` (default: the exact inverse of FSQ's tanh) or ``'tan'`` (the official
+            RFSQ code's shift, for models trained with it: ``rfsq_kernels.from_official``).
 
     Range of the ``'layernorm'`` statistics: they are computed in float32, so the per-image, per-channel
     variance over the spatial positions overflows once it passes float32's max (3.4e38). This reference
@@ -292,8 +307,10 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         quantize_dropout_multiple_of: int = 1,
         quantize_dropout_per_sample: bool = True,
         projection_has_bias: bool = True,
+        fsq_shift: str = "atanh",
     ):
         super().__init__()
+        self.fsq_shift = check_fsq_shift(fsq_shift)
         self.stages = check_stages(stages)
         self.strategy = get_strategy(strategy).name
         self.levels = check_levels(levels) if levels is not None else default_levels(stages)
@@ -337,7 +354,8 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
 
     def config(self) -> dict:
         """What the parameters mean; stored in (and checked against) the state_dict."""
-        return {"levels": list(self.levels), "stages": self.stages, "strategy": self.strategy, "dim": self.dim}
+        return {"levels": list(self.levels), "stages": self.stages, "strategy": self.strategy, "dim": self.dim,
+                "fsq_shift": self.fsq_shift}
 
     @property
     def strategy_spec(self) -> Strategy:
@@ -374,7 +392,8 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
              active_stages: Optional[torch.Tensor]):
         """The K-stage loop on a checked channel-first latent (the fused module overrides this)."""
         return rfsq_forward(z, self.levels, num_stages, self.strategy, eps=self.eps, mask=mask,
-                            active_stages=active_stages, **self.strategy_parameters(num_stages))
+                            active_stages=active_stages, fsq_shift=self.fsq_shift,
+                            **self.strategy_parameters(num_stages))
 
     def quantize(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, stages: StageCount = None):
         """Full result ``(quantized, indices, mean, std)`` of a channel-first ``(B, C, *spatial)``
@@ -382,20 +401,32 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         :func:`rfsq_forward`. ``stages``: None (all), an int k (the first k stages; outputs have
         k stages) or a ``(B,)`` integer tensor of per-sample counts (-1 indices beyond them)."""
         check_latent(z, self.num_channels)
+        self._check_positions(z, z.shape[2:])
         check_mask(mask, z.shape[0], z.shape[2:], z.device)
         num_stages, active_stages = self._resolve_stages(z, stages, dropout=False)
         return self._run(z, num_stages, mask, active_stages)
 
     # -- the user-facing API (layout, projections, dropout) ----------------------------------
+    def _check_positions(self, z: torch.Tensor, spatial: Sequence[int]) -> None:
+        """Refuse a per-image-statistics strategy on inputs with one spatial position per sample:
+        ``(B, C)``, ``(B, C, 1)``, ``(B, C, 1, 1)``, ... There every channel's mean is the value itself,
+        so the output copies the input, the index is the same everywhere and the side information
+        carries the whole signal. (A mask leaving one valid position does the same; that is a
+        property of the data, not checked: it would need a host sync. README, "layernorm".)"""
+        if not self.strategy_spec.per_image_stats or math.prod(spatial) != 1:
+            return
+        what = "is (B, C)" if z.ndim == 2 else f"has one spatial position per sample (spatial {tuple(spatial)})"
+        raise ValueError(
+            f"z of shape {tuple(z.shape)} {what}: strategy={self.strategy!r} normalizes each channel over "
+            f"the spatial positions of a sample, and with one position the output is the input itself and the "
+            f"side information would carry the whole signal; use strategy='none'/'scale', or pass more positions "
+            f"((B, C, N) / (B, N, C) with N > 1)")
+
     def _encode_input(self, z: torch.Tensor, mask: Optional[torch.Tensor]):
         """User tensor -> ``(channel-first codebook-width latent, mask, flat)``."""
         check_input(z, self.dim, self.channel_first)
         flat = z.ndim == 2
-        if flat and self.strategy_spec.per_image_stats:
-            raise ValueError(
-                f"z of shape {tuple(z.shape)} is (B, C): strategy={self.strategy!r} normalizes each channel over "
-                f"the spatial positions of a sample, and a (B, C) input has one, so the side information "
-                f"would carry the whole signal; use strategy='none'/'scale', or pass (B, C, N) / (B, N, C)")
+        self._check_positions(z, spatial_shape(z, self.channel_first))
         check_mask(mask, z.shape[0], spatial_shape(z, self.channel_first), z.device)
         x = to_channel_last(z, self.channel_first)
         if self.has_projections:  # in the projection's dtype (float32 unless the module was cast); the
@@ -405,14 +436,25 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
             mask = mask.unsqueeze(-1)
         return x, mask, flat
 
-    def _decode_output(self, q: torch.Tensor, flat: bool, dtype: torch.dtype) -> torch.Tensor:
-        """Channel-first codebook-width result -> the user's layout, width and ``dtype``."""
+    def _no_code(self, indices: torch.Tensor) -> Optional[torch.Tensor]:
+        """Bool ``indices.shape[:-1]``: the positions no stage quantized (masked positions, samples with
+        0 active stages: the sentinel in stage 0, hence in every stage), or None without projections
+        (there the codebook-width output is already 0 at them)."""
+        return indices[..., 0] == SENTINEL if self.has_projections else None
+
+    def _decode_output(self, q: torch.Tensor, flat: bool, dtype: torch.dtype,
+                       no_code: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Channel-first codebook-width result -> the user's layout, width and ``dtype``. ``no_code``
+        (:meth:`_no_code`): positions that output 0 in the user's width too, not ``project_out``'s
+        bias (forward and decode both pass it, so they agree)."""
         if not self.has_projections:
             q = q.to(dtype)
             if flat:
                 return q.squeeze(-1)
             return q if self.channel_first else q.movedim(1, -1)
         y = self.project_out(first_to_last(q, flat).to(self.project_out.weight.dtype)).to(dtype)
+        if no_code is not None:
+            y = torch.where(no_code.reshape(*y.shape[:-1], 1), torch.zeros((), dtype=y.dtype, device=y.device), y)
         return y if flat else from_channel_last(y, self.channel_first)
 
     def forward(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, stages: StageCount = None,
@@ -431,7 +473,9 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         x, mask, flat = self._encode_input(z, mask)
         num_stages, active_stages = self._resolve_stages(x, stages, dropout=True)
         quantized, indices, mean, std = self._run(x, num_stages, mask, active_stages)
-        out = self._decode_output(quantized, flat, z.dtype)
+        # (quantize dropout keeps at least one stage: only a mask or user counts leave positions without a code)
+        sparse = mask is not None or isinstance(stages, torch.Tensor)
+        out = self._decode_output(quantized, flat, z.dtype, self._no_code(indices) if sparse else None)
         if flat:
             indices = indices.squeeze(1)
         if not return_all_codes:
@@ -460,41 +504,49 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
             side = torch.zeros((z.shape[0], num_stages, 2, 0), dtype=torch.float32, device=z.device)
         return indices, side
 
-    def _check_indices(self, indices: torch.Tensor) -> None:
-        """Decoder input checks: an integer tensor ``(B, *spatial, K')`` (``(B, K')`` for ``(B, C)``
-        inputs) with ``1 <= K' <= K`` (the first K' stages), values in ``[0, codebook_size)`` or the
-        sentinel -1 as a suffix along the stage axis (see :mod:`.sentinel`)."""
-        check_indices(indices, self.codebook_size, allow_sentinel=True)
-        if not (2 <= indices.ndim <= 5 and 1 <= indices.shape[-1] <= self.stages):
+    def _check_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Decoder input checks, returning the indices as int64 (``check_indices``): an integer tensor
+        ``(B, *spatial, K')`` (``(B, K')`` for ``(B, C)`` inputs) with ``1 <= K' <= K`` (the first K'
+        stages), values in ``[0, codebook_size)`` or the sentinel -1 as a suffix along the stage axis
+        (see :mod:`.sentinel`). Errors name the shape the caller passed."""
+        idx = check_indices(indices, self.codebook_size, allow_sentinel=True)
+        if not (2 <= idx.ndim <= 5 and 1 <= idx.shape[-1] <= self.stages):
             raise ValueError(
                 f"indices must have shape (B, *spatial, K={self.stages}) with 1 to 3 spatial dims (as returned by "
                 f"encode/forward; (B, K) for (B, C) inputs; indices[..., :k] for the first k stages), got "
-                f"{tuple(indices.shape)}")
-        check_sentinel_layout(indices)
+                f"{tuple(idx.shape)}")
+        check_sentinel_layout(idx)
+        return idx
 
-    def _check_codes(self, indices: torch.Tensor, side: Optional[torch.Tensor]) -> None:
-        """:meth:`_check_indices` plus the side information matching their stages."""
-        self._check_indices(indices)
+    def _check_codes(self, indices: torch.Tensor, side: Optional[torch.Tensor]
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`_check_indices` plus the side information matching their stages; returns both
+        normalised (int64 indices, float32 side: ``check_side``)."""
+        idx = self._check_indices(indices)
         layernorm = self.strategy_spec.per_image_stats
-        stages = indices.shape[-1]
+        stages = idx.shape[-1]
         if layernorm and isinstance(side, torch.Tensor) and side.ndim == 4 and side.shape[1] != stages:
             raise ValueError(f"side must be the (B, K', 2, C) statistics of the same stages as indices (K' = {stages}; "
                              f"for indices[..., :k] pass side[:, :k]), got {tuple(side.shape)}")
-        check_side(side, (indices.shape[0], stages, 2, self.num_channels if layernorm else 0), required=layernorm)
+        side = check_side(side, (idx.shape[0], stages, 2, self.num_channels if layernorm else 0), required=layernorm)
         if layernorm:
             check_side_values(side)
+        return idx, side
+
+    def _decode_parts(self, idx: torch.Tensor, side: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """Per-stage reconstructions of checked indices and side (:meth:`_check_codes`)."""
+        mean = std = None
+        if self.strategy_spec.per_image_stats:
+            mean, std = side[:, :, 0], side[:, :, 1]
+        with torch.no_grad():
+            return rfsq_decode_stages(idx, self.levels, self.strategy, **self.strategy_parameters(idx.shape[-1]),
+                                      mean=mean, std=std)
 
     def decode_stages(self, indices: torch.Tensor, side: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """Per-stage float32 reconstructions ``[q_0, ..., q_{K'-1}]`` (channel-first, codebook
         width) from ``encode``'s output; ``indices[..., :k]`` with ``side[:, :k]`` gives the first k.
         The sentinel -1 decodes to 0."""
-        self._check_codes(indices, side)
-        mean = std = None
-        if self.strategy_spec.per_image_stats:
-            mean, std = side[:, :, 0], side[:, :, 1]
-        with torch.no_grad():
-            return rfsq_decode_stages(indices, self.levels, self.strategy, **self.strategy_parameters(indices.shape[-1]),
-                                      mean=mean, std=std)
+        return self._decode_parts(*self._check_codes(indices, side))
 
     def decode(
         self, indices: torch.Tensor, side: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32
@@ -502,12 +554,13 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         """``(indices, side) -> quantized`` in the module's layout and width; equals
         ``forward(z)[0]`` exactly (``dtype`` = z's dtype). ``indices[..., :k]`` (with
         ``side[:, :k]``) gives the k-stage reconstruction."""
-        flat = indices.ndim == 2
-        stages = self.decode_stages(indices.unsqueeze(1) if flat else indices, side)
+        idx, side = self._check_codes(indices, side)
+        flat = idx.ndim == 2
+        stages = self._decode_parts(idx.unsqueeze(1) if flat else idx, side)
         total = torch.zeros_like(stages[0])
         for q in stages:
             total = total + q
-        return self._decode_output(total, flat, dtype)
+        return self._decode_output(total, flat, dtype, self._no_code(idx))
 
     def get_output_from_indices(self, indices: torch.Tensor, side: Optional[torch.Tensor] = None) -> torch.Tensor:
         """vector-quantize-pytorch's name for :meth:`decode` (float32)."""
@@ -523,13 +576,14 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
         """Per-stage reconstructions ``q_k`` stacked as ``(K', B, C, *spatial)`` (``channel_first``)
         or ``(K', B, *spatial, C)`` — codebook width (before ``project_out``); they sum to the
         quantized latent. Dropped stages and masked positions are 0."""
-        flat = indices.ndim == 2
-        return self._stack_codes(self.decode_stages(indices.unsqueeze(1) if flat else indices, side), flat)
+        idx, side = self._check_codes(indices, side)
+        flat = idx.ndim == 2
+        return self._stack_codes(self._decode_parts(idx.unsqueeze(1) if flat else idx, side), flat)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Normalized FSQ codes of every stage: ``(B, *spatial, K)`` -> ``(B, K, C, *spatial)``
         (the values in [-1, 1] before un-conditioning; needs no side information; -1 gives 0)."""
-        self._check_indices(indices)
+        indices = self._check_indices(indices)
         codes = []
         for k in range(indices.shape[-1]):
             present, clean = split_sentinel(indices[..., k])
@@ -543,6 +597,8 @@ class RFSQ(ConfigStateMixin, LevelsMixin, nn.Module):
             extra += f", dim={self.dim}"
         if not self.channel_first:
             extra += ", channel_first=False"
+        if self.fsq_shift != "atanh":
+            extra += f", fsq_shift={self.fsq_shift!r}"
         if self.quantize_dropout:
             extra += (f", quantize_dropout=True, cutoff_index={self.quantize_dropout_cutoff_index}, "
                       f"multiple_of={self.quantize_dropout_multiple_of}, per_sample={self.quantize_dropout_per_sample}")

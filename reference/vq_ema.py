@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .validation import check_indices, check_latent
+from .validation import POSITION_RANKS, check_indices, check_latent
 
 
 def _all_reduce_sum(t: torch.Tensor) -> None:
@@ -91,8 +91,8 @@ class VQEMA(nn.Module):
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices ``(B, *spatial)`` -> code vectors ``(B, dim, *spatial)`` (float32)."""
-        check_indices(indices, self.codebook_size)
-        return F.embedding(indices.long(), self.embed).movedim(-1, 1)
+        indices = check_indices(indices, self.codebook_size, ranks=POSITION_RANKS)
+        return F.embedding(indices, self.embed).movedim(-1, 1)
 
     def extra_repr(self) -> str:
         return f"n_embed={self.n_embed}, dim={self.dim}, decay={self.decay}"

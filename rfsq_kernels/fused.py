@@ -19,11 +19,13 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from .autodiff import forbid_double_backward, needs_reference_autodiff
+from .backend import use_fused
 from .kernels.launch import backward_outputs, forward_outputs, rfsq_backward_launch, rfsq_forward_launch
-from .reference import check_eps, check_levels, check_stages, get_strategy, rfsq_forward
+from .reference import check_eps, check_fsq_shift, check_levels, check_stages, get_strategy, rfsq_forward
+from .reference.validation import check_call_tensors
 
 __all__ = ["rfsq_fused"]
 
@@ -31,73 +33,98 @@ __all__ = ["rfsq_fused"]
 @torch.library.custom_op("rfsq_kernels::rfsq_forward", mutates_args=())
 def _forward_op(
     z: Tensor, params: List[Tensor], mask: Optional[Tensor], active_stages: Optional[Tensor],
-    levels: List[int], stages: int, strategy: str, eps: float,
+    levels: List[int], stages: int, strategy: str, eps: float, fsq_shift: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return rfsq_forward_launch(z, levels, stages, strategy, params, eps, mask=mask, active_stages=active_stages)
+    params = _kernel_params(z, params, mask, active_stages, levels, stages, strategy)
+    return rfsq_forward_launch(z, levels, stages, strategy, params, eps, mask=mask, active_stages=active_stages,
+                               fsq_shift=fsq_shift)
 
 
 @_forward_op.register_fake
-def _forward_fake(z, params, mask, active_stages, levels, stages, strategy, eps):
+def _forward_fake(z, params, mask, active_stages, levels, stages, strategy, eps, fsq_shift):
+    _kernel_params(z, params, mask, active_stages, levels, stages, strategy)
     return forward_outputs(z, levels, stages, strategy)
+
+
+def _kernel_params(z: Tensor, params: Sequence[Tensor], mask: Optional[Tensor], active_stages: Optional[Tensor],
+                   levels: Sequence[int], stages: int, strategy: str) -> List[Tensor]:
+    """The op boundary: every tensor a kernel reads is checked here (``check_call_tensors``: dtype,
+    device, shape), whoever calls the op, and the parameters are made contiguous (the kernels index
+    them as ``k * C + c``; an expanded or transposed parameter is copied). ``z``, ``grad_q`` and
+    ``mask`` may have any strides: the launchers read them through their strides or copy them.
+    Shapes, dtypes and devices only, so real and fake (traced) calls run it alike, with no host sync."""
+    spec = get_strategy(strategy)
+    if len(params) != len(spec.params):
+        raise ValueError(f"strategy={strategy!r} takes {len(spec.params)} parameter tensors {spec.param_names}, "
+                         f"got {len(params)}")
+    check_call_tensors(z, levels, stages, spec, params, mask, active_stages)
+    return [p.contiguous() for p in params]
 
 
 @torch.library.custom_op("rfsq_kernels::rfsq_backward", mutates_args=())
 def _backward_op(
     grad_q: Tensor, z: Tensor, params: List[Tensor], mean: Tensor, std: Tensor, mask: Optional[Tensor],
-    active_stages: Optional[Tensor], levels: List[int], stages: int, strategy: str,
+    active_stages: Optional[Tensor], levels: List[int], stages: int, strategy: str, fsq_shift: str,
 ) -> List[Tensor]:
     """``[grad_z, *grad_params]`` (parameter gradients in the order of ``params``)."""
+    params, mean, std = _backward_inputs(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy)
     grad_z, grad_params = rfsq_backward_launch(grad_q, z, levels, stages, strategy, params, mean, std,
-                                               mask=mask, active_stages=active_stages)
+                                               mask=mask, active_stages=active_stages, fsq_shift=fsq_shift)
     return [grad_z, *grad_params]
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy):
+def _backward_fake(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy, fsq_shift):
+    params, _, _ = _backward_inputs(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy)
     grad_z, grad_params = backward_outputs(z, stages, strategy, params)
     return [grad_z, *grad_params]
 
 
+def _backward_inputs(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy):
+    """:func:`_kernel_params` plus the backward's own inputs: ``grad_q`` a float tensor of ``z``'s shape
+    on its device, and, for strategies with per-image statistics, ``mean``/``std`` float32
+    ``(B, K, C)`` (made contiguous: the kernels index them ``(b * K + k) * C + c``)."""
+    params = _kernel_params(z, params, mask, active_stages, levels, stages, strategy)
+    if not grad_q.dtype.is_floating_point or tuple(grad_q.shape) != tuple(z.shape) or grad_q.device != z.device:
+        raise ValueError(f"grad_q must be a float tensor of z's shape {tuple(z.shape)} on {z.device}, got "
+                         f"{grad_q.dtype} {tuple(grad_q.shape)} on {grad_q.device}")
+    if get_strategy(strategy).per_image_stats:
+        want = (z.shape[0], stages, z.shape[1])
+        for name, t in (("mean", mean), ("std", std)):
+            if t.dtype != torch.float32 or tuple(t.shape) != want or t.device != z.device:
+                raise ValueError(f"{name} must be the forward's float32 {want} statistics on {z.device}, got "
+                                 f"{t.dtype} {tuple(t.shape)} on {t.device}")
+        mean, std = mean.contiguous(), std.contiguous()
+    return params, mean, std
+
+
+def _saveable(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` as autograd can save it: a tensor made under ``torch.inference_mode()`` cannot be saved
+    for backward, so it is copied (only then) into a normal tensor."""
+    return t.clone() if t is not None and t.is_inference() else t
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    z, params, mask, active_stages, levels, stages, strategy, _eps = inputs
+    # Called only when grad mode is on and some input requires grad (torch.library's autograd glue):
+    # z is then needed, since every parameter gradient replays the stages from z.
+    z, params, mask, active_stages, levels, stages, strategy, _eps, fsq_shift = inputs
     _, indices, mean, std = output
-    ctx.save_for_backward(z, mean, std, mask, active_stages, *params)
-    ctx.levels, ctx.stages, ctx.strategy = levels, stages, strategy
+    ctx.save_for_backward(*(_saveable(t) for t in (z, mean, std, mask, active_stages, *params)))
+    ctx.levels, ctx.stages, ctx.strategy, ctx.fsq_shift = levels, stages, strategy, fsq_shift
     ctx.mark_non_differentiable(indices, mean, std)
 
 
 def _backward(ctx, grad_q, _grad_indices, _grad_mean, _grad_std):
     z, mean, std, mask, active_stages, *params = ctx.saved_tensors
     grad_z, *grad_params = torch.ops.rfsq_kernels.rfsq_backward(
-        grad_q, z, params, mean, std, mask, active_stages, ctx.levels, ctx.stages, ctx.strategy)
-    return grad_z, grad_params, None, None, None, None, None, None
+        grad_q, z, params, mean, std, mask, active_stages, ctx.levels, ctx.stages, ctx.strategy, ctx.fsq_shift)
+    return grad_z, grad_params, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "double backward (a gradient of a gradient: create_graph=True, torch.func.hessian, ...) through the fused "
-        "RFSQ kernels is not implemented; use backend='reference' (or rfsq_kernels.reference.rfsq_forward), whose "
-        "straight-through gradient is differentiable")
-
-
-# The backward op's outputs carry a graph under create_graph=True; differentiating them says what to do
-# instead of PyTorch's "no autograd formula was registered".
-_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
-
-
-def _needs_reference_autodiff(*tensors: Optional[Tensor]) -> bool:
-    """True when a forward-mode tangent or a ``torch.func`` transform (jvp, grad, vmap, ...) is active:
-    the custom op implements reverse mode only, so those go through the reference, whose autodiff
-    gives the same straight-through derivatives (the kernels would give a zero tangent or fail).
-    Under ``torch.compile`` tracing the op is kept."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch._C._are_functorch_transforms_active():
-        return True
-    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+forbid_double_backward(_backward_op, "RFSQ kernels", "backend='reference' (or rfsq_kernels.reference.rfsq_forward)")
 
 
 def rfsq_fused(
@@ -109,6 +136,7 @@ def rfsq_fused(
     eps: float = 1e-5,
     mask: Optional[Tensor] = None,
     active_stages: Optional[Tensor] = None,
+    fsq_shift: str = "atanh",
     **params: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused K-stage RFSQ: same contract as :func:`rfsq_kernels.reference.rfsq_forward`, ``mask``
@@ -116,8 +144,9 @@ def rfsq_fused(
     counts, read on the device: one compiled kernel serves every mix, no host sync) included.
 
     ``params``: the strategy's parameters by name (``scale_param`` ``(K,)``; ``ln_weight``,
-    ``ln_bias`` ``(K, C)``; ``RFSQ.strategy_parameters()``), differentiable. Everything after
-    ``strategy`` is keyword-only.
+    ``ln_bias`` ``(K, C)``; ``RFSQ.strategy_parameters()``), differentiable. ``fsq_shift``:
+    ``'atanh'`` (default) or the official code's ``'tan'`` (the kernels read the shift from their
+    constant table). Everything after ``strategy`` is keyword-only.
 
     Returns ``(quantized, indices, mean, std)``: ``quantized`` in ``z``'s dtype and layout
     (contiguous / channels_last / channels_last_3d kept), ``indices`` ``(B, *spatial, K)`` int32
@@ -131,17 +160,18 @@ def rfsq_fused(
     ``backend='reference'``.
     """
     levels, eps = list(check_levels(levels)), check_eps(eps)
+    fsq_shift = check_fsq_shift(fsq_shift)
     stages = check_stages(stages)
     spec = get_strategy(strategy)
     group = spec.bind(params)
-    for p, value in zip(spec.params, group):
-        want = p.shape(stages, len(levels))
-        if tuple(value.shape) != want:
-            raise ValueError(f"strategy={strategy!r} needs {p.name} of shape {want}, got {tuple(value.shape)}")
-    if _needs_reference_autodiff(z, *group):
-        return rfsq_forward(z, levels, stages, strategy, eps=eps, mask=mask, active_stages=active_stages, **params)
-    kernel_params = [p.kernel_form(value) for p, value in zip(spec.params, group)]
+    check_call_tensors(z, levels, stages, spec, group, mask, active_stages)
+    use_fused("triton", z)  # z on CUDA, or the Triton interpreter on: else the error says how to proceed
+    if needs_reference_autodiff(z, *group):
+        return rfsq_forward(z, levels, stages, strategy, eps=eps, mask=mask, active_stages=active_stages,
+                            fsq_shift=fsq_shift, **params)
+    # contiguous here (not only inside the op): what autograd saves for the backward is then the copy
+    kernel_params = [p.kernel_form(value).contiguous() for p, value in zip(spec.params, group)]
     if active_stages is not None:
         active_stages = active_stages.to(torch.int32)
     return torch.ops.rfsq_kernels.rfsq_forward(z, kernel_params, mask, active_stages, levels, stages,
-                                               spec.name, float(eps))
+                                               spec.name, float(eps), fsq_shift)

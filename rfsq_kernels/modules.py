@@ -33,6 +33,8 @@ class RFSQ(_ReferenceRFSQ):
         dim, channel_first, quantize_dropout, quantize_dropout_cutoff_index,
         quantize_dropout_multiple_of, quantize_dropout_per_sample, projection_has_bias:
             see :class:`rfsq_kernels.reference.RFSQ`.
+        fsq_shift: ``'atanh'`` (default) or ``'tan'``: the official RFSQ code's FSQ shift, for models
+            trained with it (:func:`rfsq_kernels.from_official`); both backends compute either.
     """
 
     def __init__(
@@ -51,13 +53,14 @@ class RFSQ(_ReferenceRFSQ):
         quantize_dropout_multiple_of: int = 1,
         quantize_dropout_per_sample: bool = True,
         projection_has_bias: bool = True,
+        fsq_shift: str = "atanh",
     ):
         super().__init__(stages=stages, strategy=strategy, levels=levels, initial_scale=initial_scale, eps=eps,
                          dim=dim, channel_first=channel_first, quantize_dropout=quantize_dropout,
                          quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
                          quantize_dropout_multiple_of=quantize_dropout_multiple_of,
                          quantize_dropout_per_sample=quantize_dropout_per_sample,
-                         projection_has_bias=projection_has_bias)
+                         projection_has_bias=projection_has_bias, fsq_shift=fsq_shift)
         self.backend = check_backend(backend)
 
     def _run(self, z: torch.Tensor, num_stages: int, mask: Optional[torch.Tensor],
@@ -67,7 +70,8 @@ class RFSQ(_ReferenceRFSQ):
             from .fused import rfsq_fused
 
             return rfsq_fused(z, self.levels, num_stages, self.strategy, eps=self.eps, mask=mask,
-                              active_stages=active_stages, **self.strategy_parameters(num_stages))
+                              active_stages=active_stages, fsq_shift=self.fsq_shift,
+                              **self.strategy_parameters(num_stages))
         return super()._run(z, num_stages, mask, active_stages)
 
     def extra_repr(self) -> str:

@@ -86,7 +86,7 @@ def test_state_dict_keys_are_the_same_for_every_backend(strategy, keys):
     dicts = [RFSQ(stages=2, strategy=strategy, backend=b).state_dict() for b in ("auto", "triton", "reference")]
     for sd in dicts:
         assert sorted(sd) == sorted(keys + ["_extra_state"])
-        assert sd["_extra_state"] == {"format": 1, "levels": [8, 8, 8, 4], "stages": 2, "strategy": strategy, "dim": 4}
+        assert sd["_extra_state"] == {"format": 1, "levels": [8, 8, 8, 4], "stages": 2, "strategy": strategy, "dim": 4, "fsq_shift": "atanh"}
     ref = ReferenceRFSQ(stages=2, strategy=strategy)
     RFSQ(stages=2, strategy=strategy, backend="triton").load_state_dict(ref.state_dict())
 

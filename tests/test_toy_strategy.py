@@ -90,7 +90,7 @@ def test_opcheck(seed, toy, sparse):
     if sparse:
         mask, active_stages = torch.rand(2, 3, 5) > 0.3, torch.tensor([1, 2], dtype=torch.int32)
     torch.library.opcheck(torch.ops.rfsq_kernels.rfsq_forward.default,
-                          (z, group, mask, active_stages, LEVELS, stages, toy, 1e-5))
+                          (z, group, mask, active_stages, LEVELS, stages, toy, 1e-5, "atanh"))
 
 
 def test_registration_is_undone():

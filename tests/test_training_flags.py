@@ -43,6 +43,8 @@ def _parse_error(capsys, argv) -> str:
     (["--n-embed", "0"], "argument --n-embed: must be >= 1"),
     (["--lfq-dim", "63"], "argument --lfq-dim: must be <= 62"),
     (["--max-steps", "1.5"], "argument --max-steps: must be an integer, got '1.5'"),
+    # 1x1 latents: layernorm's statistics would carry the whole image (issue 25, item 5)
+    (["--image-size", "4"], "--image-size 4 gives 1x1 latents"),
 ])
 def test_bad_numeric_flags_are_parse_errors_with_the_reason(capsys, argv, match):
     assert match in _parse_error(capsys, argv)
@@ -50,7 +52,8 @@ def test_bad_numeric_flags_are_parse_errors_with_the_reason(capsys, argv, match)
 
 def test_good_edge_values_parse():
     a = parse_args(["--lr", "1e-3", "--warmup", "0", "--grad-clip", "0", "--max-steps", "1", "--image-size", "4",
-                    "--weight-decay", "0", "--num-workers", "0", "--seed", "0", "--lfq-dim", "40"])
+                    "--weight-decay", "0", "--num-workers", "0", "--seed", "0", "--lfq-dim", "40",
+                    "--rfsq-strategy", "scale"])
     assert (a.lr, a.warmup, a.grad_clip, a.max_steps, a.image_size) == (1e-3, 0.0, 0.0, 1, 4)
     assert parse_args(["--lr=2e-4"]).lr == 2e-4
     assert parse_args(["--rfsq-stages", "3", "--levels", "5", "5", "5"]).rfsq_stages == 3

@@ -348,3 +348,36 @@ def test_late_stages_resolve_below_float32_precision(seed):
 
     _, idx = ref.residual_fsq_core(nudged, levels, mine.scales, None)  # our stage loop, no clamp
     assert torch.equal(idx, b)  # the reference path follows the library's last bits too
+
+
+# -- issue 30 item 2: options the kernels do not compute run the reference path ------------------
+
+
+def test_options_the_kernels_do_not_compute_route_to_the_reference_path(seed):
+    x = torch.randn(2, 9, 4) * 1.5
+    cases = [
+        (dict(levels=[8, 5, 5, 5], num_quantizers=3, bound_hard_clamp=False), "bound_hard_clamp=False"),
+        (dict(levels=[8, 5, 5, 5], num_quantizers=3, noise_dropout=0.5), "noise_dropout > 0 in training"),
+    ]
+    for kw, reason in cases:
+        lib, mine = vq.ResidualFSQ(**kw), ours.ResidualFSQ(backend="triton", **kw)
+        assert reason in mine.fused_supported()
+        with pytest.warns(UserWarning, match="running the reference path"):
+            torch.manual_seed(seed)
+            q2, i2 = mine(x)
+        torch.manual_seed(seed)
+        q1, i1 = lib(x)
+        assert torch.equal(q1, q2) and torch.equal(i1, i2)
+    noisy = ours.ResidualFSQ(levels=[8, 5], num_quantizers=2, noise_dropout=0.5)
+    assert noisy.eval().fused_supported() is None and noisy.train().fused_supported() is not None  # fused at eval
+    for kw in (dict(preserve_symmetry=True), dict(bound_hard_clamp=True),
+               dict(preserve_symmetry=True, noise_dropout=0.3)):
+        lib, mine = vq.FSQ([8, 5, 5, 5], **kw), ours.FSQ([8, 5, 5, 5], backend="triton", **kw)
+        assert mine.fused_supported() is not None
+        with pytest.warns(UserWarning, match="running the reference path"):
+            torch.manual_seed(seed)
+            q2, i2 = mine(x)
+        torch.manual_seed(seed)
+        q1, i1 = lib(x)
+        assert torch.equal(q1, q2) and torch.equal(i1, i2)
+    assert ours.FSQ([8, 5, 5, 5]).fused_supported() is None

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
-from rfsq_kernels.reference import DEFAULT_LEVELS, STRATEGIES, check_levels
+from rfsq_kernels.reference import DEFAULT_LEVELS, STRATEGIES, check_levels, get_strategy
 from rfsq_kernels.reference.validation import check_initial_scale
 from training import checkpoint as ckpt
 from training.data import (EXTRA_PHOTOS, DataError, EmbeddedTrain, EmbeddedVal, SafeImageFolder, ShardedSampler,
@@ -191,6 +191,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error(f"--levels: {e}" if str(e).startswith("levels") else str(e))
     if args.allow_recipe_change and not args.resume:
         parser.error("--allow-recipe-change applies changed flags to a resumed run: give it with --resume")
+    if args.quantizer == "rfsq" and get_strategy(args.rfsq_strategy).per_image_stats and args.image_size == 4:
+        parser.error(f"--image-size 4 gives 1x1 latents (the encoder downsamples by 4), and --rfsq-strategy "
+                     f"{args.rfsq_strategy} normalizes each channel over the latent's positions: with one position "
+                     f"its output copies the input and the side information carries the whole image; use "
+                     f"--image-size 8 or more, or --rfsq-strategy none/scale")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output-dir and --overwrite deletes it: give one of them")
     if args.batch_size is None:

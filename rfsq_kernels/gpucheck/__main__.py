@@ -1,8 +1,8 @@
 """``python -m rfsq_kernels.gpucheck``: compile every kernel specialization for real targets.
 
 Exit status 0 when every case compiles, no binary spills registers (sm_80/sm_90/sm_100), no
-binary holds approximate math outside libdevice tanh or was built with FP fusion (issue 17), and
-the launches reached every path; 1 otherwise, with the failing cases and the compiler's messages.
+binary holds approximate math outside libdevice tanh or was built with FP fusion (the arithmetic
+contract of docs/semantics.md), and the launches reached every path; 1 otherwise, with the failing cases and the compiler's messages.
 Run it where ``TRITON_INTERPRET`` is unset (the test suite starts it in a subprocess).
 """
 from __future__ import annotations

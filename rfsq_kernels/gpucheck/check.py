@@ -57,11 +57,11 @@ def _run_task(arch: int, direction: str, family: str, full: bool, strategies: Op
     (default: all built-in ones), ``quick`` (:func:`.sweep.quick_cases`) and ``plugins``
     (:func:`load_plugins`) as for :func:`run_parallel`."""
     load_plugins(plugins)
-    from .sweep import all_cases, default_cases, quick_cases, structure_cases, sweep, vq_cases
+    from .sweep import all_cases, default_cases, quick_cases, structure_cases, sweep, vq_cases, with_split
     if quick:
         grid = quick_cases(strategies) if strategies else quick_cases()
     else:
-        grid = all_cases() + vq_cases() if full else default_cases() if arch in FULL_GRID_ARCHS else structure_cases()
+        grid = with_split(all_cases()) + vq_cases() if full else default_cases() if arch in FULL_GRID_ARCHS else structure_cases()
     cases = [c for c in grid if c.direction == direction and _family(c.strategy) == family
              and (strategies is None or c.strategy in strategies)]
     result = sweep(arch, cases)
@@ -181,8 +181,10 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
             if {(name, False), (name, True)} - values:
                 problems.append(f"- sweep reached only one value of {name} for {kernel} on sm_{arch}: "
                                 f"give sweep.Case/run_case an input that flips it")
+    from .sweep import sweep_split
+    split = (("_fwd_layernorm_split_kernel", ("split",)),) if sweep_split() else ()
     for arch in archs if complete else ():
-        for kernel, paths in (("_fwd_layernorm_kernel", ("single", "chunked")),
+        for kernel, paths in split + (("_fwd_layernorm_kernel", ("single", "chunked")),
                               ("_bwd_layernorm_kernel", ("single", "chunked")),
                               ("_fwd_elementwise_kernel", ("single", "split")),
                               ("_bwd_elementwise_kernel", ("single", "split")),
@@ -196,7 +198,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
                 want |= {("x_dtype", d) for d in ("fp32", "bf16", "fp16")}
                 if "vq_fsq" not in kernel:  # the standalone FSQ has neither masks nor stage counts
                     want |= {(flag, v) for flag in ("HAS_MASK", "HAS_ACTIVE_STAGES") for v in (False, True)}
-            if "layernorm" in kernel:
+            if kernel in ("_fwd_layernorm_kernel", "_bwd_layernorm_kernel"):
                 want |= {("ONE_TILE", v) for v in (False, True)}
             missing = want - seen[(arch, kernel)]
             if missing:
@@ -205,7 +207,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
 
 
 def arithmetic_problems(binaries: List[dict]) -> List[str]:
-    """Issue 17's arithmetic contract, per binary: no approximate division/square root/other
+    """The arithmetic contract (docs/semantics.md), per binary: no approximate division/square root/other
     ``.approx`` instruction outside libdevice ``tanh`` (at most one ``ex2`` and one ``rcp`` per
     inlined call), and FMA contraction off (``enable_fp_fusion=False``)."""
     problems = []

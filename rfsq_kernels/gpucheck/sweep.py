@@ -3,7 +3,8 @@
 The grid is over the *inputs* a user can pass; which kernel, grid, tile, ``num_warps`` and
 constexprs each input gets is decided by ``rfsq_forward_launch`` / ``rfsq_backward_launch``
 themselves (the code that runs on a GPU). Spatial sizes and batch sizes are chosen so that the
-launcher's every path is reached (single tile and chunked/split, 32- and 64-bit offsets), and
+launcher's every path is reached (one tile or chunks per image, one or several programs per
+image -- the check's ``split`` -- 32- and 64-bit offsets), and
 :func:`coverage_gaps` checks afterwards, from the recorded launches, that it was.
 
 All tensors live on ``meta``: a 64-bit-offset input of 2**31 elements costs nothing.
@@ -16,13 +17,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
+from ..kernels import config
 from ..kernels.launch import rfsq_backward_launch, rfsq_forward_launch
 from .driver import Launch, offline_target
 from rfsq_kernels.reference import STRATEGIES, get_strategy, index_dtype
@@ -47,10 +50,12 @@ class Case:
     shape: Tuple[int, ...]
     mask: bool = False      # a (B, *spatial) padding mask is passed
     active_stages: bool = False  # per-sample stage counts (quantize dropout) are passed
+    split: bool = False     # config.LAYERNORM_SPLIT on for this call (issue 28's switch)
 
     def __str__(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
         extra = (" mask" if self.mask else "") + (" active_stages" if self.active_stages else "")
+        extra += " split" if self.split else ""
         return (f"{self.direction} strategy={self.strategy} K={self.stages} C={len(self.levels)} "
                 f"levels={list(self.levels)} dtype={dt} shape={'x'.join(map(str, self.shape))}{extra}")
 
@@ -106,7 +111,7 @@ def vq_cases(structure_only: bool = False) -> List[Case]:
 def structure_cases() -> List[Case]:
     """direction x strategy x every K x every C x the training and the large image, float32,
     32-bit offsets (the structural part of :func:`default_cases`)."""
-    return all_cases(spatial=SPATIAL[1:], dtypes=(torch.float32,), offsets=(32,)) + vq_cases(structure_only=True)
+    return with_split(all_cases(spatial=SPATIAL[1:], dtypes=(torch.float32,), offsets=(32,))) + vq_cases(structure_only=True)
 
 
 def sparse_cases() -> List[Case]:
@@ -135,6 +140,24 @@ def quick_cases(strategies: Iterable[str] = STRATEGIES) -> List[Case]:
                           spatial=SPATIAL[1:2], offsets=(32,)):
         out += [Case(base.direction, base.strategy, base.stages, base.levels, base.dtype, base.shape, m, d)
                 for m, d in ((True, True), (True, False), (False, True))]
+    return with_split(out)
+
+
+def sweep_split() -> bool:
+    """Whether the grids include the split layernorm forward (issue 28): when the switch is on in
+    the environment (``RFSQ_LAYERNORM_SPLIT=1 python -m rfsq_kernels.gpucheck``). Off by default
+    while the switch is: its binaries still spill (bench/NOTES.md, "Split layernorm")."""
+    return os.environ.get("RFSQ_LAYERNORM_SPLIT", "0") == "1"
+
+
+def with_split(cases: Iterable[Case]) -> List[Case]:
+    """``cases`` plus, with :func:`sweep_split`, for each ``layernorm`` forward the same call with
+    the split path switched on (``config.LAYERNORM_SPLIT``; images that fit one tile give the
+    single-tile binary again)."""
+    out = list(cases)
+    if not sweep_split():
+        return out
+    out += [replace(c, split=True) for c in out if c.direction == "forward" and c.strategy == "layernorm"]
     return out
 
 
@@ -157,7 +180,7 @@ def default_cases() -> List[Case]:
     boundary = all_cases(strategies=[s for s in STRATEGIES if get_strategy(s).params], stages=(8,),
                          channels=(5, 16))
     seen, out = set(), []
-    for case in structure + boundary + sparse_cases() + vq_cases():
+    for case in with_split(structure + boundary + sparse_cases()) + vq_cases():
         if case not in seen:
             seen.add(case)
             out.append(case)
@@ -199,7 +222,12 @@ def run_case(case: Case) -> None:
     sparse = dict(mask=torch.empty((case.shape[0], *case.shape[2:]), dtype=torch.bool, device=meta) if case.mask else None,
                   active_stages=torch.empty((case.shape[0],), dtype=torch.int32, device=meta) if case.active_stages else None)
     if case.direction == "forward":
-        rfsq_forward_launch(z, list(case.levels), k, case.strategy, params, **sparse)
+        switch = config.LAYERNORM_SPLIT
+        config.LAYERNORM_SPLIT = case.split
+        try:
+            rfsq_forward_launch(z, list(case.levels), k, case.strategy, params, **sparse)
+        finally:
+            config.LAYERNORM_SPLIT = switch
         return
     mean = std = None
     if row.per_image_stats:
@@ -281,5 +309,6 @@ def compiled_kernels(arch: int) -> Dict[str, object]:
 def kernel_modules() -> Tuple[object, ...]:
     """Every module that defines kernels: the strategy families and the vector-quantize-pytorch ones."""
     from ..kernels.launch import FAMILIES
+    from ..kernels import layernorm_split
     from ..kernels.vq import fsq, residual_fsq
-    return (*FAMILIES.values(), residual_fsq, fsq)
+    return (*FAMILIES.values(), layernorm_split, residual_fsq, fsq)

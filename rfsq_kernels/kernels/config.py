@@ -7,11 +7,13 @@ else, and the offline compile check (:mod:`rfsq_kernels.gpucheck`) reaches every
 the launchers. Why these sizes (each found by that check, which fails on any register spill):
 ``docs/kernel-design.md``, "Why these tile sizes".
 
-``MAX_BLOCK_ELEMS`` is the knob that tests lower to force the chunked/split paths: it also
-caps the chunk, so ``MAX_BLOCK_ELEMS = 64`` gives 64-element chunks.
+``MAX_BLOCK_ELEMS`` is the knob that tests lower to force the chunked layernorm path and several
+tiles per image in the other families: it also caps the chunk, so ``MAX_BLOCK_ELEMS = 64`` gives
+64-element chunks.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -105,6 +107,38 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
 CHUNKED_LAYERNORM_MAXNREG = 128
 
 
+#: Switch of the split ``layernorm`` path (issue 28, :mod:`.layernorm_split`): images that do
+#: not fit one tile are spread over several programs per image instead of the chunked
+#: one-program-per-image kernels. Off by default until every step of issue 28 has landed
+#: (``RFSQ_LAYERNORM_SPLIT=1`` or setting this attribute turns it on for the forward).
+LAYERNORM_SPLIT = os.environ.get("RFSQ_LAYERNORM_SPLIT", "0") == "1"
+#: Programs the split path aims for over a whole launch: two per SM of a 132-SM H100.
+SPLIT_MIN_PROGRAMS = 2 * 132
+#: Tests force a number of programs per image (some slices then may be empty); None: the plan.
+SPLIT_PROGRAMS_PER_IMAGE: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How the split layernorm path cuts an image: ``parts`` programs of ``slice_len`` positions
+    (a multiple of the tile's ``block_s``; the last slices may be short or empty)."""
+
+    parts: int
+    slice_len: int
+
+
+def layernorm_split_plan(batch: int, spatial: int, tiles: Tiles) -> SplitPlan:
+    """Programs per image for the split path: the fewest that give the launch
+    :data:`SPLIT_MIN_PROGRAMS` programs (fewer partials to merge), at most one per tile;
+    :data:`SPLIT_PROGRAMS_PER_IMAGE` overrides (tests)."""
+    tiles_per_image = -(-spatial // tiles.block_s)
+    want = SPLIT_PROGRAMS_PER_IMAGE or min(tiles_per_image, -(-SPLIT_MIN_PROGRAMS // max(batch, 1)))
+    if SPLIT_PROGRAMS_PER_IMAGE:
+        return SplitPlan(want, max(-(-tiles_per_image // want), 1) * tiles.block_s)
+    per_slice = max(tiles_per_image // want, 1)  # rounded down: at least ``want`` programs
+    return SplitPlan(-(-tiles_per_image // per_slice), per_slice * tiles.block_s)
+
+
 def elementwise_tiles(channels: int, spatial: int, sparse: bool = False) -> Tiles:
     """Tile of the none/scale kernels for ``channels`` x ``spatial``: at most ``CHUNK_ELEMS``
     elements (half of it, at 4 per thread, when ``sparse``)."""
@@ -128,18 +162,20 @@ def target_arch(t: torch.Tensor) -> Optional[int]:
     return arch if isinstance(arch, int) else None
 
 
-def level_tables(levels: Sequence[int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def level_tables(levels: Sequence[int], device: torch.device, fsq_shift: str = "atanh"
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cached ``(consts, basis)``: float32 ``(5, C)`` rows half_l, offset, shift, half_w, L-1
     (float64 values rounded to float32, exactly as the reference builds them) and ``(C,)``
     mixed-radix place values in the index dtype (int32 below 2**31 codes: 32-bit index math).
-    Built once per (levels, device), so later calls (and CUDA-graph capture) do no host-to-device
-    copies."""
+    ``fsq_shift`` picks the shift row (``'atanh'``, or the official code's ``'tan'``): the kernels
+    read the shift from this table, so they compute either. Built once per (levels, device, shift),
+    so later calls (and CUDA-graph capture) do no host-to-device copies."""
     def build() -> Tuple[torch.Tensor, torch.Tensor]:
-        half_l, offset, shift, half_w = fsq_constants(levels)
+        half_l, offset, shift, half_w = fsq_constants(levels, fsq_shift)
         rows = [half_l, offset, shift, [float(v) for v in half_w], [float(v - 1) for v in levels]]
         consts = torch.tensor(rows, dtype=torch.float32, device=device)
         return consts, torch.tensor(index_basis(levels), dtype=index_dtype(levels), device=device)
-    return cached(("levels", tuple(levels), torch.device(device)), build)
+    return cached(("levels", tuple(levels), torch.device(device), fsq_shift), build)
 
 
 def cached(key: Tuple, build: Callable[[], Tuple], fresh: Callable[[Tuple], bool] = lambda hit: True) -> Tuple:

@@ -17,7 +17,7 @@ from . import config
 from .fpmath import recip_rn
 from .launch_settings import launch
 from .stages import (fsq_code, fsq_dcode, keep_only, load_active_stages, load_digit_range, load_levels, load_tile,
-                     masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, widen)
+                     masked_row_sum, stage_keep, store_index, store_tile, tile_prologue)
 
 
 # -- the stages of the built-in elementwise strategies -------------------------------------------
@@ -146,16 +146,9 @@ def _fwd_elementwise_kernel(
 ):
     """Elementwise forward: one program per (image, spatial tile), all K stages in registers (a
     runtime stage loop: the residual is carried, nothing is replayed)."""
-    pid = tl.program_id(0)
-    img = widen(pid // tiles_per_image, USE_INT64)
-    # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
-    valid_row = (valid_ptr, img * S)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
-    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_row, S, BLOCK_S,
-                                          HAS_MASK, USE_INT64)
-    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
-    mask_c = offs_c < C
+    img, (x_view, q_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
+        valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S, HAS_MASK, USE_INT64)
     chan = (offs_c, mask_c, C)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
@@ -209,17 +202,11 @@ def _bwd_elementwise_kernel(
     partials are stored. The residual is replayed from the input for every stage; the stages are
     unrolled, so the compiler shares the O(K^2) replay.
     """
-    pid = tl.program_id(0)
-    img = widen(pid // tiles_per_image, USE_INT64)
-    # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
-    valid_row = (valid_ptr, img * S)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
-    dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
-    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_row, S, BLOCK_S,
-                                          HAS_MASK, USE_INT64)
-    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
-    mask_c = offs_c < C
+    pid = tl.program_id(0)  # also the row of this program's parameter-gradient partials
+    img, (x_view, g_view, dx_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
+         (dx_ptr, stride_dxb, stride_dxc, stride_dxs)),
+        valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S, HAS_MASK, USE_INT64)
     chan = (offs_c, mask_c, C)
     inside = mask_c[:, None] & mask_s[None, :]
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
@@ -250,13 +237,14 @@ def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tupl
 
 
 def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, params: Tuple[torch.Tensor, ...],
-            eps: float, mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+            eps: float, mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor],
+            fsq_shift: str = "atanh") -> Tuple[torch.Tensor, ...]:
     """Fused elementwise forward of ``strategy`` (its :data:`STAGES` entry, parameter group
     ``params`` in kernel form): ``(quantized, indices, mean, std)``; ``eps`` is unused."""
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
-    consts, basis = config.level_tables(levels, z.device)
+    consts, basis = config.level_tables(levels, z.device, fsq_shift)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
     tiles = config.elementwise_tiles(C, S, sparse=valid is not None or active_stages is not None)
     tiles_per_image = triton.cdiv(S, tiles.block_s)
@@ -269,13 +257,13 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, 
 
 def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str,
              params: Tuple[torch.Tensor, ...], mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
-             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor]):
+             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], fsq_shift: str = "atanh"):
     """Fused elementwise backward: ``(grad_z, grad_params)`` (``mean``/``std`` unused)."""
     grad_z = config.new_output(z)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
     g, g_strides = config.strided_view(grad_q)
-    consts, _basis = config.level_tables(levels, z.device)
+    consts, _basis = config.level_tables(levels, z.device, fsq_shift)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
     tiles = config.elementwise_tiles(C, S, sparse=valid is not None or active_stages is not None)
     tiles_per_image = triton.cdiv(S, tiles.block_s)

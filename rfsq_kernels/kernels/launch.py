@@ -22,7 +22,8 @@ Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 Gradients = Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]
 
 #: The kernel family modules by ``Strategy.kernel_family``; each has ``forward_outputs``,
-#: ``forward``, ``backward_outputs`` and ``backward`` with the signatures used below.
+#: ``forward`` and ``backward`` with the signatures used below (the backward's outputs are
+#: allocated the same way for every family: :func:`backward_outputs` here).
 FAMILIES = {"elementwise": elementwise, "layernorm": layernorm}
 
 
@@ -52,6 +53,7 @@ def rfsq_forward_launch(
     eps: float = 1e-5,
     mask: Optional[torch.Tensor] = None,
     active_stages: Optional[torch.Tensor] = None,
+    fsq_shift: str = "atanh",
 ) -> Outputs:
     """Run the fused K-stage forward; returns ``(quantized, indices, mean, std)`` like
     :func:`rfsq_kernels.reference.rfsq_forward` (``mask`` ``(B, *spatial)`` bool and
@@ -59,11 +61,12 @@ def rfsq_forward_launch(
 
     ``params``: the strategy's parameter group in table order and kernel form (for ``'scale'``
     ``(a,)`` with ``a = softplus(scale_param)`` ``(K,)`` float32; for ``'layernorm'``
-    ``(ln_weight, ln_bias)``, ``(K, C)``).
+    ``(ln_weight, ln_bias)``, ``(K, C)``). ``fsq_shift``: ``'atanh'`` or the official code's ``'tan'``.
     """
     if _no_positions(z):
         return tuple(t.zero_() for t in forward_outputs(z, levels, stages, strategy))
-    return _family(strategy).forward(z, levels, stages, strategy, tuple(params), eps, mask, active_stages)
+    return _family(strategy).forward(z, levels, stages, strategy, tuple(params), eps, mask, active_stages,
+                                     fsq_shift=fsq_shift)
 
 
 def backward_outputs(z: torch.Tensor, stages: int, strategy: str, params: Sequence[torch.Tensor]) -> Gradients:
@@ -83,6 +86,7 @@ def rfsq_backward_launch(
     std: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
     active_stages: Optional[torch.Tensor] = None,
+    fsq_shift: str = "atanh",
 ) -> Gradients:
     """Gradients ``(grad_z, grad_params)`` of ``sum(grad_q * quantized)``, ``grad_params`` in the
     order of ``params`` (kernel form: for ``'scale'`` d/da; autograd applies the softplus
@@ -93,4 +97,5 @@ def rfsq_backward_launch(
     if _no_positions(z):
         grad_z, grad_params = backward_outputs(z, stages, strategy, params)
         return grad_z.zero_(), tuple(g.zero_() for g in grad_params)
-    return _family(strategy).backward(grad_q, z, levels, stages, strategy, params, mean, std, mask, active_stages)
+    return _family(strategy).backward(grad_q, z, levels, stages, strategy, params, mean, std, mask, active_stages,
+                                      fsq_shift=fsq_shift)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backend import check_backend, use_fused
+from ..reference import check_indices
 from . import reference as ref
 from .routing import warn_reference_path
 
@@ -201,8 +202,11 @@ class FSQ(nn.Module):
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:
         """Digits ``(..., codebook_dim)`` of ``indices``, computed exactly, in the library's dtype
-        (``indices``' dtype promoted with int32: int32 for int32 indices)."""
-        return ref.unpack_indices(indices, self.levels).to(torch.promote_types(indices.dtype, torch.int32))
+        (``indices``' dtype promoted with int32: int32 for int32 indices). Any integer dtype is read
+        exactly, and values outside ``[0, prod(levels))`` raise (``rfsq_kernels.reference.check_indices``,
+        as in every decoder)."""
+        exact = check_indices(indices, ref.codebook_size(self.levels))
+        return ref.unpack_indices(exact, self.levels).to(torch.promote_types(indices.dtype, torch.int32))
 
     def codes_to_indices(self, zhat: Tensor) -> Tensor:
         """Index of each code ``(..., codebook_dim)``: digits recovered in float, rounded, packed

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..backend import check_backend, use_fused
+from ..reference import check_indices
 from .fsq import FSQ
 from . import reference as ref
 from .routing import warn_reference_path
@@ -223,8 +224,11 @@ class ResidualFSQ(nn.Module):
     # -- decoding ---------------------------------------------------------------------------------
 
     def _indices_channel_last(self, indices: Tensor) -> Tensor:
-        if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.ndim < 2:
-            raise ValueError("indices must be an integer tensor (B, N, K) (channel-first: (B, K, *spatial))")
+        # the shared check: any integer dtype read exactly (int64), values in [0, codebook_size) or -1
+        indices = check_indices(indices, self.codebook_size, allow_sentinel=True)
+        if indices.ndim < 2:
+            raise ValueError(f"indices must be an integer tensor (B, N, K) (channel-first: (B, K, *spatial)), got shape "
+                             f"{tuple(indices.shape)}")
         if self.is_channel_first:
             indices = indices.movedim(1, -1)
         k = indices.shape[-1]
@@ -233,9 +237,6 @@ class ResidualFSQ(nn.Module):
         if k < self.num_quantizers:
             pad = indices.new_full((*indices.shape[:-1], self.num_quantizers - k), ref.SENTINEL)
             indices = torch.cat([indices, pad], dim=-1)
-        bad = (indices < ref.SENTINEL) | (indices >= self.codebook_size)
-        if bool(bad.any()):
-            raise ValueError(f"indices must be in [0, {self.codebook_size}) or -1 (a dropped stage)")
         return indices
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
