@@ -5,7 +5,7 @@
 A binary is identified by what the launcher chose, not by its hash (the hash covers the Python
 source, so moving a jit function changes it): target, kernel name, ``num_warps``, the constexprs
 (a constexpr jit function by its bare name: a moved helper keeps its identity), the input and
-index dtypes. For each binary present in both files the registers, spill bytes, SASS
+index dtypes, and the first sweep case that launched it. For each binary present in both files the registers, spill bytes, SASS
 instruction count and digest, and approximate-math counts must be equal. Exit status 0 when
 every binary is identical and no binary is missing from either side (with ``--common``: binaries
 on one side only are counted, not failed -- a targeted run against a full baseline); 1 otherwise,
@@ -32,7 +32,9 @@ def _bare(value):
 def binary_key(rec: dict) -> Tuple:
     """What identifies one binary across source moves."""
     consts = tuple(sorted((k, _bare(v)) for k, v in rec["constexprs"].items()))
-    return rec["arch"], rec["kernel"], rec["num_warps"], consts, rec["x_dtype"], rec["index_dtype"]
+    # the first sweep case that launched it tells apart binaries that differ only in argument
+    # specialization (16-divisible sizes and strides); the sweep's order is fixed
+    return rec["arch"], rec["kernel"], rec["num_warps"], consts, rec["x_dtype"], rec["index_dtype"], rec["case"]
 
 
 def load(path: str) -> Dict[Tuple, dict]:

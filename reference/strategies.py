@@ -176,11 +176,11 @@ def scale_param_init(initial_scale: float) -> float:
     target = torch.tensor(initial_scale, dtype=torch.float32)
     # log(expm1(s)) = s + log1p(-exp(-s)) for large s: the same value without expm1's overflow past s = 709
     s = initial_scale
-    p = torch.tensor(math.log(math.expm1(s)) if s < 20 else s + math.log1p(-math.exp(-s)), dtype=torch.float32)
-    best = p
+    first = torch.tensor(math.log(math.expm1(s)) if s < 20 else s + math.log1p(-math.exp(-s)), dtype=torch.float32)
+    p = first
     for _ in range(8):
         a = stage_scales(p)
         if a == target:
             return p.item()
         p = torch.nextafter(p, torch.tensor(float("inf")) if a < target else torch.tensor(float("-inf")))
-    return best.item()
+    return first.item()  # no float32 within 8 ulp hits it exactly: the rounded formula

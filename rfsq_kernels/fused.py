@@ -19,9 +19,9 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from .autodiff import forbid_double_backward, needs_reference_autodiff
 from .backend import use_fused
 from .kernels.launch import backward_outputs, forward_outputs, rfsq_backward_launch, rfsq_forward_launch
 from .reference import check_eps, check_fsq_shift, check_levels, check_stages, get_strategy, rfsq_forward
@@ -124,28 +124,7 @@ def _backward(ctx, grad_q, _grad_indices, _grad_mean, _grad_std):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "double backward (a gradient of a gradient: create_graph=True, torch.func.hessian, ...) through the fused "
-        "RFSQ kernels is not implemented; use backend='reference' (or rfsq_kernels.reference.rfsq_forward), whose "
-        "straight-through gradient is differentiable")
-
-
-# The backward op's outputs carry a graph under create_graph=True; differentiating them says what to do
-# instead of PyTorch's "no autograd formula was registered".
-_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
-
-
-def _needs_reference_autodiff(*tensors: Optional[Tensor]) -> bool:
-    """True when a forward-mode tangent or a ``torch.func`` transform (jvp, grad, vmap, ...) is active:
-    the custom op implements reverse mode only, so those go through the reference, whose autodiff
-    gives the same straight-through derivatives (the kernels would give a zero tangent or fail).
-    Under ``torch.compile`` tracing the op is kept."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch._C._are_functorch_transforms_active():
-        return True
-    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+forbid_double_backward(_backward_op, "RFSQ kernels", "backend='reference' (or rfsq_kernels.reference.rfsq_forward)")
 
 
 def rfsq_fused(
@@ -187,7 +166,7 @@ def rfsq_fused(
     group = spec.bind(params)
     check_call_tensors(z, levels, stages, spec, group, mask, active_stages)
     use_fused("triton", z)  # z on CUDA, or the Triton interpreter on: else the error says how to proceed
-    if _needs_reference_autodiff(z, *group):
+    if needs_reference_autodiff(z, *group):
         return rfsq_forward(z, levels, stages, strategy, eps=eps, mask=mask, active_stages=active_stages,
                             fsq_shift=fsq_shift, **params)
     # contiguous here (not only inside the op): what autograd saves for the backward is then the copy

@@ -60,3 +60,53 @@ def test_report_files_of_the_same_day_get_distinct_names(tmp_path):
     (tmp_path / "cpu-2026-11-30-2.png").write_bytes(b"")
     assert results_stem(tmp_path, "cpu", day) == "cpu-2026-11-30-3"
     assert results_stem(tmp_path, "h100", day) == "h100-2026-11-30"
+
+
+# -- issue 25, item 13: outputs and names checked before the work ----------------------------------------
+def _no_sweep(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(gpucheck_cli, "run_parallel", lambda *a, **k: pytest.fail("swept before checking the flags"))
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--json", "/proc/no/such/dir/out.json"], r"--json /proc/no/such/dir/out.json: cannot write there \(No such file"),
+    (["--strategy", "nosuch"], r"--strategy nosuch: unknown strategy; choose from none scale layernorm"),
+    (["--plugin", "/missing.py"], r"--plugin /missing.py: no such file"),
+])
+def test_gpucheck_refuses_bad_outputs_and_names_before_the_sweep(argv, match, monkeypatch, capsys):
+    import re
+
+    _no_sweep(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        gpucheck_cli.main(["--arch", "80", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(match, err) and "Traceback" not in err
+
+
+def test_gpucheck_json_is_written_at_the_end_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "r.json"
+    seen = {}
+
+    def sweep(*a, **k):
+        seen["files"] = sorted(p.name for p in tmp_path.iterdir())  # claimed before the sweep
+        return [], []
+
+    monkeypatch.setattr(gpucheck_cli, "run_parallel", sweep)
+    monkeypatch.setattr(gpucheck_cli, "check", lambda *a, **k: [])
+    assert gpucheck_cli.main(["--arch", "80", "--json", str(out)]) == 0
+    assert len(seen["files"]) == 1 and seen["files"][0].startswith("r.json.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"] and '"archs": [' in out.read_text()
+
+
+def test_compare_refuses_an_unwritable_out_before_reading(tmp_path, capsys):
+    from training import compare
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        compare.main([str(tmp_path / "missing_run"), "--out", str(tmp_path / "file" / "table.md")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--out {tmp_path / 'file' / 'table.md'}: cannot write there" in err
+    assert "Traceback" not in err and "not found" not in err  # refused before the run dirs were read
+    assert compare.main([str(tmp_path / "missing_run"), "--out", str(tmp_path / "t.md")]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no temp file left behind

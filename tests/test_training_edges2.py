@@ -112,3 +112,148 @@ def test_plain_folder_order_is_unchanged(tmp_path):
     for f in ("a/z.png", "a/sub/y.png", "a/sub/deeper/x.png", "a/m.png", "b/k.JPG", "c/q.png", "c/notes.txt"):
         _png(root / f) if not f.endswith(".txt") else (root / f).write_text("x")
     assert SafeImageFolder(str(root), size=32).folder.samples == ImageFolder(str(root)).samples
+
+
+# -- item 4: one process per run directory -------------------------------------------------------------
+def test_a_second_run_into_a_busy_output_dir_is_refused_at_once(tmp_path, capsys):
+    from training.run_lock import RunDirLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = RunDirLock(str(out)).acquire()  # as a run in progress holds it (flock: per open file)
+    try:
+        assert train(out, "--max-steps", "1", "--no-lpips") == 1
+        err = capsys.readouterr().err
+        assert f"--output-dir {out} is in use by another training process (pid {os.getpid()}" in err
+        assert "choose another --output-dir" in err and "Traceback" not in err
+        assert sorted(p.name for p in out.iterdir()) == [".train.lock"]  # nothing written
+        assert train(out, "--max-steps", "1", "--no-lpips", "--resume") == 1  # --resume/--overwrite too
+        assert train(out, "--max-steps", "1", "--no-lpips", "--overwrite") == 1
+    finally:
+        holder.release()
+    assert train(out, "--max-steps", "1", "--no-lpips") == 0
+    assert train(out, "--max-steps", "1", "--no-lpips", "--resume") == 0  # released when main returned
+
+
+def test_a_killed_run_does_not_leave_its_directory_locked(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from training.run_lock import RunDirLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    code = ("import sys, time; from training.run_lock import RunDirLock; RunDirLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                             cwd=str(Path(__file__).resolve().parents[1]))
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(train_mod.RunDirBusy, match=f"pid {child.pid} on "):
+            RunDirLock(str(out)).acquire()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    RunDirLock(str(out)).acquire().release()  # the kernel dropped the dead holder's lock
+
+
+# -- item 12: a full disk while writing a checkpoint ---------------------------------------------------
+def test_full_disk_while_checkpointing_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
+    import errno
+    import io
+
+    from training import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    assert train(out, "--max-steps", "2", "--no-lpips", "--stop-at-step", "1") == 0
+    before = (out / ckpt.LAST).read_bytes()
+
+    class FullDisk(io.FileIO):
+        def write(self, b):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt, "open", lambda path, mode="r": FullDisk(path, mode), raising=False)
+    capsys.readouterr()
+    assert train(out, "--max-steps", "2", "--no-lpips", "--resume") == 1
+    err = capsys.readouterr().err
+    assert f"cannot write checkpoint {out / ckpt.LAST}: No space left on device (ENOSPC)" in err
+    assert "the previous ckpt_last.pt (if any) is unchanged" in err and "--resume" in err
+    assert "inline_container" not in err and "Traceback" not in err
+    assert (out / ckpt.LAST).read_bytes() == before and ckpt.load(str(out / ckpt.LAST))["step"] == 1
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_full_disk_while_writing_a_json_output_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from training import jsonio
+
+    path = tmp_path / "config.json"
+    path.write_text("{}\n")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(jsonio.os, "fsync", full)
+    with pytest.raises(OSError, match=f"cannot write {path}: No space left on device; the previous file"):
+        jsonio.write_json_atomic(str(path), {"a": 1})
+    assert path.read_text() == "{}\n" and not list(tmp_path.glob("*.tmp*"))
+
+
+# -- item 3: a resumed run with changed optimisation flags ---------------------------------------------
+def _log(out) -> str:
+    return (out / "train.log").read_text()
+
+
+def test_resume_with_changed_recipe_is_refused_naming_each_flag(tmp_path):
+    from training import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    assert train(out, "--max-steps", "4", "--no-lpips", "--stop-at-step", "2") == 0
+    config = (out / "config.json").read_text()
+    assert train(out, "--max-steps", "4", "--no-lpips", "--resume", "--lr", "4e-4", "--weight-decay", "0") == 1
+    msg = [line for line in _log(out).splitlines() if "different recipe" in line][-1]
+    assert "--lr: 0.0008 in the checkpoint, 0.0004 now" in msg and "--weight-decay: 5e-05 in the checkpoint, 0.0 now" in msg
+    assert "add --allow-recipe-change to apply the new ones from step 2 on" in msg and "--overwrite" in msg
+    assert (out / "config.json").read_text() == config  # nothing recorded that was not used
+    assert ckpt.load(str(out / ckpt.LAST))["args"]["lr"] == 8e-4
+    assert train(out, "--max-steps", "6", "--no-lpips", "--resume") == 1
+    assert "--max-steps: 4 in the checkpoint, 6 now" in _log(out)
+    assert train(out, "--max-steps", "4", "--no-lpips", "--resume", "--batch-size", "2") == 1
+    msg = [line for line in _log(out).splitlines() if "cannot continue" in line][-1]
+    assert "images per step: 4 x 1 process(es) = 4 in the checkpoint, 2 x 1 = 2 now (resume with --batch-size 4" in msg
+    assert train(out, "--max-steps", "4", "--no-lpips", "--resume", "--batch-size", "2", "--allow-recipe-change") == 1
+    with pytest.raises(SystemExit):
+        train_mod.parse_args(["--allow-recipe-change"])  # only with --resume
+
+
+def test_allowed_recipe_change_is_applied_logged_and_recorded(tmp_path):
+    import json
+
+    from training import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    assert train(out, "--max-steps", "4", "--warmup", "0", "--no-lpips", "--stop-at-step", "2") == 0
+    assert train(out, "--max-steps", "6", "--warmup", "0", "--no-lpips", "--resume", "--allow-recipe-change",
+                 "--lr", "4e-4", "--weight-decay", "0.25") == 0
+    assert "--allow-recipe-change: from step 2 on, --lr 0.0008 -> 0.0004; --weight-decay 5e-05 -> 0.25; " \
+           "--max-steps 4 -> 6" in _log(out)
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
+    f_old, f_new = train_mod.lr_lambda(4, 0), train_mod.lr_lambda(6, 0)
+    assert [r["lr"] for r in rows] == pytest.approx([8e-4 * f_old(0), 8e-4 * f_old(1)]
+                                                    + [4e-4 * f_new(s) for s in (2, 3, 4, 5)], rel=1e-12)
+    state = ckpt.load(str(out / ckpt.LAST))
+    assert all(g["weight_decay"] == 0.25 for g in state["optimizer"]["param_groups"])
+    assert state["args"]["lr"] == 4e-4 and state["total_steps"] == 6
+    changes = [{"step": 2, "flag": "--lr", "old": 8e-4, "new": 4e-4},
+               {"step": 2, "flag": "--weight-decay", "old": 5e-5, "new": 0.25},
+               {"step": 2, "flag": "--max-steps", "old": 4, "new": 6}]
+    assert state["recipe_changes"] == changes
+    config = json.loads((out / "config.json").read_text())
+    assert config["lr"] == 4e-4 and config["weight_decay"] == 0.25 and config["recipe_changes"] == changes
+    res = json.loads((out / "results.json").read_text())
+    assert res["recipe_changes"] == changes and res["images_seen"] == 6 * 4 and res["steps"] == 6
+    # the changed values are now the run's: resuming again with them needs no flag
+    assert train(out, "--max-steps", "6", "--warmup", "0", "--no-lpips", "--resume", "--lr", "4e-4",
+                 "--weight-decay", "0.25") == 0

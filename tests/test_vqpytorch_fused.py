@@ -240,3 +240,57 @@ def test_launch_host_path_reads_nothing_back_after_the_first_call(monkeypatch):
     clamp.mul_(2)  # in place (e.g. load_state_dict): the version counter moves, the table is rebuilt
     rebuilt = residual_fsq.constant_table(levels, clamp, x.device)[0]
     assert rebuilt is not first and torch.equal(rebuilt[0], clamp) and torch.equal(rebuilt[1:], first[1:])
+
+
+# -- autodiff beyond reverse mode (the guards of rfsq_kernels.autodiff, as for the RFSQ ops) ------
+def _vq_pairs(seed):
+    """(fused, reference) module pairs of both vq families, and an input/tangent pair."""
+    from rfsq_kernels.vqpytorch import FSQ
+
+    g = torch.Generator().manual_seed(seed)
+    rfsq = [ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=2, backend=b).eval() for b in ("triton", "reference")]
+    fsq = [FSQ(levels=[8, 5, 5, 5], backend=b).eval() for b in ("triton", "reference")]
+    x, t = torch.randn(2, 6, 4, generator=g), torch.randn(2, 6, 4, generator=g)
+    return (rfsq, fsq), x, t
+
+
+def test_vq_jvp_forward_ad_and_vmap_give_the_reference(seed):
+    import torch.autograd.forward_ad as fwAD
+
+    pairs, x, t = _vq_pairs(seed)
+    for fused, reference in pairs:
+        want_out, want = torch.func.jvp(lambda v: reference(v)[0], (x,), (t,))
+        out, got = torch.func.jvp(lambda v: fused(v)[0], (x,), (t,))
+        assert want.abs().sum() > 0 and torch.equal(out, want_out) and torch.equal(got, want)
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(fused(fwAD.make_dual(x, t))[0]).tangent
+        assert tangent is not None and torch.equal(tangent, want)
+        xs = torch.stack([x, -x])
+        got_q, got_i = torch.vmap(fused)(xs)
+        want_q, want_i = zip(*(reference(v) for v in xs))
+        assert torch.equal(got_q, torch.stack(want_q)) and torch.equal(got_i, torch.stack(want_i))
+
+
+def test_vq_double_backward_is_one_clear_error(seed):
+    pairs, x, _ = _vq_pairs(seed)
+    for fused, _reference in pairs:
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(fused(xx)[0].square().sum(), xx, create_graph=True)  # first order works
+        with pytest.raises(RuntimeError, match=r"double backward .* fused (ResidualFSQ|FSQ) kernels is not "
+                                               r"implemented; use backend='reference'"):
+            g.sum().backward()
+
+
+def test_vq_reference_route_keeps_the_fused_mask_contract(seed):
+    """Under a transform, residual_fsq_fused's mask still zeroes masked positions with -1 indices."""
+    import torch.autograd.forward_ad as fwAD
+
+    levels = [8, 5, 5, 5]
+    scales, clamp = ref.stage_scales(levels, 2), ref.default_soft_clamp(levels)
+    x, mask = torch.randn(2, 6, 4), torch.rand(2, 6) > 0.5
+    with fwAD.dual_level():
+        q, idx = residual_fsq_fused(fwAD.make_dual(x, torch.ones_like(x)), levels, scales, clamp, mask=mask)
+        q = fwAD.unpack_dual(q).primal
+    rq, ridx = ref.residual_fsq_core(x, levels, scales, clamp)
+    assert torch.equal(q[mask], rq[mask]) and torch.equal(idx[mask], ridx[mask])
+    assert bool((q[~mask] == 0).all()) and bool((idx[~mask] == -1).all())

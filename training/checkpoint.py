@@ -6,6 +6,7 @@ best validation score so far.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -21,14 +22,44 @@ BEST = "ckpt_best.pt"
 
 
 def atomic_save(obj: Dict[str, Any], path: str) -> None:
-    """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace`` (atomic)."""
+    """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace`` (atomic).
+
+    When the write fails (a full disk, a quota, an I/O error) the temp file is removed and a
+    :class:`CheckpointError` names ``path`` and the operating system's cause (``torch.save`` itself
+    only says ``[enforce fail at inline_container.cc...]``, the cause hidden in the chained
+    traceback); the previous file at ``path`` is untouched."""
     path = str(path)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        cause = os_error_of(e)
+        if cause is None:
+            raise
+        code = errno.errorcode.get(cause.errno, "")
+        raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}"
+                              f"{f' ({code})' if code else ''}; the previous {os.path.basename(path)} (if any) "
+                              "is unchanged. Free space (or fix the file system) and continue with "
+                              "--resume") from e
+
+
+def os_error_of(e: BaseException) -> Optional[OSError]:
+    """The ``OSError`` that ``e`` is or was raised from (its ``__cause__``/``__context__`` chain), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 class CheckpointError(RuntimeError):

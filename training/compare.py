@@ -85,17 +85,42 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=os.path.join("runs", "compare.md"),
                    help="Markdown file to write (default runs/compare.md)")
     args = p.parse_args(argv)
-    results = load_results(args.run_dirs)
-    if not results:
-        print("no results.json found in the given run directories", file=sys.stderr)
-        return 1
-    table = markdown_table(results)
-    print(table)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(table)
+    tmp = _claim_output(p, args.out)  # an unwritable --out is refused before anything is read
+    try:
+        results = load_results(args.run_dirs)
+        if not results:
+            print("no results.json found in the given run directories", file=sys.stderr)
+            return 1
+        table = markdown_table(results)
+        print(table)
+        with open(tmp, "w") as f:
+            f.write(table)
+        os.replace(tmp, args.out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _claim_output(p: argparse.ArgumentParser, path: str) -> str:
+    """Create --out's folder and the temp file the table goes to (renamed onto ``path`` at the end);
+    an unwritable ``path`` is an argparse error (exit 2) naming it and the cause."""
+    import tempfile
+
+    if os.path.isdir(path):
+        p.error(f"--out {path}: is a directory; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except OSError as e:
+        p.error(f"--out {path}: cannot write there ({e.strerror or e}); give a writable path")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the mode open(path, "w") would give, not mkstemp's 0600
+    return tmp
 
 
 if __name__ == "__main__":

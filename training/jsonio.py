@@ -30,11 +30,19 @@ def dumps(obj: Any, **kwargs) -> str:
 def write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` to a temp file next to ``path``, fsync, then ``os.replace`` (atomic)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. a full disk: say which file; the previous one is untouched
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}; the previous file (if any) is "
+                      "unchanged") from e
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -47,6 +47,7 @@ from training.model import AutoEncoder, build_quantizer, quantizer_kwargs
 from training.jsonio import dumps, read_jsonl, write_json_atomic, write_text_atomic
 from training.plots import plot_curves, save_grid
 from training.presets import PAPER_TABLE1, PRESETS, identity_differences, preset_of, run_identity
+from training.run_lock import RunDirBusy, RunDirLock
 from training.stop_signals import StopRequest, stop_on_signals
 
 log = logging.getLogger("rfsq.train")
@@ -154,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
                    help="continue from a checkpoint; 'auto' (or the bare flag) = OUTPUT_DIR/ckpt_last.pt if it "
                         "exists, else start fresh")
+    g.add_argument("--allow-recipe-change", action="store_true",
+                   help="with --resume: apply optimisation flags that differ from the checkpoint's (--lr, "
+                        "--weight-decay, --warmup, --grad-clip, --max-steps/--max-train-epochs, --seed, "
+                        "--lpips-loss-weight, --no-lpips) from the resumed step on, logged and recorded in "
+                        "config.json, the checkpoints and results.json; without it such a resume is refused. "
+                        "The images per step (--batch-size x processes) and --embedded-epoch-size cannot change")
     g.add_argument("--overwrite", action="store_true",
                    help="delete the run already in --output-dir (checkpoints, metrics, results, plots) and start "
                         "again; without it (or --resume) a directory holding a run is refused")
@@ -182,6 +189,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         check_initial_scale(args.rfsq_initial_scale, "--rfsq-initial-scale")
     except ValueError as e:
         parser.error(f"--levels: {e}" if str(e).startswith("levels") else str(e))
+    if args.allow_recipe_change and not args.resume:
+        parser.error("--allow-recipe-change applies changed flags to a resumed run: give it with --resume")
     if args.quantizer == "rfsq" and get_strategy(args.rfsq_strategy).per_image_stats and args.image_size == 4:
         parser.error(f"--image-size 4 gives 1x1 latents (the encoder downsamples by 4), and --rfsq-strategy "
                      f"{args.rfsq_strategy} normalizes each channel over the latent's positions: with one position "
@@ -240,9 +249,11 @@ RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.jsonl", "results.json", "c
 RUN_MARKERS = ("ckpt_last.pt", "ckpt_best.pt", "results.json")
 
 
-def prepare_output_dir(args: argparse.Namespace) -> None:
+def prepare_output_dir(args: argparse.Namespace) -> RunDirLock:
     """Create --output-dir; refuse one that holds a run unless --resume or --overwrite says what to do
-    with it; with --overwrite delete that run's files; always delete temp files of a killed run."""
+    with it, and one that another live process is using (its :class:`RunDirLock`, returned held: the
+    caller releases it when the run ends); with --overwrite delete that run's files; always delete
+    temp files of a killed run."""
     d = args.output_dir
     try:
         os.makedirs(d, exist_ok=True)
@@ -258,10 +269,15 @@ def prepare_output_dir(args: argparse.Namespace) -> None:
         raise OutputDirError(f"--output-dir {d} already holds a run ({', '.join(existing)}); pass --resume to "
                              "continue it, or --overwrite to delete it and start again (or choose another "
                              "--output-dir)")
+    try:  # taken before anything in the directory is changed; a dead holder's lock is gone with it
+        lock = RunDirLock(d).acquire()
+    except RunDirBusy as e:
+        raise OutputDirError(str(e)) from None
     if args.overwrite:
         for f in existing:
             os.remove(os.path.join(d, f))
     ckpt.remove_stale_temps(d)
+    return lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +369,7 @@ class Run:
     batch_in_epoch: int = 0  # batches of `epoch` consumed (skipped empty ones included)
     best: float = math.inf  # best validation score so far (LPIPS, else L1)
     eval_pending: bool = False  # the checkpoint was written just before an evaluation that did not finish
+    recipe_changes: List[Dict] = field(default_factory=list)  # --allow-recipe-change: {step, flag, old, new}
     # this process's bookkeeping
     unreadable: Dict[str, str] = field(default_factory=dict)  # path -> reason, train and val
     train_time: float = 0.0
@@ -431,7 +448,8 @@ def setup_run(args: argparse.Namespace, d: Dist, t_start: float) -> Run:
              lpips_source, args.amp, args.channels_last, args.compile)
     if d.master:
         write_json_atomic(os.path.join(args.output_dir, "config.json"),
-                          {**vars(args), "world_size": d.world, "total_steps": total_steps})
+                          {**vars(args), "world_size": d.world, "total_steps": total_steps,
+                           "recipe_changes": run.recipe_changes})
     return run
 
 
@@ -452,11 +470,15 @@ def resume(run: Run) -> None:
         raise ValueError(f"{resume_path} was trained with a different configuration: {'; '.join(differences)}. "
                          "Resume with the checkpoint's settings, or start a new run with --overwrite or "
                          "another --output-dir")
+    changes = check_recipe(run, resume_path, state)
     run.raw_model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     run.step, run.epoch, run.batch_in_epoch, run.best = state["step"], state["epoch"], state["batch_in_epoch"], state["best"]
+    run.recipe_changes = list(state.get("recipe_changes") or [])
+    if changes:
+        apply_recipe_changes(run, changes)
     run.eval_pending = bool(state.get("eval_pending", False))
     if d.world == 1:
         ckpt.set_rng_state(state["rng"])
@@ -471,6 +493,76 @@ def resume(run: Run) -> None:
     if run.step >= run.total_steps:
         log.info("the run is already complete (%d/%d steps): evaluating it again; --overwrite trains it anew",
                  run.step, run.total_steps)
+
+
+#: Flags that define the optimisation (name in args, flag): a resume that changes one is refused unless
+#: --allow-recipe-change applies it. The schedule length is compared as total steps (check_recipe).
+RECIPE_FLAGS = (("lr", "--lr"), ("weight_decay", "--weight-decay"), ("warmup", "--warmup"),
+                ("grad_clip", "--grad-clip"), ("seed", "--seed"), ("lpips_loss_weight", "--lpips-loss-weight"),
+                ("no_lpips", "--no-lpips"))
+
+
+def check_recipe(run: Run, path: str, state: Dict) -> List[Dict]:
+    """The optimisation flags in which this command differs from the checkpoint's run, as
+    ``{flag, old, new}``; refused (ValueError naming each flag, both values and what to do) unless
+    --allow-recipe-change. The images per step (--batch-size x processes) and --embedded-epoch-size are
+    refused always: the position in the epoch, the step count and ``images_seen`` are counted in them.
+    A different split of the same images per step over processes is applied (and logged)."""
+    args, d = run.args, run.dist
+    saved = state.get("args")
+    if not isinstance(saved, dict):  # a checkpoint from before the flags were stored: nothing to compare
+        log.warning("%s does not record its flags: resuming with this command's optimisation flags", path)
+        return []
+    fixed = []
+    world0 = int(state.get("world_size", d.world))
+    per_step0, per_step = saved.get("batch_size", args.batch_size) * world0, args.batch_size * d.world
+    if per_step0 != per_step:
+        hint = (f"resume with --batch-size {per_step0 // d.world} on {d.world} process(es)" if per_step0 % d.world == 0
+                else f"resume on a number of processes that divides {per_step0}")
+        fixed.append(f"images per step: {saved.get('batch_size')} x {world0} process(es) = {per_step0} in the "
+                     f"checkpoint, {args.batch_size} x {d.world} = {per_step} now ({hint})")
+    if saved.get("embedded_epoch_size", args.embedded_epoch_size) != args.embedded_epoch_size and not args.train_dir:
+        fixed.append(f"--embedded-epoch-size: {saved['embedded_epoch_size']} in the checkpoint, "
+                     f"{args.embedded_epoch_size} now")
+    if fixed:
+        raise ValueError(f"{path} cannot continue with {'; '.join(fixed)}: the position in the epoch, the step "
+                         "count and images_seen are counted in these units, so they cannot change mid-run "
+                         "(not even with --allow-recipe-change); or start a new run with --overwrite or another "
+                         "--output-dir")
+    if world0 != d.world:
+        log.info("resuming on %d process(es) x batch %d (the checkpoint's run: %d x %d): the same %d images per step",
+                 d.world, args.batch_size, world0, saved.get("batch_size"), per_step)
+    changes = [{"flag": flag, "old": saved[k], "new": getattr(args, k)} for k, flag in RECIPE_FLAGS
+               if k in saved and saved[k] != getattr(args, k)]
+    total0 = state.get("total_steps", saved.get("max_steps"))
+    if total0 is not None and total0 != run.total_steps:
+        changes.append({"flag": "--max-steps", "old": total0, "new": run.total_steps})
+    if changes and not args.allow_recipe_change:
+        listed = "; ".join(f"{c['flag']}: {c['old']} in the checkpoint, {c['new']} now" for c in changes)
+        raise ValueError(f"{path} was trained with a different recipe: {listed}. Resume with the checkpoint's "
+                         f"values, or add --allow-recipe-change to apply the new ones from step {state['step']} "
+                         "on (recorded in config.json, the checkpoints and results.json), or start a new run "
+                         "with --overwrite or another --output-dir")
+    return changes
+
+
+def apply_recipe_changes(run: Run, changes: List[Dict]) -> None:
+    """--allow-recipe-change: make the restored optimizer and schedule use this command's --lr and
+    --weight-decay (a loaded state would keep the checkpoint's) and the new schedule from this step on
+    (--warmup, total steps); the other recipe flags are read from args where used. Logged, and
+    appended to ``run.recipe_changes``."""
+    args = run.args
+    for group in run.optimizer.param_groups:
+        group["initial_lr"] = args.lr
+        group["weight_decay"] = args.weight_decay
+    run.scheduler.base_lrs = [args.lr for _ in run.optimizer.param_groups]
+    factor = lr_lambda(run.total_steps, args.warmup)(run.step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = args.lr * factor  # the rate of the next step under the new schedule
+    run.scheduler._last_lr = [g["lr"] for g in run.optimizer.param_groups]
+    run.recipe_changes += [{"step": run.step, **c} for c in changes]
+    log.warning("--allow-recipe-change: from step %d on, %s", run.step,
+                "; ".join(f"{c['flag']} {c['old']} -> {c['new']}" for c in changes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,7 +712,8 @@ def checkpoint_state(run: Run, eval_pending: bool = False) -> Dict:
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "step": run.step,
             "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch, "best": run.best, "rng": ckpt.rng_state(),
             "quantizer_config": run.identity, "eval_pending": eval_pending,
-            "args": {k: v for k, v in vars(run.args).items()}}
+            "args": {k: v for k, v in vars(run.args).items()}, "world_size": run.dist.world,
+            "total_steps": run.total_steps, "recipe_changes": run.recipe_changes}
 
 
 def save_checkpoint(run: Run, best_too: bool = False, eval_pending: bool = False) -> None:
@@ -677,7 +770,8 @@ def report_results(run: Run, metrics: Dict) -> None:
         "preset": run.preset, "quantizer": args.quantizer, "stages": q.stages, "codebook_size": q.codebook_size,
         "bits_per_token": q.bits_per_token, "quantizer_config": run.identity, "steps": run.step, "epochs": run.epoch,
         "world_size": d.world, "batch_size_per_process": args.batch_size,
-        "images_seen": run.step * args.batch_size * d.world,
+        "images_seen": run.step * args.batch_size * d.world,  # resume keeps the images per step (check_recipe)
+        "recipe_changes": run.recipe_changes,
         "data": "imagefolder" if args.train_dir else "embedded scikit-image photos",
         "heldout_photos": args.holdout_photos,
         "lpips_weights": run.lpips_source, "skipped_images": len(run.unreadable),
@@ -746,11 +840,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     d = setup_distributed()
     handlers = setup_logging(d.master)
+    lock: Optional[RunDirLock] = None
     try:
         refused = None
-        if d.master:  # only rank 0 writes into --output-dir
+        if d.master:  # only rank 0 writes into --output-dir (and so only rank 0 holds its lock)
             try:
-                prepare_output_dir(args)
+                lock = prepare_output_dir(args)
             except OutputDirError as e:
                 refused = e
         if any_rank(d, refused is not None)[0]:
@@ -766,8 +861,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             # still writing the final checkpoint can abort ("terminate called ...", seen in CI).
             dist.barrier()
         return code
-    except (DataError, LPIPSWeightsError, ckpt.CheckpointError, FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
+    except (DataError, LPIPSWeightsError, ckpt.CheckpointError, OSError, ValueError) as e:
+        log.error("%s", e)  # OSError: a file the run reads or writes (a full disk names the file)
         return 1
     except KeyboardInterrupt:  # the second Ctrl-C: abort now, without a traceback
         if os.path.isfile(os.path.join(args.output_dir, ckpt.LAST)):
@@ -779,6 +874,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for h in handlers:
             log.removeHandler(h)
             h.close()
+        if lock is not None:
+            lock.release()
         teardown_distributed(d)
 
 

@@ -1,8 +1,8 @@
 """``python -m rfsq_kernels.gpucheck``: compile every kernel specialization for real targets.
 
 Exit status 0 when every case compiles, no binary spills registers (sm_80/sm_90/sm_100), no
-binary holds approximate math outside libdevice tanh or was built with FP fusion (issue 17), and
-the launches reached every path; 1 otherwise, with the failing cases and the compiler's messages.
+binary holds approximate math outside libdevice tanh or was built with FP fusion (the arithmetic
+contract of docs/semantics.md), and the launches reached every path; 1 otherwise, with the failing cases and the compiler's messages.
 Run it where ``TRITON_INTERPRET`` is unset (the test suite starts it in a subprocess).
 """
 from __future__ import annotations
@@ -11,10 +11,11 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures.process import BrokenProcessPool
 
-from .check import NO_SPILL_ARCHS, check, default_archs, run_parallel, summary_table
+from .check import NO_SPILL_ARCHS, check, default_archs, load_plugins, run_parallel, summary_table
 
 
 def main(argv=None) -> int:
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
                 f"{', 100 = B200' if 100 in supported else ''})")
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    _check_plugins_and_strategies(p, args)
+    json_tmp = _claim_output(p, args.json) if args.json else None  # an unwritable --json fails now, not after the sweep
     archs = list(dict.fromkeys(args.arch)) if args.arch else supported
     spill_archs = [a for a in archs if a in NO_SPILL_ARCHS]
     t0 = time.perf_counter()
@@ -52,7 +55,11 @@ def main(argv=None) -> int:
     except BrokenProcessPool:
         print("a compiler worker process died (the compiler aborted); rerun with --jobs 1 to see its message",
               file=sys.stderr)
+        _discard(json_tmp)
         return 1
+    except BaseException:
+        _discard(json_tmp)
+        raise
     wall = time.perf_counter() - t0
     print(summary_table(binaries))
     problems = check(binaries, failures, archs, complete=not args.quick)
@@ -61,10 +68,11 @@ def main(argv=None) -> int:
         print(f"\n{len(binaries)} binaries for sm_{', sm_'.join(map(str, archs))} in {wall:.0f} s wall "
               f"({args.jobs} jobs); slowest first compile {slowest['compile_cpu_s']:.1f} CPU s "
               f"({slowest['compile_s']:.1f} s wall): {slowest['kernel']} sm_{slowest['arch']} ({slowest['case']})")
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_tmp:
+        with open(json_tmp, "w") as f:
             json.dump({"archs": archs, "wall_s": wall, "binaries": binaries,
                        "failures": [{"case": c, "error": m} for c, m in failures]}, f, indent=1)
+        os.replace(json_tmp, args.json)
     if problems:
         print(f"\nFAILED ({len(problems)} problems; spills checked on "
               f"{', '.join(f'sm_{a}' for a in spill_archs) or 'none of the targets'}):")
@@ -76,6 +84,55 @@ def main(argv=None) -> int:
              " (spills are checked on " + ", ".join(f"sm_{a}" for a in NO_SPILL_ARCHS) + " only)")
           + ", no approximate math outside tanh, FP fusion off")
     return 0
+
+
+def _check_plugins_and_strategies(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Load the --plugin files and check every --strategy name (built-in, the vector-quantize-pytorch
+    family or a plugin's) before anything is compiled: an argparse error, not a worker's traceback."""
+    from rfsq_kernels.reference import STRATEGIES, get_strategy
+    from .sweep import VQ_RFSQ
+
+    for path in args.plugin:
+        if not os.path.isfile(path):
+            p.error(f"--plugin {path}: no such file")
+    try:
+        load_plugins(args.plugin)
+    except Exception as e:  # the plugin's own bug: name the file and the error, not a traceback
+        p.error(f"--plugin {' '.join(args.plugin)}: cannot load it ({type(e).__name__}: {e}); a plugin is a "
+                "Python file defining registrations() (see tests/toy_strategy.py)")
+    for name in args.strategy or []:
+        if name == VQ_RFSQ:
+            continue
+        try:
+            get_strategy(name)
+        except (KeyError, ValueError):
+            p.error(f"--strategy {name}: unknown strategy; choose from {' '.join([*STRATEGIES, VQ_RFSQ])} "
+                    "(or one a --plugin registers)")
+
+
+def _claim_output(p: argparse.ArgumentParser, path: str) -> str:
+    """Create the temp file that the --json record is written to (renamed onto ``path`` at the end),
+    so that an unwritable ``path`` is an argparse error before the sweep; return its name."""
+    if os.path.isdir(path):
+        p.error(f"--json {path}: is a directory; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except OSError as e:
+        p.error(f"--json {path}: cannot write there ({e.strerror or e}); give a writable path")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the mode open(path, "w") would give, not mkstemp's 0600
+    return tmp
+
+
+def _discard(tmp) -> None:
+    if tmp:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def _opcode(line: str) -> str:
 
 
 def approx_math(ptx: str) -> Dict[str, int]:
-    """Approximate float instructions of a PTX listing (issue 17's arithmetic contract).
+    """Approximate float instructions of a PTX listing (the arithmetic contract of docs/semantics.md).
 
     Returns ``{"outside": n, "in_tanh": n, "tanh_calls": n, <opcode>: n, ...}``: ``div.full``
     and every ``*.approx*`` instruction count as outside unless it is an ``ex2.approx`` /

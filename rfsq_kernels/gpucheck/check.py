@@ -207,7 +207,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
 
 
 def arithmetic_problems(binaries: List[dict]) -> List[str]:
-    """Issue 17's arithmetic contract, per binary: no approximate division/square root/other
+    """The arithmetic contract (docs/semantics.md), per binary: no approximate division/square root/other
     ``.approx`` instruction outside libdevice ``tanh`` (at most one ``ex2`` and one ``rcp`` per
     inlined call), and FMA contraction off (``enable_fp_fusion=False``)."""
     problems = []

@@ -3,7 +3,8 @@
 The grid is over the *inputs* a user can pass; which kernel, grid, tile, ``num_warps`` and
 constexprs each input gets is decided by ``rfsq_forward_launch`` / ``rfsq_backward_launch``
 themselves (the code that runs on a GPU). Spatial sizes and batch sizes are chosen so that the
-launcher's every path is reached (single tile and chunked/split, 32- and 64-bit offsets), and
+launcher's every path is reached (one tile or chunks per image, one or several programs per
+image -- the check's ``split`` -- 32- and 64-bit offsets), and
 :func:`coverage_gaps` checks afterwards, from the recorded launches, that it was.
 
 All tensors live on ``meta``: a 64-bit-offset input of 2**31 elements costs nothing.

@@ -17,8 +17,8 @@ from . import config
 from .fpmath import recip_rn
 from .launch_settings import launch
 from .stages import (channel_digit, fsq_code, fsq_dcode, keep_only, load_active_stages, load_channel_digits,
-                     load_channel_levels, load_digit_range, load_levels, load_row, load_tile, masked_row_sum, row_prologue, spatial_lanes,
-                     stage_keep, store_index, store_row, store_row_index, store_tile, widen)
+                     load_channel_levels, load_digit_range, load_levels, load_row, load_tile, masked_row_sum,
+                     row_prologue, stage_keep, store_index, store_row, store_row_index, store_tile, tile_prologue)
 
 
 # -- the stages of the built-in elementwise strategies -------------------------------------------
@@ -197,16 +197,9 @@ def _fwd_elementwise_kernel(
 ):
     """Elementwise forward: one program per (image, spatial tile), all K stages in registers (a
     runtime stage loop: the residual is carried, nothing is replayed)."""
-    pid = tl.program_id(0)
-    img = widen(pid // tiles_per_image, USE_INT64)
-    # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
-    valid_row = (valid_ptr, img * S)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
-    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_row, S, BLOCK_S,
-                                          HAS_MASK, USE_INT64)
-    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
-    mask_c = offs_c < C
+    img, (x_view, q_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
+        valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S, HAS_MASK, USE_INT64)
     chan = (offs_c, mask_c, C)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
@@ -260,17 +253,11 @@ def _bwd_elementwise_kernel(
     partials are stored. The residual is replayed from the input for every stage; the stages are
     unrolled, so the compiler shares the O(K^2) replay.
     """
-    pid = tl.program_id(0)
-    img = widen(pid // tiles_per_image, USE_INT64)
-    # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
-    valid_row = (valid_ptr, img * S)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
-    dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
-    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_row, S, BLOCK_S,
-                                          HAS_MASK, USE_INT64)
-    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
-    mask_c = offs_c < C
+    pid = tl.program_id(0)  # also the row of this program's parameter-gradient partials
+    img, (x_view, g_view, dx_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
+         (dx_ptr, stride_dxb, stride_dxc, stride_dxs)),
+        valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S, HAS_MASK, USE_INT64)
     chan = (offs_c, mask_c, C)
     inside = mask_c[:, None] & mask_s[None, :]
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)

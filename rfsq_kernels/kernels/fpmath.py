@@ -65,8 +65,10 @@ def div_small_int(n, d, inv_d, USE_LIBDEVICE: tl.constexpr):
 
 @triton.jit
 def div_rn(x, y):
-    """``x / y`` rounded to nearest (IEEE, ``div.rn.f32``), broadcasting like ``/``. For
-    per-channel or per-program values only: the per-element paths have no division."""
+    """``x / y`` rounded to nearest (IEEE, ``div.rn.f32``), broadcasting like ``/``. The strategy
+    kernels use it on per-channel or per-program values only (their per-element paths multiply by
+    reciprocals, or use :func:`div_small_int`); the vector-quantize-pytorch kernels divide per
+    element with ``tl.div_rn``, as the library divides."""
     x, y = tl.broadcast(x, y)
     return tl.div_rn(x, y)
 

@@ -22,7 +22,8 @@ Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 Gradients = Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]
 
 #: The kernel family modules by ``Strategy.kernel_family``; each has ``forward_outputs``,
-#: ``forward``, ``backward_outputs`` and ``backward`` with the signatures used below.
+#: ``forward`` and ``backward`` with the signatures used below (the backward's outputs are
+#: allocated the same way for every family: :func:`backward_outputs` here).
 FAMILIES = {"elementwise": elementwise, "layernorm": layernorm}
 
 

@@ -24,8 +24,8 @@ import triton.language as tl
 from . import config
 from .fpmath import as_f32, div_rn, recip_rn
 from .launch_settings import launch
-from .stages import (fsq_code, fsq_dcode, keep_only, load_active_stages, load_digit_range, load_levels, load_tile,
-                     masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, widen)
+from .stages import (fsq_code, fsq_dcode, image_prologue, keep_only, load_active_stages, load_digit_range, load_levels,
+                     load_tile, masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, tile_view)
 
 
 @triton.jit
@@ -172,15 +172,11 @@ def _fwd_layernorm_kernel(
     statistics count valid positions only (at least 1); with ``HAS_ACTIVE_STAGES`` stages
     ``k >= active_stages`` quantize nothing.
     """
-    img = widen(tl.program_id(0), USE_INT64)
-    # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
-    valid_row = (valid_ptr, img * S)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
-    stats = (mean_ptr, std_ptr, factor_ptr, img * K * C)
+    img, (x_view, q_view), valid_row, stat_start, offs_c, mask_c = image_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
+        valid_ptr, C, S, K, BLOCK_C, USE_INT64)
+    stats = (mean_ptr, std_ptr, factor_ptr, stat_start)
     affine = param_ptrs
-    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
-    mask_c = offs_c < C
     chan = (offs_c, mask_c, C)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
     digits = load_digit_range(consts_ptr, basis_ptr, offs_c, mask_c, C)
@@ -368,17 +364,13 @@ def _bwd_layernorm_kernel(
     float32 ``(B, C, S)`` scratch between stages. Parameter gradients go to per-image partials
     ``(B, K, C)``, reduced on the host.
     """
-    img = widen(tl.program_id(0), USE_INT64)
-    # Where this image starts in each tensor, computed once (docs/kernel-design.md, "Arguments").
-    valid_row = (valid_ptr, img * S)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
-    dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
-    stats = (mean_ptr, std_ptr, factor_ptr, img * K * C)
+    img, (x_view, g_view, dx_view), valid_row, stat_start, offs_c, mask_c = image_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
+         (dx_ptr, stride_dxb, stride_dxc, stride_dxs)),
+        valid_ptr, C, S, K, BLOCK_C, USE_INT64)
+    stats = (mean_ptr, std_ptr, factor_ptr, stat_start)
     affine = param_ptrs
     dparts = dparam_part_ptrs
-    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
-    mask_c = offs_c < C
     chan = (offs_c, mask_c, C)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
@@ -410,7 +402,7 @@ def _bwd_layernorm_kernel(
             dx = tl.where(mask, dx, 0.0)
         store_tile(dx_view, dx, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
     else:
-        scratch_view = (scratch_ptr, img * stride_scratch_b, S, 1)
+        scratch_view = tile_view(scratch_ptr, img, stride_scratch_b, S, 1)
         for k_rev in range(K):
             k = K - 1 - k_rev
             # Sweep 0 reduces the four per-channel sums of stage k over the image's chunks;

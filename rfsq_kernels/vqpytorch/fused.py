@@ -4,6 +4,10 @@
 Two ``torch.library.custom_op``s, ``rfsq_kernels::vq_rfsq_forward`` and
 ``rfsq_kernels::vq_rfsq_backward``, with fake implementations, so ``torch.compile`` sees one opaque
 node. The op's input is the tensor after ``project_in``; the projections stay ``nn.Linear``.
+
+Like :mod:`rfsq_kernels.fused` (:mod:`rfsq_kernels.autodiff`): forward-mode AD and ``torch.func``
+transforms run the op-for-op reference (:mod:`.reference`) instead, and double backward raises one
+clear error naming ``backend='reference'``.
 """
 from __future__ import annotations
 
@@ -12,8 +16,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..autodiff import forbid_double_backward, needs_reference_autodiff
 from ..kernels.vq import fsq as fsq_kernels
 from ..kernels.vq import residual_fsq as kernels
+from . import reference as ref
 
 __all__ = ["fsq_fused", "residual_fsq_fused"]
 
@@ -54,13 +60,19 @@ def _backward(ctx, grad_q, _grad_indices):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+forbid_double_backward(_backward_op, "ResidualFSQ kernels", "backend='reference'")
 
 
 def residual_fsq_fused(x: Tensor, levels: Sequence[int], scales: Tensor, clamp_value: Tensor,
                        num_active: Optional[int] = None, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """vector-quantize-pytorch's ResidualFSQ quantizer on ``x`` ``(B, N, C)`` (after ``project_in``),
     fused: ``(quantized in x's dtype, indices (B, N, K))``. ``num_active``: stages kept (quantize
-    dropout; -1 indices and int64 after it), ``mask`` ``(B, N)`` bool (True = quantize)."""
+    dropout; -1 indices and int64 after it), ``mask`` ``(B, N)`` bool (True = quantize).
+
+    Forward-mode AD and ``torch.func`` transforms run :func:`.reference.residual_fsq_core` (the
+    library's math: same values, straight-through derivatives); double backward raises."""
+    if needs_reference_autodiff(x, scales, clamp_value):
+        return _residual_fsq_reference(x, levels, scales, clamp_value, num_active, mask)
     active = None
     if num_active is not None:
         active = torch.full((x.shape[0],), int(num_active), dtype=torch.int32, device=x.device)
@@ -101,11 +113,29 @@ def _fsq_backward(ctx, grad, _grad_indices):
 
 
 _fsq_forward_op.register_autograd(_fsq_backward, setup_context=_fsq_setup_context)
+forbid_double_backward(_fsq_backward_op, "FSQ kernels", "backend='reference'")
 
 
 def fsq_fused(z: Tensor, levels: Sequence[int]) -> Tuple[Tensor, Tensor]:
     """The standalone FSQ's default bound (tanh, ``1.001``, atanh shift, round half to even) on
-    ``z`` ``(B, N, c, d)``, fused: ``(codes in z's dtype, indices (B, N, c))``."""
+    ``z`` ``(B, N, c, d)``, fused: ``(codes in z's dtype, indices (B, N, c))``. Forward-mode AD and
+    ``torch.func`` transforms run :func:`.reference.tanh_bound` (in float32, like the fused path);
+    double backward raises."""
+    if needs_reference_autodiff(z):
+        codes, digits = ref.tanh_bound(z.float(), ref.levels_tensor(levels, z.device), hard_clamp=False)
+        return codes.to(z.dtype), ref.pack_digits(digits, levels)
     B, N, c, d = z.shape
     codes, indices = torch.ops.rfsq_kernels.vq_fsq_forward(z.reshape(B, N * c, d), [int(v) for v in levels])
     return codes.reshape(B, N, c, d), indices.reshape(B, N, c)
+
+
+def _residual_fsq_reference(x: Tensor, levels: Sequence[int], scales: Tensor, clamp_value: Tensor,
+                            num_active: Optional[int], mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """:func:`residual_fsq_fused`'s outputs from the reference: ``quantized`` in ``x``'s dtype,
+    masked positions (``mask`` False) quantized to 0 with -1 indices, as the kernels write them."""
+    quantized, indices = ref.residual_fsq_core(x, levels, scales, clamp_value, num_active)
+    quantized = quantized.to(x.dtype)
+    if mask is not None:
+        quantized = torch.where(mask[..., None], quantized, 0.)
+        indices = torch.where(mask[..., None], indices, ref.SENTINEL)
+    return quantized, indices

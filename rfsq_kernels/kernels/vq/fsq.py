@@ -18,7 +18,7 @@ import triton.language as tl
 from .. import config
 from ..fpmath import round_half_even, tanh_f32
 from ..launch_settings import launch
-from ..stages import load_tile, spatial_lanes, store_tile, widen
+from ..stages import load_tile, store_tile, tile_prologue
 from .common import bcs_strides, load_row, one_minus_square, place_values, vq_index_dtype
 
 # Rows of the standalone FSQ's constant table (:func:`constant_table`).
@@ -43,14 +43,9 @@ def _fwd_vq_fsq_kernel(
 ):
     """FSQ forward: ``t = tanh(z + shift)``, ``b = t * half_l - offset``, ``code = rint(b) / (L//2)``
     (IEEE division), index packed exactly from ``rint(b) + L//2``."""
-    pid = tl.program_id(0)
-    img = widen(pid // tiles_per_image, USE_INT64)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
-    offs_s, mask_s, _valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, (None, 0), S, BLOCK_S,
-                                           False, USE_INT64)
-    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
-    mask_c = offs_c < C
+    img, (x_view, q_view), offs_c, mask_c, offs_s, mask_s, _valid = tile_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
+        None, C, S, tiles_per_image, BLOCK_C, BLOCK_S, False, USE_INT64)  # no padding mask
     half_l = load_row(consts_ptr, VQ_HALF_L_ROW, offs_c, mask_c, C, 0.0)
     offset = load_row(consts_ptr, VQ_OFFSET_ROW, offs_c, mask_c, C, 0.0)
     shift = load_row(consts_ptr, VQ_SHIFT_ROW, offs_c, mask_c, C, 0.0)
@@ -82,15 +77,10 @@ def _bwd_vq_fsq_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, USE_INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
     """FSQ backward (straight-through round): ``dz = ((g / (L//2)) * half_l) * (1 - t^2)``."""
-    pid = tl.program_id(0)
-    img = widen(pid // tiles_per_image, USE_INT64)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
-    dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
-    offs_s, mask_s, _valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, (None, 0), S, BLOCK_S,
-                                           False, USE_INT64)
-    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
-    mask_c = offs_c < C
+    img, (x_view, g_view, dx_view), offs_c, mask_c, offs_s, mask_s, _valid = tile_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
+         (dx_ptr, stride_dxb, stride_dxc, stride_dxs)),
+        None, C, S, tiles_per_image, BLOCK_C, BLOCK_S, False, USE_INT64)  # no padding mask
     half_l = load_row(consts_ptr, VQ_HALF_L_ROW, offs_c, mask_c, C, 0.0)
     shift = load_row(consts_ptr, VQ_SHIFT_ROW, offs_c, mask_c, C, 0.0)
     half_w = load_row(consts_ptr, VQ_HALF_W_ROW, offs_c, mask_c, C, 1.0)

@@ -7,7 +7,7 @@ fixed per-channel scale and hard-clamps onto a symmetric grid with ``floor``, an
 detached, so the backward is a sum of per-stage pass-through terms rather than a chain. Math,
 op for op: ``docs/semantics.md``, "vector-quantize-pytorch's ResidualFSQ".
 
-Arithmetic contract (issue #17): every division is IEEE (``tl.div_rn``) on the same float32
+Arithmetic contract (``docs/semantics.md``): every division is IEEE (``tl.div_rn``) on the same float32
 constants the library uses (``c``, ``scales``, ``a = 2/(L-1)``), launches pass
 ``enable_fp_fusion=False`` (``a*d - 1`` rounds twice, like torch), the soft clamp's derivative
 ``1 - t*t`` rounds once (an explicit fma, like ATen's ``tanh_backward``), and tanh is libdevice
@@ -25,7 +25,7 @@ import triton.language as tl
 from .. import config
 from ..fpmath import tanh_f32
 from ..launch_settings import launch
-from ..stages import keep_only, load_active_stages, load_tile, spatial_lanes, stage_keep, store_tile, widen
+from ..stages import keep_only, load_active_stages, load_tile, stage_keep, store_tile, tile_prologue
 from .common import bcs_strides, load_row, one_minus_square, place_values, vq_index_dtype
 
 # Rows of the per-channel constant table built by :func:`constant_table`.
@@ -92,16 +92,10 @@ def _fwd_vq_rfsq_kernel(
 ):
     """Forward: one program per (image, tile of positions), the K stages a runtime loop with the
     (detached) residual in registers; the output sums the stage outputs in stage order."""
-    pid = tl.program_id(0)
-    img = widen(pid // tiles_per_image, USE_INT64)
-    valid_row = (valid_ptr, img * S)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
-    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_row, S, BLOCK_S,
-                                          HAS_MASK, USE_INT64)
-    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
-    mask_c = offs_c < C
-    n_act = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
+    img, (x_view, q_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
+        valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S, HAS_MASK, USE_INT64)
+    active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     c = load_row(consts_ptr, VQ_CLAMP_ROW, offs_c, mask_c, C, 1.0)
     a = load_row(consts_ptr, VQ_STEP_ROW, offs_c, mask_c, C, 0.0)
     lm1 = load_row(consts_ptr, VQ_LM1_ROW, offs_c, mask_c, C, 0.0)
@@ -113,8 +107,8 @@ def _fwd_vq_rfsq_kernel(
     for k in range(K):
         s = tl.load(scales_ptr + k * C + offs_c, mask=mask_c, other=1.0)[:, None]
         q, d, _inside = vq_stage(r, s, a, lm1)
-        store_vq_index(index_rows, k, d, lm1, basis, stage_keep(valid, n_act, k, HAS_ACTIVE_STAGES))
-        q = keep_only(q, valid[None, :], n_act, k, HAS_MASK, HAS_ACTIVE_STAGES)
+        store_vq_index(index_rows, k, d, lm1, basis, stage_keep(valid, active_stages, k, HAS_ACTIVE_STAGES))
+        q = keep_only(q, valid[None, :], active_stages, k, HAS_MASK, HAS_ACTIVE_STAGES)
         acc = acc + q
         r = r - q
     store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
@@ -147,18 +141,12 @@ def _bwd_vq_rfsq_kernel(
     """Backward: the residual is detached, so ``dL/dy = sum_k [-1 < u_k < 1] * g*s_k*a/2*(L-1)/s_k``,
     each term rounded op by op like autograd and summed from the last stage back; then the soft
     clamp: ``dx = (dy * c) * (1 - t^2) / c``. A forward replay records which stages pass."""
-    pid = tl.program_id(0)
-    img = widen(pid // tiles_per_image, USE_INT64)
-    valid_row = (valid_ptr, img * S)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
-    dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
-    offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, valid_row, S, BLOCK_S,
-                                          HAS_MASK, USE_INT64)
-    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
-    mask_c = offs_c < C
+    img, (x_view, g_view, dx_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
+         (dx_ptr, stride_dxb, stride_dxc, stride_dxs)),
+        valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S, HAS_MASK, USE_INT64)
     mask = mask_c[:, None] & valid[None, :]
-    n_act = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
+    active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     c = load_row(consts_ptr, VQ_CLAMP_ROW, offs_c, mask_c, C, 1.0)
     a = load_row(consts_ptr, VQ_STEP_ROW, offs_c, mask_c, C, 0.0)
     lm1 = load_row(consts_ptr, VQ_LM1_ROW, offs_c, mask_c, C, 0.0)
@@ -168,7 +156,7 @@ def _bwd_vq_rfsq_kernel(
     for k in tl.static_range(K):
         s = tl.load(scales_ptr + k * C + offs_c, mask=mask_c, other=1.0)[:, None]
         q, _d, inside = vq_stage(r, s, a, lm1)
-        inside = inside & stage_keep(mask, n_act, k, HAS_ACTIVE_STAGES)
+        inside = inside & stage_keep(mask, active_stages, k, HAS_ACTIVE_STAGES)
         passing = passing | (inside.to(tl.int32) << k)
         r = r - q
     g = load_tile(g_view, offs_c, offs_s, mask)
@@ -225,22 +213,22 @@ def forward_outputs(x: torch.Tensor, levels: Sequence[int], stages: int, dropout
 
 
 def forward(x: torch.Tensor, levels: Sequence[int], scales: torch.Tensor, clamp_value: torch.Tensor,
-            mask: Optional[torch.Tensor] = None, active: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward on ``x`` ``(B, N, C)``: ``(quantized, indices)``; ``active`` ``(B,)`` int32
+            mask: Optional[torch.Tensor] = None, active_stages: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward on ``x`` ``(B, N, C)``: ``(quantized, indices)``; ``active_stages`` ``(B,)`` int32
     stage counts (quantize dropout, -1 indices for dropped stages), ``mask`` ``(B, N)`` bool."""
     K = scales.shape[0]
-    quantized, indices = forward_outputs(x, levels, K, active is not None)
+    quantized, indices = forward_outputs(x, levels, K, active_stages is not None)
     B, N, C = x.shape
     if B * N == 0:
         return quantized.zero_(), indices.zero_()
     consts, basis = constant_table(levels, clamp_value, x.device)
-    valid, counts = config.mask_and_active_stages(mask, active, B, N)
+    valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, N)
     offsets = (x, quantized, indices)
-    # 64-bit offsets spilled 8 B/thread on sm_90 (16-bit inputs, 8 channels) at 8 per thread: half tiles
-    tiles = config.elementwise_tiles(C, N, sparse=mask is not None or active is not None or config.needs_int64(*offsets))
+    # 64-bit offsets take the sparse (half) tiles, like masks: at full tiles ptxas spills (bench/NOTES.md)
+    tiles = config.elementwise_tiles(C, N, sparse=mask is not None or active_stages is not None or config.needs_int64(*offsets))
     tiles_per_image = triton.cdiv(N, tiles.block_s)
     launch(_fwd_vq_rfsq_kernel, (B * tiles_per_image,),
-           (x, quantized, indices, consts, scales.float().contiguous(), basis, valid, counts,
+           (x, quantized, indices, consts, scales.float().contiguous(), basis, valid, active_stages,
             C, N, tiles_per_image, *bcs_strides(x), *bcs_strides(quantized), K),
            tiles=tiles, tensors=offsets)
     return quantized, indices
@@ -248,7 +236,7 @@ def forward(x: torch.Tensor, levels: Sequence[int], scales: torch.Tensor, clamp_
 
 def backward(grad_q: torch.Tensor, x: torch.Tensor, levels: Sequence[int], scales: torch.Tensor,
              clamp_value: torch.Tensor, mask: Optional[torch.Tensor] = None,
-             active: Optional[torch.Tensor] = None) -> torch.Tensor:
+             active_stages: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fused backward: ``dL/dx`` ``(B, N, C)`` in ``x``'s dtype from ``dL/dquantized``."""
     K = scales.shape[0]
     grad_x = torch.empty_like(x)
@@ -256,11 +244,11 @@ def backward(grad_q: torch.Tensor, x: torch.Tensor, levels: Sequence[int], scale
     if B * N == 0:
         return grad_x.zero_()
     consts, _basis = constant_table(levels, clamp_value, x.device)
-    valid, counts = config.mask_and_active_stages(mask, active, B, N)
-    tiles = config.elementwise_tiles(C, N, sparse=mask is not None or active is not None)
+    valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, N)
+    tiles = config.elementwise_tiles(C, N, sparse=mask is not None or active_stages is not None)
     tiles_per_image = triton.cdiv(N, tiles.block_s)
     launch(_bwd_vq_rfsq_kernel, (B * tiles_per_image,),
-           (x, grad_q, grad_x, consts, scales.float().contiguous(), valid, counts,
+           (x, grad_q, grad_x, consts, scales.float().contiguous(), valid, active_stages,
             C, N, tiles_per_image, *bcs_strides(x), *bcs_strides(grad_q), *bcs_strides(grad_x)),
            tiles=tiles, tensors=(x, grad_q, grad_x), K=K)
     return grad_x
