@@ -92,7 +92,8 @@ def test_interrupted_run_is_continued(tmp_path):
 
     runs = str(tmp_path / "runs")
     d = run_dir(runs, "rfsq2-ln", 0, 4, 1)
-    scale = {"image_size": 32, "model_width": 4, "batch_size": 2, "no_lpips": True, "embedded_epoch_size": 4}
+    scale = {"image_size": 32, "model_width": 4, "batch_size": 2, "no_lpips": True, "embedded_epoch_size": 4,
+             "lpips_loss_weight": 0.0}  # the study's recipe: resuming with another one is refused
     assert train_main(train_argv("rfsq2-ln", 0, 4, d, scale, 1) + ["--stop-at-step", "2"]) == 0
     assert not os.path.exists(os.path.join(d, "results.json"))
     assert study.main(["--steps", "4", *TOY[2:], "--seeds", "0", "--folds", "1", "--only", "rfsq2-ln",
