@@ -16,6 +16,7 @@ from typing import List, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from rfsq_kernels.output_claim import claim_output
 from training.presets import PAPER_BITS, PAPER_TABLE1
 
 _ORDER = list(PAPER_TABLE1)
@@ -85,7 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=os.path.join("runs", "compare.md"),
                    help="Markdown file to write (default runs/compare.md)")
     args = p.parse_args(argv)
-    tmp = _claim_output(p, args.out)  # an unwritable --out is refused before anything is read
+    tmp = claim_output(p, "--out", args.out, make_dirs=True)  # an unwritable --out is refused before anything is read
     try:
         results = load_results(args.run_dirs)
         if not results:
@@ -101,26 +102,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             os.remove(tmp)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
-
-
-def _claim_output(p: argparse.ArgumentParser, path: str) -> str:
-    """Create --out's folder and the temp file the table goes to (renamed onto ``path`` at the end);
-    an unwritable ``path`` is an argparse error (exit 2) naming it and the cause."""
-    import tempfile
-
-    if os.path.isdir(path):
-        p.error(f"--out {path}: is a directory; give a file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    except OSError as e:
-        p.error(f"--out {path}: cannot write there ({e.strerror or e}); give a writable path")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the mode open(path, "w") would give, not mkstemp's 0600
-    return tmp
 
 
 if __name__ == "__main__":

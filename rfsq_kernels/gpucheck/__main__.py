@@ -11,10 +11,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures.process import BrokenProcessPool
 
+from ..output_claim import claim_output
 from .check import NO_SPILL_ARCHS, check, default_archs, load_plugins, run_parallel, summary_table
 
 
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     _check_plugins_and_strategies(p, args)
-    json_tmp = _claim_output(p, args.json) if args.json else None  # an unwritable --json fails now, not after the sweep
+    json_tmp = claim_output(p, "--json", args.json) if args.json else None  # an unwritable --json fails now, not after the sweep
     archs = list(dict.fromkeys(args.arch)) if args.arch else supported
     spill_archs = [a for a in archs if a in NO_SPILL_ARCHS]
     t0 = time.perf_counter()
@@ -108,23 +108,6 @@ def _check_plugins_and_strategies(p: argparse.ArgumentParser, args: argparse.Nam
         except (KeyError, ValueError):
             p.error(f"--strategy {name}: unknown strategy; choose from {' '.join([*STRATEGIES, VQ_RFSQ])} "
                     "(or one a --plugin registers)")
-
-
-def _claim_output(p: argparse.ArgumentParser, path: str) -> str:
-    """Create the temp file that the --json record is written to (renamed onto ``path`` at the end),
-    so that an unwritable ``path`` is an argparse error before the sweep; return its name."""
-    if os.path.isdir(path):
-        p.error(f"--json {path}: is a directory; give a file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    except OSError as e:
-        p.error(f"--json {path}: cannot write there ({e.strerror or e}); give a writable path")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the mode open(path, "w") would give, not mkstemp's 0600
-    return tmp
 
 
 def _discard(tmp) -> None:
