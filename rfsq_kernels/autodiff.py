@@ -4,7 +4,8 @@ and :mod:`rfsq_kernels.vqpytorch.fused`).
 The ops implement reverse mode only. Forward-mode AD and ``torch.func`` transforms go through
 the op's reference instead (:func:`needs_reference_autodiff`: same values and straight-through
 derivatives); differentiating a backward op (double backward) raises one clear error
-(:func:`forbid_double_backward`).
+(:func:`forbid_double_backward`). What the ops save for the backward goes through :func:`saveable`,
+so inputs made under ``torch.inference_mode()`` train too.
 """
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ def needs_reference_autodiff(*tensors: Optional[Tensor]) -> bool:
     if torch._C._are_functorch_transforms_active():
         return True
     return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def saveable(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` as autograd can save it: a tensor made under ``torch.inference_mode()`` cannot be saved
+    for backward, so it is copied (only then) into a normal tensor."""
+    return t.clone() if t is not None and t.is_inference() else t
 
 
 def forbid_double_backward(backward_op, kernels: str, instead: str) -> None:

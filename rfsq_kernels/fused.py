@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .autodiff import forbid_double_backward, needs_reference_autodiff
+from .autodiff import forbid_double_backward, needs_reference_autodiff, saveable
 from .backend import use_fused
 from .kernels.launch import backward_outputs, forward_outputs, rfsq_backward_launch, rfsq_forward_launch
 from .reference import check_eps, check_fsq_shift, check_levels, check_stages, get_strategy, rfsq_forward
@@ -98,18 +98,12 @@ def _backward_inputs(grad_q, z, params, mean, std, mask, active_stages, levels, 
     return params, mean, std
 
 
-def _saveable(t: Optional[Tensor]) -> Optional[Tensor]:
-    """``t`` as autograd can save it: a tensor made under ``torch.inference_mode()`` cannot be saved
-    for backward, so it is copied (only then) into a normal tensor."""
-    return t.clone() if t is not None and t.is_inference() else t
-
-
 def _setup_context(ctx, inputs, output) -> None:
     # Called only when grad mode is on and some input requires grad (torch.library's autograd glue):
     # z is then needed, since every parameter gradient replays the stages from z.
     z, params, mask, active_stages, levels, stages, strategy, _eps, fsq_shift = inputs
     _, indices, mean, std = output
-    ctx.save_for_backward(*(_saveable(t) for t in (z, mean, std, mask, active_stages, *params)))
+    ctx.save_for_backward(*(saveable(t) for t in (z, mean, std, mask, active_stages, *params)))
     ctx.levels, ctx.stages, ctx.strategy, ctx.fsq_shift = levels, stages, strategy, fsq_shift
     ctx.mark_non_differentiable(indices, mean, std)
 

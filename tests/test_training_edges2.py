@@ -228,6 +228,16 @@ def test_resume_with_changed_recipe_is_refused_naming_each_flag(tmp_path):
         train_mod.parse_args(["--allow-recipe-change"])  # only with --resume
 
 
+def test_changed_epoch_count_is_named_as_the_flag_given(tmp_path):
+    """A schedule changed through --max-train-epochs is reported under that flag (in total steps), not
+    under --max-steps, which the command did not give."""
+    out = tmp_path / "run"
+    assert train(out, "--max-train-epochs", "2", "--no-lpips", "--stop-at-step", "1") == 0
+    assert train(out, "--max-train-epochs", "3", "--no-lpips", "--resume") == 1
+    msg = [line for line in _log(out).splitlines() if "different recipe" in line][-1]
+    assert "--max-train-epochs (total steps): " in msg and "--max-steps" not in msg
+
+
 def test_allowed_recipe_change_is_applied_logged_and_recorded(tmp_path):
     import json
 

@@ -536,7 +536,9 @@ def check_recipe(run: Run, path: str, state: Dict) -> List[Dict]:
                if k in saved and saved[k] != getattr(args, k)]
     total0 = state.get("total_steps", saved.get("max_steps"))
     if total0 is not None and total0 != run.total_steps:
-        changes.append({"flag": "--max-steps", "old": total0, "new": run.total_steps})
+        # the schedule is compared in total steps; the label names the flag this command set it with
+        flag = "--max-steps" if args.max_steps is not None else "--max-train-epochs (total steps)"
+        changes.append({"flag": flag, "old": total0, "new": run.total_steps})
     if changes and not args.allow_recipe_change:
         listed = "; ".join(f"{c['flag']}: {c['old']} in the checkpoint, {c['new']} now" for c in changes)
         raise ValueError(f"{path} was trained with a different recipe: {listed}. Resume with the checkpoint's "

@@ -7,7 +7,9 @@ node. The op's input is the tensor after ``project_in``; the projections stay ``
 
 Like :mod:`rfsq_kernels.fused` (:mod:`rfsq_kernels.autodiff`): forward-mode AD and ``torch.func``
 transforms run the op-for-op reference (:mod:`.reference`) instead, and double backward raises one
-clear error naming ``backend='reference'``.
+clear error naming ``backend='reference'``. Every tensor the kernels read is checked inside the ops
+(:mod:`.op_boundary`), and what autograd saves goes through :func:`~rfsq_kernels.autodiff.saveable`
+(inputs made under ``torch.inference_mode()`` train).
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..autodiff import forbid_double_backward, needs_reference_autodiff
+from ..autodiff import forbid_double_backward, needs_reference_autodiff, saveable
 from ..kernels.vq import fsq as fsq_kernels
 from ..kernels.vq import residual_fsq as kernels
 from . import reference as ref
+from .op_boundary import check_residual_fsq_call, check_vq_grad, check_vq_input
 
 __all__ = ["fsq_fused", "residual_fsq_fused"]
 
@@ -27,28 +30,34 @@ __all__ = ["fsq_fused", "residual_fsq_fused"]
 @torch.library.custom_op("rfsq_kernels::vq_rfsq_forward", mutates_args=())
 def _forward_op(x: Tensor, scales: Tensor, clamp_value: Tensor, mask: Optional[Tensor], active: Optional[Tensor],
                 levels: List[int]) -> Tuple[Tensor, Tensor]:
+    check_residual_fsq_call(x, levels, scales, clamp_value, mask, active)
     return kernels.forward(x, levels, scales, clamp_value, mask, active)
 
 
 @_forward_op.register_fake
 def _forward_fake(x, scales, clamp_value, mask, active, levels):
+    check_residual_fsq_call(x, levels, scales, clamp_value, mask, active)
     return kernels.forward_outputs(x, levels, scales.shape[0], active is not None)
 
 
 @torch.library.custom_op("rfsq_kernels::vq_rfsq_backward", mutates_args=())
 def _backward_op(grad_q: Tensor, x: Tensor, scales: Tensor, clamp_value: Tensor, mask: Optional[Tensor],
                  active: Optional[Tensor], levels: List[int]) -> Tensor:
+    check_residual_fsq_call(x, levels, scales, clamp_value, mask, active)
+    check_vq_grad(grad_q, x)
     return kernels.backward(grad_q, x, levels, scales, clamp_value, mask, active)
 
 
 @_backward_op.register_fake
 def _backward_fake(grad_q, x, scales, clamp_value, mask, active, levels):
+    check_residual_fsq_call(x, levels, scales, clamp_value, mask, active)
+    check_vq_grad(grad_q, x)
     return torch.empty_like(x)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, scales, clamp_value, mask, active, levels = inputs
-    ctx.save_for_backward(x, scales, clamp_value, mask, active)
+    ctx.save_for_backward(*(saveable(t) for t in (x, scales, clamp_value, mask, active)))
     ctx.levels = levels
     ctx.mark_non_differentiable(output[1])
 
@@ -82,27 +91,33 @@ def residual_fsq_fused(x: Tensor, levels: Sequence[int], scales: Tensor, clamp_v
 
 @torch.library.custom_op("rfsq_kernels::vq_fsq_forward", mutates_args=())
 def _fsq_forward_op(x: Tensor, levels: List[int]) -> Tuple[Tensor, Tensor]:
+    check_vq_input(x, levels)
     return fsq_kernels.forward(x, levels)
 
 
 @_fsq_forward_op.register_fake
 def _fsq_forward_fake(x, levels):
+    check_vq_input(x, levels)
     return fsq_kernels.forward_outputs(x, levels)
 
 
 @torch.library.custom_op("rfsq_kernels::vq_fsq_backward", mutates_args=())
 def _fsq_backward_op(grad: Tensor, x: Tensor, levels: List[int]) -> Tensor:
+    check_vq_input(x, levels)
+    check_vq_grad(grad, x, name="grad")
     return fsq_kernels.backward(grad, x, levels)
 
 
 @_fsq_backward_op.register_fake
 def _fsq_backward_fake(grad, x, levels):
+    check_vq_input(x, levels)
+    check_vq_grad(grad, x, name="grad")
     return torch.empty_like(x)
 
 
 def _fsq_setup_context(ctx, inputs, output) -> None:
     x, levels = inputs
-    ctx.save_for_backward(x)
+    ctx.save_for_backward(saveable(x))
     ctx.levels = levels
     ctx.mark_non_differentiable(output[1])
 
@@ -124,6 +139,8 @@ def fsq_fused(z: Tensor, levels: Sequence[int]) -> Tuple[Tensor, Tensor]:
     if needs_reference_autodiff(z):
         codes, digits = ref.tanh_bound(z.float(), ref.levels_tensor(levels, z.device), hard_clamp=False)
         return codes.to(z.dtype), ref.pack_digits(digits, levels)
+    if not isinstance(z, Tensor) or z.dim() != 4:
+        raise ValueError(f"z must be a (B, N, codebooks, C) tensor, got shape {tuple(getattr(z, 'shape', ()))}")
     B, N, c, d = z.shape
     codes, indices = torch.ops.rfsq_kernels.vq_fsq_forward(z.reshape(B, N * c, d), [int(v) for v in levels])
     return codes.reshape(B, N, c, d), indices.reshape(B, N, c)
