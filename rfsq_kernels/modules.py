@@ -1,7 +1,7 @@
 """The public ``nn.Module``s: the reference modules plus dispatch to the fused kernels."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,30 +37,11 @@ class RFSQ(_ReferenceRFSQ):
             trained with it (:func:`rfsq_kernels.from_official`); both backends compute either.
     """
 
-    def __init__(
-        self,
-        stages: int = 2,
-        strategy: str = "layernorm",
-        levels: Optional[Sequence[int]] = None,
-        initial_scale: float = 1.0,
-        eps: float = 1e-5,
-        backend: str = "auto",
-        *,
-        dim: Optional[int] = None,
-        channel_first: bool = True,
-        quantize_dropout: bool = False,
-        quantize_dropout_cutoff_index: int = 0,
-        quantize_dropout_multiple_of: int = 1,
-        quantize_dropout_per_sample: bool = True,
-        projection_has_bias: bool = True,
-        fsq_shift: str = "atanh",
-    ):
-        super().__init__(stages=stages, strategy=strategy, levels=levels, initial_scale=initial_scale, eps=eps,
-                         dim=dim, channel_first=channel_first, quantize_dropout=quantize_dropout,
-                         quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
-                         quantize_dropout_multiple_of=quantize_dropout_multiple_of,
-                         quantize_dropout_per_sample=quantize_dropout_per_sample,
-                         projection_has_bias=projection_has_bias, fsq_shift=fsq_shift)
+    def __init__(self, stages: int = 2, strategy: str = "layernorm", levels: Optional[Sequence[int]] = None,
+                 initial_scale: float = 1.0, eps: float = 1e-5, backend: str = "auto", **options: Any):
+        # options: the reference module's keyword-only arguments (dim, channel_first, quantize_dropout*,
+        # projection_has_bias, fsq_shift), checked there, so a new one needs no change here
+        super().__init__(stages, strategy, levels, initial_scale, eps, **options)
         self.backend = check_backend(backend)
 
     def _run(self, z: torch.Tensor, num_stages: int, mask: Optional[torch.Tensor],
