@@ -19,7 +19,8 @@ from .codebook import (
 from .dropout import draw_active_stages
 from .fsq import FSQ, fsq_quantize, round_ste
 from .lfq import LFQ
-from .rfsq import RFSQ, rfsq_decode_stages, rfsq_forward
+from .rfsq import rfsq_decode_stages, rfsq_forward
+from .rfsq_module import RFSQ
 from .sentinel import SENTINEL, check_sentinel_layout, split_sentinel
 from .strategies import (
     KERNEL_FAMILIES,

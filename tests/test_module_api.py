@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-import rfsq_kernels.reference.rfsq as reference_rfsq
+import rfsq_kernels.reference.rfsq_module as reference_module
 from rfsq_kernels import FSQ, RFSQ
 from rfsq_kernels.kernels import config
 from rfsq_kernels.reference import STRATEGIES
@@ -15,13 +15,13 @@ from rfsq_kernels.testing import randomize_
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_channel_last_is_read_in_place_by_the_reference(strategy, seed, monkeypatch):
     seen = []
-    real = reference_rfsq.rfsq_forward
+    real = reference_module.rfsq_forward
 
     def spy(z, *args, **kwargs):
         seen.append(z)
         return real(z, *args, **kwargs)
 
-    monkeypatch.setattr(reference_rfsq, "rfsq_forward", spy)
+    monkeypatch.setattr(reference_module, "rfsq_forward", spy)
     first = randomize_(RFSQ(stages=2, strategy=strategy, backend="reference"))
     last = RFSQ(stages=2, strategy=strategy, backend="reference", channel_first=False)
     last.load_state_dict(first.state_dict())
