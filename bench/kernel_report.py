@@ -158,6 +158,13 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.1f}"
 
 
+def model_us(row: dict, nbytes: Dict[str, int], direction: str) -> float:
+    """The row's model time: the larger of its counted bytes at the copy bandwidth and its executed
+    instructions' time (``instr_us``); the instruction time alone when the bytes were not counted."""
+    counted = nbytes.get(f"{direction}_load", 0) + nbytes.get(f"{direction}_store", 0)
+    return max(counted / COPY_BYTES_PER_S * 1e6, row["instr_us"])
+
+
 def markdown(rows: List[dict], cases: List[Case], nbytes: Dict[str, Dict[str, int]], arch: int) -> str:
     """The report as one Markdown table (plus a header saying what it is and is not)."""
     head = (f"# Kernel report, sm_{arch} (static: compiled, not run)\n\n"
@@ -168,17 +175,19 @@ def markdown(rows: List[dict], cases: List[Case], nbytes: Dict[str, Dict[str, in
             f"= loads + stores counted in the Triton interpreter (no cache reuse assumed), MB; floor "
             f"= `bench.cases.floor_bytes` (fwd; bwd = fwdbwd - fwd). exec/elem = thread-instructions "
             f"the launch executes per input element (padded lanes included), a model: static SASS "
-            f"times the trip counts of the loops around each instruction (`executed_estimate`). Two "
-            f"models of time, neither measured: µs floor = floor bytes at "
+            f"times the trip counts of the loops around each instruction (`executed_estimate`). Three "
+            f"models of time, none measured: µs floor = floor bytes at "
             f"{COPY_BYTES_PER_S / 1e12:.1f} TB/s; µs instr = executed thread-instructions at "
             f"{THREAD_INSTR_PER_S / 1e12:.0f} T/s (SPEC 'Where the time goes': 132 SMs x 128 lanes x "
-            f"1.98 GHz) scaled by the share of SMs the grid can use (grid < SMs leaves SMs idle). "
+            f"1.98 GHz) scaled by the share of SMs the grid can use (grid < SMs leaves SMs idle); "
+            f"µs model = the larger of (MB ld + MB st) at {COPY_BYTES_PER_S / 1e12:.1f} TB/s and µs instr "
+            f"(the launch is bound by whichever it runs out of first; no cache reuse). "
             f"exec/lane = the same per tile lane (padded channels count: C=5 runs 8 lanes), all "
             f"stages. approx = approximate-math PTX instructions outside libdevice tanh (`div.full`, "
             f"`*.approx`; issue 17's contract: must be 0).\n\n")
     cols = ["case", "dir", "kernel", "path", "tile", "grid", "waves", "warps", "regs", "spill B",
             "smem B", "prog/SM", "occ", "SASS", "SASS/elem", "exec/elem", "exec/lane", "approx", "MB ld",
-            "MB st", "MB floor", "µs floor", "µs instr"]
+            "MB st", "MB floor", "µs floor", "µs instr", "µs model"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     by_name = {c.name: c for c in cases}
     for r in rows:
@@ -192,7 +201,7 @@ def markdown(rows: List[dict], cases: List[Case], nbytes: Dict[str, Dict[str, in
             f"{r['executed_per_elem']:.0f}", f"{r['executed_per_lane']:.0f}", str(r["approx"]),
             _mb(b.get(f"{d}_load", float("nan"))), _mb(b.get(f"{d}_store", float("nan"))), _mb(floor),
             f"{floor / COPY_BYTES_PER_S * 1e6:.1f}",
-            f"{r['instr_us']:.1f}"]) + " |")
+            f"{r['instr_us']:.1f}", f"{model_us(r, b, d):.1f}"]) + " |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -202,6 +211,8 @@ def main(argv=None) -> int:
     p.add_argument("--groups", nargs="*", default=None, help="case groups (default: all)")
     p.add_argument("--no-bytes", action="store_true", help="skip the interpreter byte count")
     p.add_argument("--bytes-json", default=None, help="reuse counts written by bench/kernel_bytes.py")
+    p.add_argument("--from-json", action="store_true",
+                   help="re-render the Markdown from the committed .json (no compile, no byte count)")
     p.add_argument("--family", choices=("rfsq", "vq_rfsq"), default="rfsq",
                    help="rfsq: the RFSQ strategies (kernels-sm<arch>); vq_rfsq: the vector-quantize-pytorch "
                         "ResidualFSQ kernels (kernels-vq-sm<arch>, no byte count)")
@@ -211,6 +222,13 @@ def main(argv=None) -> int:
         return 2
     vq = args.family == "vq_rfsq"
     cases = vq_cases(tiny=False, groups=args.groups) if vq else select_cases(tiny=False, groups=args.groups)
+    stem = RESULTS / (f"kernels-vq-sm{args.arch}" if vq else f"kernels-sm{args.arch}")
+    if args.from_json:
+        saved = json.loads(stem.with_suffix(".json").read_text())
+        md = markdown(saved["rows"], cases, saved["bytes"], args.arch)
+        stem.with_suffix(".md").write_text(md)
+        print(f"wrote {stem}.md from {stem}.json")
+        return 0
     rows = static_rows(cases, args.arch)
     if vq:
         nbytes = {}
@@ -219,7 +237,6 @@ def main(argv=None) -> int:
     else:
         nbytes = {} if args.no_bytes else count_bytes(args.groups)
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / (f"kernels-vq-sm{args.arch}" if vq else f"kernels-sm{args.arch}")
     md = markdown(rows, cases, nbytes, args.arch)
     stem.with_suffix(".md").write_text(md)
     stem.with_suffix(".json").write_text(json.dumps(

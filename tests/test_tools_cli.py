@@ -110,3 +110,15 @@ def test_compare_refuses_an_unwritable_out_before_reading(tmp_path, capsys):
     assert "Traceback" not in err and "not found" not in err  # refused before the run dirs were read
     assert compare.main([str(tmp_path / "missing_run"), "--out", str(tmp_path / "t.md")]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no temp file left behind
+
+
+def test_kernel_report_model_time_is_the_larger_of_bytes_and_instructions():
+    """bench/kernel_report.py's `µs model` column: bytes counted at the copy bandwidth or the
+    instruction time, whichever is larger; the instruction time alone without a byte count."""
+    from bench.kernel_report import COPY_BYTES_PER_S, model_us
+
+    row = {"instr_us": 10.0}
+    assert model_us(row, {"fwd_load": 3e6 * COPY_BYTES_PER_S / 1e12, "fwd_store": 0}, "fwd") == 10.0
+    assert model_us(row, {"bwd_load": 40e-6 * COPY_BYTES_PER_S, "bwd_store": 20e-6 * COPY_BYTES_PER_S},
+                    "bwd") == pytest.approx(60.0)
+    assert model_us(row, {}, "fwd") == 10.0
