@@ -335,6 +335,22 @@ def test_a_clone_with_records_continues_without_rerunning_them(grid, tmp_path, c
     assert not runs.exists() or not any((runs / "1steps").rglob("results.json"))
 
 
+def test_a_worker_that_saw_a_busy_run_is_not_counted_as_a_failed_run(grid, tmp_path, capsys, monkeypatch):
+    """With --jobs 2 the copy that ends first exits 1 (it saw this process still on a run): once every
+    run has its record, the grid has succeeded, and no run is reported as failed."""
+    _, results, _ = grid
+    _copy_records(results, tmp_path)
+
+    class EndedEarly:  # a worker whose exit code says "a run was still busy when I ended"
+        def wait(self):
+            return 1
+
+    monkeypatch.setattr(study, "_spawn_workers", lambda argv, n: [EndedEarly() for _ in range(n)])
+    assert study.main([*TOY, "--seeds", "0", "--folds", "0", "--only", "fsq22", "--length", "short", "--jobs", "2",
+                       "--root", str(tmp_path / "runs"), "--results-dir", str(tmp_path), "--no-report"]) == 0
+    assert "failed" not in capsys.readouterr().err
+
+
 def test_a_partial_run_keeps_every_committed_record(grid, tmp_path, capsys):
     """Running one more run on a clone rebuilds the report from every record, the committed ones included."""
     from training.study_records import covered, load_records

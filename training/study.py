@@ -165,10 +165,14 @@ def run_one(name: str, seed: int, steps: int, root: str, scale: dict, lpips_weig
         release_lock(out)
 
 
+#: set in the environment of the copies ``--jobs N`` starts, so their end-of-grid line says whose it is
+WORKER_ENV = "RFSQ_STUDY_WORKER"
+
+
 def _spawn_workers(argv: List[str], n: int) -> List[subprocess.Popen]:
     """``n`` more copies of this command (no report, one job each), sharing the grid through the locks."""
     cmd = [sys.executable, "-m", "training.study", *argv, "--jobs", "1", "--no-report"]
-    return [subprocess.Popen(cmd) for _ in range(n)]
+    return [subprocess.Popen(cmd, env={**os.environ, WORKER_ENV: "1"}) for _ in range(n)]
 
 
 def _without_jobs(argv: List[str]) -> List[str]:
@@ -272,13 +276,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                     w.terminate()
                 return 130
         for w in workers:
-            failed += w.wait() != 0
-        # runs another copy held while this one passed them: finished now, or still busy
+            # a worker's exit code is not a run count (it exits 1 when it saw this process still busy
+            # on a run): the records, checked once every worker is done, say what did not finish
+            w.wait()
+        # runs another copy held while this one passed them: finished now, or still busy (or failed)
         busy = [r for r in runs if not os.path.isfile(record_path(records, r[6], r[0], r[1], r[2], r[3]))]
         _log(args.root, f"end after {time.time() - t_start:.0f} s, {len(busy)} run(s) unfinished")
         if failed or busy:
-            print(f"{failed} run(s) failed, {len(busy)} not finished (held by another process or failed): "
-                  "run the same command again to continue", file=sys.stderr)
+            role = "this worker: " if os.environ.get(WORKER_ENV) else ""
+            print(f"{role}{failed} run(s) failed here, {len(busy)} without a record (failed, or still running in "
+                  "another process): run the same command again to continue", file=sys.stderr)
             failed = failed or len(busy)
     if args.report or not args.no_report:
         from training.study_report import write_report
