@@ -405,3 +405,27 @@ def test_commit_lands_each_record(grid, tmp_path):
     assert files == ["records/main/1steps/fold0/fsq22-seed0.json"]
     status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
     assert "A  other.txt" in status
+
+
+def test_loss_check_compares_each_pair_under_both_losses():
+    """The report's loss-check section: a pair whose ordering holds under both losses is 'yes', one
+    that the paper's loss reverses is '**no**', and each configuration's paper − L1 change is shown
+    with its sign (synthetic per-photo values with known differences)."""
+    from training.study_report import loss_check
+
+    rng = np.random.default_rng(0)
+    photos = [f"p{i}" for i in range(6)]
+
+    def runs(psnr_offset, lpips_offset):
+        return [{"seed": s, "photos": {p: {"psnr": 20 + psnr_offset + rng.normal(0, 0.01), "l1": 0.3,
+                                           "lpips": 0.4 + lpips_offset + rng.normal(0, 0.001)} for p in photos}}
+                for s in range(3)]
+
+    l1 = {250: {"fsq22": runs(0, 0), "rfsq2-ln": runs(1, -0.05)}}
+    paper = {250: {"fsq22": runs(-1, -0.1), "rfsq2-ln": runs(-2, -0.2)}}
+    text = "\n".join(loss_check({"loss check, l1": l1, "loss check, paper": paper}))
+    row = next(line for line in text.splitlines() if line.startswith("| 250 | fsq22 | rfsq2-ln |"))
+    assert "worse" in row.split("|")[5] and "better" in row.split("|")[6] and row.endswith("**no** |")
+    change = next(line for line in text.splitlines() if line.startswith("| 250 | rfsq2-ln | 3 × 6 |"))
+    assert change.split("|")[4].strip().startswith("-3.0") and "worse" in change.split("|")[4]
+    assert loss_check({"loss check, l1": l1}) == []  # nothing until both losses have runs

@@ -216,6 +216,7 @@ def markdown(data: Data, extra: Optional[Dict[str, Data]] = None) -> str:
                      f"{_fmt_cmp(c['real_bits_per_token'], 2)} | {c['at_real_rate']} | {'**yes**' if c['changes'] else ''} |")
     lines.append("")
     lines += length_check(data)
+    lines += loss_check(extra or {})
     return "\n".join(lines)
 
 
@@ -236,6 +237,50 @@ def length_check(data: Data) -> List[str]:
                     if cp:
                         lines.append(f"| {steps} | {a} | {b} | {cp['seeds']} × {cp['photos']} | {_fmt_cmp(cp, 2)} | "
                                      f"{_fmt_cmp(cl, 4)} |")
+    lines.append("")
+    return lines
+
+
+def loss_check(extra: Dict[str, Data]) -> List[str]:
+    """The loss check's verdicts: each pair of main configurations under the study's L1 loss and under
+    the paper's L1 + LPIPS (same seeds, steps and held-out photos), and each configuration's change
+    from one loss to the other. Empty until both groups have runs."""
+    l1, paper = extra.get("loss check, l1"), extra.get("loss check, paper")
+    if not l1 or not paper:
+        return []
+    lines = ["## Loss check (the study's L1 vs the paper's L1 + LPIPS; main configurations, fold 0)\n",
+             "Does the training loss change the comparisons? *same verdicts*: the PSNR and the LPIPS verdicts "
+             "agree under both losses.\n",
+             "| steps | A | B | cells L1 / paper | ΔPSNR dB, L1 | ΔPSNR dB, paper | ΔLPIPS, L1 | ΔLPIPS, paper | "
+             "same verdicts |", "|---|---|---|---|---|---|---|---|---|"]
+    for steps in sorted(set(l1) & set(paper)):
+        for i, a in enumerate(MAIN):
+            for b in MAIN[i + 1:]:
+                got = []
+                for group in (l1, paper):
+                    by = group[steps]
+                    if a not in by or b not in by:
+                        break
+                    got.append({k: compare(cells(by[a], k), cells(by[b], k), HIGHER_IS_BETTER[k])
+                                for k in ("psnr", "lpips")})
+                if len(got) < 2 or not all(g["psnr"] for g in got):
+                    continue
+                same = all(got[0][k] and got[1][k] and got[0][k]["verdict"] == got[1][k]["verdict"]
+                           for k in ("psnr", "lpips"))
+                lines.append(f"| {steps} | {a} | {b} | {got[0]['psnr']['seeds']}×{got[0]['psnr']['photos']} / "
+                             f"{got[1]['psnr']['seeds']}×{got[1]['psnr']['photos']} | {_fmt_cmp(got[0]['psnr'], 2)} | "
+                             f"{_fmt_cmp(got[1]['psnr'], 2)} | {_fmt_cmp(got[0]['lpips'], 4)} | "
+                             f"{_fmt_cmp(got[1]['lpips'], 4)} | {'yes' if same else '**no**'} |")
+    lines += ["", "Paper's loss − L1 loss, per configuration (paired by seed and photo):\n",
+              "| steps | config | cells | ΔPSNR dB | ΔLPIPS | ΔL1 |", "|---|---|---|---|---|---|"]
+    for steps in sorted(set(l1) & set(paper)):
+        for name in MAIN:
+            if name in l1[steps] and name in paper[steps]:
+                c = {k: compare(cells(paper[steps][name], k), cells(l1[steps][name], k), HIGHER_IS_BETTER[k])
+                     for k in ("psnr", "lpips", "l1")}
+                if c["psnr"]:
+                    lines.append(f"| {steps} | {name} | {c['psnr']['seeds']} × {c['psnr']['photos']} | "
+                                 f"{_fmt_cmp(c['psnr'], 2)} | {_fmt_cmp(c['lpips'], 4)} | {_fmt_cmp(c['l1'], 4)} |")
     lines.append("")
     return lines
 
