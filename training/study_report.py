@@ -378,7 +378,7 @@ def plot_residual_decay(data: Data, path: str) -> Optional[str]:
 def plot_reconstructions(data: Data, path: str, names: Sequence[str] = ("fsq22", "rfsq2-none", "rfsq2-ln",
                                                                          "rfsq4-ln", "lucid4", "fsq40")) -> Optional[str]:
     """Centre and side tiles of fold 0's held-out photos above the reconstructions of the lowest seed
-    on fold 0 (shortest run length) of the main methods."""
+    on fold 0 of the main methods, at the run length with the most of their checkpoints here."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -387,13 +387,20 @@ def plot_reconstructions(data: Data, path: str, names: Sequence[str] = ("fsq22",
 
     from training.evaluate import heldout_photos, load_run, reconstruct
 
-    steps = next(iter(data), None)
-    chosen = []
-    for name in names:
-        runs = sorted((r for r in (data[steps].get(name, []) if steps else []) if r["fold"] == 0 and r["run_dir"]),
-                      key=lambda r: r["seed"])
-        if runs:
-            chosen.append((name, runs[0]["run_dir"]))
+    def pick(steps):
+        chosen = []
+        for name in names:
+            runs = sorted((r for r in data[steps].get(name, []) if r["fold"] == 0 and r["run_dir"]),
+                          key=lambda r: r["seed"])
+            if runs:
+                chosen.append((name, runs[0]["run_dir"]))
+        return chosen
+
+    # the run length with the most of these configurations' checkpoints on this machine (a clone has
+    # only what ran on it), the shortest of equals
+    options = [(len(pick(st)), -i, st) for i, st in enumerate(data)]
+    _, _, steps = max(options, default=(0, 0, None))
+    chosen = pick(steps) if steps is not None else []
     if not chosen:  # no run directory on this machine: the committed picture stays
         return None
     _, cfg = load_run(chosen[0][1])
