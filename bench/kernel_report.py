@@ -80,11 +80,12 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
         tile = consts["BLOCK_C"] * consts["BLOCK_S"]
         case = by_name[row["case"]]
         chunks = math.ceil(math.prod(case.shape[2:]) / consts["BLOCK_S"])
-        executed = executed_estimate(n_sass, loops, _path(consts), row["direction"], case.stages, chunks)
+        path = _path(consts, launch.kernel)
+        executed = executed_estimate(n_sass, loops, path, row["direction"], case.stages, chunks, consts["BLOCK_C"])
         programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
         occ = occupancy(arch, launch.num_warps, res.registers, res.shared_bytes)
         out.append(dict(
-            row, kernel=launch.kernel.strip("_"), path=_path(consts),
+            row, kernel=launch.kernel.strip("_"), path=path,
             grid=programs, waves=programs / (SM_COUNT[arch] * max(occ["programs_per_sm"], 1)),
             num_warps=launch.num_warps, tile=f"{consts['BLOCK_C']}x{consts['BLOCK_S']}",
             elems_per_thread=tile / (32 * launch.num_warps), registers=res.registers,
@@ -102,12 +103,14 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
     return out
 
 
-def executed_estimate(n_sass: int, loops, path: str, direction: str, stages: int, chunks: int) -> float:
+def executed_estimate(n_sass: int, loops, path: str, direction: str, stages: int, chunks: int,
+                      channels: int = 1) -> float:
     """Instructions one thread executes (a model): every SASS instruction once, times the trip
     counts of the loops around it. Loops are recognised by their nesting, which follows the
     kernels' source: the stage loop runs K times, a chunk loop ``chunks`` times, a replay loop
     (K-1)/2 times on average; the chunked forward's second outer loop is its output pass over
-    chunks with the stage loop inside. Branches inside loops (libdevice tanh's rare path) are
+    chunks with the stage loop inside; the channel-row backward's loop runs over its ``channels``
+    rows (its stages are unrolled). Branches inside loops (libdevice tanh's rare path) are
     counted as taken, so this overestimates slightly."""
     replay = (stages - 1) / 2
     outer = [l for l in loops if not any(o != l and o[0] <= l[0] and l[1] <= o[1] for o in loops)]
@@ -115,7 +118,7 @@ def executed_estimate(n_sass: int, loops, path: str, direction: str, stages: int
     def trips(loop, depth, top_index):
         if path == "chunked" and direction == "forward" and top_index > 0:
             return (chunks, stages)[min(depth, 1)]          # output pass: chunks, then stages
-        table = {"tiled": (stages,), "single": (stages, replay),
+        table = {"tiled": (stages,), "rows-backward": (channels,), "single": (stages, replay),
                  "chunked": (stages, chunks, replay)}[path]
         return table[min(depth, len(table) - 1)]
 
@@ -135,11 +138,12 @@ def executed_estimate(n_sass: int, loops, path: str, direction: str, stages: int
     return sum(weight)
 
 
-def _path(consts: dict) -> str:
-    """single / chunked (layernorm) or tiled (none/scale: one program per image tile)."""
+def _path(consts: dict, kernel: str = "") -> str:
+    """single / chunked (layernorm), tiled (none/scale: one program per image tile) or
+    rows-backward (the channel-row backward, a loop over the rows)."""
     if "ONE_TILE" in consts:
         return "single" if consts["ONE_TILE"] else "chunked"
-    return "tiled"
+    return "rows-backward" if kernel.strip("_") == "bwd_elementwise_rows_kernel" else "tiled"
 
 
 def count_bytes(groups) -> Dict[str, Dict[str, int]]:

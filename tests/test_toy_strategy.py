@@ -17,6 +17,7 @@ from fused_helpers import compare, run_both
 from numpy_rfsq import draw_clear_of_boundaries
 from rfsq_kernels import RFSQ
 from rfsq_kernels.fused import rfsq_fused
+from rfsq_kernels.kernels import config
 from rfsq_kernels.reference import STRATEGY_TABLE, get_strategy, rfsq_forward
 from rfsq_kernels.testing import random_strategy_params, randomize_
 
@@ -51,8 +52,12 @@ def test_module_matches_the_float64_oracle_and_decodes_exactly(seed, toy):
     assert m.offset.grad is not None and m.offset.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("rows", [False, True], ids=["tiles", "rows"])
 @pytest.mark.parametrize("sparse", [False, True], ids=["plain", "mask+counts"])
-def test_fused_matches_reference(seed, toy, sparse):
+def test_fused_matches_reference(seed, toy, monkeypatch, sparse, rows):
+    """Also through the channel-row kernels (``config.ELEMENTWISE_ROWS``), whose backward gives
+    the toy stage its parameter pointers (the default ``row_params`` / ``row_forward``)."""
+    monkeypatch.setattr(config, "ELEMENTWISE_ROWS", rows)
     stages = 3
     params = random_strategy_params(toy, stages, len(LEVELS))
     mask = active_stages = None

@@ -86,9 +86,9 @@ def offset_grads_store(parts, dparam_part_ptrs, pid, K, stage_ids, chan):
 
 
 @triton.jit
-def offset_row_grads_init():
-    """Channel-row kernels: one stage's sum of ``dL/do`` terms starts as 0."""
-    return 0.0
+def offset_row_grads_init(BLOCK_S: tl.constexpr):
+    """Channel-row kernels: one stage's ``[BLOCK_S]`` sum of ``dL/do`` terms starts as 0."""
+    return tl.zeros([BLOCK_S], dtype=tl.float32)
 
 
 @triton.jit
@@ -98,7 +98,7 @@ def offset_row_vjp(v, r, q, dcode, o, k):
 
 
 @triton.jit
-def offset_row_grads_store(parts, param_ptrs, dparam_part_ptrs, pid, K: tl.constexpr, valid):
+def offset_row_grads_store(parts, stage_params, dparam_part_ptrs, pid, K: tl.constexpr, valid):
     """Channel-row kernels: row ``pid`` of the ``(programs, K)`` partials of ``dL/do``."""
     (doffset_part_ptr,) = dparam_part_ptrs
     for k in tl.static_range(K):

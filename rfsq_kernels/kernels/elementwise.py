@@ -66,7 +66,13 @@ def scale_stage(r, k, param_ptrs, chan, fsq, USE_LIBDEVICE: tl.constexpr):
     ``torch.reciprocal``, so no element is divided. ``saved = 1 / a``."""
     (scale_ptr,) = param_ptrs
     a = tl.load(scale_ptr + k).to(tl.float32)
-    inv_a = recip_rn(a)
+    return scale_math(r, (a, recip_rn(a)), fsq, USE_LIBDEVICE)
+
+
+@triton.jit
+def scale_math(r, scale, fsq, USE_LIBDEVICE: tl.constexpr):
+    """The scale stage on its values ``scale = (a, 1 / a)``: ``q = FSQ(a * r) * (1 / a)``."""
+    a, inv_a = scale
     code, t, rounded = fsq_code(a * r, fsq, USE_LIBDEVICE)
     return code * inv_a, t, rounded, inv_a
 
@@ -95,7 +101,35 @@ def scale_grads_store(parts, dparam_part_ptrs, pid, K, stage_ids, chan):
 
 
 @triton.jit
-def no_row_grads_init():
+def per_stage_pointers(param_ptrs, K: tl.constexpr):
+    """Default ``row_params``: every stage gets the parameter pointers (its ``forward`` loads)."""
+    out = ()
+    for k in tl.static_range(K):
+        out = out + (param_ptrs,)
+    return out
+
+
+@triton.jit
+def scale_row_params(param_ptrs, K: tl.constexpr):
+    """``(a_k, 1 / a_k)`` of every stage, loaded and divided once per program: inside the unrolled
+    row loop the compiler reloaded ``a_k`` and redid the ``div.rn`` per row and replayed stage,
+    and the live values around those slow-path calls spilled (bench/NOTES.md)."""
+    (scale_ptr,) = param_ptrs
+    out = ()
+    for k in tl.static_range(K):
+        a = tl.load(scale_ptr + k).to(tl.float32)
+        out = out + ((a, recip_rn(a)),)
+    return out
+
+
+@triton.jit
+def scale_row_stage(r, k, scale, chan, fsq, USE_LIBDEVICE: tl.constexpr):
+    """``scale_stage`` on the hoisted ``scale = (a_k, 1 / a_k)`` (``scale_row_params``)."""
+    return scale_math(r, scale, fsq, USE_LIBDEVICE)
+
+
+@triton.jit
+def no_row_grads_init(BLOCK_S: tl.constexpr):
     """No parameters: a constant the compiler drops."""
     return 0.0
 
@@ -107,15 +141,16 @@ def none_row_vjp(v, r, q, dcode, saved, k):
 
 
 @triton.jit
-def no_row_grads_store(parts, param_ptrs, dparam_part_ptrs, pid, K: tl.constexpr, valid):
+def no_row_grads_store(parts, stage_params, dparam_part_ptrs, pid, K: tl.constexpr, valid):
     """Nothing to store."""
     pass
 
 
 @triton.jit
-def scale_row_grads_init():
-    """One stage's ``[BLOCK_S]`` sum of terms starts as 0 (broadcast on the first add)."""
-    return 0.0
+def scale_row_grads_init(BLOCK_S: tl.constexpr):
+    """One stage's ``[BLOCK_S]`` sum of terms starts as 0 (a tensor: it is carried through the
+    backward's channel loop)."""
+    return tl.zeros([BLOCK_S], dtype=tl.float32)
 
 
 @triton.jit
@@ -125,13 +160,12 @@ def scale_row_vjp(v, r, q, dcode, inv_a, k):
 
 
 @triton.jit
-def scale_row_grads_store(parts, param_ptrs, dparam_part_ptrs, pid, K: tl.constexpr, valid):
+def scale_row_grads_store(parts, stage_params, dparam_part_ptrs, pid, K: tl.constexpr, valid):
     """Row ``pid`` of the ``(programs, K)`` partials of ``dL/da``: each stage's terms summed over
     the tile's valid positions, times ``1 / a_k``."""
-    (scale_ptr,) = param_ptrs
     (dscale_part_ptr,) = dparam_part_ptrs
     for k in tl.static_range(K):
-        inv_a = recip_rn(tl.load(scale_ptr + k).to(tl.float32))
+        _a, inv_a = stage_params[k]
         tl.store(dscale_part_ptr + pid * K + k, tl.sum(tl.where(valid, parts[k], 0.0), axis=0) * inv_a)
 
 
@@ -146,6 +180,8 @@ class ElementwiseStage(NamedTuple):
     row_grads_init: object = None
     row_vjp: object = None
     row_grads_store: object = None
+    row_params: object = per_stage_pointers  # (param_ptrs, K) -> per-stage values, once per program
+    row_forward: object = None                # forward on one row_params entry; None: ``forward``
 
 
 #: The elementwise family's stage of each strategy, by strategy name. A new elementwise strategy
@@ -154,7 +190,8 @@ STAGES: Dict[str, ElementwiseStage] = {
     "none": ElementwiseStage(none_stage, no_grads_init, none_vjp, no_grads_store,
                              no_row_grads_init, none_row_vjp, no_row_grads_store),
     "scale": ElementwiseStage(scale_stage, scale_grads_init, scale_vjp, scale_grads_store,
-                              scale_row_grads_init, scale_row_vjp, scale_row_grads_store),
+                              scale_row_grads_init, scale_row_vjp, scale_row_grads_store,
+                              scale_row_params, scale_row_stage),
 }
 
 
@@ -285,24 +322,30 @@ def _bwd_elementwise_kernel(
 # The row kernels' program is ``C`` rows (one 1-D ``[BLOCK_S]`` vector per channel, unrolled over
 # the exact ``C``) by ``BLOCK_S`` positions, warps along the positions (docs/kernel-design.md,
 # "Channels inside a thread"): the index packing is thread-local and no lane runs for a padded
-# channel. They call the stage's ``forward`` on one row (``chan = (c, C)``, ``fsq`` that
-# channel's scalars) and its row-gradient functions:
-#   row_grads_init() -> the accumulator of one stage's per-position parameter-gradient terms
+# channel. The forward calls the stage's ``forward`` on one row (``chan = (c, C)``, ``fsq`` that
+# channel's scalars); the backward, whose stages are unrolled, uses the row functions:
+#   row_params(param_ptrs, K) -> stage_params: a K-tuple of what each stage needs from the
+#       parameters, computed once per program before the row loop (default: the pointers)
+#   row_forward(r, k, stage_params[k], chan, fsq, USE_LIBDEVICE) -> like ``forward`` (default:
+#       ``forward`` itself, which then receives the pointers)
+#   row_grads_init(BLOCK_S) -> the accumulator of one stage's per-position parameter-gradient
+#       terms (carried through the backward's runtime channel loop: a [BLOCK_S] tensor, or a
+#       constant that never changes)
 #   row_vjp(v, r, q, dcode, saved, k) -> (dq/dr, term): the row's per-position term of the
 #       stage's parameter gradients, added over the channels in the thread
-#   row_grads_store(parts, param_ptrs, dparam_part_ptrs, pid, K, valid): this program's partials
+#   row_grads_store(parts, stage_params, dparam_part_ptrs, pid, K, valid): this program's partials
 #       from ``parts``, the tuple of every stage's summed terms (reduced over positions once)
 # Parameters are per stage (the terms of all channels and positions add up).
 
 
 @triton.jit
-def row_replay(x, param_ptrs, chan, fsq, valid, active_stages, NSTAGES: tl.constexpr, STAGE: tl.constexpr,
+def row_replay(x, stage_params, chan, fsq, valid, active_stages, NSTAGES: tl.constexpr, STAGE: tl.constexpr,
                HAS_MASK: tl.constexpr, HAS_ACTIVE_STAGES: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """Residual ``r_NSTAGES`` of one channel row recomputed from its input ``x`` (unrolled;
     positions and stages the forward skipped subtract nothing)."""
     r = x
     for j in tl.static_range(NSTAGES):
-        q, _t, _rounded, _saved = STAGE(r, j, param_ptrs, chan, fsq, USE_LIBDEVICE)
+        q, _t, _rounded, _saved = STAGE(r, j, stage_params[j], chan, fsq, USE_LIBDEVICE)
         r = r - keep_only(q, valid, active_stages, j, HAS_MASK, HAS_ACTIVE_STAGES)
     return r
 
@@ -396,7 +439,8 @@ def _bwd_elementwise_rows_kernel(
     stride_gb, stride_gc, stride_gs,     # dL/dquantized's strides
     stride_dxb, stride_dxc, stride_dxs,  # dL/dz's strides
     K: tl.constexpr,                  # stages (unrolled: the replay is shared between them)
-    STAGE: tl.constexpr,              # the strategy's stage forward (STAGES[strategy].forward, replayed)
+    STAGE: tl.constexpr,              # the strategy's row stage forward (.row_forward, replayed)
+    STAGE_PARAMS: tl.constexpr,       # its per-stage values from the parameters (.row_params)
     STAGE_GRADS_INIT: tl.constexpr,   # its parameter-gradient term accumulator (.row_grads_init)
     STAGE_VJP: tl.constexpr,          # its vector-Jacobian product (.row_vjp)
     STAGE_GRADS_STORE: tl.constexpr,  # stores this program's parameter-gradient partials (.row_grads_store)
@@ -422,26 +466,31 @@ def _bwd_elementwise_rows_kernel(
     g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
     dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
+    stage_params = STAGE_PARAMS(param_ptrs, K)
     parts = ()
     for k in tl.static_range(K):
-        parts = parts + (STAGE_GRADS_INIT(),)
-    for c in tl.static_range(BLOCK_C):
+        parts = parts + (STAGE_GRADS_INIT(BLOCK_S),)
+    # A runtime channel loop, not unrolled: unrolled, the compiler deferred every row's
+    # parameter-gradient terms to the end of the kernel (they are only read after the last row),
+    # keeping all rows' replayed stages live at once, and spilled. A loop iteration must finish
+    # its row's terms. The sum over the rows runs in the same order either way.
+    for c in range(BLOCK_C):
         chan = (c, BLOCK_C)
         fsq = load_channel_levels(consts_ptr, c, BLOCK_C)
         x = load_row(x_view, c, offs_s, valid)
         g = load_row(g_view, c, offs_s, valid)
         G = tl.zeros([BLOCK_S], dtype=tl.float32)
         for k in tl.static_range(K - 1, -1, -1):
-            r = row_replay(x, param_ptrs, chan, fsq, valid, active_stages, k, STAGE, HAS_MASK, HAS_ACTIVE_STAGES,
+            r = row_replay(x, stage_params, chan, fsq, valid, active_stages, k, STAGE, HAS_MASK, HAS_ACTIVE_STAGES,
                            USE_LIBDEVICE)
-            q, t, _rounded, saved = STAGE(r, k, param_ptrs, chan, fsq, USE_LIBDEVICE)
+            q, t, _rounded, saved = STAGE(r, k, stage_params[k], chan, fsq, USE_LIBDEVICE)
             dcode = fsq_dcode(t, fsq)
             v = tl.where(stage_keep(valid, active_stages, k, HAS_ACTIVE_STAGES), g - G, 0.0)
             dq_dr, term = STAGE_VJP(v, r, q, dcode, saved, k)
             parts = replace_at(parts, k, parts[k] + term, K)
             G = G + v * dq_dr
         store_row(dx_view, G, c, offs_s, mask_s)
-    STAGE_GRADS_STORE(parts, param_ptrs, dparam_part_ptrs, pid, K, valid)
+    STAGE_GRADS_STORE(parts, stage_params, dparam_part_ptrs, pid, K, valid)
 
 
 def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, ...]:
@@ -496,13 +545,15 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     stage = STAGES[strategy]
     if rows:
         kernel, channels = _bwd_elementwise_rows_kernel, ()
-        grads = dict(STAGE_GRADS_INIT=stage.row_grads_init, STAGE_VJP=stage.row_vjp,
+        grads = dict(STAGE=stage.row_forward or stage.forward, STAGE_PARAMS=stage.row_params,
+                     STAGE_GRADS_INIT=stage.row_grads_init, STAGE_VJP=stage.row_vjp,
                      STAGE_GRADS_STORE=stage.row_grads_store)
     else:
         kernel, channels = _bwd_elementwise_kernel, (C,)
-        grads = dict(STAGE_GRADS_INIT=stage.grads_init, STAGE_VJP=stage.vjp, STAGE_GRADS_STORE=stage.grads_store)
+        grads = dict(STAGE=stage.forward, STAGE_GRADS_INIT=stage.grads_init, STAGE_VJP=stage.vjp,
+                     STAGE_GRADS_STORE=stage.grads_store)
     launch(kernel, (programs,),
            (x, g, grad_z, params, parts, consts, valid, active_stages,
             *channels, S, tiles_per_image, *x_strides, *g_strides, *config.flat_strides(grad_z)),
-           tiles=tiles, tensors=(x, g, grad_z), K=stages, STAGE=stage.forward, **grads)
+           tiles=tiles, tensors=(x, g, grad_z), K=stages, **grads)
     return grad_z, tuple(part.sum(0).to(p.dtype) for part, p in zip(parts, params))

@@ -274,7 +274,7 @@ def row_prologue(valid_ptr, S, tiles_per_image, BLOCK_S: tl.constexpr, HAS_MASK:
 
 
 @triton.jit
-def _row_offsets(view, c: tl.constexpr, offs_s):
+def _row_offsets(view, c, offs_s):
     ptr, start, stride_c, stride_s = view
     # offs_s is int64 under USE_INT64 (so is start); c * stride_c is taken in offs_s's type.
     chan = tl.full([], c, offs_s.dtype)
@@ -282,7 +282,7 @@ def _row_offsets(view, c: tl.constexpr, offs_s):
 
 
 @triton.jit
-def load_row(view, c: tl.constexpr, offs_s, mask):
+def load_row(view, c, offs_s, mask):
     """Channel ``c``'s ``[BLOCK_S]`` row of ``view = (ptr, start, stride_c, stride_s)`` as float32;
     masked lanes read 0."""
     ptr, offs = _row_offsets(view, c, offs_s)
@@ -290,14 +290,14 @@ def load_row(view, c: tl.constexpr, offs_s, mask):
 
 
 @triton.jit
-def store_row(view, val, c: tl.constexpr, offs_s, mask):
+def store_row(view, val, c, offs_s, mask):
     """Store channel ``c``'s float32 row into ``view`` in the pointer's element type."""
     ptr, offs = _row_offsets(view, c, offs_s)
     tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def load_channel_levels(consts_ptr, c: tl.constexpr, C: tl.constexpr):
+def load_channel_levels(consts_ptr, c, C: tl.constexpr):
     """Channel ``c``'s ``fsq = (half_l, offset, shift, half_w, inv_w)`` as float32 scalars
     (:func:`load_levels` for one channel)."""
     half_l = tl.load(consts_ptr + ROW_HALF_L * C + c)
