@@ -30,6 +30,7 @@ Design and costs per element: ``docs/kernel-design.md``, "Split layernorm".
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -303,6 +304,10 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[t
     x, x_strides = config.strided_view(z)
     consts, basis = config.level_tables(levels, z.device, fsq_shift)
     radix = radix_table(levels, indices.dtype, z.device)
+    # Half the chunk at the same warps (4 elements per thread): the middle and last launches
+    # carry the residual, the decoded stage and (last) the sum through the decode loop, which
+    # at 8 elements per thread does not fit the 128-register cap.
+    tiles = dataclasses.replace(tiles, block_s=max(tiles.block_s // 2, 2))
     plan = config.layernorm_split_plan(B, S, tiles)
     dev = z.device
     sdw = torch.empty((B, stages, C), dtype=torch.float32, device=dev)
