@@ -1,4 +1,4 @@
-"""The rate–distortion study (training/study*.py): the whole grid at a toy scale, its skip/resume/lock
+"""The rate–distortion study (training/study/): the whole grid at a toy scale, its skip/resume/lock
 logic, the cross-validation split, the real (entropy-coded) rate, the statistics on synthetic data with
 known answers, the report, and training/evaluate.py on a folder of images."""
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from training import study  # noqa: E402
-from training.study_grid import (CONFIGS, CV_PHOTOS, LONG_FACTOR, LONG_FOLD, MAIN, N_FOLDS, ON_REQUEST,  # noqa: E402
+from training.study import runner  # noqa: E402
+from training.study.grid import (CONFIGS, CV_PHOTOS, LONG_FACTOR, LONG_FOLD, MAIN, N_FOLDS, ON_REQUEST,  # noqa: E402
                                  ORDER, available, folds, plan, run_dir, train_argv)
 
 # 1 step per run, width 4, no LPIPS (the VGG is what makes a run cost seconds); 32x32 crops (the study's
@@ -29,12 +29,12 @@ def grid(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     results = root / "results"
     runs = str(root / "runs")
-    assert study.main([*TOY, "--seeds", "1", "--folds", "0", "--only", "fsq22", "rfsq2-ln", "--length", "short",
+    assert runner.main([*TOY, "--seeds", "1", "--folds", "0", "--only", "fsq22", "rfsq2-ln", "--length", "short",
                        "--root", runs, "--results-dir", str(results), "--no-report"]) == 0
     if available("vqpy4"):  # not in the grid (same computation as lucid4): run on request
-        assert study.main([*TOY, "--seeds", "0", "--folds", "0", "--only", "vqpy4", "--length", "short",
+        assert runner.main([*TOY, "--seeds", "0", "--folds", "0", "--only", "vqpy4", "--length", "short",
                            "--root", runs, "--results-dir", str(results), "--no-report"]) == 0
-    code = study.main([*TOY, "--seeds", "0", "--folds", "0", "--length", "short", "--root", runs,
+    code = runner.main([*TOY, "--seeds", "0", "--folds", "0", "--length", "short", "--root", runs,
                        "--results-dir", str(results)])
     return root, results, code
 
@@ -46,7 +46,7 @@ def test_grid_runs_every_configuration_and_reports(grid):
     assert {"fsq22", "rfsq4-ln", "vq-ema"} <= set(names)
     for name in names:
         d = run_dir(str(root / "runs"), name, 0, 1, 0)
-        assert study.is_finished(d, 1), name
+        assert runner.is_finished(d, 1), name
         with open(os.path.join(d, "eval_heldout", "eval.json")) as f:
             ev = json.load(f)
         K = len(ev["residual_rms"])
@@ -78,13 +78,13 @@ def test_finished_runs_are_skipped_and_busy_ones_left_alone(grid, capsys):
     root, results, _ = grid
     runs = str(root / "runs")
     args = [*TOY, "--folds", "0", "--length", "short", "--root", runs, "--results-dir", str(results), "--no-report"]
-    assert study.main([*args, "--seeds", "0", "--only", "fsq"]) == 0
+    assert runner.main([*args, "--seeds", "0", "--only", "fsq"]) == 0
     assert "skipped" in capsys.readouterr().err
     d = run_dir(runs, "lfq", 5, 1, 0)  # a run held by a live process (this one) is not touched
-    assert study.acquire_lock(d)
-    assert study.main([*args, "--seeds", "5", "--only", "lfq"]) == 1
+    assert runner.acquire_lock(d)
+    assert runner.main([*args, "--seeds", "5", "--only", "lfq"]) == 1
     assert "busy" in capsys.readouterr().err and not os.path.exists(os.path.join(d, "results.json"))
-    study.release_lock(d)
+    runner.release_lock(d)
 
 
 def test_interrupted_run_is_continued(tmp_path):
@@ -96,11 +96,11 @@ def test_interrupted_run_is_continued(tmp_path):
              "lpips_loss_weight": 0.0}  # the study's recipe: resuming with another one is refused
     assert train_main(train_argv("rfsq2-ln", 0, 4, d, scale, 1) + ["--stop-at-step", "2"]) == 0
     assert not os.path.exists(os.path.join(d, "results.json"))
-    assert study.main(["--steps", "4", *TOY[2:], "--seeds", "0", "--folds", "1", "--only", "rfsq2-ln",
+    assert runner.main(["--steps", "4", *TOY[2:], "--seeds", "0", "--folds", "1", "--only", "rfsq2-ln",
                        "--length", "short", "--root", runs, "--results-dir", str(tmp_path / "results"),
                        "--no-report"]) == 0
     assert "resumed from" in open(os.path.join(d, "train.log")).read()
-    assert study.is_finished(d, 4)
+    assert runner.is_finished(d, 4)
 
 
 def test_plan_is_seed_major_over_every_fold_then_the_long_runs():
@@ -124,7 +124,7 @@ def test_every_photo_is_held_out_once_and_never_on_both_sides():
     import torch
 
     from training.data import load_photos
-    from training.study_eval import named_split
+    from training.study.photo_eval import named_split
 
     fs = folds()
     assert sorted(p for f in fs for p in f) == sorted(CV_PHOTOS) and len(set(CV_PHOTOS)) == len(CV_PHOTOS)
@@ -191,7 +191,7 @@ def test_real_rate_round_trip_and_known_entropy():
 
 
 def test_statistics_on_synthetic_data_with_known_answers():
-    from training.study_stats import NO_DIFFERENCE, bootstrap_ci, compare, paired_matrix, spread, verdict
+    from training.study.stats import NO_DIFFERENCE, bootstrap_ci, compare, paired_matrix, spread, verdict
 
     # constant difference: the interval is that constant
     assert bootstrap_ci(np.full((3, 5), 0.25)) == pytest.approx((0.25, 0.25, 0.25))
@@ -204,7 +204,7 @@ def test_statistics_on_synthetic_data_with_known_answers():
         hits += lo <= 0.3 <= hi
     assert 0.85 <= hits / 120 <= 1.0
     # the expanded percentile: wider at few photos, the plain one as photos grow
-    from training.study_stats import expanded_alpha
+    from training.study.stats import expanded_alpha
 
     assert expanded_alpha(0.025, 5) < expanded_alpha(0.025, 17) < expanded_alpha(0.025, 10**6) == pytest.approx(0.025, abs=1e-4)
     # a clear difference is found with the right sign; none where there is none
@@ -229,8 +229,8 @@ def test_statistics_on_synthetic_data_with_known_answers():
 
 
 def test_rate_verdicts():
-    from training.study_report import rate_verdict
-    from training.study_stats import NO_DIFFERENCE
+    from training.study.report import rate_verdict
+    from training.study.stats import NO_DIFFERENCE
 
     def v(x):
         return {"verdict": x}
@@ -244,16 +244,16 @@ def test_rate_verdicts():
 
 def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        study.main(["--threads", "0"])
+        runner.main(["--threads", "0"])
     assert e.value.code == 2 and "--threads: must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        study.main(["--jobs", "0"])
-    assert study.main(["--report", "--root", str(tmp_path / "none"), "--results-dir", str(tmp_path / "r")]) == 1
+        runner.main(["--jobs", "0"])
+    assert runner.main(["--report", "--root", str(tmp_path / "none"), "--results-dir", str(tmp_path / "r")]) == 1
     assert "no study record" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
 def test_runner_and_report_do_not_import_each_other():
-    code = ("import sys, training.study_report as r; assert 'training.study' not in sys.modules; "
+    code = ("import sys, training.study.report as r; assert 'training.study.runner' not in sys.modules; "
             "assert not hasattr(r, 'METRICS')")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 
@@ -328,7 +328,7 @@ def test_a_clone_with_records_continues_without_rerunning_them(grid, tmp_path, c
     _, results, _ = grid
     _copy_records(results, tmp_path)
     runs = tmp_path / "runs"
-    assert study.main([*TOY, "--seeds", "0", "1", "--folds", "0", "--only", "fsq22", "rfsq2-ln", "--length", "short",
+    assert runner.main([*TOY, "--seeds", "0", "1", "--folds", "0", "--only", "fsq22", "rfsq2-ln", "--length", "short",
                        "--root", str(runs), "--results-dir", str(tmp_path), "--no-report"]) == 0
     err = capsys.readouterr().err
     assert err.count(": skipped") == 4 and ": done" not in err
@@ -345,20 +345,20 @@ def test_a_worker_that_saw_a_busy_run_is_not_counted_as_a_failed_run(grid, tmp_p
         def wait(self):
             return 1
 
-    monkeypatch.setattr(study, "_spawn_workers", lambda argv, n: [EndedEarly() for _ in range(n)])
-    assert study.main([*TOY, "--seeds", "0", "--folds", "0", "--only", "fsq22", "--length", "short", "--jobs", "2",
+    monkeypatch.setattr(runner, "_spawn_workers", lambda argv, n: [EndedEarly() for _ in range(n)])
+    assert runner.main([*TOY, "--seeds", "0", "--folds", "0", "--only", "fsq22", "--length", "short", "--jobs", "2",
                        "--root", str(tmp_path / "runs"), "--results-dir", str(tmp_path), "--no-report"]) == 0
     assert "failed" not in capsys.readouterr().err
 
 
 def test_a_partial_run_keeps_every_committed_record(grid, tmp_path, capsys):
     """Running one more run on a clone rebuilds the report from every record, the committed ones included."""
-    from training.study_records import covered, load_records
+    from training.study.records import covered, load_records
 
     _, results, _ = grid
     _copy_records(results, tmp_path)
     before = covered(load_records(str(tmp_path / "records")))
-    assert study.main([*TOY, "--seeds", "2", "--folds", "0", "--only", "fsq22", "--length", "short",
+    assert runner.main([*TOY, "--seeds", "2", "--folds", "0", "--only", "fsq22", "--length", "short",
                        "--root", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]) == 0
     with open(tmp_path / "summary.json") as f:
         summ = json.load(f)["main"]
@@ -373,7 +373,7 @@ def test_a_report_is_never_rebuilt_from_fewer_runs(grid, tmp_path, capsys):
     _, results, _ = grid
     shutil.copy(results / "summary.json", tmp_path / "summary.json")
     (tmp_path / "table.md").write_text("committed table")
-    assert study.main([*TOY, "--seeds", "3", "--folds", "0", "--only", "fsq22", "--length", "short",
+    assert runner.main([*TOY, "--seeds", "3", "--folds", "0", "--only", "fsq22", "--length", "short",
                        "--root", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]) == 0
     assert "report not written" in capsys.readouterr().err
     assert (tmp_path / "table.md").read_text() == "committed table"
@@ -394,7 +394,7 @@ def test_commit_lands_each_record(grid, tmp_path):
     old = dict(os.environ)
     os.environ.update(env)
     try:
-        assert study.main([*TOY, "--seeds", "0", "--folds", "0", "--only", "fsq22", "--length", "short",
+        assert runner.main([*TOY, "--seeds", "0", "--folds", "0", "--only", "fsq22", "--length", "short",
                            "--root", str(tmp_path / "runs"), "--results-dir", str(repo), "--commit",
                            "--no-report"]) == 0
     finally:

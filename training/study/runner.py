@@ -1,44 +1,7 @@
-"""Rate–distortion study: does RFSQ's conditioning pay off at equal bits, and at equal *real* rate?
+"""The study's runner: the grid of runs, their locks and records, and the command line.
 
-    python -m training.study --jobs 2 --commit    # the whole study (short grid, then long runs), then the report
-    python -m training.study --length short --seeds 0 1 --jobs 2
-    python -m training.study --only fsq22 rfsq2-ln --seeds 0 --folds 0 --steps 200
-    python -m training.study --loss-check --commit  # L1 vs the paper's L1 + LPIPS on the main configurations
-    python -m training.study --report             # only regenerate training/results/ from the records
-
-**Continuing from a clone.** Each finished run leaves a small record (its results, config, held-out
-and per-photo metrics) in ``training/results/records/`` (:mod:`training.study_records`); ``--commit``
-commits each record as its run finishes. The runner treats a record as a finished run, so on a fresh
-clone the same command continues where the last commit stopped; the report is built from every
-record and is never rebuilt from fewer runs than the committed one covers.
-
-Every run is ``training/train.py``'s ``main`` (same code path as any training run) on the offline
-photos: the embedded scikit-image set plus the real photographs of :data:`training.data.EXTRA_PHOTOS`
-(``--extra-photos``). **Cross-validation by image**: the real photos (:data:`training.study_grid.CV_PHOTOS`,
-17 scenes; the stereo pair is one) are dealt into :data:`~training.study_grid.N_FOLDS` folds; a run
-trains on every fold but one (``--holdout-photos``: split by image, never by crop) and is evaluated on
-the held-out one, so every photo is held out exactly once per seed. Seeds pair across configurations
-(same ``--seed`` and photos: the same crops in the same order; the same initialisation of the layers
-whose shapes agree). The long runs (:data:`~training.study_grid.MAIN`, 10x longer) use fold 0 only.
-
-Run directories (checkpoints, logs) live in ``ROOT/<steps>steps/fold<f>/<config>-seed<k>/`` (default
-ROOT ``runs/study-cv``, git-ignored); a run with a record is skipped, an interrupted one continued
-(``--resume auto``), and a lock file per run lets several
-processes share the grid: ``--jobs N`` starts N of them (one per free core). ``ROOT/progress.log``
-records when each run finished (the measured wall time). After training, :func:`training.evaluate.evaluate_run`
-writes the overall held-out metrics and :func:`training.study_eval.evaluate_photos` the per-photo
-ones with the real entropy-coded rate. ``--report`` writes the table (paired differences with 95 %
-bootstrap intervals, :mod:`training.study_stats`) and the plots to ``training/results/`` from the records.
-
-Scale (chosen for a 2-core machine shared with other jobs; measured, one thread per run):
-
-- 32x32 crops (latent 8x8) of the photos resized to a 64-pixel short side; encoder/decoder width 32
-  (paper: 128x128, width 128); batch 16; Adam at the paper's lr 8e-4, 1 % warmup, linear decay.
-- **Loss: L1 (+ the quantizer's aux loss) only; LPIPS-VGG is measured in every validation but not
-  trained on.** Measured on one idle core, a step (batch 16) takes 0.024 s with L1 and 0.65 s with
-  L1 + LPIPS-VGG (its forward+backward is 96 % of the step). ``--lpips-loss-weight 1`` restores the
-  paper's loss; ``--loss-check`` measures whether the change matters.
-- 1000 steps (16k crops) per short run, 10000 for the long ones; 5 seeds.
+The package docstring (:mod:`training.study`) is the ``--help`` text; ``python -m training.study``
+runs :func:`main` (``training/study/__main__.py``).
 """
 from __future__ import annotations
 
@@ -52,11 +15,12 @@ from typing import List, Optional
 
 import torch
 
+import training.study as package
 from training.flag_types import int_flag
-from training.study_grid import (CONFIGS, LONG_FACTOR, LOSS_CHECK, LOSS_CHECK_STEPS, MAIN, N_FOLDS, SCALE, SEEDS,
+from training.study.grid import (CONFIGS, LONG_FACTOR, LOSS_CHECK, LOSS_CHECK_STEPS, MAIN, N_FOLDS, SCALE, SEEDS,
                                  SHORT_STEPS, folds, plan, run_dir, skipped_configs, train_argv)
-from training.study_eval import PHOTOS_JSON
-from training.study_records import (MAIN_GROUP, commit_records, make_record, record_path, uncommitted_records,
+from training.study.photo_eval import PHOTOS_JSON
+from training.study.records import (MAIN_GROUP, commit_records, make_record, record_path, uncommitted_records,
                                     write_record)
 
 
@@ -133,7 +97,7 @@ def run_one(name: str, seed: int, steps: int, root: str, scale: dict, lpips_weig
     Returns ``done``, ``skipped`` (its record exists, or its directory finished before: the record is
     written then), ``busy`` (another process holds it) or ``failed (code N)``."""
     from training.evaluate import evaluate_run
-    from training.study_eval import evaluate_photos
+    from training.study.photo_eval import evaluate_photos
     from training.train import main as train_main
 
     out = run_dir(root, name, seed, steps, fold)
@@ -188,7 +152,9 @@ def _without_jobs(argv: List[str]) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # prog: argparse would name the file that runs (__main__.py), not the command the docstring shows
+    p = argparse.ArgumentParser(prog="python -m training.study", description=package.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=list(CONFIGS), metavar="CONFIG",
                    help=f"configurations to run (default all): {', '.join(CONFIGS)}")
     p.add_argument("--seeds", nargs="+", type=int_flag(0), default=list(SEEDS),
@@ -288,7 +254,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "another process): run the same command again to continue", file=sys.stderr)
             failed = failed or len(busy)
     if args.report or not args.no_report:
-        from training.study_report import write_report
+        from training.study.report import write_report
 
         written, why_not = write_report(records, args.results_dir, run_root=args.root)
         if not written:
@@ -298,7 +264,3 @@ def main(argv: Optional[List[str]] = None) -> int:
         for path in written:
             print(f"wrote {path}", file=sys.stderr)
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """What the study trains: configurations, seeds, cross-validation folds, run directories.
 
-Shared by the runner (:mod:`training.study`) and the report (:mod:`training.study_report`), which
+Shared by the runner (:mod:`training.study.runner`) and the report (:mod:`training.study.report`), which
 import this module and not each other.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ LONG_FACTOR = 10
 #: seeds 0..4; seed k of every configuration sees the same crops in the same order (same photos per
 #: fold, same ``--seed``) and, where two architectures have the same parameter shapes, the same init.
 SEEDS = (0, 1, 2, 3, 4)
-#: the study's scale (train.py flags), see training/study.py.
+#: the study's scale (train.py flags), see training/study/__init__.py.
 SCALE = {"image_size": 32, "model_width": 32, "batch_size": 16, "lpips_loss_weight": 0.0}
 
 #: name -> (train.py flags, label, family). Family groups methods in the plots.
