@@ -411,7 +411,7 @@ def test_loss_check_compares_each_pair_under_both_losses():
     """The report's loss-check section: a pair whose ordering holds under both losses is 'yes', one
     that the paper's loss reverses is '**no**', and each configuration's paper − L1 change is shown
     with its sign (synthetic per-photo values with known differences)."""
-    from training.study_report import loss_check
+    from training.study.report import loss_check
 
     rng = np.random.default_rng(0)
     photos = [f"p{i}" for i in range(6)]
