@@ -13,7 +13,8 @@ from training.compare import main as compare_main
 from training.compare import markdown_table
 from training.model import AutoEncoder, build_quantizer, quantizer_kwargs
 from training.presets import PAPER_TABLE1, PRESETS, preset_of
-from training.train import build_parser, lr_lambda, parse_args
+from training.run_state import lr_lambda
+from training.train import build_parser, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

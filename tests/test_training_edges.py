@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import training.run_state as run_state
 import training.train as train_mod
 from training import checkpoint as ckpt
 from training.data import SafeImageFolder, denormalize, read_rgb
@@ -101,13 +102,13 @@ def _nan_at(call: int):
 
 
 def test_non_finite_first_loss_blames_the_configuration_not_the_lr(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_mod, "ReconstructionLoss", _nan_at(1))
+    monkeypatch.setattr(run_state, "ReconstructionLoss", _nan_at(1))
     out = tmp_path / "run"
     assert train(out, "--max-steps", "3", "--no-lpips") == 1
     err = capsys.readouterr().err
     assert "before any update" in err and "--lr" not in err and "No checkpoint was written yet" in err
     assert "ckpt_last.pt" not in err and not (out / ckpt.LAST).exists()
-    monkeypatch.setattr(train_mod, "ReconstructionLoss", _nan_at(3))
+    monkeypatch.setattr(run_state, "ReconstructionLoss", _nan_at(3))
     assert train(out, "--max-steps", "5", "--no-lpips", "--save-every", "2") == 1  # no checkpoint: not a run
     err = capsys.readouterr().err
     assert "Try a lower --lr" in err and f"{out / ckpt.LAST} (continue from it with --resume)" in err
@@ -133,7 +134,7 @@ def test_loss_reaches_the_host_after_the_backward_and_a_nan_step_changes_nothing
         events.append("tolist")
         return real_tolist(self)
 
-    monkeypatch.setattr(train_mod, "ReconstructionLoss", Recording)
+    monkeypatch.setattr(run_state, "ReconstructionLoss", Recording)
     monkeypatch.setattr(torch.Tensor, "tolist", tolist)
     saved = {}
     real_step = train_mod.train_step
@@ -164,8 +165,9 @@ def test_ddp_ranks_agree_to_stop_on_one_ranks_non_finite_loss(tmp_path):
     script.write_text(f"""
 import os, sys
 sys.path.insert(0, {str(ROOT)!r})
-import training.train as t
+import training.run_state as run_state
 from training.lpips_loss import ReconstructionLoss
+from training.train import main
 
 class NanOnRank1(ReconstructionLoss):
     calls = 0
@@ -175,8 +177,8 @@ class NanOnRank1(ReconstructionLoss):
         bad = NanOnRank1.calls == 2 and os.environ["RANK"] == "1"
         return (total * float("nan") if bad else total), parts
 
-t.ReconstructionLoss = NanOnRank1
-sys.exit(t.main(sys.argv[1:]))
+run_state.ReconstructionLoss = NanOnRank1
+sys.exit(main(sys.argv[1:]))
 """)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import training.run_state as run_state
 import training.train as train_mod
 from training.data import SafeImageFolder, denormalize, read_rgb, walk_files
 from training.evaluate import load_folder_photos
@@ -32,7 +33,7 @@ def test_logged_lr_is_the_rate_of_that_step(tmp_path):
     out = tmp_path / "run"
     assert train(out, "--max-steps", "3", "--warmup", "4", "--lr", "1e-3", "--no-lpips") == 0
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
-    schedule = train_mod.lr_lambda(3, 4)
+    schedule = run_state.lr_lambda(3, 4)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["lr"] for r in rows] == pytest.approx([1e-3 * schedule(s - 1) for s in (1, 2, 3)], rel=1e-12)
     assert rows[0]["lr"] == pytest.approx(0.25e-3)  # warmup step 1 of 4: a quarter of the peak
@@ -251,7 +252,7 @@ def test_allowed_recipe_change_is_applied_logged_and_recorded(tmp_path):
     assert "--allow-recipe-change: from step 2 on, --lr 0.0008 -> 0.0004; --weight-decay 5e-05 -> 0.25; " \
            "--max-steps 4 -> 6" in _log(out)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
-    f_old, f_new = train_mod.lr_lambda(4, 0), train_mod.lr_lambda(6, 0)
+    f_old, f_new = run_state.lr_lambda(4, 0), run_state.lr_lambda(6, 0)
     assert [r["lr"] for r in rows] == pytest.approx([8e-4 * f_old(0), 8e-4 * f_old(1)]
                                                     + [4e-4 * f_new(s) for s in (2, 3, 4, 5)], rel=1e-12)
     state = ckpt.load(str(out / ckpt.LAST))

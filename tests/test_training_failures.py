@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import training.run_state as run_state
 import training.train as train_mod
 from training import checkpoint as ckpt
 from training.compare import markdown_table
@@ -70,14 +71,14 @@ def test_stop_request_is_honoured_while_batches_are_empty(tmp_path, monkeypatch)
             os.kill(os.getpid(), signal.SIGTERM)
         return torch.empty(0), [Unreadable("x.png", "test")] * len(batch)
 
-    monkeypatch.setattr(train_mod, "collate_skip", empty_batches)
+    monkeypatch.setattr(run_state, "collate_skip", empty_batches)
     out = tmp_path / "run"
     assert train(out, "--max-steps", "5", "--no-lpips", "--embedded-epoch-size", "4000") == 130
     assert calls["n"] < 10 and "SIGTERM" in _log(out)
 
 
 def test_second_ctrl_c_aborts_without_a_traceback(tmp_path, monkeypatch, capsys):
-    real = train_mod.ReconstructionLoss
+    real = run_state.ReconstructionLoss
 
     class TwoCtrlC(real):
         def forward(self, *a):
@@ -85,13 +86,13 @@ def test_second_ctrl_c_aborts_without_a_traceback(tmp_path, monkeypatch, capsys)
             os.kill(os.getpid(), signal.SIGINT)
             return super().forward(*a)
 
-    monkeypatch.setattr(train_mod, "ReconstructionLoss", TwoCtrlC)
+    monkeypatch.setattr(run_state, "ReconstructionLoss", TwoCtrlC)
     assert train(tmp_path / "run", "--max-steps", "5", "--no-lpips") == 130
     err = capsys.readouterr().err
     assert "aborted" in err and "Traceback" not in err
     # before the first checkpoint (issue 18): nothing to resume is said, and the log left is not a run
     assert "nothing to resume" in err and "--resume" not in err
-    monkeypatch.setattr(train_mod, "ReconstructionLoss", real)
+    monkeypatch.setattr(run_state, "ReconstructionLoss", real)
     assert train(tmp_path / "run", "--max-steps", "1", "--no-lpips") == 0
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-import training.train as train_mod
+import training.run_state as run_state
 from training import checkpoint as ckpt
 from training_helpers import read_jsonl, train
 
@@ -29,12 +29,12 @@ KILLS = int(os.environ.get("RFSQ_FAULT_KILLS", "6"))
 
 @pytest.fixture(autouse=True)
 def small_single_threaded(monkeypatch):
-    class SmallVal(train_mod.EmbeddedVal):
+    class SmallVal(run_state.EmbeddedVal):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             self.items = self.items[:8]
 
-    monkeypatch.setattr(train_mod, "EmbeddedVal", SmallVal)
+    monkeypatch.setattr(run_state, "EmbeddedVal", SmallVal)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import training.train as train_mod
+import training.run_state as run_state
 from training import checkpoint as ckpt
 from training.data import DataError, SafeImageFolder
 from training.lpips_loss import ReconstructionLoss
@@ -77,7 +77,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
             NanAtStep3.calls += 1
             return (total * float("nan") if NanAtStep3.calls == 3 else total), parts
 
-    monkeypatch.setattr(train_mod, "ReconstructionLoss", NanAtStep3)
+    monkeypatch.setattr(run_state, "ReconstructionLoss", NanAtStep3)
     out = tmp_path / "run"
     assert train(out, "--max-steps", "5", "--no-lpips", "--save-every", "2") == 1
     assert ckpt.load(str(out / "ckpt_last.pt"))["step"] == 2

@@ -299,7 +299,7 @@ def test_holdout_split_is_by_image_and_keeps_the_stereo_pair_together():
 
 def test_seeds_pair_init_across_configurations_of_one_latent_width():
     """Same seed -> the same encoder/decoder initialisation for every configuration of one latent width
-    (the quantizers' own parameters are deterministic or drawn after), as train.setup_run builds them."""
+    (the quantizers' own parameters are deterministic or drawn after), as run_state.setup_run builds them."""
     import torch
 
     from training.model import AutoEncoder, build_quantizer, quantizer_kwargs

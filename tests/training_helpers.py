@@ -28,13 +28,14 @@ def results(out) -> dict:
 
 def skip_outputs_for_speed(monkeypatch) -> None:
     """For tests of control flow, not outputs: 8 validation crops instead of 57, no PNGs."""
+    import training.run_state as run_state
     import training.train as train_mod
 
-    class SmallVal(train_mod.EmbeddedVal):
+    class SmallVal(run_state.EmbeddedVal):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             self.items = self.items[:8]
 
-    monkeypatch.setattr(train_mod, "EmbeddedVal", SmallVal)
+    monkeypatch.setattr(run_state, "EmbeddedVal", SmallVal)
     monkeypatch.setattr(train_mod, "plot_curves", lambda *a, **k: [])
     monkeypatch.setattr(train_mod, "save_grid", lambda *a, **k: None)

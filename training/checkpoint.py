@@ -2,7 +2,8 @@
 
 Everything stored is tensors or plain Python types (RNG states included), so loading never
 unpickles arbitrary objects. ``ckpt_last.pt`` is the latest state, ``ckpt_best.pt`` the one with the
-best validation score so far.
+best validation score so far; :func:`save_checkpoint` writes them from a training run's state
+(:func:`checkpoint_state`), :func:`find_resume` finds the one to continue from.
 """
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import logging
 import os
 import random
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # only a type here: run_state imports this module
+    from training.run_state import Run
 
 log = logging.getLogger("rfsq.train")
 LAST = "ckpt_last.pt"
@@ -69,6 +73,25 @@ class CheckpointError(RuntimeError):
 #: What every checkpoint of ``train.py`` holds.
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch", "best", "rng",
                  "quantizer_config")
+
+
+def checkpoint_state(run: Run, eval_pending: bool = False) -> Dict:
+    """What ckpt_last.pt / ckpt_best.pt hold of ``run`` (:data:`REQUIRED_KEYS` and more)."""
+    return {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "step": run.step,
+            "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch, "best": run.best, "rng": rng_state(),
+            "quantizer_config": run.identity, "eval_pending": eval_pending,
+            "args": {k: v for k, v in vars(run.args).items()}, "world_size": run.dist.world,
+            "total_steps": run.total_steps, "recipe_changes": run.recipe_changes}
+
+
+def save_checkpoint(run: Run, best_too: bool = False, eval_pending: bool = False) -> None:
+    """Rank 0 writes ckpt_last.pt (and ckpt_best.pt when ``best_too``) atomically; other ranks do nothing."""
+    if run.dist.master:
+        state = checkpoint_state(run, eval_pending)
+        atomic_save(state, os.path.join(run.args.output_dir, LAST))
+        if best_too:
+            atomic_save(state, os.path.join(run.args.output_dir, BEST))
 
 
 def load(path: str, map_location: str = "cpu") -> Dict[str, Any]:

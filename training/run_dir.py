@@ -1,19 +1,29 @@
-"""The output directory of a training run: claiming it, and checking a resume against what it holds.
+"""The output directory of a training run: claiming it, checking a resume against what it holds, and the
+rows and results a run writes into it.
 
 :func:`prepare_output_dir` creates --output-dir, refuses a directory that holds a run unless --resume or
 --overwrite says what to do with it, and takes its :class:`~training.run_lock.RunDirLock` so that two live
 runs never write into one directory. :func:`check_recipe` compares a resumed checkpoint's optimisation flags
-with this command's, which a resume may only change with --allow-recipe-change.
+with this command's, which a resume may only change with --allow-recipe-change. :func:`append_metrics`
+(metrics.jsonl) and :func:`report_results` (results.json) write a run's rows and results into it.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-from typing import Dict, List
+import time
+from typing import TYPE_CHECKING, Dict, List
+
+import torch.distributed as dist
 
 from training import checkpoint as ckpt
+from training.jsonio import dumps, write_json_atomic
+from training.presets import PAPER_TABLE1
 from training.run_lock import RunDirBusy, RunDirLock
+
+if TYPE_CHECKING:  # only a type here: run_state imports this module
+    from training.run_state import Run
 
 log = logging.getLogger("rfsq.train")  # train.py's logger: its handlers print and file these messages
 
@@ -114,3 +124,46 @@ def check_recipe(args: argparse.Namespace, world: int, total_steps: int, path: s
                          "on (recorded in config.json, the checkpoints and results.json), or start a new run "
                          "with --overwrite or another --output-dir")
     return changes
+
+
+def append_metrics(run: Run, row: Dict) -> None:
+    """Rank 0 appends ``row`` to metrics.jsonl."""
+    if run.dist.master:
+        with open(run.metrics_path, "a") as f:
+            f.write(dumps(row) + "\n")
+
+
+def report_results(run: Run, metrics: Dict) -> None:
+    """After the final evaluation: collect every rank's unreadable files, warn about them, and (rank 0)
+    write results.json."""
+    args, d = run.args, run.dist
+    if d.ddp:
+        everyone: List = [None] * d.world
+        dist.all_gather_object(everyone, run.unreadable)
+        run.unreadable = {p: r for u in everyone for p, r in u.items()}
+    if run.unreadable:
+        log.warning("skipped %d unreadable image file(s), e.g. %s (all in results.json)", len(run.unreadable),
+                    ", ".join(sorted(run.unreadable)[:3]))
+    if not d.master:
+        return
+    q, paper = run.raw_model.quantizer, PAPER_TABLE1.get(run.preset)
+    wall = round(time.time() - run.t_start, 1)
+    results = {
+        "preset": run.preset, "quantizer": args.quantizer, "stages": q.stages, "codebook_size": q.codebook_size,
+        "bits_per_token": q.bits_per_token, "quantizer_config": run.identity, "steps": run.step, "epochs": run.epoch,
+        "world_size": d.world, "batch_size_per_process": args.batch_size,
+        "images_seen": run.step * args.batch_size * d.world,  # resume keeps the images per step (check_recipe)
+        "recipe_changes": run.recipe_changes,
+        "data": "imagefolder" if args.train_dir else "embedded scikit-image photos",
+        "heldout_photos": args.holdout_photos,
+        "lpips_weights": run.lpips_source, "skipped_images": len(run.unreadable),
+        "skipped_files": sorted(run.unreadable)[:1000],
+        "wall_time_s": wall, "train_time_s": round(run.train_time, 1), "eval_time_s": round(run.eval_time, 1),
+        "val": metrics,
+        "paper": None if paper is None else {"name": paper[0], "l1": paper[1], "lpips": paper[2], "psnr": paper[3]},
+    }
+    path = os.path.join(args.output_dir, "results.json")
+    write_json_atomic(path, results)
+    log.info("done: %d steps in %.1f s (this process: training %.1f s, evaluation %.1f s, start-up and "
+             "saving %.1f s); results in %s", run.step, wall, run.train_time, run.eval_time,
+             max(0.0, wall - run.train_time - run.eval_time), path)
