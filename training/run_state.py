@@ -266,6 +266,9 @@ def apply_recipe_changes(run: Run, changes: List[Dict]) -> None:
                 "; ".join(f"{c['flag']} {c['old']} -> {c['new']}" for c in changes))
 
 
+# ---------------------------------------------------------------------------------------------
+# This process's bookkeeping
+# ---------------------------------------------------------------------------------------------
 def note_unreadable(run: Run, samples) -> None:
     """Record the unreadable training images of a batch; the first MAX_NAMED_UNREADABLE are named in the log."""
     for s in samples:
