@@ -84,6 +84,34 @@ def _wait_for_temp_file(out, pid: int, timeout: float = 30.0) -> None:
     pytest.fail("no checkpoint write started")
 
 
+def _wait_for_saves(out, pid: int, saves: int, timeout: float = 60.0) -> bool:
+    """Wait until the child has replaced ``ckpt_last.pt`` ``saves`` times (one save per step with
+    ``--save-every 1``). False if the child exited first (it is then reaped). Kills are placed by the
+    run's progress, not by wall time, so that a fast machine cannot finish the run before the kills."""
+    path = out / "ckpt_last.pt"
+
+    def stamp():
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    last, seen = stamp(), 0
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.waitpid(pid, os.WNOHANG) != (0, 0):
+            return False
+        now = stamp()
+        if now != last:
+            seen, last = seen + 1, now
+            if seen >= saves:
+                return True
+        time.sleep(0.001)
+    _kill(pid)
+    pytest.fail(f"no progress: {seen} of {saves} checkpoint saves in {timeout} s")
+
+
 def _assert_nothing_corrupt(out) -> None:
     names = sorted(p.name for p in out.iterdir())
     assert not [n for n in names if ".tmp" in n], names
@@ -110,7 +138,11 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
             _wait_for_temp_file(out, pid)
             mid_write += 1
         else:
-            time.sleep(rng.uniform(0.05, 1.0))
+            # one or two steps of progress, then a random moment inside the next step (training,
+            # evaluation or a save: wherever it lands)
+            if not _wait_for_saves(out, pid, rng.randint(1, 2)):
+                break  # finished before the kill
+            time.sleep(rng.uniform(0.0, 0.05))
         if os.waitpid(pid, os.WNOHANG) != (0, 0):
             break  # finished before the kill
         _kill(pid)
