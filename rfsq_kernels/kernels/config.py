@@ -147,8 +147,9 @@ def elementwise_tiles(channels: int, spatial: int, sparse: bool = False) -> Tile
 
 #: The none/scale launchers use the channel-row kernels (every channel of a position in one thread,
 #: ``elementwise._fwd_elementwise_rows_kernel``) instead of the ``[next_pow2(C), BLOCK_S]`` tile
-#: kernels. Off until the row kernels pass the full offline compile check (bench/NOTES.md).
-ELEMENTWISE_ROWS = False
+#: kernels. Off until the row kernels pass the full offline compile check (bench/NOTES.md);
+#: ``RFSQ_ELEMENTWISE_ROWS=1`` or setting this attribute turns it on.
+ELEMENTWISE_ROWS = os.environ.get("RFSQ_ELEMENTWISE_ROWS", "0") == "1"
 #: Positions per thread of the channel-row elementwise kernels (:func:`elementwise_row_tiles`), at
 #: most, and the elements (channels x positions) a thread holds at most, by direction: the
 #: forward carries two rows per channel through its stage loop (residual and sum), the backward
