@@ -192,8 +192,11 @@ def target_arch(t: torch.Tensor) -> Optional[int]:
 
 def level_tables(levels: Sequence[int], device: torch.device, fsq_shift: str = "atanh"
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cached ``(consts, basis)``: float32 ``(5, C)`` rows half_l, offset, shift, half_w, L-1
-    (float64 values rounded to float32, exactly as the reference builds them) and ``(C,)``
+    """Cached ``(consts, basis)``: float32 ``(6, C)`` rows half_l, offset, shift, half_w, L-1
+    (float64 values rounded to float32, exactly as the reference builds them), 1/half_w (float32
+    division, correctly rounded: the bits of the kernels' ``recip_rn(half_w)``, so the row kernels
+    load it instead of dividing once per program; new rows go last, so the kernels reading the
+    first five see the same offsets) and ``(C,)``
     mixed-radix place values in the index dtype (int32 below 2**31 codes: 32-bit index math).
     ``fsq_shift`` picks the shift row (``'atanh'``, or the official code's ``'tan'``): the kernels
     read the shift from this table, so they compute either. Built once per (levels, device, shift),
@@ -201,7 +204,8 @@ def level_tables(levels: Sequence[int], device: torch.device, fsq_shift: str = "
     def build() -> Tuple[torch.Tensor, torch.Tensor]:
         half_l, offset, shift, half_w = fsq_constants(levels, fsq_shift)
         rows = [half_l, offset, shift, [float(v) for v in half_w], [float(v - 1) for v in levels]]
-        consts = torch.tensor(rows, dtype=torch.float32, device=device)
+        consts = torch.tensor(rows, dtype=torch.float32)
+        consts = torch.cat([consts, 1.0 / consts[3:4]]).to(device)
         return consts, torch.tensor(index_basis(levels), dtype=index_dtype(levels), device=device)
     return cached(("levels", tuple(levels), torch.device(device), fsq_shift), build)
 
