@@ -184,7 +184,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
                 problems.append(f"- sweep reached only one value of {name} for {kernel} on sm_{arch}: "
                                 f"give sweep.Case/run_case an input that flips it")
     for arch in archs if complete else ():
-        for kernel, paths in required_kernels(families):
+        for kernel, paths in required_kernels(families, arch):
             want = {("path", p) for p in paths} | {("BLOCK_C", c) for c in _BLOCK_C}
             if arch in FULL_GRID_ARCHS:  # other targets compile the structural grid only
                 want |= {("USE_INT64", v) for v in (False, True)}
@@ -199,19 +199,26 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
     return problems
 
 
-def required_kernels(families: Optional[Sequence[str]] = None) -> List[Tuple[str, Tuple[str, ...]]]:
-    """``(kernel, paths)`` that a complete sweep must launch, of the kernel ``families`` given
-    (default: all): the kernels the launchers choose under the current switches -- the split
-    layernorm forward with :func:`.sweep.sweep_split`, the channel-row or the tile none/scale
-    kernels as ``config.ELEMENTWISE_ROWS`` says."""
+def required_kernels(families: Optional[Sequence[str]] = None, arch: Optional[int] = None
+                     ) -> List[Tuple[str, Tuple[str, ...]]]:
+    """``(kernel, paths)`` that a complete sweep for ``arch`` must launch, of the kernel
+    ``families`` given (default: all): the kernels the launchers choose under the current
+    switches -- the split layernorm forward with :func:`.sweep.sweep_split`, the channel-row or
+    the tile none/scale kernels as ``config.ELEMENTWISE_ROWS`` says."""
     from ..kernels import config
     from .sweep import VQ_RFSQ, sweep_split
-    rows = "_rows" if config.ELEMENTWISE_ROWS else ""
+    if config.ELEMENTWISE_ROWS:
+        # A row tile holds at most 512 positions, and the structural grid (every target outside
+        # FULL_GRID_ARCHS) has no smaller image than 32x32: there every launch is several
+        # programs per image. One program per image is a grid, not another binary.
+        paths = ("single", "split") if arch is None or arch in FULL_GRID_ARCHS else ("split",)
+        elementwise = (("_fwd_elementwise_rows_kernel", paths), ("_bwd_elementwise_rows_kernel", paths))
+    else:
+        elementwise = (("_fwd_elementwise_kernel", ("single", "split")), ("_bwd_elementwise_kernel", ("single", "split")))
     by_family = {
         "layernorm": ((("_fwd_layernorm_split_kernel", ("split",)),) if sweep_split() else ())
         + (("_fwd_layernorm_kernel", ("single", "chunked")), ("_bwd_layernorm_kernel", ("single", "chunked"))),
-        "elementwise": ((f"_fwd_elementwise{rows}_kernel", ("single", "split")),
-                        (f"_bwd_elementwise{rows}_kernel", ("single", "split"))),
+        "elementwise": elementwise,
         VQ_RFSQ: (("_fwd_vq_rfsq_kernel", ("single", "split")), ("_bwd_vq_rfsq_kernel", ("single", "split")),
                   ("_fwd_vq_fsq_kernel", ("single", "split")), ("_bwd_vq_fsq_kernel", ("single", "split"))),
     }
