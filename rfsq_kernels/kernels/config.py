@@ -157,6 +157,10 @@ ELEMENTWISE_ROWS = os.environ.get("RFSQ_ELEMENTWISE_ROWS", "0") == "1"
 ROW_POSITIONS_PER_THREAD = 4
 ROW_ELEMS_PER_THREAD = {"forward": 16, "backward": 32}
 ROW_WARPS = 4
+#: Register cap (``maxnreg``) of the channel-row forward: the hardware's 255, i.e. no lower cap.
+#: Left to itself ptxas may stop at 128 registers for a forward whose channel constants and rows
+#: need a few more, and spill; with the cap stated it allocates what the kernel needs (bench/NOTES.md).
+ROW_FORWARD_MAXNREG = 255
 
 
 def elementwise_row_tiles(channels: int, spatial: int, sparse: bool = False, direction: str = "forward") -> Tiles:
@@ -164,13 +168,15 @@ def elementwise_row_tiles(channels: int, spatial: int, sparse: bool = False, dir
     ``block_c = C``) in every thread, ``block_s`` positions along the threads and warps -- up to
     :data:`ROW_POSITIONS_PER_THREAD` positions per thread, fewer when ``C`` times that exceeds
     :data:`ROW_ELEMS_PER_THREAD` of ``direction``; ``sparse`` (mask or stage counts) does not
-    change it. ``MAX_BLOCK_ELEMS`` caps the tile (tests lower it to force several tiles per image)."""
+    change it. ``MAX_BLOCK_ELEMS`` caps the tile (tests lower it to force several tiles per image).
+    The forward states its register cap (:data:`ROW_FORWARD_MAXNREG`)."""
     per_thread = max(1, min(ROW_POSITIONS_PER_THREAD, ROW_ELEMS_PER_THREAD[direction] // max(channels, 1)))
     per_thread = 1 << (per_thread.bit_length() - 1)
     cap = max(next_pow2(MAX_BLOCK_ELEMS // max(channels, 1)) // 2, 2)
     block_s = max(min(next_pow2(spatial), per_thread * 32 * ROW_WARPS, cap), 2)
     warps = min(max(block_s // (32 * per_thread), 1), ROW_WARPS)
-    return Tiles(channels, block_s, warps, block_s >= spatial)
+    return Tiles(channels, block_s, warps, block_s >= spatial,
+                 maxnreg=ROW_FORWARD_MAXNREG if direction == "forward" else None)
 
 
 def use_libdevice(t: torch.Tensor) -> bool:
