@@ -1,4 +1,4 @@
-"""The channel-row none/scale kernels (``config.ELEMENTWISE_ROWS``, off by default): against the
+"""The channel-row none/scale kernels (``config.ELEMENTWISE_ROWS``, the default): against the
 reference (values, indices, every gradient) and bitwise against the tile kernels (quantized,
 indices, dL/dz); several tiles per image, masks and per-sample stage counts, C from 1 to 16,
 int64 indices, bf16 channels-last (CPU: Triton interpreter, few and large programs)."""

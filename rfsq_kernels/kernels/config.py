@@ -2,7 +2,7 @@
 
 Every program works on one 2-D register tile ``[BLOCK_C, BLOCK_S]``: all channels of an image
 (``BLOCK_C = next_pow2(C)``) by a run of flattened spatial positions. :func:`layernorm_tiles` and
-:func:`elementwise_tiles` decide the tile, ``num_warps`` and the path; the launchers use nothing
+:func:`elementwise_tiles` / :func:`elementwise_row_tiles` decide the tile, ``num_warps`` and the path; the launchers use nothing
 else, and the offline compile check (:mod:`rfsq_kernels.gpucheck`) reaches every decision through
 the launchers. Why these sizes (each found by that check, which fails on any register spill):
 ``docs/kernel-design.md``, "Why these tile sizes".
@@ -147,9 +147,10 @@ def elementwise_tiles(channels: int, spatial: int, sparse: bool = False) -> Tile
 
 #: The none/scale launchers use the channel-row kernels (every channel of a position in one thread,
 #: ``elementwise._fwd_elementwise_rows_kernel``) instead of the ``[next_pow2(C), BLOCK_S]`` tile
-#: kernels. Off until the row kernels pass the full offline compile check (bench/NOTES.md);
-#: ``RFSQ_ELEMENTWISE_ROWS=1`` or setting this attribute turns it on.
-ELEMENTWISE_ROWS = os.environ.get("RFSQ_ELEMENTWISE_ROWS", "0") == "1"
+#: kernels: on by default (fewer instructions per element at every measured shape, and the full
+#: offline compile check passes; bench/NOTES.md). ``RFSQ_ELEMENTWISE_ROWS=0`` or setting this
+#: attribute to False selects the tile kernels (same values, bit for bit).
+ELEMENTWISE_ROWS = os.environ.get("RFSQ_ELEMENTWISE_ROWS", "1") != "0"
 #: Positions per thread of the channel-row elementwise kernels (:func:`elementwise_row_tiles`), at
 #: most, and the elements (channels x positions) a thread holds at most, by direction: the
 #: forward carries two rows per channel through its stage loop (residual and sum), the backward
