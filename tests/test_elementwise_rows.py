@@ -1,4 +1,4 @@
-"""The channel-row none/scale kernels (``config.ELEMENTWISE_ROWS``, off by default): against the
+"""The channel-row none/scale kernels (``config.ELEMENTWISE_ROWS``, the default): against the
 reference (values, indices, every gradient) and bitwise against the tile kernels (quantized,
 indices, dL/dz); several tiles per image, masks and per-sample stage counts, C from 1 to 16,
 int64 indices, bf16 channels-last (CPU: Triton interpreter, few and large programs)."""
@@ -75,3 +75,16 @@ def test_rows_equal_tiles_bitwise(seed, monkeypatch, strategy):
     assert torch.equal(q0, q1) and torch.equal(i0, i1) and torch.equal(dz0, dz1)
     for p0, p1 in zip(dp0, dp1):
         torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fsq_shift", ["atanh", "tan"])
+def test_inverse_width_row_is_recip_rn(fsq_shift):
+    """The table's last row, read by the row kernels as ``1 / half_w``, is the correctly rounded
+    reciprocal of the ``half_w`` row (what the tile kernels' ``recip_rn`` computes), and the first
+    five rows are unchanged by it."""
+    levels = [3, 4, 5, 7, 8, 16, 1000, 2**12 + 1]
+    consts, _basis = config.level_tables(levels, torch.device("cpu"), fsq_shift)
+    assert consts.shape == (6, len(levels)) and consts.dtype == torch.float32
+    half_w = consts[3].double()
+    assert torch.equal(consts[5], (1.0 / half_w).float())  # float64 quotient, rounded to float32
+    assert torch.equal(consts[5], torch.reciprocal(consts[3]))

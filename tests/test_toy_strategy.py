@@ -118,4 +118,5 @@ def test_real_compiler_sweep():
     report = proc.stdout + proc.stderr
     print(report)
     assert proc.returncode == 0, report[-20000:]
-    assert "_fwd_elementwise_kernel" in report and "_bwd_elementwise_kernel" in report  # it compiled something
+    rows = "_rows" if config.ELEMENTWISE_ROWS else ""  # the subprocess inherits RFSQ_ELEMENTWISE_ROWS
+    assert f"_fwd_elementwise{rows}_kernel" in report and f"_bwd_elementwise{rows}_kernel" in report  # it compiled something

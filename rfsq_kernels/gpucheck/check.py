@@ -143,11 +143,12 @@ def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2, strate
 
 
 def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence[int],
-          complete: bool = True) -> List[str]:
+          complete: bool = True, strategies: Optional[Sequence[str]] = None) -> List[str]:
     """Every problem found, one line (or block) each: failed compiles, spills (``NO_SPILL_ARCHS``),
     approximate math or FP fusion (:func:`arithmetic_problems`), boolean constexprs that took only
     one value and, with ``complete`` (the default grid), the launcher outcomes (paths, channel
-    tiles, dtypes) the sweep never reached."""
+    tiles, dtypes) the sweep never reached -- of the kernels :func:`required_kernels` names for
+    the families of ``strategies`` (default: every family)."""
     problems = [f"- compile failed: {case}\n  {msg}" for case, msg in failures]
     for b in binaries:
         if b["compile_cpu_s"] > MAX_COMPILE_CPU_S:
@@ -161,8 +162,9 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
         for msg in b.get("coherence", []):
             problems.append(f"- in-program communication: {msg}: {b['kernel']} sm_{b['arch']} "
                             f"{b['constexprs']} ({b['case']})")
+    families = {_family(s) for s in strategies} if strategies else None
     coherent = [b for b in binaries if "chunked" in b["paths"]]
-    if complete and not coherent:
+    if complete and not coherent and (families is None or "layernorm" in families):
         problems.append("- no chunked layernorm binary was checked for coherent loads")
     seen = defaultdict(set)
     for b in binaries:
@@ -181,17 +183,8 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
             if {(name, False), (name, True)} - values:
                 problems.append(f"- sweep reached only one value of {name} for {kernel} on sm_{arch}: "
                                 f"give sweep.Case/run_case an input that flips it")
-    from .sweep import sweep_split
-    split = (("_fwd_layernorm_split_kernel", ("split",)),) if sweep_split() else ()
     for arch in archs if complete else ():
-        for kernel, paths in split + (("_fwd_layernorm_kernel", ("single", "chunked")),
-                              ("_bwd_layernorm_kernel", ("single", "chunked")),
-                              ("_fwd_elementwise_kernel", ("single", "split")),
-                              ("_bwd_elementwise_kernel", ("single", "split")),
-                              ("_fwd_vq_rfsq_kernel", ("single", "split")),
-                              ("_bwd_vq_rfsq_kernel", ("single", "split")),
-                              ("_fwd_vq_fsq_kernel", ("single", "split")),
-                              ("_bwd_vq_fsq_kernel", ("single", "split"))):
+        for kernel, paths in required_kernels(families, arch):
             want = {("path", p) for p in paths} | {("BLOCK_C", c) for c in _BLOCK_C}
             if arch in FULL_GRID_ARCHS:  # other targets compile the structural grid only
                 want |= {("USE_INT64", v) for v in (False, True)}
@@ -204,6 +197,32 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
             if missing:
                 problems.append(f"- sweep never reached {sorted(missing)} of {kernel} on sm_{arch}")
     return problems
+
+
+def required_kernels(families: Optional[Sequence[str]] = None, arch: Optional[int] = None
+                     ) -> List[Tuple[str, Tuple[str, ...]]]:
+    """``(kernel, paths)`` that a complete sweep for ``arch`` must launch, of the kernel
+    ``families`` given (default: all): the kernels the launchers choose under the current
+    switches -- the split layernorm forward with :func:`.sweep.sweep_split`, the channel-row or
+    the tile none/scale kernels as ``config.ELEMENTWISE_ROWS`` says."""
+    from ..kernels import config
+    from .sweep import VQ_RFSQ, sweep_split
+    if config.ELEMENTWISE_ROWS:
+        # A row tile holds at most 512 positions, and the structural grid (every target outside
+        # FULL_GRID_ARCHS) has no smaller image than 32x32: there every launch is several
+        # programs per image. One program per image is a grid, not another binary.
+        paths = ("single", "split") if arch is None or arch in FULL_GRID_ARCHS else ("split",)
+        elementwise = (("_fwd_elementwise_rows_kernel", paths), ("_bwd_elementwise_rows_kernel", paths))
+    else:
+        elementwise = (("_fwd_elementwise_kernel", ("single", "split")), ("_bwd_elementwise_kernel", ("single", "split")))
+    by_family = {
+        "layernorm": ((("_fwd_layernorm_split_kernel", ("split",)),) if sweep_split() else ())
+        + (("_fwd_layernorm_kernel", ("single", "chunked")), ("_bwd_layernorm_kernel", ("single", "chunked"))),
+        "elementwise": elementwise,
+        VQ_RFSQ: (("_fwd_vq_rfsq_kernel", ("single", "split")), ("_bwd_vq_rfsq_kernel", ("single", "split")),
+                  ("_fwd_vq_fsq_kernel", ("single", "split")), ("_bwd_vq_fsq_kernel", ("single", "split"))),
+    }
+    return [kp for family, kernels in by_family.items() if families is None or family in families for kp in kernels]
 
 
 def arithmetic_problems(binaries: List[dict]) -> List[str]:

@@ -2,7 +2,7 @@
 
 Every program works on one 2-D register tile ``[BLOCK_C, BLOCK_S]``: all channels of an image
 (``BLOCK_C = next_pow2(C)``) by a run of flattened spatial positions. :func:`layernorm_tiles` and
-:func:`elementwise_tiles` decide the tile, ``num_warps`` and the path; the launchers use nothing
+:func:`elementwise_tiles` / :func:`elementwise_row_tiles` decide the tile, ``num_warps`` and the path; the launchers use nothing
 else, and the offline compile check (:mod:`rfsq_kernels.gpucheck`) reaches every decision through
 the launchers. Why these sizes (each found by that check, which fails on any register spill):
 ``docs/kernel-design.md``, "Why these tile sizes".
@@ -147,8 +147,10 @@ def elementwise_tiles(channels: int, spatial: int, sparse: bool = False) -> Tile
 
 #: The none/scale launchers use the channel-row kernels (every channel of a position in one thread,
 #: ``elementwise._fwd_elementwise_rows_kernel``) instead of the ``[next_pow2(C), BLOCK_S]`` tile
-#: kernels. Off until the row kernels pass the full offline compile check (bench/NOTES.md).
-ELEMENTWISE_ROWS = False
+#: kernels: on by default (fewer instructions per element at every measured shape, and the full
+#: offline compile check passes; bench/NOTES.md). ``RFSQ_ELEMENTWISE_ROWS=0`` or setting this
+#: attribute to False selects the tile kernels (same values, bit for bit).
+ELEMENTWISE_ROWS = os.environ.get("RFSQ_ELEMENTWISE_ROWS", "1") != "0"
 #: Positions per thread of the channel-row elementwise kernels (:func:`elementwise_row_tiles`), at
 #: most, and the elements (channels x positions) a thread holds at most, by direction: the
 #: forward carries two rows per channel through its stage loop (residual and sum), the backward
@@ -156,6 +158,10 @@ ELEMENTWISE_ROWS = False
 ROW_POSITIONS_PER_THREAD = 4
 ROW_ELEMS_PER_THREAD = {"forward": 16, "backward": 32}
 ROW_WARPS = 4
+#: Register cap (``maxnreg``) of the channel-row forward: the hardware's 255, i.e. no lower cap.
+#: Left to itself ptxas may stop at 128 registers for a forward whose channel constants and rows
+#: need a few more, and spill; with the cap stated it allocates what the kernel needs (bench/NOTES.md).
+ROW_FORWARD_MAXNREG = 255
 
 
 def elementwise_row_tiles(channels: int, spatial: int, sparse: bool = False, direction: str = "forward") -> Tiles:
@@ -163,13 +169,15 @@ def elementwise_row_tiles(channels: int, spatial: int, sparse: bool = False, dir
     ``block_c = C``) in every thread, ``block_s`` positions along the threads and warps -- up to
     :data:`ROW_POSITIONS_PER_THREAD` positions per thread, fewer when ``C`` times that exceeds
     :data:`ROW_ELEMS_PER_THREAD` of ``direction``; ``sparse`` (mask or stage counts) does not
-    change it. ``MAX_BLOCK_ELEMS`` caps the tile (tests lower it to force several tiles per image)."""
+    change it. ``MAX_BLOCK_ELEMS`` caps the tile (tests lower it to force several tiles per image).
+    The forward states its register cap (:data:`ROW_FORWARD_MAXNREG`)."""
     per_thread = max(1, min(ROW_POSITIONS_PER_THREAD, ROW_ELEMS_PER_THREAD[direction] // max(channels, 1)))
     per_thread = 1 << (per_thread.bit_length() - 1)
     cap = max(next_pow2(MAX_BLOCK_ELEMS // max(channels, 1)) // 2, 2)
     block_s = max(min(next_pow2(spatial), per_thread * 32 * ROW_WARPS, cap), 2)
     warps = min(max(block_s // (32 * per_thread), 1), ROW_WARPS)
-    return Tiles(channels, block_s, warps, block_s >= spatial)
+    return Tiles(channels, block_s, warps, block_s >= spatial,
+                 maxnreg=ROW_FORWARD_MAXNREG if direction == "forward" else None)
 
 
 def use_libdevice(t: torch.Tensor) -> bool:
@@ -191,8 +199,11 @@ def target_arch(t: torch.Tensor) -> Optional[int]:
 
 def level_tables(levels: Sequence[int], device: torch.device, fsq_shift: str = "atanh"
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cached ``(consts, basis)``: float32 ``(5, C)`` rows half_l, offset, shift, half_w, L-1
-    (float64 values rounded to float32, exactly as the reference builds them) and ``(C,)``
+    """Cached ``(consts, basis)``: float32 ``(6, C)`` rows half_l, offset, shift, half_w, L-1
+    (float64 values rounded to float32, exactly as the reference builds them), 1/half_w (float32
+    division, correctly rounded: the bits of the kernels' ``recip_rn(half_w)``, so the row kernels
+    load it instead of dividing once per program; new rows go last, so the kernels reading the
+    first five see the same offsets) and ``(C,)``
     mixed-radix place values in the index dtype (int32 below 2**31 codes: 32-bit index math).
     ``fsq_shift`` picks the shift row (``'atanh'``, or the official code's ``'tan'``): the kernels
     read the shift from this table, so they compute either. Built once per (levels, device, shift),
@@ -200,7 +211,8 @@ def level_tables(levels: Sequence[int], device: torch.device, fsq_shift: str = "
     def build() -> Tuple[torch.Tensor, torch.Tensor]:
         half_l, offset, shift, half_w = fsq_constants(levels, fsq_shift)
         rows = [half_l, offset, shift, [float(v) for v in half_w], [float(v - 1) for v in levels]]
-        consts = torch.tensor(rows, dtype=torch.float32, device=device)
+        consts = torch.tensor(rows, dtype=torch.float32)
+        consts = torch.cat([consts, 1.0 / consts[3:4]]).to(device)
         return consts, torch.tensor(index_basis(levels), dtype=index_dtype(levels), device=device)
     return cached(("levels", tuple(levels), torch.device(device), fsq_shift), build)
 

@@ -214,7 +214,7 @@ def _fwd_elementwise_kernel(
     q_ptr,              # out: quantized, (B, C, S) through stride_q*, z's dtype
     idx_ptr,            # out: packed indices, (B, S, K) contiguous, int32 or int64
     param_ptrs,         # tuple: the strategy's parameter group (table order, kernel form)
-    consts_ptr,         # (5, C) float32 level constants (config.level_tables)
+    consts_ptr,         # (6, C) float32 level constants (config.level_tables)
     basis_ptr,          # (C,) mixed-radix place values in the index dtype (int32 or int64)
     valid_ptr,          # (B, S) uint8 padding mask (1 = valid), or None
     active_stages_ptr,  # (B,) int32 stages each image runs, or None
@@ -261,7 +261,7 @@ def _bwd_elementwise_kernel(
     dx_ptr,             # out: dL/dz, (B, C, S) through stride_dx*, z's dtype
     param_ptrs,         # tuple: the strategy's parameter group (table order, kernel form)
     dparam_part_ptrs,   # tuple: out, per parameter a float32 (programs * K, ...) partial-sum buffer
-    consts_ptr,         # (5, C) float32 level constants
+    consts_ptr,         # (6, C) float32 level constants
     valid_ptr,          # (B, S) uint8 padding mask, or None
     active_stages_ptr,  # (B,) int32 stages each image runs, or None
     C,                  # channels
@@ -369,7 +369,7 @@ def _fwd_elementwise_rows_kernel(
     q_ptr,              # out: quantized, (B, C, S) through stride_q*, z's dtype
     idx_ptr,            # out: packed indices, (B, S, K) contiguous, int32 or int64
     param_ptrs,         # tuple: the strategy's parameter group (table order, kernel form)
-    consts_ptr,         # (5, C) float32 level constants (config.level_tables)
+    consts_ptr,         # (6, C) float32 level constants (config.level_tables)
     basis_ptr,          # (C,) mixed-radix place values in the index dtype (int32 or int64)
     valid_ptr,          # (B, S) uint8 padding mask (1 = valid), or None
     active_stages_ptr,  # (B,) int32 stages each image runs, or None
@@ -430,7 +430,7 @@ def _bwd_elementwise_rows_kernel(
     dx_ptr,             # out: dL/dz, (B, C, S) through stride_dx*, z's dtype
     param_ptrs,         # tuple: the strategy's parameter group (table order, kernel form)
     dparam_part_ptrs,   # tuple: out, per parameter a float32 (programs * K, ...) partial-sum buffer
-    consts_ptr,         # (5, C) float32 level constants
+    consts_ptr,         # (6, C) float32 level constants
     valid_ptr,          # (B, S) uint8 padding mask, or None
     active_stages_ptr,  # (B,) int32 stages each image runs, or None
     S,                  # flattened spatial positions per image

@@ -28,6 +28,7 @@ ROW_OFFSET = tl.constexpr(1)
 ROW_SHIFT = tl.constexpr(2)
 ROW_HALF_W = tl.constexpr(3)
 ROW_TOP = tl.constexpr(4)
+ROW_INV_W = tl.constexpr(5)
 
 
 @triton.jit
@@ -299,12 +300,13 @@ def store_row(view, val, c, offs_s, mask):
 @triton.jit
 def load_channel_levels(consts_ptr, c, C: tl.constexpr):
     """Channel ``c``'s ``fsq = (half_l, offset, shift, half_w, inv_w)`` as float32 scalars
-    (:func:`load_levels` for one channel)."""
+    (:func:`load_levels` for one channel); ``inv_w`` is the table's host-computed ``1 / half_w``
+    row (the same bits as ``recip_rn(half_w)``), so no program runs a ``div.rn`` for it."""
     half_l = tl.load(consts_ptr + ROW_HALF_L * C + c)
     offset = tl.load(consts_ptr + ROW_OFFSET * C + c)
     shift = tl.load(consts_ptr + ROW_SHIFT * C + c)
     half_w = tl.load(consts_ptr + ROW_HALF_W * C + c)
-    return half_l, offset, shift, half_w, recip_rn(half_w)
+    return half_l, offset, shift, half_w, tl.load(consts_ptr + ROW_INV_W * C + c)
 
 
 @triton.jit
