@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         raise
     wall = time.perf_counter() - t0
     print(summary_table(binaries))
-    problems = check(binaries, failures, archs, complete=not args.quick)
+    problems = check(binaries, failures, archs, complete=not args.quick, strategies=args.strategy)
     slowest = max(binaries, key=lambda b: b["compile_cpu_s"], default=None)
     if slowest:
         print(f"\n{len(binaries)} binaries for sm_{', sm_'.join(map(str, archs))} in {wall:.0f} s wall "

@@ -21,6 +21,18 @@ MAX_COMPILE_CPU_S = 10.0
 _BLOCK_C = (1, 2, 4, 8, 16)
 
 
+#: Every kernel the default grid must reach, its family (:func:`_family`) and the paths it must take.
+REQUIRED_PATHS = (("_fwd_layernorm_split_kernel", "layernorm", ("split",)),
+                  ("_fwd_layernorm_kernel", "layernorm", ("single", "chunked")),
+                  ("_bwd_layernorm_kernel", "layernorm", ("single", "chunked")),
+                  ("_fwd_elementwise_kernel", "elementwise", ("single", "split")),
+                  ("_bwd_elementwise_kernel", "elementwise", ("single", "split")),
+                  ("_fwd_vq_rfsq_kernel", "vq_rfsq", ("single", "split")),
+                  ("_bwd_vq_rfsq_kernel", "vq_rfsq", ("single", "split")),
+                  ("_fwd_vq_fsq_kernel", "vq_rfsq", ("single", "split")),
+                  ("_bwd_vq_fsq_kernel", "vq_rfsq", ("single", "split")))
+
+
 def default_archs() -> List[int]:
     """sm_80 and sm_90, plus sm_100 when the triton wheel bundles ``ptxas-blackwell``."""
     import triton
@@ -143,11 +155,12 @@ def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2, strate
 
 
 def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence[int],
-          complete: bool = True) -> List[str]:
+          complete: bool = True, strategies: Optional[Sequence[str]] = None) -> List[str]:
     """Every problem found, one line (or block) each: failed compiles, spills (``NO_SPILL_ARCHS``),
     approximate math or FP fusion (:func:`arithmetic_problems`), boolean constexprs that took only
     one value and, with ``complete`` (the default grid), the launcher outcomes (paths, channel
-    tiles, dtypes) the sweep never reached."""
+    tiles, dtypes) the sweep never reached, for the kernel families of ``strategies`` (default:
+    all; a filtered sweep cannot reach the other families' kernels)."""
     problems = [f"- compile failed: {case}\n  {msg}" for case, msg in failures]
     for b in binaries:
         if b["compile_cpu_s"] > MAX_COMPILE_CPU_S:
@@ -161,8 +174,9 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
         for msg in b.get("coherence", []):
             problems.append(f"- in-program communication: {msg}: {b['kernel']} sm_{b['arch']} "
                             f"{b['constexprs']} ({b['case']})")
+    families = {_family(name) for name in strategies} if strategies else None
     coherent = [b for b in binaries if "chunked" in b["paths"]]
-    if complete and not coherent:
+    if complete and not coherent and (families is None or "layernorm" in families):
         problems.append("- no chunked layernorm binary was checked for coherent loads")
     seen = defaultdict(set)
     for b in binaries:
@@ -181,17 +195,10 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
             if {(name, False), (name, True)} - values:
                 problems.append(f"- sweep reached only one value of {name} for {kernel} on sm_{arch}: "
                                 f"give sweep.Case/run_case an input that flips it")
-    from .sweep import sweep_split
-    split = (("_fwd_layernorm_split_kernel", ("split",)),) if sweep_split() else ()
     for arch in archs if complete else ():
-        for kernel, paths in split + (("_fwd_layernorm_kernel", ("single", "chunked")),
-                              ("_bwd_layernorm_kernel", ("single", "chunked")),
-                              ("_fwd_elementwise_kernel", ("single", "split")),
-                              ("_bwd_elementwise_kernel", ("single", "split")),
-                              ("_fwd_vq_rfsq_kernel", ("single", "split")),
-                              ("_bwd_vq_rfsq_kernel", ("single", "split")),
-                              ("_fwd_vq_fsq_kernel", ("single", "split")),
-                              ("_bwd_vq_fsq_kernel", ("single", "split"))):
+        for kernel, family, paths in REQUIRED_PATHS:
+            if families is not None and family not in families:
+                continue
             want = {("path", p) for p in paths} | {("BLOCK_C", c) for c in _BLOCK_C}
             if arch in FULL_GRID_ARCHS:  # other targets compile the structural grid only
                 want |= {("USE_INT64", v) for v in (False, True)}
