@@ -24,3 +24,27 @@ def test_every_specialization_compiles_for_real_gpus():
     report = proc.stdout + proc.stderr
     print(report)
     assert proc.returncode == 0, report[-20000:]
+
+
+def test_coverage_expects_only_the_kernels_a_strategy_filter_reaches():
+    """``--strategy layernorm`` compiles no vq or elementwise case, so the coverage check must not
+    ask for those kernels; without a filter it asks for every kernel, the split forward included."""
+    from rfsq_kernels.gpucheck.check import check
+    filtered = "\n".join(check([], [], [90], strategies=["layernorm"]))
+    assert "_fwd_layernorm_split_kernel" in filtered and "_bwd_layernorm_kernel" in filtered
+    assert "vq" not in filtered and "elementwise" not in filtered
+    everything = "\n".join(check([], [], [90]))
+    for kernel in ("_fwd_layernorm_split_kernel", "_fwd_elementwise", "_bwd_vq_fsq_kernel"):
+        assert kernel in everything
+
+
+def test_default_grid_holds_the_split_forward_whatever_the_switch(monkeypatch):
+    """The default check compiles the split layernorm forward even while its runtime switch is off,
+    so it proves the kernel before the default flips."""
+    from rfsq_kernels.gpucheck import sweep
+    from rfsq_kernels.kernels import config
+    monkeypatch.delenv("RFSQ_LAYERNORM_SPLIT", raising=False)
+    monkeypatch.setattr(config, "LAYERNORM_SPLIT", False)
+    split = [c for c in sweep.default_cases() if c.split]
+    assert split and all(c.direction == "forward" and c.strategy == "layernorm" for c in split)
+    assert any(c.split for c in sweep.structure_cases())

@@ -203,10 +203,10 @@ def required_kernels(families: Optional[Sequence[str]] = None, arch: Optional[in
                      ) -> List[Tuple[str, Tuple[str, ...]]]:
     """``(kernel, paths)`` that a complete sweep for ``arch`` must launch, of the kernel
     ``families`` given (default: all): the kernels the launchers choose under the current
-    switches -- the split layernorm forward with :func:`.sweep.sweep_split`, the channel-row or
-    the tile none/scale kernels as ``config.ELEMENTWISE_ROWS`` says."""
+    switches (the channel-row or the tile none/scale kernels as ``config.ELEMENTWISE_ROWS`` says)
+    and the split layernorm forward, which the sweep compiles whatever the runtime switch says."""
     from ..kernels import config
-    from .sweep import VQ_RFSQ, sweep_split
+    from .sweep import VQ_RFSQ
     if config.ELEMENTWISE_ROWS:
         # A row tile holds at most 512 positions, and the structural grid (every target outside
         # FULL_GRID_ARCHS) has no smaller image than 32x32: there every launch is several
@@ -216,8 +216,8 @@ def required_kernels(families: Optional[Sequence[str]] = None, arch: Optional[in
     else:
         elementwise = (("_fwd_elementwise_kernel", ("single", "split")), ("_bwd_elementwise_kernel", ("single", "split")))
     by_family = {
-        "layernorm": ((("_fwd_layernorm_split_kernel", ("split",)),) if sweep_split() else ())
-        + (("_fwd_layernorm_kernel", ("single", "chunked")), ("_bwd_layernorm_kernel", ("single", "chunked"))),
+        "layernorm": (("_fwd_layernorm_split_kernel", ("split",)), ("_fwd_layernorm_kernel", ("single", "chunked")),
+                      ("_bwd_layernorm_kernel", ("single", "chunked"))),
         "elementwise": elementwise,
         VQ_RFSQ: (("_fwd_vq_rfsq_kernel", ("single", "split")), ("_bwd_vq_rfsq_kernel", ("single", "split")),
                   ("_fwd_vq_fsq_kernel", ("single", "split")), ("_bwd_vq_fsq_kernel", ("single", "split"))),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import resource
 import time
 from dataclasses import dataclass, field, replace
@@ -143,20 +142,12 @@ def quick_cases(strategies: Iterable[str] = STRATEGIES) -> List[Case]:
     return with_split(out)
 
 
-def sweep_split() -> bool:
-    """Whether the grids include the split layernorm forward (issue 28): when the switch is on in
-    the environment (``RFSQ_LAYERNORM_SPLIT=1 python -m rfsq_kernels.gpucheck``). Off by default
-    while the switch is: its binaries still spill (bench/NOTES.md, "Split layernorm")."""
-    return os.environ.get("RFSQ_LAYERNORM_SPLIT", "0") == "1"
-
-
 def with_split(cases: Iterable[Case]) -> List[Case]:
-    """``cases`` plus, with :func:`sweep_split`, for each ``layernorm`` forward the same call with
-    the split path switched on (``config.LAYERNORM_SPLIT``; images that fit one tile give the
-    single-tile binary again)."""
+    """``cases`` plus, for each ``layernorm`` forward, the same call with the split path switched
+    on (``config.LAYERNORM_SPLIT``; images that fit one tile give the single-tile binary again).
+    Every case sets the switch itself (:func:`run_case`), so the grid, and what it proves, does
+    not depend on the runtime default: the split kernel is checked before it becomes the default."""
     out = list(cases)
-    if not sweep_split():
-        return out
     out += [replace(c, split=True) for c in out if c.direction == "forward" and c.strategy == "layernorm"]
     return out
 

@@ -297,6 +297,18 @@ def _fwd_layernorm_split_kernel(
 # -- host side ---------------------------------------------------------------------------------
 
 
+def split_block_s(tiles: config.Tiles) -> int:
+    """Positions per tile of the split forward, from the chunk tile (same warps and register cap):
+    half its ``BLOCK_S`` (4 elements per thread), a quarter (2 per thread) above 8 channels. The
+    middle and last launches carry the residual, the decoded stage and (last) the sum through the
+    decode loop; at 8 elements per thread that does not fit the 128-register cap, and with 16
+    channels (whose per-channel columns -- level constants, radix rows, statistics -- also grow)
+    neither does 4 per thread with 64-bit indices or offsets. The tile size is part of the
+    statistics' reduction order."""
+    shrink = 4 if tiles.block_c > 8 else 2
+    return max(tiles.block_s // shrink, 2)
+
+
 def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[torch.Tensor, ...], eps: float,
             valid: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], tiles: config.Tiles,
             outputs: Tuple[torch.Tensor, ...], fsq_shift: str = "atanh") -> Tuple[torch.Tensor, ...]:
@@ -310,10 +322,7 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[t
     x, x_strides = config.strided_view(z)
     consts, basis = config.level_tables(levels, z.device, fsq_shift)
     radix = radix_table(levels, indices.dtype, z.device)
-    # Half the chunk at the same warps (4 elements per thread): the middle and last launches
-    # carry the residual, the decoded stage and (last) the sum through the decode loop, which
-    # at 8 elements per thread does not fit the 128-register cap.
-    tiles = dataclasses.replace(tiles, block_s=max(tiles.block_s // 2, 2))
+    tiles = dataclasses.replace(tiles, block_s=split_block_s(tiles))
     plan = config.layernorm_split_plan(B, S, tiles)
     dev = z.device
     sdw = torch.empty((B, stages, C), dtype=torch.float32, device=dev)
