@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["rfsq_kernels", "rfsq_kernels.kernels", "rfsq_kernels.kernels.vq", "rfsq_kernels.gpucheck",
-              "rfsq_kernels.reference", "rfsq_kernels.vqpytorch"],
+              "rfsq_kernels.reference", "rfsq_kernels.reference.strategies", "rfsq_kernels.vqpytorch"],
     package_dir={"rfsq_kernels.reference": "reference"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

@@ -30,8 +30,12 @@ from .strategies import (
     ParamRole,
     ParamSpec,
     Strategy,
+    StrategyDefinition,
     get_strategy,
+    register_strategy,
+    registered_strategy,
     scale_param_init,
+    unregister_strategy,
     stage_scales,
 )
 from .validation import check_eps, check_indices, check_latent, check_side, check_stages
@@ -39,6 +43,7 @@ from .vq_ema import VQEMA
 
 __all__ = [
     "DEFAULT_LEVELS", "FSQ", "FSQ_SHIFTS", "check_fsq_shift", "KERNEL_FAMILIES", "LFQ", "PARAM_ROLES", "ParamRole", "ParamSpec", "RFSQ", "SENTINEL", "STRATEGIES", "STRATEGY_TABLE", "Strategy",
+    "StrategyDefinition", "register_strategy", "registered_strategy", "unregister_strategy",
     "VQEMA", "get_strategy", "check_eps", "check_indices",
     "check_latent", "check_levels", "check_sentinel_layout", "check_side", "draw_active_stages", "split_sentinel",
     "check_stages", "codebook_size", "default_levels", "digits_to_codes",

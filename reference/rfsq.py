@@ -1,15 +1,14 @@
 """Robust Residual FSQ, the pure-PyTorch ground truth (docs/semantics.md): the functional core.
 
-Stage k conditions the residual ``r_k`` (nothing / learnable scale / invertible per-channel
-normalization), rounds it with FSQ, maps the code back, and subtracts it:
+Stage k conditions the residual ``r_k`` (its strategy's stage math, ``reference/strategies/``),
+rounds it with FSQ, maps the code back, and subtracts it:
 ``r_{k+1} = r_k - q_k``. The chain is not detached, so gradients flow through every stage.
 :func:`rfsq_forward` runs the K stages, :func:`rfsq_decode_stages` maps stored indices back; the
 ``nn.Module`` around them is :mod:`.rfsq_module`.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -22,20 +21,15 @@ from .codebook import (
     indices_to_digits,
 )
 from .dropout import stage_keep, valid_count
-from .fsq import fsq_quantize
 from .sentinel import SENTINEL, split_sentinel
-from .strategies import Strategy, get_strategy, stage_scales
+# The per-strategy pieces come from the strategy modules' registration (reference/strategies/);
+# STAGE_MATH, DECODE_MATH and StageContext are importable from here too.
+from .strategies import DECODE_MATH, STAGE_MATH, ParamGroup, StageContext, get_strategy  # noqa: F401
 from .validation import check_call_tensors, check_eps, check_stages
-
 
 
 def _spatial_dims(ndim: int) -> Tuple[int, ...]:
     return tuple(range(2, ndim))
-
-
-def _per_channel(t: torch.Tensor, k: int, ndim: int) -> torch.Tensor:
-    """Row ``k`` of a ``(K, C)`` parameter as a ``(1, C, 1, ...)`` view."""
-    return t[k].view(1, -1, *([1] * (ndim - 2)))
 
 
 def rfsq_forward(
@@ -118,62 +112,6 @@ def rfsq_forward(
     return quantized.to(z.dtype), idx, mean, std
 
 
-class StageContext(NamedTuple):
-    """What a stage's math needs besides the residual and the parameters."""
-
-    levels: Sequence[int]
-    compute_dtype: torch.dtype
-    eps: float
-    dims: Tuple[int, ...]  # spatial dims of the channel-first residual
-    valid: Optional[torch.Tensor]  # (B, 1, *spatial) bool, or None without a mask
-    count: Optional[torch.Tensor]  # valid positions per image, (B, 1, ...), or None without a mask
-    fsq_shift: str = "atanh"  # the FSQ shift: 'atanh' or the official code's 'tan'
-
-
-#: A strategy's parameter group: its parameters in table order (``Strategy.bind``).
-ParamGroup = Tuple[torch.Tensor, ...]
-
-
-def _stage_none(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
-    codes, digits = fsq_quantize(r, ctx.levels, ctx.compute_dtype, ctx.fsq_shift)
-    return codes, digits, None
-
-
-def _stage_scale(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
-    (scale_param,) = params
-    a = stage_scales(scale_param, ctx.compute_dtype)[k]
-    codes, digits = fsq_quantize(a * r, ctx.levels, ctx.compute_dtype, ctx.fsq_shift)
-    # Un-conditioning multiplies by the reciprocal (one IEEE division per stage, not per element):
-    # the fused kernels compute exactly this (docs/semantics.md, "Arithmetic contract").
-    return codes * torch.reciprocal(a), digits, None
-
-
-def _stage_layernorm(r: torch.Tensor, k: int, params: ParamGroup, ctx: StageContext):
-    ln_weight, ln_bias = params
-    cdt, nd = ctx.compute_dtype, r.ndim
-    if ctx.valid is None:
-        var, mu = torch.var_mean(r, dim=ctx.dims, correction=0, keepdim=True)
-    else:  # statistics over the valid positions only (the residual is 0 elsewhere)
-        mu = r.sum(dim=ctx.dims, keepdim=True) / ctx.count
-        centred = torch.where(ctx.valid, r - mu, torch.zeros((), dtype=cdt, device=r.device))
-        var = (centred * centred).sum(dim=ctx.dims, keepdim=True) / ctx.count
-    sd = torch.sqrt(var + ctx.eps)
-    w = _per_channel(ln_weight, k, nd).to(cdt)
-    b = _per_channel(ln_bias, k, nd).to(cdt)
-    # Per-(image, channel) factors, divided once; every element is multiplied (docs/semantics.md,
-    # "Arithmetic contract": the fused kernels and decode compute exactly these operations).
-    w_sd, sd_w = w / sd, sd / w
-    codes, digits = fsq_quantize((r - mu) * w_sd + b, ctx.levels, cdt, ctx.fsq_shift)
-    q = (codes - b) * sd_w + mu
-    return q, digits, (mu.detach().flatten(1).float(), sd.detach().flatten(1).float())
-
-
-#: Per-stage forward math of each strategy: ``(r_k, k, params, ctx) -> (q_k, digits, stats)``, with
-#: ``params`` the strategy's parameter group (table order) and ``stats`` the stage's ``(B, C)``
-#: float32 ``(mean, std)`` when the strategy has per-image statistics.
-STAGE_MATH: Dict[str, Callable] = {"none": _stage_none, "scale": _stage_scale, "layernorm": _stage_layernorm}
-
-
 def _empty_result(z, levels, stages, strategy):
     """Outputs of the right shapes for a zero-size batch (or zero spatial extent)."""
     idx = torch.zeros((z.shape[0], *z.shape[2:], stages), dtype=index_dtype(levels), device=z.device)
@@ -221,27 +159,3 @@ def rfsq_decode_stages(
         q = decode(codes, k, group, mean, std)
         out.append(torch.where(present.unsqueeze(1), q, torch.zeros((), dtype=q.dtype, device=q.device)))
     return out
-
-
-def _decode_none(codes, k, params, mean, std):
-    return codes
-
-
-def _decode_scale(codes, k, params, mean, std):
-    (scale_param,) = params
-    return codes * torch.reciprocal(stage_scales(scale_param)[k])
-
-
-def _decode_layernorm(codes, k, params, mean, std):
-    nd = codes.ndim
-    shape = (codes.shape[0], codes.shape[1]) + (1,) * (nd - 2)
-    mu, sd = mean[:, k].reshape(shape), std[:, k].reshape(shape)
-    ln_weight, ln_bias = params
-    w = _per_channel(ln_weight, k, nd).float()
-    b = _per_channel(ln_bias, k, nd).float()
-    return (codes - b) * (sd / w) + mu
-
-
-#: Per-stage decode of each strategy: ``(float32 codes (B, C, *spatial), k, params, mean, std) -> q_k``,
-#: the same float32 operations in the same order as its :data:`STAGE_MATH` entry.
-DECODE_MATH: Dict[str, Callable] = {"none": _decode_none, "scale": _decode_scale, "layernorm": _decode_layernorm}

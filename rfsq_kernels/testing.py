@@ -4,8 +4,9 @@ Freshly built modules hold their initial parameters (scale ``softplus(p_k) = ini
 weight 1, bias 0), where some gradients and some code paths are degenerate (``w = 1`` hides a
 swapped weight/bias, equal stages hide a wrong stage index). Tests and benchmarks therefore draw
 non-trivial parameters from here. The distribution of each parameter follows its
-:class:`~rfsq_kernels.reference.ParamSpec` ``role`` in the strategy table (:data:`DISTRIBUTIONS`),
-so a new strategy needs no change here unless it brings a new role (then one entry there):
+:class:`~rfsq_kernels.reference.ParamSpec` ``role``: the role's ``draw``, which the strategy module
+that introduces the role declares (:data:`DISTRIBUTIONS`, filled by the strategy registration), so
+a new strategy needs no change here. The built-in roles:
 
 - ``softplus_scale`` (``p_k`` with ``a_k = softplus(p_k)``): ``p + 0.3 N(0, 1)``; ``a_k`` stays
   positive by construction and, around the default ``p = softplus^-1(1)``, within about
@@ -24,23 +25,16 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from rfsq_kernels.reference.strategies import GAIN, SHIFT, SOFTPLUS_SCALE, get_strategy
+from rfsq_kernels.reference.strategies import DISTRIBUTIONS, get_strategy
 
 __all__ = ["DISTRIBUTIONS", "random_strategy_params", "randomize_"]
-
-#: ``role -> draw(base, generator)``: ``base`` (float32, CPU) moved randomly as the role allows.
-DISTRIBUTIONS: Dict[str, Callable[[Tensor, Optional[torch.Generator]], Tensor]] = {
-    SOFTPLUS_SCALE: lambda base, gen: base + 0.3 * torch.randn(base.shape, generator=gen),
-    GAIN: lambda base, gen: base * (0.6 + 0.8 * torch.rand(base.shape, generator=gen)),
-    SHIFT: lambda base, gen: base + 0.2 * torch.randn(base.shape, generator=gen),
-}
 
 
 def _distribution(role: str) -> Callable[[Tensor, Optional[torch.Generator]], Tensor]:
     draw = DISTRIBUTIONS.get(role)
     if draw is None:
-        raise ValueError(f"no random distribution for parameter role {role!r}; add one to "
-                         f"rfsq_kernels.testing.DISTRIBUTIONS")
+        raise ValueError(f"no random distribution for parameter role {role!r}; the strategy module that "
+                         f"introduces the role declares it (ParamRole.draw)")
     return draw
 
 

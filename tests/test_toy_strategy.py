@@ -1,11 +1,14 @@
 """A strategy lives in one place: the toy ``toy_offset`` (tests/toy_strategy.py, a parameter role the
 built-in table does not have) is registered at run time and runs through the module, the fused
 path (interpreter), ``torch.library.opcheck`` and the real-compiler sweep, with no edit to the
-custom ops, the launchers or the tools. Every registration is undone after each test."""
+custom ops, the launchers or the tools. One registration (``registered_strategy``) fills every
+table, and is undone after each test."""
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -18,24 +21,26 @@ from numpy_rfsq import draw_clear_of_boundaries
 from rfsq_kernels import RFSQ
 from rfsq_kernels.fused import rfsq_fused
 from rfsq_kernels.kernels import config
-from rfsq_kernels.reference import STRATEGY_TABLE, get_strategy, rfsq_forward
-from rfsq_kernels.testing import random_strategy_params, randomize_
+from rfsq_kernels.reference import PARAM_ROLES, STRATEGY_TABLE, get_strategy, registered_strategy, rfsq_forward
+from rfsq_kernels.testing import DISTRIBUTIONS, random_strategy_params, randomize_
 
 NAME = toy_strategy.NAME
 LEVELS = [8, 5, 5, 4]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _register(mp: pytest.MonkeyPatch) -> None:
-    for registry, key, value in toy_strategy.registrations():
-        mp.setitem(registry, key, value)
-    mp.setitem(numpy_rfsq.ORACLE_STAGES, NAME, toy_strategy.oracle_stage)
+@contextlib.contextmanager
+def _registered() -> Iterator[str]:
+    """The toy strategy (one registration) and its float64 oracle stage, undone afterwards."""
+    with registered_strategy(toy_strategy.STRATEGY) as name, pytest.MonkeyPatch.context() as mp:
+        mp.setitem(numpy_rfsq.ORACLE_STAGES, name, toy_strategy.oracle_stage)
+        yield name
 
 
 @pytest.fixture
-def toy(monkeypatch):
-    _register(monkeypatch)
-    return NAME
+def toy():
+    with _registered() as name:
+        yield name
 
 
 def test_module_matches_the_float64_oracle_and_decodes_exactly(seed, toy):
@@ -99,10 +104,10 @@ def test_opcheck(seed, toy, sparse):
 
 
 def test_registration_is_undone():
-    with pytest.MonkeyPatch.context() as mp:
-        _register(mp)
-        assert NAME in STRATEGY_TABLE
+    with _registered():
+        assert NAME in STRATEGY_TABLE and "offset" in PARAM_ROLES and "offset" in DISTRIBUTIONS
     assert NAME not in STRATEGY_TABLE and NAME not in numpy_rfsq.ORACLE_STAGES
+    assert "offset" not in PARAM_ROLES and "offset" not in DISTRIBUTIONS
     with pytest.raises(ValueError, match="strategy must be one of"):
         get_strategy(NAME)
 

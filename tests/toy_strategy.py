@@ -1,16 +1,16 @@
-"""A toy conditioning strategy, registered at run time: proof that a strategy lives in its table
-row, its reference math, its oracle math and its kernel stage, and nowhere else.
+"""A toy conditioning strategy, registered at run time: proof that a strategy is one module.
 
 ``toy_offset`` has one parameter with a role the built-in table does not have, a per-stage
 ``offset`` ``o_k`` ``(K,)`` added before FSQ and removed after::
 
     q_k = FSQ(r_k + o_k) - o_k,    dq_k/dr_k = dcode/du,    dL/do_k = sum v_k (dcode/du - 1)
 
-:func:`registrations` lists every ``(registry, key, value)`` it needs; ``tests/test_toy_strategy.py``
-applies them with ``monkeypatch.setitem`` (undone after each test) and ``python -m
-rfsq_kernels.gpucheck --plugin tests/toy_strategy.py --strategy toy_offset --quick`` applies them in
-its workers. The oracle's float64 stage (:func:`oracle_stage`) goes into
-``numpy_rfsq.ORACLE_STAGES``, which lives in the tests, so the test registers it itself.
+:data:`STRATEGY` declares all of it (row, role with its test distribution, stage math, decode
+math, kernel stage); ``tests/test_toy_strategy.py`` registers it for a test with
+``registered_strategy(STRATEGY)`` and ``python -m rfsq_kernels.gpucheck --plugin
+tests/toy_strategy.py --strategy toy_offset --quick`` registers it in its workers. The oracle's
+float64 stage (:func:`oracle_stage`) goes into ``numpy_rfsq.ORACLE_STAGES``, which lives in the
+tests, so the test registers it itself.
 """
 from __future__ import annotations
 
@@ -18,23 +18,19 @@ import torch
 import triton
 import triton.language as tl
 
-import rfsq_kernels.reference.rfsq as reference_rfsq
-from rfsq_kernels import testing
-from rfsq_kernels.kernels import elementwise
+from rfsq_kernels.kernels.elementwise import ElementwiseStage
 from rfsq_kernels.kernels.stages import fsq_code, masked_row_sum
-from rfsq_kernels.reference import strategies
+from rfsq_kernels.reference import ParamRole, ParamSpec, Strategy, StrategyDefinition
 from rfsq_kernels.reference.fsq import fsq_quantize
+from rfsq_kernels.reference.strategies import ELEMENTWISE
 
 NAME = "toy_offset"
 OFFSET = "offset"  # the new parameter role: added before FSQ, removed after; starts at 0
 
-ROW = strategies.Strategy(
-    NAME, (strategies.ParamSpec("offset", False, OFFSET),), per_image_stats=False,
-    kernel_family=strategies.ELEMENTWISE, summary="per-stage offset: q_k = FSQ(r_k + o_k) - o_k")
 
 
 def stage_math(r, k, params, ctx):
-    """Reference forward of stage k (``reference_rfsq.STAGE_MATH`` contract)."""
+    """Reference forward of stage k (``reference.strategies.table.StageMath`` contract)."""
     (offset,) = params
     o = offset[k].to(ctx.compute_dtype)
     codes, digits = fsq_quantize(r + o, ctx.levels, ctx.compute_dtype)
@@ -105,15 +101,13 @@ def offset_row_grads_store(parts, stage_params, dparam_part_ptrs, pid, K: tl.con
         tl.store(doffset_part_ptr + pid * K + k, tl.sum(tl.where(valid, parts[k], 0.0), axis=0))
 
 
-def registrations():
-    """``(registry, key, value)``: everything the package needs to know about ``toy_offset``."""
-    return [
-        (strategies.STRATEGY_TABLE, NAME, ROW),
-        (strategies.PARAM_ROLES, OFFSET, strategies.ParamRole(initial=lambda _initial_scale: 0.0)),
-        (testing.DISTRIBUTIONS, OFFSET, lambda base, gen: base + 0.3 * torch.randn(base.shape, generator=gen)),
-        (reference_rfsq.STAGE_MATH, NAME, stage_math),
-        (reference_rfsq.DECODE_MATH, NAME, decode_math),
-        (elementwise.STAGES, NAME, elementwise.ElementwiseStage(offset_stage, offset_grads_init, offset_vjp,
-                                                                 offset_grads_store, offset_row_grads_init,
-                                                                 offset_row_vjp, offset_row_grads_store)),
-    ]
+STRATEGY = StrategyDefinition(
+    row=Strategy(NAME, (ParamSpec("offset", False, OFFSET),), per_image_stats=False, kernel_family=ELEMENTWISE,
+                 summary="per-stage offset: q_k = FSQ(r_k + o_k) - o_k"),
+    stage_math=stage_math,
+    decode_math=decode_math,
+    roles={OFFSET: ParamRole(initial=lambda _initial_scale: 0.0,
+                             draw=lambda base, gen: base + 0.3 * torch.randn(base.shape, generator=gen))},
+    kernel_stage=ElementwiseStage(offset_stage, offset_grads_init, offset_vjp, offset_grads_store,
+                                  offset_row_grads_init, offset_row_vjp, offset_row_grads_store),
+)

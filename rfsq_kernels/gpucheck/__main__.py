@@ -30,8 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the small grid of sweep.quick_cases() (a strategy under "
                    "development): compile errors, spills and both values of every flag, not every path")
     p.add_argument("--plugin", nargs="+", default=[], metavar="FILE",
-                   help="Python files whose registrations() (registry, key, value) triples are applied in every "
-                   "worker first: a strategy under development (see tests/toy_strategy.py)")
+                   help="Python files whose STRATEGY (a StrategyDefinition) every worker registers first: a "
+                   "strategy under development (see tests/toy_strategy.py)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU", file=sys.stderr)
@@ -99,7 +99,7 @@ def _check_plugins_and_strategies(p: argparse.ArgumentParser, args: argparse.Nam
         load_plugins(args.plugin)
     except Exception as e:  # the plugin's own bug: name the file and the error, not a traceback
         p.error(f"--plugin {' '.join(args.plugin)}: cannot load it ({type(e).__name__}: {e}); a plugin is a "
-                "Python file defining registrations() (see tests/toy_strategy.py)")
+                "Python file defining STRATEGY, a StrategyDefinition (see tests/toy_strategy.py)")
     for name in args.strategy or []:
         if name == VQ_RFSQ:
             continue

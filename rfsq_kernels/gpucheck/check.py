@@ -28,16 +28,28 @@ def default_archs() -> List[int]:
     return [80, 90] + ([100] if os.path.exists(blackwell) else [])
 
 
+#: The plugin files this process has registered (workers run several tasks each).
+_LOADED_PLUGINS: set = set()
+
+
 def load_plugins(paths: Sequence[str]) -> None:
-    """Import each Python file in ``paths`` and apply its ``registrations()``: ``(registry, key,
-    value)`` triples (e.g. a strategy-table row, its stage math and kernel stage) set in this
-    process -- how a strategy under development reaches the sweep without editing the package."""
-    for i, path in enumerate(paths):
-        spec = importlib.util.spec_from_file_location(f"rfsq_gpucheck_plugin_{i}", path)
+    """Import each Python file in ``paths`` once per process and register its ``STRATEGY`` (a
+    :class:`~rfsq_kernels.reference.StrategyDefinition`, e.g. ``tests/toy_strategy.py``): how a
+    strategy under development reaches the sweep without editing the package."""
+    from rfsq_kernels.reference import StrategyDefinition, register_strategy
+
+    for path in paths:
+        key = os.path.abspath(path)
+        if key in _LOADED_PLUGINS:
+            continue
+        spec = importlib.util.spec_from_file_location(f"rfsq_gpucheck_plugin_{len(_LOADED_PLUGINS)}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        for registry, key, value in module.registrations():
-            registry[key] = value
+        definition = getattr(module, "STRATEGY", None)
+        if not isinstance(definition, StrategyDefinition):
+            raise ValueError(f"{path} defines no STRATEGY (a StrategyDefinition)")
+        register_strategy(definition)
+        _LOADED_PLUGINS.add(key)
 
 
 def _family(strategy: str) -> str:
@@ -124,7 +136,7 @@ def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2, strate
                  quick: bool = False, plugins: Sequence[str] = ()) -> Tuple[List[dict], List[Tuple[str, str]]]:
     """Compile the grid for every target in ``jobs`` processes; ``(binaries, failures)``.
     ``strategies``: only these (default: every built-in one); ``quick``: the small grid of
-    :func:`.sweep.quick_cases`; ``plugins``: files whose ``registrations()`` every worker applies
+    :func:`.sweep.quick_cases`; ``plugins``: files whose ``STRATEGY`` every worker registers
     first (:func:`load_plugins`)."""
     load_plugins(plugins)
     from ..kernels.launch import FAMILIES

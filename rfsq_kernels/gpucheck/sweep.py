@@ -299,7 +299,6 @@ def compiled_kernels(arch: int) -> Dict[str, object]:
 
 def kernel_modules() -> Tuple[object, ...]:
     """Every module that defines kernels: the strategy families and the vector-quantize-pytorch ones."""
-    from ..kernels.launch import FAMILIES
-    from ..kernels import layernorm_split
+    from ..kernels import elementwise, layernorm, layernorm_split
     from ..kernels.vq import fsq, residual_fsq
-    return (*FAMILIES.values(), layernorm_split, residual_fsq, fsq)
+    return (elementwise, layernorm, layernorm_split, residual_fsq, fsq)

@@ -1,13 +1,13 @@
-"""Kernels of the elementwise strategies (``none``, ``scale``, and any strategy registered in
-:data:`STAGES`): forward, backward, launchers and output allocation. Positions are independent, so
-one program owns one (image, spatial tile). The kernels are generic over the strategy: its stage
-arrives as constexpr jit functions (an :class:`ElementwiseStage`) and its parameter group as a
-tuple of pointers. The launchers are called through :mod:`.launch`, which answers problems without
+"""Kernels of the elementwise strategies (``none``, ``scale``, and any strategy of the
+``elementwise`` family): forward, backward, launchers and output allocation. Positions are
+independent, so one program owns one (image, spatial tile). The kernels are generic over the
+strategy: its stage arrives as constexpr jit functions (an :class:`ElementwiseStage`, which the
+strategy's module declares as its kernel stage) and its parameter group as a tuple of pointers. The launchers are called through :mod:`.launch`, which answers problems without
 positions itself. Design: ``docs/kernel-design.md``."""
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -184,15 +184,13 @@ class ElementwiseStage(NamedTuple):
     row_forward: object = None                # forward on one row_params entry; None: ``forward``
 
 
-#: The elementwise family's stage of each strategy, by strategy name. A new elementwise strategy
-#: adds its entry here; the kernels, launchers and custom ops stay as they are.
-STAGES: Dict[str, ElementwiseStage] = {
-    "none": ElementwiseStage(none_stage, no_grads_init, none_vjp, no_grads_store,
-                             no_row_grads_init, none_row_vjp, no_row_grads_store),
-    "scale": ElementwiseStage(scale_stage, scale_grads_init, scale_vjp, scale_grads_store,
-                              scale_row_grads_init, scale_row_vjp, scale_row_grads_store,
-                              scale_row_params, scale_row_stage),
-}
+# The built-in strategies' kernel stages; their modules (reference/strategies/none.py, scale.py)
+# name them by import path, so the reference never imports the kernels.
+NONE_STAGE = ElementwiseStage(none_stage, no_grads_init, none_vjp, no_grads_store,
+                              no_row_grads_init, none_row_vjp, no_row_grads_store)
+SCALE_STAGE = ElementwiseStage(scale_stage, scale_grads_init, scale_vjp, scale_grads_store,
+                               scale_row_grads_init, scale_row_vjp, scale_row_grads_store,
+                               scale_row_params, scale_row_stage)
 
 
 @triton.jit
@@ -224,7 +222,7 @@ def _fwd_elementwise_kernel(
     stride_xb, stride_xc, stride_xs,  # z's strides: image, channel, flattened spatial
     stride_qb, stride_qc, stride_qs,  # quantized's strides
     K,                  # stages (runtime: one binary serves every K)
-    STAGE: tl.constexpr,              # the strategy's stage forward (STAGES[strategy].forward)
+    STAGE: tl.constexpr,              # the strategy's stage forward (ElementwiseStage.forward)
     BLOCK_C: tl.constexpr,            # next_pow2(C): every channel in one program
     BLOCK_S: tl.constexpr,            # spatial positions per program
     HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
@@ -271,7 +269,7 @@ def _bwd_elementwise_kernel(
     stride_gb, stride_gc, stride_gs,     # dL/dquantized's strides
     stride_dxb, stride_dxc, stride_dxs,  # dL/dz's strides
     K: tl.constexpr,                  # stages (unrolled: the replay is shared between them)
-    STAGE: tl.constexpr,              # the strategy's stage forward (STAGES[strategy].forward, replayed)
+    STAGE: tl.constexpr,              # the strategy's stage forward (ElementwiseStage.forward, replayed)
     STAGE_GRADS_INIT: tl.constexpr,   # its parameter-gradient accumulators (.grads_init)
     STAGE_VJP: tl.constexpr,          # its vector-Jacobian product (.vjp)
     STAGE_GRADS_STORE: tl.constexpr,  # stores this program's parameter-gradient partials (.grads_store)
@@ -378,7 +376,7 @@ def _fwd_elementwise_rows_kernel(
     stride_xb, stride_xc, stride_xs,  # z's strides: image, channel, flattened spatial
     stride_qb, stride_qc, stride_qs,  # quantized's strides
     K,                  # stages (runtime: one binary serves every K)
-    STAGE: tl.constexpr,              # the strategy's stage forward (STAGES[strategy].forward)
+    STAGE: tl.constexpr,              # the strategy's stage forward (ElementwiseStage.forward)
     BLOCK_C: tl.constexpr,            # the exact channel count C: every channel in every thread
     BLOCK_S: tl.constexpr,            # spatial positions per program
     HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
@@ -499,11 +497,11 @@ def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tupl
     return quantized, indices, config.empty_output(z), config.empty_output(z)
 
 
-def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, params: Tuple[torch.Tensor, ...],
-            eps: float, mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor],
-            fsq_shift: str = "atanh") -> Tuple[torch.Tensor, ...]:
-    """Fused elementwise forward of ``strategy`` (its :data:`STAGES` entry, parameter group
-    ``params`` in kernel form): ``(quantized, indices, mean, std)``; ``eps`` is unused."""
+def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[torch.Tensor, ...],
+            mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], fsq_shift: str,
+            stage: ElementwiseStage) -> Tuple[torch.Tensor, ...]:
+    """Fused elementwise forward of the strategy whose kernel stage is ``stage`` (parameter group
+    ``params`` in kernel form): ``(quantized, indices, mean, std)``, mean/std empty."""
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
@@ -520,14 +518,15 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, 
     launch(kernel, (B * tiles_per_image,),
            (x, quantized, indices, params, consts, basis, valid, active_stages,
             *channels, S, tiles_per_image, *x_strides, *config.flat_strides(quantized), stages),
-           tiles=tiles, tensors=(x, quantized, indices), STAGE=STAGES[strategy].forward)
+           tiles=tiles, tensors=(x, quantized, indices), STAGE=stage.forward)
     return quantized, indices, mean, std
 
 
-def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str,
-             params: Tuple[torch.Tensor, ...], mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
-             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], fsq_shift: str = "atanh"):
-    """Fused elementwise backward: ``(grad_z, grad_params)`` (``mean``/``std`` unused)."""
+def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int,
+             params: Tuple[torch.Tensor, ...], mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor],
+             fsq_shift: str, stage: ElementwiseStage) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """Fused elementwise backward of the strategy whose kernel stage is ``stage``:
+    ``(grad_z, grad_params)``."""
     grad_z = config.new_output(z)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)
@@ -542,7 +541,6 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     # Every parameter gradient as one partial sum per (program, stage[, channel]), reduced below in
     # a fixed order (no atomics: bitwise-reproducible).
     parts = tuple(torch.empty((programs, *p.shape), dtype=torch.float32, device=z.device) for p in params)
-    stage = STAGES[strategy]
     if rows:
         kernel, channels = _bwd_elementwise_rows_kernel, ()
         grads = dict(STAGE=stage.row_forward or stage.forward, STAGE_PARAMS=stage.row_params,

@@ -445,9 +445,9 @@ def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tupl
     return quantized, indices, mean, std
 
 
-def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, params: Tuple[torch.Tensor, ...],
-            eps: float, mask: Optional[torch.Tensor],
-            active_stages: Optional[torch.Tensor], fsq_shift: str = "atanh") -> Tuple[torch.Tensor, ...]:
+def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[torch.Tensor, ...],
+            mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], fsq_shift: str,
+            eps: float) -> Tuple[torch.Tensor, ...]:
     """Fused ``layernorm`` forward (``params = (ln_weight, ln_bias)``): ``(quantized, indices, mean, std)``."""
     ln_weight, ln_bias = params
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
@@ -470,9 +470,9 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, 
     return quantized, indices, mean, std
 
 
-def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str,
-             params: Tuple[torch.Tensor, ...], mean: torch.Tensor, std: torch.Tensor,
-             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], fsq_shift: str = "atanh"):
+def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int,
+             params: Tuple[torch.Tensor, ...], mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor],
+             fsq_shift: str, mean: torch.Tensor, std: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """Fused ``layernorm`` backward: ``(grad_z, (grad_ln_weight, grad_ln_bias))``."""
     ln_weight, ln_bias = params
     grad_z, grad_w, grad_b = config.new_output(z), torch.empty_like(ln_weight), torch.empty_like(ln_bias)
