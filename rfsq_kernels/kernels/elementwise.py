@@ -526,8 +526,9 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str, 
 
 def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int, strategy: str,
              params: Tuple[torch.Tensor, ...], mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
-             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], fsq_shift: str = "atanh"):
-    """Fused elementwise backward: ``(grad_z, grad_params)`` (``mean``/``std`` unused)."""
+             mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], fsq_shift: str = "atanh",
+             indices: Optional[torch.Tensor] = None):
+    """Fused elementwise backward: ``(grad_z, grad_params)`` (``mean``/``std``/``indices`` unused)."""
     grad_z = config.new_output(z)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
     x, x_strides = config.strided_view(z)

@@ -87,10 +87,12 @@ def rfsq_backward_launch(
     mask: Optional[torch.Tensor] = None,
     active_stages: Optional[torch.Tensor] = None,
     fsq_shift: str = "atanh",
+    indices: Optional[torch.Tensor] = None,
 ) -> Gradients:
     """Gradients ``(grad_z, grad_params)`` of ``sum(grad_q * quantized)``, ``grad_params`` in the
     order of ``params`` (kernel form: for ``'scale'`` d/da; autograd applies the softplus
-    derivative). ``mean``/``std`` are the forward's saved statistics (per-image strategies).
+    derivative). ``mean``/``std`` are the forward's saved statistics and ``indices`` its packed
+    indices (per-image strategies: the backward rebuilds the stages' residuals from them).
     ``grad_q`` may have any strides (an expanded stride-0 gradient is read in place).
     """
     params = tuple(params)
@@ -98,4 +100,4 @@ def rfsq_backward_launch(
         grad_z, grad_params = backward_outputs(z, stages, strategy, params)
         return grad_z.zero_(), tuple(g.zero_() for g in grad_params)
     return _family(strategy).backward(grad_q, z, levels, stages, strategy, params, mean, std, mask, active_stages,
-                                      fsq_shift=fsq_shift)
+                                      fsq_shift=fsq_shift, indices=indices)
