@@ -248,16 +248,12 @@ def ln_rebuild(x, nstages, rebuild, affine, chan, fsq, valid, active_stages, HAS
     and the subtractions are the forward's, in its order; positions a stage skipped (``valid``,
     dropped stages) subtract nothing, as in the forward.
 
-    ``rebuild = (index_rows, decodes, radix_ptr)``: ``index_rows = (idx_ptr, rows, mask_s)`` as
-    for :func:`store_index`, ``decodes = (mean_ptr, sdw_ptr, stat_start)`` (``sdw``: the
-    ``(B, K, C)`` ``sd / weight`` of each stage) and the table of :func:`radix_table`, loaded
-    here (:func:`load_radix`), not once per program: its columns then hold registers only
-    while the residual is rebuilt, not across the stage's reductions.
+    ``rebuild = (index_rows, decodes, radix)``: ``index_rows = (idx_ptr, rows, mask_s)`` as for
+    :func:`store_index`, ``decodes = (mean_ptr, sdw_ptr, stat_start)`` (``sdw``: the ``(B, K, C)``
+    ``sd / weight`` of each stage) and the columns of :func:`load_radix`.
     """
-    index_rows, decodes, radix_ptr = rebuild
+    index_rows, decodes, radix = rebuild
     idx_ptr, rows, mask_s = index_rows
-    offs_c, mask_c, C = chan
-    radix = load_radix(radix_ptr, offs_c, mask_c, C)
     r = x
     for j in range(nstages):
         index = tl.load(idx_ptr + rows + j, mask=mask_s, other=0)[None, :]
@@ -408,6 +404,12 @@ def _bwd_layernorm_kernel(
     chan = (offs_c, mask_c, C)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
     decodes = (mean_ptr, sdw_ptr, stat_start)
+    # Where the radix columns live is a register-allocation trade: the large single tiles hold
+    # them for the whole program; the other programs load them before each rebuild, so they
+    # are not live across the stage's reductions and the subroutine calls of its divisions.
+    RADIX_PER_PROGRAM: tl.constexpr = ONE_TILE and BLOCK_C * BLOCK_S >= 4096
+    if RADIX_PER_PROGRAM:
+        radix = load_radix(radix_ptr, offs_c, mask_c, C)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     n = _valid_count(valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
     inv_n = recip_rn(n)
@@ -419,9 +421,12 @@ def _bwd_layernorm_kernel(
         # the end (dx = g - V). Keeping x and g live too spilled on sm_80 (64 registers/thread
         # at 32 warps).
         V = load_tile(g_view, offs_c, offs_s, mask)
-        rebuild = ((idx_ptr, (img * S + offs_s) * K, mask_s), decodes, radix_ptr)
+        index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)
         for k_rev in range(K):
             k = K - 1 - k_rev
+            if not RADIX_PER_PROGRAM:
+                radix = load_radix(radix_ptr, offs_c, mask_c, C)
+            rebuild = (index_rows, decodes, radix)
             x = load_tile(x_view, offs_c, offs_s, mask)
             v, h, xc, qc, w_sd = _ln_bwd_tile(x, V, mask, k, stats, affine, chan, fsq, rebuild, active_stages,
                                               HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
@@ -455,7 +460,8 @@ def _bwd_layernorm_kernel(
                     G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
                     if k < K - 1:
                         G = load_tile(scratch_view, offs_c, offs_s, mask)
-                    rebuild = ((idx_ptr, (img * S + offs_s) * K, mask_s), decodes, radix_ptr)
+                    radix = load_radix(radix_ptr, offs_c, mask_c, C)
+                    rebuild = ((idx_ptr, (img * S + offs_s) * K, mask_s), decodes, radix)
                     v, h, xc, qc, _w_sd = _ln_bwd_tile(x, g - G, mask, k, stats, affine, chan, fsq, rebuild,
                                                        active_stages, HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
                     if sweep == 0:
