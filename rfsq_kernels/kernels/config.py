@@ -84,8 +84,7 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
     stage counts are passed; ``arch``: the compute capability compiled for (None: interpreter).
     One tile up to ``MAX_BLOCK_ELEMS`` padded elements (half of it for a 64-bit-offset forward,
     for a sparse backward and on ``SMALL_ONE_TILE_ARCH`` and later), chunks otherwise (register
-    cap :data:`CHUNKED_LAYERNORM_MAXNREG`; half chunks for a sparse backward, a backward of 16
-    channel lanes and on ``SMALL_ONE_TILE_ARCH``)."""
+    cap :data:`CHUNKED_LAYERNORM_MAXNREG`; half chunks for the backward)."""
     block_c, block_s = next_pow2(channels), next_pow2(spatial)
     single_max = MAX_BLOCK_ELEMS // 2 if int64 and direction == "forward" else MAX_BLOCK_ELEMS
     if arch is not None and arch >= SMALL_ONE_TILE_ARCH:
@@ -96,10 +95,9 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
     if block_c * block_s <= single_max:
         warps = _warps(block_c * block_s, ONE_TILE_ELEMS_PER_THREAD, *ONE_TILE_WARPS[direction])
         return Tiles(block_c, max(block_s, 2), warps, True)
-    small = arch is not None and arch >= SMALL_ONE_TILE_ARCH
-    # The chunked backward also holds its residual rebuild's digit columns: at 16 channel lanes
-    # it takes the half chunk, like a sparse one.
-    half = sparse or (direction == "backward" and (small or block_c >= 16))
+    # The chunked backward also holds its residual rebuild's digit columns: it takes the half
+    # chunk, like a sparse one.
+    half = sparse or direction == "backward"
     return replace(_chunk_tiles(block_c, spatial, half), one_tile=False,
                    maxnreg=CHUNKED_LAYERNORM_MAXNREG)
 

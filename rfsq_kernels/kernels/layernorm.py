@@ -404,10 +404,11 @@ def _bwd_layernorm_kernel(
     chan = (offs_c, mask_c, C)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
     decodes = (mean_ptr, sdw_ptr, stat_start)
-    # Where the radix columns live is a register-allocation trade: the large single tiles hold
-    # them for the whole program; the other programs load them before each rebuild, so they
-    # are not live across the stage's reductions and the subroutine calls of its divisions.
-    RADIX_PER_PROGRAM: tl.constexpr = ONE_TILE and BLOCK_C * BLOCK_S >= 4096
+    # Where the radix columns live is a register-allocation trade: the large single tiles and
+    # those of 16 channel lanes hold them for the whole program; the other programs load them
+    # before each rebuild, so they are not live across the stage's reductions and the
+    # subroutine calls of its divisions (the compile sweep spills otherwise).
+    RADIX_PER_PROGRAM: tl.constexpr = ONE_TILE and (BLOCK_C * BLOCK_S >= 4096 or BLOCK_C >= 16)
     if RADIX_PER_PROGRAM:
         radix = load_radix(radix_ptr, offs_c, mask_c, C)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
