@@ -65,9 +65,9 @@ def case_bytes(case, images: int = 1) -> Dict[str, int]:
                    for p in get_strategy(case.strategy).params)
     levels = list(case.levels)
     with counting_memory() as fwd:
-        q, _idx, mean, std = rfsq_forward_launch(z, levels, k, case.strategy, params)
+        q, indices, mean, std = rfsq_forward_launch(z, levels, k, case.strategy, params)
     with counting_memory() as bwd:
-        rfsq_backward_launch(torch.randn_like(q), z, levels, k, case.strategy, params, mean, std)
+        rfsq_backward_launch(torch.randn_like(q), z, levels, k, case.strategy, params, mean, std, indices=indices)
     factor = case.shape[0] / images
     return {"fwd_load": round(fwd["load"] * factor), "fwd_store": round(fwd["store"] * factor),
             "bwd_load": round(bwd["load"] * factor), "bwd_store": round(bwd["store"] * factor)}

@@ -24,7 +24,8 @@ from torch import Tensor
 from .autodiff import forbid_double_backward, needs_reference_autodiff, saveable
 from .backend import use_fused
 from .kernels.launch import backward_outputs, forward_outputs, rfsq_backward_launch, rfsq_forward_launch
-from .reference import check_eps, check_fsq_shift, check_levels, check_stages, get_strategy, rfsq_forward
+from .reference import (check_eps, check_fsq_shift, check_levels, check_stages, get_strategy, index_dtype,
+                        rfsq_forward)
 from .reference.validation import check_call_tensors
 
 __all__ = ["rfsq_fused"]
@@ -63,27 +64,33 @@ def _kernel_params(z: Tensor, params: Sequence[Tensor], mask: Optional[Tensor], 
 
 @torch.library.custom_op("rfsq_kernels::rfsq_backward", mutates_args=())
 def _backward_op(
-    grad_q: Tensor, z: Tensor, params: List[Tensor], mean: Tensor, std: Tensor, mask: Optional[Tensor],
-    active_stages: Optional[Tensor], levels: List[int], stages: int, strategy: str, fsq_shift: str,
+    grad_q: Tensor, z: Tensor, params: List[Tensor], indices: Optional[Tensor], mean: Tensor, std: Tensor,
+    mask: Optional[Tensor], active_stages: Optional[Tensor], levels: List[int], stages: int, strategy: str,
+    fsq_shift: str,
 ) -> List[Tensor]:
     """``[grad_z, *grad_params]`` (parameter gradients in the order of ``params``)."""
-    params, mean, std = _backward_inputs(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy)
+    params, indices, mean, std = _backward_inputs(grad_q, z, params, indices, mean, std, mask, active_stages, levels,
+                                                  stages, strategy)
     grad_z, grad_params = rfsq_backward_launch(grad_q, z, levels, stages, strategy, params, mean, std,
-                                               mask=mask, active_stages=active_stages, fsq_shift=fsq_shift)
+                                               mask=mask, active_stages=active_stages, fsq_shift=fsq_shift,
+                                               indices=indices)
     return [grad_z, *grad_params]
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy, fsq_shift):
-    params, _, _ = _backward_inputs(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy)
+def _backward_fake(grad_q, z, params, indices, mean, std, mask, active_stages, levels, stages, strategy, fsq_shift):
+    params, _, _, _ = _backward_inputs(grad_q, z, params, indices, mean, std, mask, active_stages, levels, stages,
+                                       strategy)
     grad_z, grad_params = backward_outputs(z, stages, strategy, params)
     return [grad_z, *grad_params]
 
 
-def _backward_inputs(grad_q, z, params, mean, std, mask, active_stages, levels, stages, strategy):
+def _backward_inputs(grad_q, z, params, indices, mean, std, mask, active_stages, levels, stages, strategy):
     """:func:`_kernel_params` plus the backward's own inputs: ``grad_q`` a float tensor of ``z``'s shape
     on its device, and, for strategies with per-image statistics, ``mean``/``std`` float32
-    ``(B, K, C)`` (made contiguous: the kernels index them ``(b * K + k) * C + c``)."""
+    ``(B, K, C)`` and the forward's ``indices`` ``(B, *spatial, K)`` in the levels' index dtype
+    (all made contiguous: the kernels index them ``(b * K + k) * C + c`` and ``(b * S + s) * K + k``;
+    the backward rebuilds the stages' residuals from the indices)."""
     params = _kernel_params(z, params, mask, active_stages, levels, stages, strategy)
     if not grad_q.dtype.is_floating_point or tuple(grad_q.shape) != tuple(z.shape) or grad_q.device != z.device:
         raise ValueError(f"grad_q must be a float tensor of z's shape {tuple(z.shape)} on {z.device}, got "
@@ -94,24 +101,32 @@ def _backward_inputs(grad_q, z, params, mean, std, mask, active_stages, levels, 
             if t.dtype != torch.float32 or tuple(t.shape) != want or t.device != z.device:
                 raise ValueError(f"{name} must be the forward's float32 {want} statistics on {z.device}, got "
                                  f"{t.dtype} {tuple(t.shape)} on {t.device}")
-        mean, std = mean.contiguous(), std.contiguous()
-    return params, mean, std
+        want = (z.shape[0], *z.shape[2:], stages)
+        dtype = index_dtype(levels)
+        if (indices is None or indices.dtype != dtype or tuple(indices.shape) != want
+                or indices.device != z.device):
+            got = "None" if indices is None else f"{indices.dtype} {tuple(indices.shape)} on {indices.device}"
+            raise ValueError(f"indices must be the forward's {dtype} {want} indices on {z.device}, got {got}")
+        mean, std, indices = mean.contiguous(), std.contiguous(), indices.contiguous()
+    return params, indices, mean, std
 
 
 def _setup_context(ctx, inputs, output) -> None:
     # Called only when grad mode is on and some input requires grad (torch.library's autograd glue):
-    # z is then needed, since every parameter gradient replays the stages from z.
+    # z is then needed, since every parameter gradient recomputes the stages from z. The
+    # per-image strategies' backward also rebuilds each stage's residual from the indices.
     z, params, mask, active_stages, levels, stages, strategy, _eps, fsq_shift = inputs
     _, indices, mean, std = output
-    ctx.save_for_backward(*(saveable(t) for t in (z, mean, std, mask, active_stages, *params)))
+    saved_indices = indices if get_strategy(strategy).per_image_stats else None
+    ctx.save_for_backward(*(saveable(t) for t in (z, saved_indices, mean, std, mask, active_stages, *params)))
     ctx.levels, ctx.stages, ctx.strategy, ctx.fsq_shift = levels, stages, strategy, fsq_shift
     ctx.mark_non_differentiable(indices, mean, std)
 
 
 def _backward(ctx, grad_q, _grad_indices, _grad_mean, _grad_std):
-    z, mean, std, mask, active_stages, *params = ctx.saved_tensors
+    z, indices, mean, std, mask, active_stages, *params = ctx.saved_tensors
     grad_z, *grad_params = torch.ops.rfsq_kernels.rfsq_backward(
-        grad_q, z, params, mean, std, mask, active_stages, ctx.levels, ctx.stages, ctx.strategy, ctx.fsq_shift)
+        grad_q, z, params, indices, mean, std, mask, active_stages, ctx.levels, ctx.stages, ctx.strategy, ctx.fsq_shift)
     return grad_z, grad_params, None, None, None, None, None, None, None
 
 

@@ -97,3 +97,17 @@ def test_backward_is_deterministic(seed, monkeypatch, strategy, chunked):
     for result in (runs[0][1], runs[1][0], runs[1][1]):
         for name, value in first.items():
             assert torch.equal(value, result["grads"][name]), name
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_layernorm_backward_reads_int64_indices(seed, monkeypatch, chunked):
+    """prod(levels) >= 2**31: the backward rebuilds the residuals from int64 indices."""
+    if chunked:
+        monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
+    levels, stages, strategy = [16] * 8, 3, "layernorm"
+    params = random_strategy_params(strategy, stages, len(levels))
+    z = draw_input((2, 8, 3, 5), levels, stages, strategy, params)
+    assert config.layernorm_tiles(8, 15, "backward").one_tile != chunked
+    fused, ref = run_both(rfsq_fused, rfsq_forward, z, levels, stages, strategy, params, grad=torch.randn(z.shape))
+    assert fused["out"][1].dtype == torch.int64
+    compare(fused, ref)

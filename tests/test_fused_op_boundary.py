@@ -118,10 +118,20 @@ def test_the_custom_op_checks_and_copies_what_it_reads(seed):
         op(torch.randn(2, 4, 4, 5), group, None, None, LEVELS, STAGES, "layernorm", 1e-5, "atanh")
     with pytest.raises(ValueError, match="takes 2 parameter tensors"):
         op(z, group[:1], None, None, LEVELS, STAGES, "layernorm", 1e-5, "atanh")
-    _, _, mean, std = want
+    _, indices, mean, std = want
+    backward = torch.ops.rfsq_kernels.rfsq_backward
+    g = torch.ones_like(z)
     with pytest.raises(ValueError, match="mean must be the forward's float32"):
-        torch.ops.rfsq_kernels.rfsq_backward(torch.ones_like(z), z, group, mean[:1], std, None, None, LEVELS,
-                                             STAGES, "layernorm", "atanh")
+        backward(g, z, group, indices, mean[:1], std, None, None, LEVELS, STAGES, "layernorm", "atanh")
+    # The backward rebuilds the residuals from the indices: they must be the forward's.
+    for bad in (None, indices.long(), indices[..., :1], indices.float()):
+        with pytest.raises(ValueError, match=r"indices must be the forward's torch.int32 \(2, 4, 5, 3\) indices"):
+            backward(g, z, group, bad, mean, std, None, None, LEVELS, STAGES, "layernorm", "atanh")
+    got_grads = backward(g, z, group, indices.transpose(1, 2).contiguous().transpose(1, 2), mean, std, None, None,
+                         LEVELS, STAGES, "layernorm", "atanh")
+    for a, b in zip(got_grads, backward(g, z, group, indices, mean, std, None, None, LEVELS, STAGES, "layernorm",
+                                        "atanh")):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("strategy", ["scale", "layernorm"])

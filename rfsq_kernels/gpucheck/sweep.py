@@ -220,12 +220,14 @@ def run_case(case: Case) -> None:
         finally:
             config.LAYERNORM_SPLIT = switch
         return
-    mean = std = None
+    mean = std = indices = None
     if row.per_image_stats:
         mean = torch.empty((case.shape[0], k, c), dtype=torch.float32, device=meta)
         std = torch.empty_like(mean)
+        indices = torch.empty((case.shape[0], *case.shape[2:], k), dtype=index_dtype(case.levels), device=meta)
     grad_q = torch.empty_like(z)
-    rfsq_backward_launch(grad_q, z, list(case.levels), k, case.strategy, params, mean, std, **sparse)
+    rfsq_backward_launch(grad_q, z, list(case.levels), k, case.strategy, params, mean, std, **sparse,
+                         indices=indices)
 
 
 @dataclass

@@ -84,7 +84,7 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
     stage counts are passed; ``arch``: the compute capability compiled for (None: interpreter).
     One tile up to ``MAX_BLOCK_ELEMS`` padded elements (half of it for a 64-bit-offset forward,
     for a sparse backward and on ``SMALL_ONE_TILE_ARCH`` and later), chunks otherwise (register
-    cap :data:`CHUNKED_LAYERNORM_MAXNREG`)."""
+    cap :data:`CHUNKED_LAYERNORM_MAXNREG`; half chunks for the backward)."""
     block_c, block_s = next_pow2(channels), next_pow2(spatial)
     single_max = MAX_BLOCK_ELEMS // 2 if int64 and direction == "forward" else MAX_BLOCK_ELEMS
     if arch is not None and arch >= SMALL_ONE_TILE_ARCH:
@@ -95,8 +95,10 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
     if block_c * block_s <= single_max:
         warps = _warps(block_c * block_s, ONE_TILE_ELEMS_PER_THREAD, *ONE_TILE_WARPS[direction])
         return Tiles(block_c, max(block_s, 2), warps, True)
-    small = arch is not None and arch >= SMALL_ONE_TILE_ARCH
-    return replace(_chunk_tiles(block_c, spatial, sparse or (small and direction == "backward")), one_tile=False,
+    # The chunked backward also holds its residual rebuild's digit columns: it takes the half
+    # chunk, like a sparse one.
+    half = sparse or direction == "backward"
+    return replace(_chunk_tiles(block_c, spatial, half), one_tile=False,
                    maxnreg=CHUNKED_LAYERNORM_MAXNREG)
 
 

@@ -43,8 +43,8 @@ class KernelFamily:
 
     The family's own inputs come last: ``stage`` (the strategy's kernel stage, an instance of
     ``stage_type``) for a family generic over the strategy, ``eps`` (forward) and the saved
-    ``mean``, ``std`` (backward) for one with per-image statistics. The signatures are checked
-    when the family is declared."""
+    ``mean``, ``std``, ``indices`` (backward) for one with per-image statistics. The signatures
+    are checked when the family is declared."""
 
     forward_outputs: Callable[..., Outputs]
     forward: Callable[..., Outputs]
@@ -70,7 +70,7 @@ FAMILIES: Dict[str, KernelFamily] = {
                                 forward_inputs=("stage",), backward_inputs=("stage",),
                                 stage_type=elementwise.ElementwiseStage),
     "layernorm": KernelFamily(layernorm.forward_outputs, layernorm.forward, layernorm.backward,
-                              forward_inputs=("eps",), backward_inputs=("mean", "std")),
+                              forward_inputs=("eps",), backward_inputs=("mean", "std", "indices")),
 }
 if (set(FAMILIES) != set(KERNEL_FAMILIES)
         or set(STAGED_FAMILIES) != {n for n, f in FAMILIES.items() if f.stage_type is not None}):
@@ -167,10 +167,12 @@ def rfsq_backward_launch(
     mask: Optional[torch.Tensor] = None,
     active_stages: Optional[torch.Tensor] = None,
     fsq_shift: str = "atanh",
+    indices: Optional[torch.Tensor] = None,
 ) -> Gradients:
     """Gradients ``(grad_z, grad_params)`` of ``sum(grad_q * quantized)``, ``grad_params`` in the
     order of ``params`` (kernel form: for ``'scale'`` d/da; autograd applies the softplus
-    derivative). ``mean``/``std`` are the forward's saved statistics (per-image strategies).
+    derivative). ``mean``/``std`` are the forward's saved statistics and ``indices`` its packed
+    indices (per-image strategies: the backward rebuilds the stages' residuals from them).
     ``grad_q`` may have any strides (an expanded stride-0 gradient is read in place).
     """
     params = tuple(params)
@@ -179,4 +181,4 @@ def rfsq_backward_launch(
         return grad_z.zero_(), tuple(g.zero_() for g in grad_params)
     family = _family(strategy)
     return family.backward(grad_q, z, levels, stages, params, mask, active_stages, fsq_shift,
-                           **_inputs(strategy, family.backward_inputs, mean=mean, std=std))
+                           **_inputs(strategy, family.backward_inputs, mean=mean, std=std, indices=indices))

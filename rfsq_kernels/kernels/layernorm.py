@@ -61,7 +61,7 @@ def ln_factors(weight, sd):
 def stage_factors(stats, k, chan, weight, sd):
     """Stage ``k``'s ``(weight / sd, sd / weight)`` columns: computed (:func:`ln_factors`) in the
     forward; loaded in the backward, whose host computed them with torch -- the same IEEE
-    divisions of the same float32 values, so the replay is unchanged, and no ``div.rn`` (whose
+    divisions of the same float32 values, so the stage's value is unchanged, and no ``div.rn`` (whose
     slow-path subroutine needs a stack frame) sits in the backward's chunk loops."""
     _mean_ptr, _std_ptr, factor_ptr, stat_start = stats
     if factor_ptr is None:
@@ -240,19 +240,43 @@ def _fwd_layernorm_kernel(
 
 
 @triton.jit
-def _ln_bwd_tile(x, g_minus_G, mask, k, stats, affine, chan, fsq, active_stages, HAS_MASK: tl.constexpr,
+def ln_rebuild(x, nstages, rebuild, affine, chan, fsq, valid, active_stages, HAS_MASK: tl.constexpr,
+               HAS_ACTIVE_STAGES: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """Residual ``r_nstages = ((x - q_0) - q_1) - ...`` of the input tile ``x``, each ``q_j``
+    decoded from stage ``j``'s stored index and statistics (:func:`decode_stage`: digits and
+    multiply-adds, no ``tanh``). Bitwise the forward's residual: ``q_j`` is (docs/semantics.md)
+    and the subtractions are the forward's, in its order; positions a stage skipped (``valid``,
+    dropped stages) subtract nothing, as in the forward.
+
+    ``rebuild = (index_rows, decodes, radix)``: ``index_rows = (idx_ptr, rows, mask_s)`` as for
+    :func:`store_index`, ``decodes = (mean_ptr, sdw_ptr, stat_start)`` (``sdw``: the ``(B, K, C)``
+    ``sd / weight`` of each stage) and the columns of :func:`load_radix`.
+    """
+    index_rows, decodes, radix = rebuild
+    idx_ptr, rows, mask_s = index_rows
+    r = x
+    for j in range(nstages):
+        index = tl.load(idx_ptr + rows + j, mask=mask_s, other=0)[None, :]
+        q = decode_stage(index, j, decodes, affine, chan, fsq, radix, USE_LIBDEVICE)
+        r = r - keep_only(q, valid, active_stages, j, HAS_MASK, HAS_ACTIVE_STAGES)
+    return r
+
+
+@triton.jit
+def _ln_bwd_tile(x, g_minus_G, mask, k, stats, affine, chan, fsq, rebuild, active_stages, HAS_MASK: tl.constexpr,
                  HAS_ACTIVE_STAGES: tl.constexpr,
                  USE_LIBDEVICE: tl.constexpr):
     """Per-position quantities of stage ``k`` (runtime index) for one tile, ``g_minus_G = g - G_{k+1}``.
 
     Returns ``(v, h, xc, qc, w_sd)``: ``v = dL/dq_k`` (masked), ``h = dL/dn`` through the code
     (``v * sd / weight * dcode/dn``), ``xc = r - mu = xhat * sd``, ``qc = q - mu = cn * sd``
-    (``cn = (code - bias) / weight``) and the column ``weight / sd``. ``1 / sd`` is applied per
-    channel in :func:`_ln_bwd_coeffs`, outside the chunk loop: no division here beyond the
-    replay's own ``weight / sd`` and ``sd / weight``.
+    (``cn = (code - bias) / weight``) and the column ``weight / sd``. ``r_k`` is rebuilt from the
+    earlier stages' indices (:func:`ln_rebuild`, ``rebuild`` as there); only stage ``k`` itself
+    is evaluated through ``tanh`` (its derivative needs ``t``). ``1 / sd`` is applied per
+    channel in :func:`_ln_bwd_coeffs`, outside the chunk loop: no division here.
     """
-    r = ln_replay(x, stats, affine, chan, fsq, k, mask, active_stages, HAS_MASK, HAS_ACTIVE_STAGES,
-                  USE_LIBDEVICE)
+    r = ln_rebuild(x, k, rebuild, affine, chan, fsq, mask, active_stages, HAS_MASK, HAS_ACTIVE_STAGES,
+                   USE_LIBDEVICE)
     mu, sd = ln_stats(stats, k, chan)
     weight, bias = ln_affine(affine, k, chan)
     w_sd, sd_w = stage_factors(stats, k, chan, weight, sd)
@@ -333,12 +357,15 @@ def _bwd_layernorm_kernel(
     g_ptr,              # dL/dquantized: (B, C, S) through stride_g* (may be stride 0)
     dx_ptr,             # out: dL/dz, (B, C, S) through stride_dx*, z's dtype
     scratch_ptr,        # float32 (B, C, S) G_{k+1} between stages (chunked path), or None (ONE_TILE)
+    idx_ptr,            # the forward's packed indices, (B, S, K) contiguous, int32 or int64
     mean_ptr,           # the forward's statistics, (B, K, C) float32
     std_ptr,            # (B, K, C) float32
     factor_ptr,         # (B, K, 2, C) float32 (weight/std, std/weight), divided by torch on the host
+    sdw_ptr,            # (B, K, C) float32 std/weight (the same quotients), for the decodes
     param_ptrs,         # tuple (weight_ptr, bias_ptr): the strategy's (K, C) parameter group
     dparam_part_ptrs,   # tuple (dweight_part_ptr, dbias_part_ptr): out, (B, K, C) float32 partials
     consts_ptr,         # (5, C) float32 level constants
+    radix_ptr,          # (5, C) division magic in the index dtype (layernorm_split.radix_table)
     valid_ptr,          # (B, S) uint8 padding mask, or None
     active_stages_ptr,  # (B,) int32 stages each image runs, or None
     C,                  # channels
@@ -359,6 +386,9 @@ def _bwd_layernorm_kernel(
     """``layernorm`` backward: one program per image; J_k couples the positions of each
     (image, channel) through the mean and std, like a LayerNorm backward over the spatial axis.
 
+    Stage ``k``'s residual is rebuilt from ``z`` and the stored indices of stages ``< k``
+    (:func:`ln_rebuild`); ``tanh`` runs once per stage and element.
+
     ``ONE_TILE``: one tile holds the image; ``V = g - G_{k+1}`` stays in registers across the
     stages. Otherwise two chunked sweeps per stage (sums, then ``G_k``) with ``G_{k+1}`` in the
     float32 ``(B, C, S)`` scratch between stages. Parameter gradients go to per-image partials
@@ -373,6 +403,14 @@ def _bwd_layernorm_kernel(
     dparts = dparam_part_ptrs
     chan = (offs_c, mask_c, C)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
+    decodes = (mean_ptr, sdw_ptr, stat_start)
+    # Where the radix columns live is a register-allocation trade: the large single tiles and
+    # those of 16 channel lanes hold them for the whole program; the other programs load them
+    # before each rebuild, so they are not live across the stage's reductions and the
+    # subroutine calls of its divisions (the compile sweep spills otherwise).
+    RADIX_PER_PROGRAM: tl.constexpr = ONE_TILE and (BLOCK_C * BLOCK_S >= 4096 or BLOCK_C >= 16)
+    if RADIX_PER_PROGRAM:
+        radix = load_radix(radix_ptr, offs_c, mask_c, C)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     n = _valid_count(valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
     inv_n = recip_rn(n)
@@ -380,15 +418,19 @@ def _bwd_layernorm_kernel(
         offs_s, mask_s, valid = spatial_lanes(0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
         mask = mask_c[:, None] & valid[None, :]
         # Registers hold V = g - G_{k+1} (instead of g and G) and the stage being worked on; the
-        # input is re-read (from L1/L2: one image) for each stage's replay and g once more at
+        # input is re-read (from L1/L2: one image) for each stage's rebuild and g once more at
         # the end (dx = g - V). Keeping x and g live too spilled on sm_80 (64 registers/thread
         # at 32 warps).
         V = load_tile(g_view, offs_c, offs_s, mask)
+        index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)
         for k_rev in range(K):
             k = K - 1 - k_rev
+            if not RADIX_PER_PROGRAM:
+                radix = load_radix(radix_ptr, offs_c, mask_c, C)
+            rebuild = (index_rows, decodes, radix)
             x = load_tile(x_view, offs_c, offs_s, mask)
-            v, h, xc, qc, w_sd = _ln_bwd_tile(x, V, mask, k, stats, affine, chan, fsq, active_stages, HAS_MASK,
-                                              HAS_ACTIVE_STAGES, USE_LIBDEVICE)
+            v, h, xc, qc, w_sd = _ln_bwd_tile(x, V, mask, k, stats, affine, chan, fsq, rebuild, active_stages,
+                                              HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
             sums = _ln_sums(v, h, xc, qc, mask)
             # The direct path of dL/dr needs no reduction: apply it now, so that only x, V and
             # xc stay live across the reductions' barriers.
@@ -419,8 +461,10 @@ def _bwd_layernorm_kernel(
                     G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
                     if k < K - 1:
                         G = load_tile(scratch_view, offs_c, offs_s, mask)
-                    v, h, xc, qc, _w_sd = _ln_bwd_tile(x, g - G, mask, k, stats, affine, chan, fsq, active_stages,
-                                                       HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
+                    radix = load_radix(radix_ptr, offs_c, mask_c, C)
+                    rebuild = ((idx_ptr, (img * S + offs_s) * K, mask_s), decodes, radix)
+                    v, h, xc, qc, _w_sd = _ln_bwd_tile(x, g - G, mask, k, stats, affine, chan, fsq, rebuild,
+                                                       active_stages, HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
                     if sweep == 0:
                         sums = _add_sums(sums, _ln_sums(v, h, xc, qc, mask))
                     else:
@@ -472,8 +516,13 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[t
 
 def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stages: int,
              params: Tuple[torch.Tensor, ...], mask: Optional[torch.Tensor], active_stages: Optional[torch.Tensor],
-             fsq_shift: str, mean: torch.Tensor, std: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-    """Fused ``layernorm`` backward: ``(grad_z, (grad_ln_weight, grad_ln_bias))``."""
+             fsq_shift: str, mean: torch.Tensor, std: torch.Tensor, indices: torch.Tensor
+             ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """Fused ``layernorm`` backward: ``(grad_z, (grad_ln_weight, grad_ln_bias))``. ``mean``,
+    ``std`` and ``indices`` are the forward's outputs: the kernel rebuilds each stage's residual
+    from ``z`` and the earlier stages' indices and statistics."""
+    if indices is None:
+        raise ValueError("the layernorm backward needs the forward's indices (its residuals are rebuilt from them)")
     ln_weight, ln_bias = params
     grad_z, grad_w, grad_b = config.new_output(z), torch.empty_like(ln_weight), torch.empty_like(ln_bias)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
@@ -488,14 +537,23 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     # Parameter gradients as one partial sum per (image, stage, channel), reduced below in a fixed order.
     dw_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
     db_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
-    # The replay's (weight/sd, sd/weight): the same IEEE divisions the forward kernel made (and
-    # the reference makes), done once here instead of in every chunk of every replayed stage.
+    # Each stage's (weight/sd, sd/weight): the same IEEE divisions the forward kernel made (and
+    # the reference makes), done once here instead of in every chunk of every stage.
+    # sd/weight also on its own (B, K, C), the layout the decodes of the rebuild read.
     w = ln_weight.float().unsqueeze(0)
-    factors = torch.stack((w / std, std / w), dim=2).contiguous()
+    sd_w = std / w
+    factors = torch.stack((w / std, sd_w), dim=2).contiguous()
+    radix = radix_table(levels, indices.dtype, z.device)
     launch(_bwd_layernorm_kernel, (B,),
-           (x, g, grad_z, scratch, mean, std, factors, (ln_weight, ln_bias), (dw_part, db_part), consts, valid,
-            active_stages, C, S, *x_strides, *g_strides, *config.flat_strides(grad_z), C * S, stages),
-           tiles=tiles, tensors=(x, g, grad_z, scratch), ONE_TILE=tiles.one_tile)
+           (x, g, grad_z, scratch, indices.contiguous(), mean, std, factors, sd_w, (ln_weight, ln_bias),
+            (dw_part, db_part), consts, radix, valid, active_stages, C, S, *x_strides, *g_strides,
+            *config.flat_strides(grad_z), C * S, stages),
+           tiles=tiles, tensors=(x, g, grad_z, scratch, indices), ONE_TILE=tiles.one_tile)
     grad_w.copy_(dw_part.sum(0))
     grad_b.copy_(db_part.sum(0))
     return grad_z, (grad_w, grad_b)
+
+
+# The rebuild's decode helpers live with the split forward, which imports this module's stage
+# helpers: imported last, once every name layernorm_split takes from here exists.
+from .layernorm_split import decode_stage, load_radix, radix_table  # noqa: E402
