@@ -78,7 +78,7 @@ def _gate(out, ref, exact: bool) -> str:
 def test_vq_residual_fsq(benchmark, request, device: torch.device, case, backend: str, mode: str) -> None:
     """Gate against the library, then time one (case, backend, mode)."""
     if backend == "drop_in_fused" and device.type != "cuda":
-        pytest.skip("the fused drop-in is timed on CUDA only (tests/test_vqpytorch_fused.py checks it in the "
+        pytest.skip("the fused drop-in is timed on CUDA only (tests/dropins/test_vqpytorch_fused.py checks it in the "
                     "Triton interpreter)")
     z = make_input(case, device)
     x = z.movedim(1, -1).reshape(z.shape[0], -1, z.shape[1]).contiguous().requires_grad_(mode == "fwdbwd")

@@ -225,7 +225,7 @@ def check_module_dropout(strategy: str, device) -> Dict:
 def check_vqpytorch(layout: str, device) -> Dict:
     """The ``rfsq_kernels.vqpytorch.ResidualFSQ`` drop-in against ``vector_quantize_pytorch`` on the
     device: digits, values and input gradients equal away from rounding boundaries (the two tanh
-    may differ by an ulp: ``tests/test_vqpytorch_fused.py``'s boundary positions)."""
+    may differ by an ulp: ``tests/dropins/test_vqpytorch_fused.py``'s boundary positions)."""
     try:
         import vector_quantize_pytorch as vq
     except Exception as exc:

@@ -8,7 +8,7 @@ imports the package from the checkout (``bench/gpu_env.py``), installs the optio
 :data:`STEPS` in order, each within its budget, and writes ``<out>/gpu-validate-<device>-<date>``
 ``.json`` (every row with status and reason) and ``.md`` (the summary) after every step, so a run
 cut short still leaves evidence. ``--dry-run`` runs every step on the CPU (tiny shapes, kernels in
-the Triton interpreter, no timing) in well under 2 minutes; ``tests/test_gpu_validate.py`` runs it.
+the Triton interpreter, no timing) in well under 2 minutes; ``tests/tools/test_gpu_validate.py`` runs it.
 
 Time boxes. Each step runs in its own Python process, started with the step's budget
 (``--budget-s`` scales the table) and killed (its process group) at the budget plus a short grace.

@@ -6,7 +6,7 @@
     q_k = FSQ(r_k + o_k) - o_k,    dq_k/dr_k = dcode/du,    dL/do_k = sum v_k (dcode/du - 1)
 
 :data:`STRATEGY` declares all of it (row, role with its test distribution, stage math, decode
-math, kernel stage); ``tests/test_toy_strategy.py`` registers it for a test with
+math, kernel stage); ``tests/kernels/test_toy_strategy.py`` registers it for a test with
 ``registered_strategy(STRATEGY)`` and ``python -m rfsq_kernels.gpucheck --plugin
 tests/toy_strategy.py --strategy toy_offset --quick`` registers it in its workers. The oracle's
 float64 stage (:func:`oracle_stage`) goes into ``numpy_rfsq.ORACLE_STAGES``, which lives in the

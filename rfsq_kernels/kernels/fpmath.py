@@ -49,7 +49,7 @@ def div_small_int(n, d, inv_d, USE_LIBDEVICE: tl.constexpr):
     rounded to nearest (:func:`recip_rn`).
 
     On a GPU: one multiply and Markstein's two-FMA correction (the remainder ``n - d*q`` is
-    exact, the corrected quotient is the correctly rounded one; ``tests/test_kernel_math.py``
+    exact, the corrected quotient is the correctly rounded one; ``tests/kernels/test_kernel_math.py``
     checks every ``n`` for every ``d`` up to 2**12 exactly) -- 3 instructions instead of
     ``div.rn.f32``'s subroutine. The interpreter has no fused multiply-add (its ``tl.fma``
     rounds twice), so there it divides (NumPy's IEEE division): the same value.

@@ -47,7 +47,7 @@ CONFIGS: Dict[str, tuple] = {
 HEADLINE = ("fsq22", "rfsq2-ln", "fsq40", "rfsq4-ln", "lucid4")
 ORDER = HEADLINE + ("rfsq2-none", "rfsq4-none", "lucid2", "rfsq2-scale", "rfsq4-scale", "fsq", "vq-ema", "lfq")
 #: configurations run only when named with ``--only``: ``vqpy4`` is the same computation as ``lucid4``
-#: (run for run, tests/test_training_study.py), so the grid does not spend its time on it.
+#: (run for run, tests/trainer/test_training_study.py), so the grid does not spend its time on it.
 ON_REQUEST = ("vqpy4",)
 #: configuration -> the module it needs (skipped, with a message, when that does not import).
 REQUIRES = {"lucid2": "vector_quantize_pytorch", "lucid4": "vector_quantize_pytorch",

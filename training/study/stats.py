@@ -13,7 +13,7 @@ because the plain percentile interval is too narrow with few photos. Why not a p
 t interval over one of them ignores the other; resampling both is the standard non-parametric answer
 and is conservative when one of them is small. With one seed the interval cannot include the seed
 variation (the report says so). Measured coverage of the nominal 95 % on synthetic data (photo SD 0.8,
-seed SD 0.2, cell noise 0.3; 400 draws): see tests/test_training_study.py and the README.
+seed SD 0.2, cell noise 0.3; 400 draws): see tests/trainer/test_training_study.py and the README.
 """
 from __future__ import annotations
 

@@ -255,7 +255,7 @@ def test_cli_errors(tmp_path, capsys):
 def test_runner_and_report_do_not_import_each_other():
     code = ("import sys, training.study.report as r; assert 'training.study.runner' not in sys.modules; "
             "assert not hasattr(r, 'METRICS')")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def test_evaluate_cli_on_a_folder_of_images(grid, tmp_path, capsys):

@@ -149,7 +149,7 @@ def test_a_killed_run_does_not_leave_its_directory_locked(tmp_path):
     code = ("import sys, time; from training.run_lock import RunDirLock; RunDirLock(sys.argv[1]).acquire(); "
             "print('held', flush=True); time.sleep(60)")
     child = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
-                             cwd=str(Path(__file__).resolve().parents[1]))
+                             cwd=str(Path(__file__).resolve().parents[2]))
     try:
         assert child.stdout.readline().strip() == "held"
         with pytest.raises(RunDirBusy, match=f"pid {child.pid} on "):

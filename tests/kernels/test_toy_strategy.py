@@ -26,7 +26,7 @@ from rfsq_kernels.testing import DISTRIBUTIONS, random_strategy_params, randomiz
 
 NAME = toy_strategy.NAME
 LEVELS = [8, 5, 5, 4]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from training.presets import PAPER_TABLE1, PRESETS, preset_of
 from training.run_state import lr_lambda
 from training.train import build_parser, parse_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 EXPECTED = {  # preset -> (quantizer, stages, codes per stage, bits/token, latent channels)
     "vq-ema": ("ema", 1, 4096, 12.0, 6), "fsq": ("fsq", 1, 4096, 12.0, 4), "lfq": ("lfq", 1, 4096, 12.0, 12),

@@ -21,7 +21,7 @@ from training.evaluate import load_folder_photos
 from training.lpips_loss import ReconstructionLoss
 from training_helpers import TINY, skip_outputs_for_speed, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

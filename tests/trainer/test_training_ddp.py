@@ -10,7 +10,7 @@ from pathlib import Path
 from training import checkpoint as ckpt
 from training_helpers import TINY, read_jsonl, results
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_torchrun_two_gloo_processes(tmp_path):

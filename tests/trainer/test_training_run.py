@@ -133,7 +133,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     from training_helpers import TINY
 
     out = tmp_path / "run"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "training/train.py", *TINY, "--max-steps", "100000", "--no-lpips",
                              "--eval-every", "100000", "--output-dir", str(out)], cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

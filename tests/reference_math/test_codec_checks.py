@@ -18,7 +18,7 @@ from rfsq_kernels import FSQ, LFQ, RFSQ, VQEMA
 from rfsq_kernels.reference import STRATEGIES, check_indices, rfsq_forward
 from rfsq_kernels.reference import RFSQ as ReferenceRFSQ
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- 8. decode --------------------------------------------------------------------------------------
@@ -29,7 +29,7 @@ def test_decode_rejects_indices_outside_the_codebook(seed, strategy, shift, wher
     z = torch.randn(2, 4, 5, 3)
     idx, side = m.encode(z)
     bad = idx.clone()
-    if shift == -2:  # (-1 is the dropped-stage / masked-position sentinel: tests/test_reference_mask_dropout.py)
+    if shift == -2:  # (-1 is the dropped-stage / masked-position sentinel: tests/reference_math/test_reference_mask_dropout.py)
         bad[1, 2, 0, 1] = -2
     else:
         bad = bad + shift
@@ -43,7 +43,7 @@ def test_decode_rejects_indices_outside_the_codebook(seed, strategy, shift, wher
 def test_decode_and_indices_to_codes_check_the_stages_dim(strategy):
     m = RFSQ(stages=2, strategy=strategy)
     idx, side = m.encode(torch.randn(2, 4, 6, 5))
-    # (idx[..., :k] is a legitimate input: the first k stages, tests/test_reference_mask_dropout.py)
+    # (idx[..., :k] is a legitimate input: the first k stages, tests/reference_math/test_reference_mask_dropout.py)
     for call in (lambda: m.indices_to_codes(idx[..., 0]), lambda: m.decode(idx[..., 0], side),
                  lambda: m.indices_to_codes(torch.cat([idx, idx], dim=-1))):
         with pytest.raises(ValueError, match=r"indices must have shape \(B, \*spatial, K=2\)"):
