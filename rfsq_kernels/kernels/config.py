@@ -109,11 +109,11 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
 CHUNKED_LAYERNORM_MAXNREG = 128
 
 
-#: Switch of the split ``layernorm`` path (issue 28, :mod:`.layernorm_split`): images that do
-#: not fit one tile are spread over several programs per image instead of the chunked
-#: one-program-per-image kernels. Off by default until every step of issue 28 has landed
-#: (``RFSQ_LAYERNORM_SPLIT=1`` or setting this attribute turns it on for the forward).
-LAYERNORM_SPLIT = os.environ.get("RFSQ_LAYERNORM_SPLIT", "0") == "1"
+#: Switch of the split ``layernorm`` forward (:mod:`.layernorm_split`): images that do not fit
+#: one tile are spread over several programs per image (a grid that fills the GPU) instead of
+#: the chunked one-program-per-image kernel. On by default; ``RFSQ_LAYERNORM_SPLIT=0`` (or this
+#: attribute set to False) selects the chunked forward, which stays until the split backward lands.
+LAYERNORM_SPLIT = os.environ.get("RFSQ_LAYERNORM_SPLIT", "1") == "1"
 #: Programs the split path aims for over a whole launch: two per SM of a 132-SM H100.
 SPLIT_MIN_PROGRAMS = 2 * 132
 #: Tests force a number of programs per image (some slices then may be empty); None: the plan.
