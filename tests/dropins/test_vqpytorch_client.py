@@ -343,7 +343,10 @@ def test_late_stages_resolve_below_float32_precision(seed):
     nudged = torch.nextafter(y, torch.full_like(y, float("inf")))
     a, b = lib(y)[1], lib(nudged)[1]
     moved = [(a[..., k] != b[..., k]).float().mean().item() for k in range(8)]
-    assert moved[:3] == [0.0, 0.0, 0.0] and moved[7] > 0.05
+    # An early stage moves only where the input lies within an ulp of a rounding boundary: about
+    # ulp / step of the positions (stage 2: 1.2e-7 / 4.5e-3 = 2.7e-5, i.e. ~0.4 of the 16384 values
+    # drawn), so a draw may flip one or two of them; the late stage moves a large share.
+    assert max(moved[:3]) < 1e-3 and moved[7] > 0.05, moved
     from rfsq_kernels.vqpytorch import reference as ref
 
     _, idx = ref.residual_fsq_core(nudged, levels, mine.scales, None)  # our stage loop, no clamp
