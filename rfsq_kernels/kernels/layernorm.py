@@ -287,10 +287,18 @@ def _ln_bwd_tile(x, g_minus_G, mask, k, stats, affine, chan, fsq, rebuild, activ
 
 
 @triton.jit
+def _add_four(a0, a1, a2, a3, b0, b1, b2, b3):
+    """Combine function of :func:`_ln_sums`: four float32 additions, as ``tl.sum``'s."""
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+
+
+@triton.jit
 def _ln_sums(v, h, xc, qc, mask):
     """The four per-channel sums of a tile that the backward of one stage reduces:
-    ``(sum v, sum h, sum v*qc, sum h*xc)`` (``= sd * (sum v*cn, sum h*xhat)``), each ``[BLOCK_C]``."""
-    return tl.sum(v, axis=1), tl.sum(h, axis=1), tl.sum(v * qc, axis=1), masked_row_sum(h * xc, mask)
+    ``(sum v, sum h, sum v*qc, sum h*xc)`` (``= sd * (sum v*cn, sum h*xhat)``), each ``[BLOCK_C]``.
+    One reduction of four operands: the same additions in the same tree as four ``tl.sum``, but
+    one exchange through shared memory (one set of barriers) instead of four."""
+    return tl.reduce((v, h, v * qc, tl.where(mask, h * xc, 0.0)), 1, _add_four)
 
 
 @triton.jit
