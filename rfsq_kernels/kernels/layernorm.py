@@ -25,7 +25,7 @@ from . import config
 from .fpmath import as_f32, div_rn, recip_rn
 from .launch_settings import launch
 from .stages import (fsq_code, fsq_dcode, image_prologue, keep_only, load_active_stages, load_digit_range, load_levels,
-                     load_tile, masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, tile_view)
+                     load_levels_tabled, load_tile, masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, tile_view)
 
 
 @triton.jit
@@ -373,6 +373,7 @@ def _bwd_layernorm_kernel(
     factor_ptr,         # (B, K, 2, C) float32 (weight/std, std/weight), divided by torch on the host
     sdw_ptr,            # (B, K, C) float32 std/weight (the same quotients), for the decodes
     inv_sd_ptr,         # (B, K, C) float32 1/std, divided by torch on the host
+    inv_n_ptr,          # (B,) float32 1/n, n the positions entering each image's statistics (torch)
     param_ptrs,         # tuple (weight_ptr, bias_ptr): the strategy's (K, C) parameter group
     dparam_part_ptrs,   # tuple (dweight_part_ptr, dbias_part_ptr): out, (B, K, C) float32 partials
     consts_ptr,         # (5, C) float32 level constants
@@ -413,7 +414,7 @@ def _bwd_layernorm_kernel(
     affine = param_ptrs
     dparts = dparam_part_ptrs
     chan = (offs_c, mask_c, C)
-    fsq = load_levels(consts_ptr, offs_c, mask_c, C)
+    fsq = load_levels_tabled(consts_ptr, offs_c, mask_c, C)
     decodes = (mean_ptr, sdw_ptr, stat_start)
     # Where the radix columns live is a register-allocation trade: the large single tiles and
     # those of 16 channel lanes hold them for the whole program; the other programs load them
@@ -423,8 +424,7 @@ def _bwd_layernorm_kernel(
     if RADIX_PER_PROGRAM:
         radix = load_radix(radix_ptr, offs_c, mask_c, C)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
-    n = _valid_count(valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
-    inv_n = recip_rn(n)
+    inv_n = tl.load(inv_n_ptr + img)
     if ONE_TILE:
         offs_s, mask_s, valid = spatial_lanes(0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
         mask = mask_c[:, None] & valid[None, :]
@@ -556,9 +556,13 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     sd_w = std / w
     factors = torch.stack((w / std, sd_w), dim=2).contiguous()
     inv_sd = torch.reciprocal(std).contiguous()
+    # 1/n per image (the positions entering its statistics, at least 1): counted and divided here.
+    count = (torch.full((B,), float(S), dtype=torch.float32, device=z.device) if valid is None
+             else valid.sum(1, dtype=torch.float32).clamp_min(1.0))
+    inv_n = torch.reciprocal(count)
     radix = radix_table(levels, indices.dtype, z.device)
     launch(_bwd_layernorm_kernel, (B,),
-           (x, g, grad_z, scratch, indices.contiguous(), mean, std, factors, sd_w, inv_sd, (ln_weight, ln_bias),
+           (x, g, grad_z, scratch, indices.contiguous(), mean, std, factors, sd_w, inv_sd, inv_n, (ln_weight, ln_bias),
             (dw_part, db_part), consts, radix, valid, active_stages, C, S, *x_strides, *g_strides,
             *config.flat_strides(grad_z), C * S, stages),
            tiles=tiles, tensors=(x, g, grad_z, scratch, indices), ONE_TILE=tiles.one_tile)
