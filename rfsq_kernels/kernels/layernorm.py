@@ -25,7 +25,7 @@ from . import config
 from .fpmath import as_f32, div_rn, recip_rn
 from .launch_settings import launch
 from .stages import (fsq_code, fsq_dcode, image_prologue, keep_only, load_active_stages, load_digit_range, load_levels,
-                     load_tile, masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, tile_view)
+                     load_levels_tabled, load_tile, masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, tile_view)
 
 
 @triton.jit
@@ -287,10 +287,18 @@ def _ln_bwd_tile(x, g_minus_G, mask, k, stats, affine, chan, fsq, rebuild, activ
 
 
 @triton.jit
+def _add_four(a0, a1, a2, a3, b0, b1, b2, b3):
+    """Combine function of :func:`_ln_sums`: four float32 additions, as ``tl.sum``'s."""
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+
+
+@triton.jit
 def _ln_sums(v, h, xc, qc, mask):
     """The four per-channel sums of a tile that the backward of one stage reduces:
-    ``(sum v, sum h, sum v*qc, sum h*xc)`` (``= sd * (sum v*cn, sum h*xhat)``), each ``[BLOCK_C]``."""
-    return tl.sum(v, axis=1), tl.sum(h, axis=1), tl.sum(v * qc, axis=1), masked_row_sum(h * xc, mask)
+    ``(sum v, sum h, sum v*qc, sum h*xc)`` (``= sd * (sum v*cn, sum h*xhat)``), each ``[BLOCK_C]``.
+    One reduction of four operands: the same additions in the same tree as four ``tl.sum``, but
+    one exchange through shared memory (one set of barriers) instead of four."""
+    return tl.reduce((v, h, v * qc, tl.where(mask, h * xc, 0.0)), 1, _add_four)
 
 
 @triton.jit
@@ -300,7 +308,7 @@ def _add_sums(a, b):
 
 
 @triton.jit
-def _ln_bwd_coeffs(sums, k, stats, affine, dparts, chan):
+def _ln_bwd_coeffs(sums, k, stats, inv_sd_ptr, dparts, chan):
     """Turn stage ``k``'s four sums into parameter-gradient partials (stored through ``dparts =
     (dweight_part_ptr, dbias_part_ptr)``, the image's ``(K, C)`` rows at ``stats``' start) and the coefficients
     ``(weight/sd, dL/dmu, dL/dsd / sd)`` of ``dL/dr``, as ``[BLOCK_C, 1]`` columns (the last one
@@ -309,16 +317,18 @@ def _ln_bwd_coeffs(sums, k, stats, affine, dparts, chan):
     ``q = ((code - bias) / weight) * sd + mu`` with ``n = weight * xhat + bias``:
     ``dL/dweight = sum h*xhat - sd/weight * sum v*cn``, ``dL/dbias = sum h - sd/weight * sum v``,
     ``dL/dmu = sum v - weight/sd * sum h``, ``dL/dsd = sum v*cn - weight/sd * sum h*xhat``.
+    ``weight/sd``, ``sd/weight`` (the factor table of ``stats``) and ``1/sd`` (``inv_sd_ptr``,
+    ``(B, K, C)``) are the host's IEEE quotients, loaded: no ``div.rn``, whose slow path is a
+    subroutine, in the stage loop.
     """
     sum_v, sum_h, sum_vqc, sum_hxc = sums
-    _mean_ptr, std_ptr, _factor_ptr, stat_start = stats
-    weight_ptr, _bias_ptr = affine
+    _mean_ptr, _std_ptr, factor_ptr, stat_start = stats
     dweight_part_ptr, dbias_part_ptr = dparts
     offs_c, mask_c, C = chan
-    sd = tl.load(std_ptr + stat_start + k * C + offs_c, mask=mask_c, other=1.0)
-    weight = tl.load(weight_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)
-    w_sd, sd_w = ln_factors(weight, sd)
-    inv_sd = recip_rn(sd)
+    row = factor_ptr + 2 * stat_start + 2 * k * C + offs_c
+    w_sd = tl.load(row, mask=mask_c, other=1.0)
+    sd_w = tl.load(row + C, mask=mask_c, other=1.0)
+    inv_sd = tl.load(inv_sd_ptr + stat_start + k * C + offs_c, mask=mask_c, other=1.0)
     sum_vc, sum_hx = sum_vqc * inv_sd, sum_hxc * inv_sd
     tl.store(dweight_part_ptr + stat_start + k * C + offs_c, sum_hx - sd_w * sum_vc, mask=mask_c)
     tl.store(dbias_part_ptr + stat_start + k * C + offs_c, sum_h - sd_w * sum_v, mask=mask_c)
@@ -362,6 +372,8 @@ def _bwd_layernorm_kernel(
     std_ptr,            # (B, K, C) float32
     factor_ptr,         # (B, K, 2, C) float32 (weight/std, std/weight), divided by torch on the host
     sdw_ptr,            # (B, K, C) float32 std/weight (the same quotients), for the decodes
+    inv_sd_ptr,         # (B, K, C) float32 1/std, divided by torch on the host
+    inv_n_ptr,          # (B,) float32 1/n, n the positions entering each image's statistics (torch)
     param_ptrs,         # tuple (weight_ptr, bias_ptr): the strategy's (K, C) parameter group
     dparam_part_ptrs,   # tuple (dweight_part_ptr, dbias_part_ptr): out, (B, K, C) float32 partials
     consts_ptr,         # (5, C) float32 level constants
@@ -402,7 +414,7 @@ def _bwd_layernorm_kernel(
     affine = param_ptrs
     dparts = dparam_part_ptrs
     chan = (offs_c, mask_c, C)
-    fsq = load_levels(consts_ptr, offs_c, mask_c, C)
+    fsq = load_levels_tabled(consts_ptr, offs_c, mask_c, C)
     decodes = (mean_ptr, sdw_ptr, stat_start)
     # Where the radix columns live is a register-allocation trade: the large single tiles and
     # those of 16 channel lanes hold them for the whole program; the other programs load them
@@ -412,8 +424,7 @@ def _bwd_layernorm_kernel(
     if RADIX_PER_PROGRAM:
         radix = load_radix(radix_ptr, offs_c, mask_c, C)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
-    n = _valid_count(valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
-    inv_n = recip_rn(n)
+    inv_n = tl.load(inv_n_ptr + img)
     if ONE_TILE:
         offs_s, mask_s, valid = spatial_lanes(0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
         mask = mask_c[:, None] & valid[None, :]
@@ -435,7 +446,7 @@ def _bwd_layernorm_kernel(
             # The direct path of dL/dr needs no reduction: apply it now, so that only x, V and
             # xc stay live across the reductions' barriers.
             V = V - h * w_sd
-            _w_sd, dmu, dsd_sd = _ln_bwd_coeffs(sums, k, stats, affine, dparts, chan)
+            _w_sd, dmu, dsd_sd = _ln_bwd_coeffs(sums, k, stats, inv_sd_ptr, dparts, chan)
             # (Padding picks up the statistics' share here too, but V there never reaches a valid
             # position -- v is masked -- and dx is zeroed there at the store.)
             V = V - (dmu + dsd_sd * xc) * inv_n
@@ -475,7 +486,7 @@ def _bwd_layernorm_kernel(
                         else:
                             store_tile(scratch_view, G, offs_c, offs_s, inside)
                 if sweep == 0:
-                    coeffs = _ln_bwd_coeffs(sums, k, stats, affine, dparts, chan)
+                    coeffs = _ln_bwd_coeffs(sums, k, stats, inv_sd_ptr, dparts, chan)
             # The next stage reads G_k back, possibly from other threads of the program.
             tl.debug_barrier()
 
@@ -539,13 +550,19 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     db_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
     # Each stage's (weight/sd, sd/weight): the same IEEE divisions the forward kernel made (and
     # the reference makes), done once here instead of in every chunk of every stage.
-    # sd/weight also on its own (B, K, C), the layout the decodes of the rebuild read.
+    # sd/weight also on its own (B, K, C), the layout the decodes of the rebuild read; 1/sd (IEEE,
+    # the kernel's recip_rn) for the coefficients of dL/dr: no division left in the kernel's stage loop.
     w = ln_weight.float().unsqueeze(0)
     sd_w = std / w
     factors = torch.stack((w / std, sd_w), dim=2).contiguous()
+    inv_sd = torch.reciprocal(std).contiguous()
+    # 1/n per image (the positions entering its statistics, at least 1): counted and divided here.
+    count = (torch.full((B,), float(S), dtype=torch.float32, device=z.device) if valid is None
+             else valid.sum(1, dtype=torch.float32).clamp_min(1.0))
+    inv_n = torch.reciprocal(count)
     radix = radix_table(levels, indices.dtype, z.device)
     launch(_bwd_layernorm_kernel, (B,),
-           (x, g, grad_z, scratch, indices.contiguous(), mean, std, factors, sd_w, (ln_weight, ln_bias),
+           (x, g, grad_z, scratch, indices.contiguous(), mean, std, factors, sd_w, inv_sd, inv_n, (ln_weight, ln_bias),
             (dw_part, db_part), consts, radix, valid, active_stages, C, S, *x_strides, *g_strides,
             *config.flat_strides(grad_z), C * S, stages),
            tiles=tiles, tensors=(x, g, grad_z, scratch, indices), ONE_TILE=tiles.one_tile)

@@ -139,6 +139,18 @@ def load_levels(consts_ptr, offs_c, mask_c, C):
 
 
 @triton.jit
+def load_levels_tabled(consts_ptr, offs_c, mask_c, C):
+    """:func:`load_levels` with ``inv_w`` read from the table's host-computed ``1 / half_w`` row
+    (the same bits as ``recip_rn(half_w)``): no ``div.rn`` subroutine in the program."""
+    half_l = tl.load(consts_ptr + ROW_HALF_L * C + offs_c, mask=mask_c, other=0.0)[:, None]
+    offset = tl.load(consts_ptr + ROW_OFFSET * C + offs_c, mask=mask_c, other=0.0)[:, None]
+    shift = tl.load(consts_ptr + ROW_SHIFT * C + offs_c, mask=mask_c, other=0.0)[:, None]
+    half_w = tl.load(consts_ptr + ROW_HALF_W * C + offs_c, mask=mask_c, other=1.0)[:, None]
+    inv_w = tl.load(consts_ptr + ROW_INV_W * C + offs_c, mask=mask_c, other=1.0)[:, None]
+    return half_l, offset, shift, half_w, inv_w
+
+
+@triton.jit
 def load_digit_range(consts_ptr, basis_ptr, offs_c, mask_c, C):
     """``digits = (top, basis)``: largest digit ``L - 1`` (float32) and mixed-radix place value
     (the index dtype, :func:`.config.level_tables`) per channel, as ``[BLOCK_C, 1]`` columns; only the forward packs indices."""
