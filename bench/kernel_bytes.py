@@ -7,7 +7,11 @@ size)`` to a counter, so the count is what a launch requests from memory with no
 (a re-read of data an earlier pass touched counts again, although on a GPU it may hit L2).
 Each case runs on ``--images`` images (default 1) and the counts are scaled to the case's batch:
 every program of these kernels works on one image (or a tile of one), so bytes are exactly
-linear in the batch. ``bench/kernel_report.py`` runs this in a subprocess.
+linear in the batch -- once the split layernorm forward cuts each image as it would at the case's
+real batch (its plan, :func:`rfsq_kernels.kernels.config.layernorm_split_plan`, depends on the
+batch, and every program reads the partials of all programs of its image). Counts are also kept
+per launch, in launch order (the split forward is K + 1 launches). ``bench/kernel_report.py``
+runs this in a subprocess.
 """
 from __future__ import annotations
 
@@ -30,8 +34,11 @@ def counting_memory() -> Iterator[Dict[str, int]]:
     """Count bytes loaded/stored by interpreted kernels while the block runs."""
     from triton.runtime.interpreter import InterpreterBuilder
 
-    counts = {"load": 0, "store": 0}
+    from triton.runtime.interpreter import InterpretedFunction
+
+    counts = {"load": 0, "store": 0, "launches": []}
     load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
+    run = InterpretedFunction.run
 
     def nbytes(ptrs, mask) -> int:
         return int(mask.data.sum()) * (ptrs.get_element_ty().primitive_bitwidth // 8)
@@ -44,15 +51,39 @@ def counting_memory() -> Iterator[Dict[str, int]]:
         counts["store"] += nbytes(ptrs, mask)
         return store(self, ptrs, value, mask, *args, **kwargs)
 
+    def counted_run(self, *args, warmup=False, **kwargs):
+        before = counts["load"], counts["store"]
+        out = run(self, *args, warmup=warmup, **kwargs)
+        if not warmup:  # one kernel launch: its own loads and stores
+            counts["launches"].append([counts["load"] - before[0], counts["store"] - before[1]])
+        return out
+
     InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = counted_load, counted_store
+    InterpretedFunction.run = counted_run
     try:
         yield counts
     finally:
         InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = load, store
+        InterpretedFunction.run = run
 
 
-def case_bytes(case, images: int = 1) -> Dict[str, int]:
-    """``{fwd_load, fwd_store, bwd_load, bwd_store}`` of one case, scaled to its batch."""
+@contextlib.contextmanager
+def split_plan_of_batch(batch: int) -> Iterator[None]:
+    """Make the split layernorm forward plan its programs per image as for ``batch`` images,
+    whatever batch it is given: a few images then cut exactly as the case's real batch does."""
+    from rfsq_kernels.kernels import config
+
+    plan = config.layernorm_split_plan
+    config.layernorm_split_plan = lambda _batch, spatial, tiles: plan(batch, spatial, tiles)
+    try:
+        yield
+    finally:
+        config.layernorm_split_plan = plan
+
+
+def case_bytes(case, images: int = 1) -> Dict[str, object]:
+    """``{fwd_load, fwd_store, bwd_load, bwd_store}`` of one case, scaled to its batch, and
+    ``fwd_launches`` / ``bwd_launches``: ``[load, store]`` of each launch, in launch order."""
     from bench.cases import make_input
     from rfsq_kernels.kernels.launch import rfsq_backward_launch, rfsq_forward_launch
     from rfsq_kernels.reference import get_strategy
@@ -64,13 +95,18 @@ def case_bytes(case, images: int = 1) -> Dict[str, int]:
     params = tuple(p.kernel_form(torch.full(p.shape(k, c), p.initial_value(1.0)))
                    for p in get_strategy(case.strategy).params)
     levels = list(case.levels)
-    with counting_memory() as fwd:
-        q, indices, mean, std = rfsq_forward_launch(z, levels, k, case.strategy, params)
-    with counting_memory() as bwd:
-        rfsq_backward_launch(torch.randn_like(q), z, levels, k, case.strategy, params, mean, std, indices=indices)
+    with split_plan_of_batch(case.shape[0]):
+        with counting_memory() as fwd:
+            q, indices, mean, std = rfsq_forward_launch(z, levels, k, case.strategy, params)
+        with counting_memory() as bwd:
+            rfsq_backward_launch(torch.randn_like(q), z, levels, k, case.strategy, params, mean, std,
+                                 indices=indices)
     factor = case.shape[0] / images
-    return {"fwd_load": round(fwd["load"] * factor), "fwd_store": round(fwd["store"] * factor),
-            "bwd_load": round(bwd["load"] * factor), "bwd_store": round(bwd["store"] * factor)}
+    out: Dict[str, object] = {}
+    for d, counts in (("fwd", fwd), ("bwd", bwd)):
+        out[f"{d}_load"], out[f"{d}_store"] = round(counts["load"] * factor), round(counts["store"] * factor)
+        out[f"{d}_launches"] = [[round(ld * factor), round(st * factor)] for ld, st in counts["launches"]]
+    return out
 
 
 def main(argv=None) -> int:
