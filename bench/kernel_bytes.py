@@ -21,7 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -81,9 +81,26 @@ def split_plan_of_batch(batch: int) -> Iterator[None]:
         config.layernorm_split_plan = plan
 
 
-def case_bytes(case, images: int = 1) -> Dict[str, object]:
+@contextlib.contextmanager
+def tiles_of_arch(arch: Optional[int]) -> Iterator[None]:
+    """Make the launchers choose the tiles they choose for ``sm_<arch>`` (None: the interpreter's,
+    which are sm_80/90's) while the kernels still run in the interpreter: the layernorm tile policy
+    depends on the target (``config.SMALL_ONE_TILE_ARCH``), and so do the launches and bytes."""
+    from rfsq_kernels.kernels import config
+
+    target = config.target_arch
+    if arch is not None:
+        config.target_arch = lambda _t: arch
+    try:
+        yield
+    finally:
+        config.target_arch = target
+
+
+def case_bytes(case, images: int = 1, arch: Optional[int] = None) -> Dict[str, object]:
     """``{fwd_load, fwd_store, bwd_load, bwd_store}`` of one case, scaled to its batch, and
-    ``fwd_launches`` / ``bwd_launches``: ``[load, store]`` of each launch, in launch order."""
+    ``fwd_launches`` / ``bwd_launches``: ``[load, store]`` of each launch, in launch order, with
+    the tiles of ``sm_<arch>`` (:func:`tiles_of_arch`)."""
     from bench.cases import make_input
     from rfsq_kernels.kernels.launch import rfsq_backward_launch, rfsq_forward_launch
     from rfsq_kernels.reference import get_strategy
@@ -95,7 +112,7 @@ def case_bytes(case, images: int = 1) -> Dict[str, object]:
     params = tuple(p.kernel_form(torch.full(p.shape(k, c), p.initial_value(1.0)))
                    for p in get_strategy(case.strategy).params)
     levels = list(case.levels)
-    with split_plan_of_batch(case.shape[0]):
+    with split_plan_of_batch(case.shape[0]), tiles_of_arch(arch):
         with counting_memory() as fwd:
             q, indices, mean, std = rfsq_forward_launch(z, levels, k, case.strategy, params)
         with counting_memory() as bwd:
@@ -114,12 +131,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", required=True)
     p.add_argument("--groups", nargs="*", default=None)
     p.add_argument("--images", type=int, default=1)
+    p.add_argument("--arch", type=int, default=None, help="count with the tiles of sm_<arch> (default: sm_80/90's)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("set TRITON_INTERPRET=1 (bytes are counted in the interpreter)", file=sys.stderr)
         return 2
     from bench.cases import select_cases
-    out = {case.name: case_bytes(case, args.images) for case in select_cases(tiny=False, groups=args.groups)}
+    out = {case.name: case_bytes(case, args.images, args.arch) for case in select_cases(tiny=False, groups=args.groups)}
     Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 

@@ -97,3 +97,17 @@ def test_kernel_bytes_counts_each_split_launch_with_the_real_batch_plan(monkeypa
     for d in ("fwd", "bwd"):
         assert [sum(c) for c in zip(*one[f"{d}_launches"])] == [one[f"{d}_load"], one[f"{d}_store"]]
     assert one == two
+
+
+def test_kernel_bytes_uses_the_target_tile_policy():
+    """sm_100 keeps half as many elements in one layernorm tile: bytes are counted with its tiles."""
+    import torch
+
+    from bench import kernel_bytes
+    from rfsq_kernels.kernels import config
+
+    z = torch.zeros(1)
+    with kernel_bytes.tiles_of_arch(100):
+        assert config.target_arch(z) == 100
+        assert not config.layernorm_tiles(5, 1024, arch=config.target_arch(z)).one_tile
+    assert config.target_arch(z) is None and config.layernorm_tiles(5, 1024, arch=None).one_tile
