@@ -4,6 +4,10 @@ No compile: synthetic rows and loop spans, and a tiny case in the interpreter.""
 import pytest
 
 from bench.cases import Case, floor_bytes
+# Imported at collection, under the interpreter that conftest selects: a test elsewhere that unsets
+# TRITON_INTERPRET before the kernels are first imported would otherwise make them JIT-compiled.
+from bench import kernel_bytes
+from rfsq_kernels.kernels import config, launch  # noqa: F401
 from bench.kernel_report import (COPY_BYTES_PER_S, direction_sums, executed_estimate, loop_trips, markdown,
                                  model_us)
 
@@ -81,9 +85,6 @@ def test_one_launch_rows_keep_direction_bytes():
 def test_kernel_bytes_counts_each_split_launch_with_the_real_batch_plan(monkeypatch):
     """The split forward in the interpreter: K + 1 launches counted one by one (their sum is the
     direction's), the plan being that of the case's batch, so the count is linear in the images run."""
-    from bench import kernel_bytes
-    from rfsq_kernels.kernels import config
-
     monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)  # 8-position split tiles: 6 per 5x9 image
     monkeypatch.setattr(config, "LAYERNORM_SPLIT", True)
     case = Case("training", (132, 4, 5, 9), (8, 5, 3, 4), 3, "layernorm")
@@ -102,9 +103,6 @@ def test_kernel_bytes_counts_each_split_launch_with_the_real_batch_plan(monkeypa
 def test_kernel_bytes_uses_the_target_tile_policy():
     """sm_100 keeps half as many elements in one layernorm tile: bytes are counted with its tiles."""
     import torch
-
-    from bench import kernel_bytes
-    from rfsq_kernels.kernels import config
 
     z = torch.zeros(1)
     with kernel_bytes.tiles_of_arch(100):
