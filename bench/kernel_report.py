@@ -57,7 +57,6 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
     from rfsq_kernels.gpucheck import sweep
     from rfsq_kernels.gpucheck.binary import approx_math, sass_listing, sass_loops
     from rfsq_kernels.gpucheck.driver import offline_target
-
     from rfsq_kernels.kernels import config
 
     rows, sass = [], {}
