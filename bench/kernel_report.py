@@ -9,7 +9,9 @@ grid size against the SM count, ``num_warps``, registers per thread, spill bytes
 the occupancy these imply, the SASS instruction count (static: loops count once), and the bytes
 the launch loads and stores, counted by instrumenting the Triton interpreter
 (``bench/kernel_bytes.py``, one image per case scaled to the batch), beside the case's byte
-floor (``bench.cases.floor_bytes``). Writes ``bench/results/kernels-sm<arch>.md`` and ``.json``.
+floor (``bench.cases.floor_bytes``). A direction of several launches (the split layernorm
+forward: K + 1) has a row per launch, each with its own trip counts and bytes, and a sum row.
+Writes ``bench/results/kernels-sm<arch>.md`` and ``.json``.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,6 +57,7 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
     from rfsq_kernels.gpucheck import sweep
     from rfsq_kernels.gpucheck.binary import approx_math, sass_listing, sass_loops
     from rfsq_kernels.gpucheck.driver import offline_target
+    from rfsq_kernels.kernels import config
 
     rows, sass = [], {}
     by_name = {c.name: c for c in cases}
@@ -62,10 +65,14 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
         for case in cases:
             for direction in ("forward", "backward"):
                 n0 = len(drv.launches)
+                # the runtime switch, not the check's split cases (sweep.Case(split=...)): the report
+                # shows what the launchers do today
                 sweep.run_case(sweep.Case(direction, case.strategy, case.stages, tuple(case.levels),
-                                          case.torch_dtype, tuple(case.shape)))
-                for launch in drv.launches[n0:]:
-                    rows.append(dict(case=case.name, direction=direction, launch=launch))
+                                          case.torch_dtype, tuple(case.shape), split=config.LAYERNORM_SPLIT))
+                launches = drv.launches[n0:]
+                for i, launch in enumerate(launches):
+                    rows.append(dict(case=case.name, direction=direction, launch_index=i,
+                                     launches=len(launches), launch=launch))
         compiled = sweep.compiled_kernels(arch)
     out = []
     for row in rows:
@@ -79,10 +86,11 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
         consts = launch.constexprs
         tile = consts["BLOCK_C"] * consts["BLOCK_S"]
         case = by_name[row["case"]]
-        chunks = math.ceil(math.prod(case.shape[2:]) / consts["BLOCK_S"])
-        path = _path(consts, launch.kernel)
-        executed = executed_estimate(n_sass, loops, path, row["direction"], case.stages, chunks, consts["BLOCK_C"])
         programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
+        path = _path(consts, launch.kernel)
+        chunks, decodes = loop_trips(path, case, consts["BLOCK_S"], programs, row["launch_index"])
+        executed = executed_estimate(n_sass, loops, path, row["direction"], case.stages, chunks, consts["BLOCK_C"],
+                                     decodes)
         occ = occupancy(arch, launch.num_warps, res.registers, res.shared_bytes)
         out.append(dict(
             row, kernel=launch.kernel.strip("_"), path=path,
@@ -103,15 +111,28 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
     return out
 
 
-def executed_estimate(n_sass: int, loops, path: str, direction: str, stages: int, chunks: int,
-                      channels: int = 1) -> float:
+def loop_trips(path: str, case: Case, block_s: int, programs: int, launch_index: int) -> Tuple[float, int]:
+    """``(chunks, decodes)`` for :func:`executed_estimate`: the tile loop's trips per program
+    (the image's ``ceil(S / BLOCK_S)`` tiles; on the split path shared by the image's
+    ``programs / B`` programs, so the mean over programs -- short and empty last slices included --
+    times the programs is exactly the tiles run) and the split path's decode loop trips (launch
+    ``l`` of the split forward decodes stages ``0 .. l-2``: ``l - 1`` trips, none in launch 0)."""
+    tiles = math.ceil(math.prod(case.shape[2:]) / block_s)
+    if path != "split":
+        return tiles, 0
+    return tiles / (programs / case.shape[0]), max(launch_index - 1, 0)
+
+
+def executed_estimate(n_sass: int, loops, path: str, direction: str, stages: int, chunks: float,
+                      channels: int = 1, decodes: int = 0) -> float:
     """Instructions one thread executes (a model): every SASS instruction once, times the trip
     counts of the loops around it. Loops are recognised by their nesting, which follows the
     kernels' source: the stage loop runs K times, a chunk loop ``chunks`` times, a replay loop
     (K-1)/2 times on average; the chunked forward's second outer loop is its output pass over
     chunks with the stage loop inside; the channel-row backward's loop runs over its ``channels``
-    rows (its stages are unrolled). Branches inside loops (libdevice tanh's rare path) are
-    counted as taken, so this overestimates slightly."""
+    rows (its stages are unrolled); the split forward's tile loop runs ``chunks`` times (per
+    program, :func:`loop_trips`) with its decode loop inside, ``decodes`` times. Branches inside
+    loops (libdevice tanh's rare path) are counted as taken, so this overestimates slightly."""
     replay = (stages - 1) / 2
     outer = [l for l in loops if not any(o != l and o[0] <= l[0] and l[1] <= o[1] for o in loops)]
 
@@ -119,7 +140,7 @@ def executed_estimate(n_sass: int, loops, path: str, direction: str, stages: int
         if path == "chunked" and direction == "forward" and top_index > 0:
             return (chunks, stages)[min(depth, 1)]          # output pass: chunks, then stages
         table = {"tiled": (stages,), "rows-backward": (channels,), "single": (stages, replay),
-                 "chunked": (stages, chunks, replay)}[path]
+                 "chunked": (stages, chunks, replay), "split": (chunks, decodes)}[path]
         return table[min(depth, len(table) - 1)]
 
     weight = [1.0] * n_sass
@@ -139,19 +160,23 @@ def executed_estimate(n_sass: int, loops, path: str, direction: str, stages: int
 
 
 def _path(consts: dict, kernel: str = "") -> str:
-    """single / chunked (layernorm), tiled (none/scale: one program per image tile) or
+    """single / chunked / split (layernorm: one program per image, with one tile or a loop over
+    chunks; several programs per image), tiled (none/scale: one program per image tile) or
     rows-backward (the channel-row backward, a loop over the rows)."""
+    if kernel.strip("_") == "fwd_layernorm_split_kernel":
+        return "split"
     if "ONE_TILE" in consts:
         return "single" if consts["ONE_TILE"] else "chunked"
     return "rows-backward" if kernel.strip("_") == "bwd_elementwise_rows_kernel" else "tiled"
 
 
-def count_bytes(groups) -> Dict[str, Dict[str, int]]:
-    """Run ``bench/kernel_bytes.py`` under the interpreter (a separate process)."""
+def count_bytes(groups, arch: int) -> Dict[str, Dict[str, int]]:
+    """Run ``bench/kernel_bytes.py`` under the interpreter (a separate process), with the tiles
+    the launchers choose for ``sm_<arch>``."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bytes.json"
-        cmd = [sys.executable, "-m", "bench.kernel_bytes", "--json", str(out)]
+        cmd = [sys.executable, "-m", "bench.kernel_bytes", "--json", str(out), "--arch", str(arch)]
         if groups:
             cmd += ["--groups", *groups]
         subprocess.run(cmd, env=env, check=True, cwd=Path(__file__).resolve().parents[1])
@@ -162,17 +187,66 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.1f}"
 
 
-def model_us(row: dict, nbytes: Dict[str, int], direction: str) -> float:
-    """The row's model time: the larger of its counted bytes at the copy bandwidth and its executed
-    instructions' time (``instr_us``); the instruction time alone when the bytes were not counted."""
-    counted = nbytes.get(f"{direction}_load", 0) + nbytes.get(f"{direction}_store", 0)
+def launch_bytes(row: dict, nbytes: Dict[str, object], direction: str) -> Optional[Tuple[int, int]]:
+    """``(load, store)`` of the row's launch (``direction`` ``fwd``/``bwd``): its own count when
+    the byte count has one per launch of that direction (as many as the compile recorded), the
+    direction's total for a direction of one launch, None when not counted."""
+    per_launch = nbytes.get(f"{direction}_launches")
+    index, launches = row.get("launch_index", 0), row.get("launches", 1)
+    if per_launch is not None and len(per_launch) == launches:
+        return per_launch[index][0], per_launch[index][1]
+    if launches == 1 and f"{direction}_load" in nbytes:
+        return nbytes[f"{direction}_load"], nbytes[f"{direction}_store"]
+    return None
+
+
+def model_us(row: dict, nbytes: Dict[str, object], direction: str) -> float:
+    """The row's model time: the larger of its launch's counted bytes at the copy bandwidth and its
+    executed instructions' time (``instr_us``); the instruction time alone when the bytes were not
+    counted."""
+    counted = sum(launch_bytes(row, nbytes, direction) or (0, 0))
     return max(counted / COPY_BYTES_PER_S * 1e6, row["instr_us"])
 
 
-def markdown(rows: List[dict], cases: List[Case], nbytes: Dict[str, Dict[str, int]], arch: int) -> str:
-    """The report as one Markdown table (plus a header saying what it is and is not)."""
+def direction_sums(rows: List[dict], nbytes: Dict[str, Dict[str, object]]) -> List[dict]:
+    """One sum per (case, direction) of several launches (the split layernorm forward): executed
+    instructions per element and µs instr added over the launches, the direction's bytes, and
+    µs model = the sum of the launches' µs model (the launches run one after another; where the
+    bytes were not counted per launch, the larger of all bytes and all instructions)."""
+    groups: Dict[Tuple[str, str], List[dict]] = {}
+    for r in rows:
+        if r.get("launches", 1) > 1:
+            groups.setdefault((r["case"], r["direction"]), []).append(r)
+    out = []
+    for (case, direction), launches in groups.items():
+        d = "fwd" if direction == "forward" else "bwd"
+        b = nbytes.get(case, {})
+        instr_us = sum(r["instr_us"] for r in launches)
+        load, store = b.get(f"{d}_load", float("nan")), b.get(f"{d}_store", float("nan"))
+        if all(launch_bytes(r, b, d) is not None for r in launches):
+            model = sum(model_us(r, b, d) for r in launches)
+        else:
+            model = max((b.get(f"{d}_load", 0) + b.get(f"{d}_store", 0)) / COPY_BYTES_PER_S * 1e6, instr_us)
+        out.append(dict(case=case, direction=direction, launches=len(launches), path=launches[0]["path"],
+                        executed_per_elem=sum(r["executed_per_elem"] for r in launches),
+                        instr_us=instr_us, load=load, store=store, model_us=model))
+    return out
+
+
+def switches() -> Dict[str, bool]:
+    """The launcher switches a report depends on, as this process has them."""
+    from rfsq_kernels.kernels import config
+
+    return {"RFSQ_LAYERNORM_SPLIT": config.LAYERNORM_SPLIT, "RFSQ_ELEMENTWISE_ROWS": config.ELEMENTWISE_ROWS}
+
+
+def markdown(rows: List[dict], cases: List[Case], nbytes: Dict[str, Dict[str, int]], arch: int,
+             switched: Optional[Dict[str, bool]] = None) -> str:
+    """The report as one Markdown table (plus a header saying what it is and is not);
+    ``switched``: the launcher switches it was compiled with (:func:`switches`), when known."""
+    env = "".join(f"{k}={int(v)} " for k, v in (switched or {}).items())
     head = (f"# Kernel report, sm_{arch} (static: compiled, not run)\n\n"
-            f"Generated by `python bench/kernel_report.py --arch {arch}`. **This is a static report, "
+            f"Generated by `{env}python bench/kernel_report.py --arch {arch}`. **This is a static report, "
             f"not a timing**: nothing here ran on a GPU. Grid vs {SM_COUNT[arch]} SMs; occupancy from "
             f"registers, warps and shared memory; SASS = static instruction count of the binary (a "
             f"runtime loop counts once), per element = per element a thread holds in one tile; bytes "
@@ -188,25 +262,44 @@ def markdown(rows: List[dict], cases: List[Case], nbytes: Dict[str, Dict[str, in
             f"(the launch is bound by whichever it runs out of first; no cache reuse). "
             f"exec/lane = the same per tile lane (padded channels count: C=5 runs 8 lanes), all "
             f"stages. approx = approximate-math PTX instructions outside libdevice tanh (`div.full`, "
-            f"`*.approx`; issue 17's contract: must be 0).\n\n")
+            f"`*.approx`; must be 0). A direction of several launches (the split layernorm forward, "
+            f"K + 1 launches: statistics, then one per stage) has one row per launch -- bytes, "
+            f"exec/elem and µs of that launch, its own loop trip counts -- and a **sum** row: exec/elem "
+            f"and µs instr added, the direction's bytes and floor, µs model = the launches' µs model "
+            f"added.\n\n")
     cols = ["case", "dir", "kernel", "path", "tile", "grid", "waves", "warps", "regs", "spill B",
             "smem B", "prog/SM", "occ", "SASS", "SASS/elem", "exec/elem", "exec/lane", "approx", "MB ld",
             "MB st", "MB floor", "µs floor", "µs instr", "µs model"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     by_name = {c.name: c for c in cases}
+    sums = {(t["case"], t["direction"]): t for t in direction_sums(rows, nbytes)}
     for r in rows:
         case, d = by_name[r["case"]], "fwd" if r["direction"] == "forward" else "bwd"
         b = nbytes.get(r["case"], {})
-        floor = floor_bytes(case, "fwd") if d == "fwd" else floor_bytes(case, "fwdbwd") - floor_bytes(case, "fwd")
+        floor = _floor(case, d)
+        one = r.get("launches", 1) == 1  # the floor is the direction's: on its one row or its sum row
+        ld, st = launch_bytes(r, b, d) or (float("nan"), float("nan"))
+        launch = "" if one else f" (launch {r['launch_index']})"
         lines.append("| " + " | ".join([
-            r["case"], d, r["kernel"], r["path"], r["tile"], str(r["grid"]), f"{r['waves']:.2f}",
+            r["case"], d, r["kernel"] + launch, r["path"], r["tile"], str(r["grid"]), f"{r['waves']:.2f}",
             str(r["num_warps"]), str(r["registers"]), str(r["spill_bytes"]), str(r["shared_bytes"]),
             str(r["programs_per_sm"]), f"{r['occupancy']:.0%}", str(r["sass"]), f"{r['sass_per_elem']:.0f}",
             f"{r['executed_per_elem']:.0f}", f"{r['executed_per_lane']:.0f}", str(r["approx"]),
-            _mb(b.get(f"{d}_load", float("nan"))), _mb(b.get(f"{d}_store", float("nan"))), _mb(floor),
-            f"{floor / COPY_BYTES_PER_S * 1e6:.1f}",
+            _mb(ld), _mb(st), _mb(floor) if one else "",
+            f"{floor / COPY_BYTES_PER_S * 1e6:.1f}" if one else "",
             f"{r['instr_us']:.1f}", f"{model_us(r, b, d):.1f}"]) + " |")
+        t = sums.get((r["case"], r["direction"]))
+        if t is not None and r["launch_index"] == t["launches"] - 1:
+            lines.append("| " + " | ".join([
+                r["case"], d, f"**sum of {t['launches']} launches**", t["path"], *[""] * 11,
+                f"{t['executed_per_elem']:.0f}", "", "", _mb(t["load"]), _mb(t["store"]), _mb(floor),
+                f"{floor / COPY_BYTES_PER_S * 1e6:.1f}", f"{t['instr_us']:.1f}", f"{t['model_us']:.1f}"]) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def _floor(case: Case, d: str) -> int:
+    """The direction's byte floor: the forward's, or fwd+bwd minus it."""
+    return floor_bytes(case, "fwd") if d == "fwd" else floor_bytes(case, "fwdbwd") - floor_bytes(case, "fwd")
 
 
 def main(argv=None) -> int:
@@ -229,7 +322,7 @@ def main(argv=None) -> int:
     stem = RESULTS / (f"kernels-vq-sm{args.arch}" if vq else f"kernels-sm{args.arch}")
     if args.from_json:
         saved = json.loads(stem.with_suffix(".json").read_text())
-        md = markdown(saved["rows"], cases, saved["bytes"], args.arch)
+        md = markdown(saved["rows"], cases, saved["bytes"], args.arch, saved.get("switches"))
         stem.with_suffix(".md").write_text(md)
         print(f"wrote {stem}.md from {stem}.json")
         return 0
@@ -239,13 +332,14 @@ def main(argv=None) -> int:
     elif args.bytes_json:
         nbytes = json.loads(Path(args.bytes_json).read_text())
     else:
-        nbytes = {} if args.no_bytes else count_bytes(args.groups)
+        nbytes = {} if args.no_bytes else count_bytes(args.groups, args.arch)
     RESULTS.mkdir(exist_ok=True)
-    md = markdown(rows, cases, nbytes, args.arch)
+    md = markdown(rows, cases, nbytes, args.arch, switches())
     stem.with_suffix(".md").write_text(md)
     stem.with_suffix(".json").write_text(json.dumps(
         {"arch": args.arch, "static_report_not_a_timing": True, "sm_count": SM_COUNT[args.arch],
-         "rows": rows, "bytes": nbytes,
+         "switches": switches(),
+         "rows": rows, "bytes": nbytes, "sums": direction_sums(rows, nbytes),
          "floors": {c.name: {m: floor_bytes(c, m) for m in ("fwd", "fwdbwd")} for c in cases}}, indent=1))
     print(md)
     print(f"wrote {stem}.md and .json")
