@@ -90,17 +90,19 @@ def _fwd_vq_rfsq_kernel(
     HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
     USE_INT64: tl.constexpr,          # some offset may reach 2**31: index in 64 bits
     USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice tanh; interpreter: fallback
+    GROUPED: tl.constexpr = False,    # several groups on grid axis 1 (else the group strides are unused)
 ):
     """Forward: one program per (image, tile of positions) and group (grid axis 1), the K stages a
     runtime loop with the (detached) residual in registers; the output sums the stage outputs in
     stage order. Group ``g`` reads its own ``(3, C)`` constants and ``(K, C)`` scales (rows ``g``
     of ``(G, 3, C)`` / ``(G, K, C)`` tables); mask and stage counts are shared by the groups."""
-    grp = widen(tl.program_id(1), USE_INT64)
-    x_ptr += grp * stride_xg
-    q_ptr += grp * stride_qg
-    idx_ptr += grp * stride_ig
-    consts_ptr += grp * 3 * C
-    scales_ptr += grp * K * C
+    if GROUPED:
+        grp = widen(tl.program_id(1), USE_INT64)
+        x_ptr += grp * stride_xg
+        q_ptr += grp * stride_qg
+        idx_ptr += grp * stride_ig
+        consts_ptr += grp * 3 * C
+        scales_ptr += grp * K * C
     img, (x_view, q_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
         ((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
         valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S, HAS_MASK, USE_INT64)
@@ -147,17 +149,19 @@ def _bwd_vq_rfsq_kernel(
     HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
     USE_INT64: tl.constexpr,          # 64-bit offsets
     USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice tanh and fma; interpreter: fallbacks
+    GROUPED: tl.constexpr = False,    # several groups on grid axis 1 (else the group strides are unused)
 ):
     """Backward: the residual is detached, so ``dL/dy = sum_k [-1 < u_k < 1] * g*s_k*a/2*(L-1)/s_k``,
     each term rounded op by op like autograd and summed from the last stage back; then the soft
     clamp: ``dx = (dy * c) * (1 - t^2) / c``. A forward replay records which stages pass. Groups
     (grid axis 1) as in the forward."""
-    grp = widen(tl.program_id(1), USE_INT64)
-    x_ptr += grp * stride_xg
-    g_ptr += grp * stride_gg
-    dx_ptr += grp * stride_dxg
-    consts_ptr += grp * 3 * C
-    scales_ptr += grp * K * C
+    if GROUPED:
+        grp = widen(tl.program_id(1), USE_INT64)
+        x_ptr += grp * stride_xg
+        g_ptr += grp * stride_gg
+        dx_ptr += grp * stride_dxg
+        consts_ptr += grp * 3 * C
+        scales_ptr += grp * K * C
     img, (x_view, g_view, dx_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
         ((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
          (dx_ptr, stride_dxb, stride_dxc, stride_dxs)),
@@ -268,13 +272,15 @@ def _launch_forward(x, quantized, indices, levels, consts, scales, basis, valid,
     G, B, N, C = x.shape
     K = scales.shape[-2]
     offsets = (x, quantized, indices)
-    # 64-bit offsets take the sparse (half) tiles, like masks: at full tiles ptxas spills (bench/NOTES.md)
-    tiles = config.elementwise_tiles(C, N, sparse=valid is not None or active_stages is not None or config.needs_int64(*offsets))
+    # 64-bit offsets and several groups take the sparse (half) tiles, like masks: at full tiles
+    # ptxas spills (bench/NOTES.md)
+    tiles = config.elementwise_tiles(C, N, sparse=valid is not None or active_stages is not None or G > 1
+                                     or config.needs_int64(*offsets))
     tiles_per_image = triton.cdiv(N, tiles.block_s)
     launch(_fwd_vq_rfsq_kernel, (B * tiles_per_image, G),
            (x, quantized, indices, consts, scales, basis, valid, active_stages,
             C, N, tiles_per_image, *bcs_strides(x[0]), *bcs_strides(quantized[0]), K, *group_strides),
-           tiles=tiles, tensors=offsets)
+           tiles=tiles, tensors=offsets, GROUPED=G > 1)
 
 
 def forward(x: torch.Tensor, levels: Sequence[int], scales: torch.Tensor, clamp_value: torch.Tensor,
@@ -316,13 +322,13 @@ def _launch_backward(grad_q, x, grad_x, consts, scales, valid, active_stages, gr
     """One backward launch over ``(B * tiles, G)`` programs (``(G, B, N, C)`` tensors)."""
     G, B, N, C = x.shape
     K = scales.shape[-2]
-    tiles = config.elementwise_tiles(C, N, sparse=valid is not None or active_stages is not None)
+    tiles = config.elementwise_tiles(C, N, sparse=valid is not None or active_stages is not None or G > 1)
     tiles_per_image = triton.cdiv(N, tiles.block_s)
     launch(_bwd_vq_rfsq_kernel, (B * tiles_per_image, G),
            (x, grad_q, grad_x, consts, scales, valid, active_stages,
             C, N, tiles_per_image, *bcs_strides(x[0]), *bcs_strides(grad_q[0]), *bcs_strides(grad_x[0]),
             *group_strides),
-           tiles=tiles, tensors=(x, grad_q, grad_x), K=K)
+           tiles=tiles, tensors=(x, grad_q, grad_x), K=K, GROUPED=G > 1)
 
 
 def backward(grad_q: torch.Tensor, x: torch.Tensor, levels: Sequence[int], scales: torch.Tensor,
