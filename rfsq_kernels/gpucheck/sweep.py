@@ -50,11 +50,13 @@ class Case:
     mask: bool = False      # a (B, *spatial) padding mask is passed
     active_stages: bool = False  # per-sample stage counts (quantize dropout) are passed
     split: bool = False     # config.LAYERNORM_SPLIT on for this call (issue 28's switch)
+    groups: int = 1         # vq only: GroupedResidualFSQ's one launch for this many channel-slice groups
 
     def __str__(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
         extra = (" mask" if self.mask else "") + (" active_stages" if self.active_stages else "")
         extra += " split" if self.split else ""
+        extra += f" groups={self.groups}" if self.groups > 1 else ""
         return (f"{self.direction} strategy={self.strategy} K={self.stages} C={len(self.levels)} "
                 f"levels={list(self.levels)} dtype={dt} shape={'x'.join(map(str, self.shape))}{extra}")
 
@@ -91,20 +93,25 @@ def all_cases(directions: Iterable[str] = DIRECTIONS, strategies: Iterable[str] 
 VQ_RFSQ = "vq_rfsq"
 
 
+#: Groups of the grouped ResidualFSQ cases: channel slices of one (B, S, G*C) tensor, whose
+#: position stride G*C specializes differently from an ungrouped call's C.
+VQ_GROUPS = 4
+
+
 def vq_cases(structure_only: bool = False) -> List[Case]:
     """The ResidualFSQ family: direction x K in {1, 2, 4, 8} x every C x the training and the
     large image, float32, 32-bit offsets; unless ``structure_only``, also K=8 x C in {5, 16} x
-    every dtype x 32/64-bit offsets x all images, and the mask / stage-count flags."""
+    every dtype x 32/64-bit offsets x all images, and the mask / stage-count flags. Each also as
+    a grouped launch (:data:`VQ_GROUPS` channel-slice groups; no mask, the module has none)."""
     out = all_cases(strategies=[VQ_RFSQ], stages=(1, 2, 4, 8), spatial=SPATIAL[1:], dtypes=(torch.float32,),
                     offsets=(32,))
-    if structure_only:
-        return out
-    out += all_cases(strategies=[VQ_RFSQ], stages=(8,), channels=(5, 16))
-    for base in all_cases(strategies=[VQ_RFSQ], stages=(8,), channels=(5, 16), dtypes=(torch.float32,),
-                          spatial=SPATIAL[1:], offsets=(32,)):
-        out += [Case(base.direction, base.strategy, base.stages, base.levels, base.dtype, base.shape, m, d)
-                for m, d in ((True, True), (True, False), (False, True))]
-    return out
+    if not structure_only:
+        out += all_cases(strategies=[VQ_RFSQ], stages=(8,), channels=(5, 16))
+        for base in all_cases(strategies=[VQ_RFSQ], stages=(8,), channels=(5, 16), dtypes=(torch.float32,),
+                              spatial=SPATIAL[1:], offsets=(32,)):
+            out += [Case(base.direction, base.strategy, base.stages, base.levels, base.dtype, base.shape, m, d)
+                    for m, d in ((True, True), (True, False), (False, True))]
+    return out + [replace(c, groups=VQ_GROUPS) for c in out if not c.mask]
 
 
 def structure_cases() -> List[Case]:
@@ -189,6 +196,9 @@ def run_vq_case(case: Case) -> None:
     clamp = torch.empty((c,), dtype=torch.float32, device=meta)
     mask = torch.empty((b, s), dtype=torch.bool, device=meta) if case.mask else None
     active = torch.empty((b,), dtype=torch.int32, device=meta) if case.active_stages else None
+    if case.groups > 1:
+        run_grouped_vq_case(case, x, scales, clamp, active)
+        return
     standalone_fsq = case.stages in (1, 8) and not (case.mask or case.active_stages)  # its kernels have no K/flags
     if case.direction == "forward":
         residual_fsq.forward(x, list(case.levels), scales, clamp, mask, active)
@@ -198,6 +208,21 @@ def run_vq_case(case: Case) -> None:
         residual_fsq.backward(torch.empty_like(x), x, list(case.levels), scales, clamp, mask, active)
         if standalone_fsq:
             fsq.backward(torch.empty_like(x), x, list(case.levels))
+
+
+def run_grouped_vq_case(case: Case, x: torch.Tensor, scales: torch.Tensor, clamp: torch.Tensor,
+                        active) -> None:
+    """GroupedResidualFSQ's launch: ``case.groups`` channel slices of one ``(B, S, G*C)`` input
+    (the module's layout without projections), one (K, C) table per group; the backward's
+    incoming gradient is contiguous ``(G, B, S, C)`` (autograd stacks the groups' gradients)."""
+    from ..kernels.vq import residual_fsq
+    g, (b, s, c) = case.groups, x.shape
+    x4 = torch.empty((b, s, g * c), dtype=x.dtype, device=x.device).unflatten(-1, (g, c)).permute(2, 0, 1, 3)
+    tables = [scales] * g, [clamp] * g
+    if case.direction == "forward":
+        residual_fsq.grouped_forward(x4, list(case.levels), *tables, active)
+    else:
+        residual_fsq.grouped_backward(x4.new_empty(x4.shape), x4, list(case.levels), *tables, active)
 
 
 def run_case(case: Case) -> None:

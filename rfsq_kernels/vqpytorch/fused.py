@@ -1,9 +1,9 @@
 """Autograd / torch.compile glue around the fused vector-quantize-pytorch kernels
 (:mod:`rfsq_kernels.kernels.vq`: ResidualFSQ and the standalone FSQ).
 
-Two ``torch.library.custom_op``s, ``rfsq_kernels::vq_rfsq_forward`` and
-``rfsq_kernels::vq_rfsq_backward``, with fake implementations, so ``torch.compile`` sees one opaque
-node. The op's input is the tensor after ``project_in``; the projections stay ``nn.Linear``.
+``torch.library.custom_op``s (``rfsq_kernels::vq_rfsq_forward`` / ``_backward``, their grouped
+forms ``vq_grouped_rfsq_*`` for GroupedResidualFSQ, one launch for all groups, and
+``vq_fsq_*``), with fake implementations, so ``torch.compile`` sees one opaque node. The op's input is the tensor after ``project_in``; the projections stay ``nn.Linear``.
 
 Like :mod:`rfsq_kernels.fused` (:mod:`rfsq_kernels.autodiff`): forward-mode AD and ``torch.func``
 transforms run the op-for-op reference (:mod:`.reference`) instead, and double backward raises one
@@ -22,9 +22,9 @@ from ..autodiff import forbid_double_backward, needs_reference_autodiff, saveabl
 from ..kernels.vq import fsq as fsq_kernels
 from ..kernels.vq import residual_fsq as kernels
 from . import reference as ref
-from .op_boundary import check_residual_fsq_call, check_vq_grad, check_vq_input
+from .op_boundary import check_grouped_residual_fsq_call, check_residual_fsq_call, check_vq_grad, check_vq_input
 
-__all__ = ["fsq_fused", "residual_fsq_fused"]
+__all__ = ["fsq_fused", "grouped_residual_fsq_fused", "residual_fsq_fused"]
 
 
 @torch.library.custom_op("rfsq_kernels::vq_rfsq_forward", mutates_args=())
@@ -87,6 +87,74 @@ def residual_fsq_fused(x: Tensor, levels: Sequence[int], scales: Tensor, clamp_v
         active = torch.full((x.shape[0],), int(num_active), dtype=torch.int32, device=x.device)
     return torch.ops.rfsq_kernels.vq_rfsq_forward(x, scales.float(), clamp_value.float(), mask, active,
                                                   [int(v) for v in levels])
+
+
+@torch.library.custom_op("rfsq_kernels::vq_grouped_rfsq_forward", mutates_args=())
+def _grouped_forward_op(x: Tensor, scales: List[Tensor], clamp_values: List[Tensor], active: Optional[Tensor],
+                        levels: List[int]) -> Tuple[Tensor, Tensor]:
+    check_grouped_residual_fsq_call(x, levels, scales, clamp_values, active)
+    return kernels.grouped_forward(x, levels, scales, clamp_values, active)
+
+
+@_grouped_forward_op.register_fake
+def _grouped_forward_fake(x, scales, clamp_values, active, levels):
+    check_grouped_residual_fsq_call(x, levels, scales, clamp_values, active)
+    return kernels.grouped_forward_outputs(x, levels, scales[0].shape[0], active is not None)
+
+
+@torch.library.custom_op("rfsq_kernels::vq_grouped_rfsq_backward", mutates_args=())
+def _grouped_backward_op(grad_q: Tensor, x: Tensor, scales: List[Tensor], clamp_values: List[Tensor],
+                         active: Optional[Tensor], levels: List[int]) -> Tensor:
+    check_grouped_residual_fsq_call(x, levels, scales, clamp_values, active)
+    check_vq_grad(grad_q, x)
+    return kernels.grouped_backward(grad_q, x, levels, scales, clamp_values, active)
+
+
+@_grouped_backward_op.register_fake
+def _grouped_backward_fake(grad_q, x, scales, clamp_values, active, levels):
+    check_grouped_residual_fsq_call(x, levels, scales, clamp_values, active)
+    check_vq_grad(grad_q, x)
+    return torch.empty_like(x)
+
+
+def _grouped_setup_context(ctx, inputs, output) -> None:
+    x, scales, clamp_values, active, levels = inputs
+    ctx.save_for_backward(*(saveable(t) for t in (x, active, *scales, *clamp_values)))
+    ctx.groups, ctx.levels = len(scales), levels
+    ctx.mark_non_differentiable(output[1])
+
+
+def _grouped_backward(ctx, grad_q, _grad_indices):
+    x, active, *tables = ctx.saved_tensors
+    scales, clamp_values = tables[:ctx.groups], tables[ctx.groups:]
+    grad_x = torch.ops.rfsq_kernels.vq_grouped_rfsq_backward(grad_q, x, scales, clamp_values, active, ctx.levels)
+    no_grads = [None] * ctx.groups  # the tables are buffers: no gradient, one None per list entry
+    return grad_x, no_grads, list(no_grads), None, None
+
+
+_grouped_forward_op.register_autograd(_grouped_backward, setup_context=_grouped_setup_context)
+forbid_double_backward(_grouped_backward_op, "GroupedResidualFSQ kernels", "backend='reference'")
+
+
+def grouped_residual_fsq_fused(x: Tensor, levels: Sequence[int], scales: Sequence[Tensor],
+                               clamp_values: Sequence[Tensor], num_active: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """G ResidualFSQ quantizers of one configuration in one launch per direction: ``x``
+    ``(G, B, N, C)`` (group g's input after its ``project_in``; any strides), group g with its own
+    ``scales[g]`` and ``clamp_values[g]``; ``num_active`` as in :func:`residual_fsq_fused`, shared
+    by the groups. Returns ``(quantized (G, B, N, C) in x's dtype, indices (G, B, N, K))``, group
+    g's slices bitwise :func:`residual_fsq_fused` of ``x[g]``.
+
+    Forward-mode AD and ``torch.func`` transforms run the reference per group."""
+    if needs_reference_autodiff(x, *scales, *clamp_values):
+        outs = [_residual_fsq_reference(xg, levels, s, c, num_active, None)
+                for xg, s, c in zip(x.unbind(0), scales, clamp_values)]
+        return torch.stack([q for q, _ in outs]), torch.stack([i for _, i in outs])
+    active = None
+    if num_active is not None:
+        active = torch.full((x.shape[1],), int(num_active), dtype=torch.int32, device=x.device)
+    return torch.ops.rfsq_kernels.vq_grouped_rfsq_forward(x, [s.float() for s in scales],
+                                                          [c.float() for c in clamp_values], active,
+                                                          [int(v) for v in levels])
 
 
 @torch.library.custom_op("rfsq_kernels::vq_fsq_forward", mutates_args=())

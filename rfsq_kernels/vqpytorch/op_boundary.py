@@ -15,7 +15,7 @@ from torch import Tensor
 from ..reference import check_levels
 from ..reference.dropout import check_active_stages_layout, check_mask
 
-__all__ = ["check_vq_input", "check_vq_grad", "check_residual_fsq_call"]
+__all__ = ["check_vq_input", "check_vq_grad", "check_residual_fsq_call", "check_grouped_residual_fsq_call"]
 
 
 def check_vq_input(x: Tensor, levels: Sequence[int], name: str = "x") -> None:
@@ -64,3 +64,22 @@ def check_residual_fsq_call(x: Tensor, levels: Sequence[int], scales: Tensor, cl
     check_mask(mask, B, (N,), x.device)
     if active is not None:
         check_active_stages_layout(active, B, x.device, name="active")
+
+
+def check_grouped_residual_fsq_call(x: Tensor, levels: Sequence[int], scales: Sequence[Tensor],
+                                    clamp_values: Sequence[Tensor], active: Optional[Tensor]) -> None:
+    """The tensors one fused GroupedResidualFSQ call reads: ``x`` a float ``(G, B, N, C)`` tensor,
+    G = ``len(scales)`` = ``len(clamp_values)`` >= 1, and group g's ``x[g]``, ``scales[g]``,
+    ``clamp_values[g]`` as :func:`check_residual_fsq_call` (no mask); every group's ``scales``
+    of one shape (the groups share a configuration); ``active`` None or integer ``(B,)``."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a (G, B, N, C) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
+    G = x.shape[0]
+    if G < 1 or len(scales) != G or len(clamp_values) != G:
+        raise ValueError(f"x has {G} groups: scales and clamp_values need one tensor per group, got "
+                         f"{len(scales)} and {len(clamp_values)}")
+    for g in range(G):
+        check_residual_fsq_call(x[g], levels, scales[g], clamp_values[g], None, active)
+        if tuple(scales[g].shape) != tuple(scales[0].shape):
+            raise ValueError(f"every group's scales must have one shape, got {tuple(scales[0].shape)} (group 0) and "
+                             f"{tuple(scales[g].shape)} (group {g})")

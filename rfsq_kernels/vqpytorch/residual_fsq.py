@@ -200,21 +200,31 @@ class ResidualFSQ(nn.Module):
         codebook exceeds int32, and while quantize dropout is active, with -1 for dropped stages);
         ``all_codes`` ``(K, B, *spatial, C)``.
         """
+        x3, spatial = self._prepare(x)
+        quantized, indices = self._quantize(x3, self._num_active(x, rand_quantize_dropout_fixed_seed))
+        return self._finish(quantized, indices, x3.dtype, spatial, return_all_codes)
+
+    def _prepare(self, x: Tensor):
+        """``x`` -> ``(project_in(x) as (B, N, C), spatial shape)``: the forward up to the quantizer."""
         x3, spatial = _pack_channel_last(x, self.is_channel_first)
         if x3.shape[-1] != self.dim:
             raise ValueError(f"x has {x3.shape[-1]} features on its "
                              f"{'channel (dim 1)' if self.is_channel_first else 'last'} axis; this ResidualFSQ "
                              f"expects dim={self.dim}")
-        x3 = self.project_in(x3)
-        num_active = None
-        if self.training and self.quantize_dropout and torch.is_grad_enabled():
-            seed = rand_quantize_dropout_fixed_seed
-            if seed is None:
-                seed = get_maybe_sync_seed(x.device)
-            num_active = dropout_stage_count(seed, self.quantize_dropout_cutoff_index, self.num_quantizers,
-                                             self.quantize_dropout_multiple_of)
-        quantized, indices = self._quantize(x3, num_active)
-        quantized = self.project_out(quantized.to(x3.dtype))
+        return self.project_in(x3), spatial
+
+    def _num_active(self, x: Tensor, seed: Optional[int]) -> Optional[int]:
+        """Stages kept by quantize dropout in this call (None: all, no dropout)."""
+        if not (self.training and self.quantize_dropout and torch.is_grad_enabled()):
+            return None
+        if seed is None:
+            seed = get_maybe_sync_seed(x.device)
+        return dropout_stage_count(seed, self.quantize_dropout_cutoff_index, self.num_quantizers,
+                                   self.quantize_dropout_multiple_of)
+
+    def _finish(self, quantized: Tensor, indices: Tensor, dtype: torch.dtype, spatial, return_all_codes: bool):
+        """The quantizer's ``(B, N, C)`` outputs -> the forward's ``(quantized, indices[, all_codes])``."""
+        quantized = self.project_out(quantized.to(dtype))
         quantized = _unpack_channel_last(quantized, spatial, self.is_channel_first)
         indices = _unpack_channel_last(indices, spatial, self.is_channel_first)
         if not return_all_codes:
@@ -313,19 +323,54 @@ class GroupedResidualFSQ(nn.Module):
         out = rvq(chunk.movedim(1, -1).contiguous(), **kw)
         return (out[0].movedim(-1, 1), *out[1:])
 
+    def _fused_groups(self, x: Tensor) -> bool:
+        """True when one fused launch per direction computes every group: the groups all take the
+        fused path (same backend, training mode, float32 buffers)."""
+        first = self.rvqs[0]
+        return all(rvq.fused_supported() is None and use_fused(rvq.backend, x) and rvq.training == first.training
+                   for rvq in self.rvqs)
+
+    def _forward_fused(self, x: Tensor, chunks, seed: Optional[int], return_all_codes: bool):
+        """Every group in one launch per direction (:func:`.fused.grouped_residual_fsq_fused`),
+        each group's inputs prepared and outputs finished exactly as its own ResidualFSQ does."""
+        from .fused import grouped_residual_fsq_fused
+
+        fmap = [self._fmap_channel_last and chunk.ndim >= 4 for chunk in chunks]
+        prepared = [rvq._prepare(chunk.movedim(1, -1).contiguous() if f else chunk)
+                    for rvq, chunk, f in zip(self.rvqs, chunks, fmap)]
+        first = self.rvqs[0]
+        if not first.has_projections and not self.accept_image_fmap and not first.is_channel_first:
+            # the groups are channel slices of one tensor: quantize them in place, no copy
+            x3, _ = _pack_channel_last(x, False)
+            x4 = x3.unflatten(-1, (self.groups, first.dim)).permute(2, 0, 1, 3)
+        else:
+            x4 = torch.stack([x3 for x3, _ in prepared])
+        quantized, indices = grouped_residual_fsq_fused(
+            x4, first.levels, [rvq.scales for rvq in self.rvqs], [rvq.soft_clamp_input_value for rvq in self.rvqs],
+            first._num_active(x, seed))
+        out = []
+        for rvq, q, i, (x3, spatial), f in zip(self.rvqs, quantized.unbind(0), indices.unbind(0), prepared, fmap):
+            o = rvq._finish(q, i, x3.dtype, spatial, return_all_codes)
+            out.append((o[0].movedim(-1, 1), *o[1:]) if f else o)
+        return out
+
     def forward(self, x: Tensor, return_all_codes: bool = False):
         """``(quantized, indices (G, ...)[, all_codes])``, ``all_codes`` a tuple of the groups'
         codes (as the library returns). In training, one dropout seed is
-        drawn for all groups (only when quantize dropout is on: the library draws it always)."""
+        drawn for all groups (only when quantize dropout is on: the library draws it always).
+        On the fused path every group runs in one kernel launch per direction."""
         if x.shape[self.split_dim] != self.dim:
             raise ValueError(f"x has {x.shape[self.split_dim]} features on dim {self.split_dim}, expected {self.dim}")
         chunks = x.chunk(self.groups, dim=self.split_dim)
         seed = None
         if self.training and self.rvqs[0].quantize_dropout and torch.is_grad_enabled():
             seed = get_maybe_sync_seed(x.device)
-        out = tuple(self._quantize_group(rvq, chunk, return_all_codes=return_all_codes,
-                                         rand_quantize_dropout_fixed_seed=seed)
-                    for rvq, chunk in zip(self.rvqs, chunks))
+        if self._fused_groups(x):
+            out = self._forward_fused(x, chunks, seed, return_all_codes)
+        else:
+            out = tuple(self._quantize_group(rvq, chunk, return_all_codes=return_all_codes,
+                                             rand_quantize_dropout_fixed_seed=seed)
+                        for rvq, chunk in zip(self.rvqs, chunks))
         quantized, all_indices, *maybe_codes = tuple(zip(*out))
         ret = (torch.cat(quantized, dim=self.split_dim), torch.stack(all_indices))
         if maybe_codes:

@@ -48,3 +48,15 @@ def test_default_grid_holds_the_split_forward_whatever_the_switch(monkeypatch):
     split = [c for c in sweep.default_cases() if c.split]
     assert split and all(c.direction == "forward" and c.strategy == "layernorm" for c in split)
     assert any(c.split for c in sweep.structure_cases())
+
+
+def test_default_grid_holds_the_grouped_vq_launch():
+    """GroupedResidualFSQ's one launch reads channel slices (position stride G*C, another
+    specialization than an ungrouped call's): the default and the structural grids compile it in
+    both directions, with and without per-sample stage counts."""
+    from rfsq_kernels.gpucheck import sweep
+    grouped = [c for c in sweep.default_cases() if c.groups > 1]
+    assert {c.direction for c in grouped} == {"forward", "backward"}
+    assert all(c.strategy == sweep.VQ_RFSQ and not c.mask for c in grouped)
+    assert {c.active_stages for c in grouped} == {True, False}
+    assert any(c.groups > 1 for c in sweep.structure_cases())

@@ -25,7 +25,7 @@ import triton.language as tl
 from .. import config
 from ..fpmath import tanh_f32
 from ..launch_settings import launch
-from ..stages import keep_only, load_active_stages, load_tile, stage_keep, store_tile, tile_prologue
+from ..stages import keep_only, load_active_stages, load_tile, stage_keep, store_tile, tile_prologue, widen
 from .common import bcs_strides, load_row, one_minus_square, place_values, vq_index_dtype
 
 # Rows of the per-channel constant table built by :func:`constant_table`.
@@ -67,7 +67,7 @@ def store_vq_index(index_rows, k, d, lm1, basis, keep):
 
 
 @triton.heuristics(config.FLAGS_FROM_POINTERS)
-@triton.jit(do_not_specialize=["C", "tiles_per_image", "K"])
+@triton.jit(do_not_specialize=["C", "tiles_per_image", "K", "stride_xg", "stride_qg", "stride_ig"])
 def _fwd_vq_rfsq_kernel(
     x_ptr,            # input after project_in, (B, C, S) through strides, any float dtype
     q_ptr,            # quantized output, (B, C, S) through strides, the input's dtype
@@ -83,15 +83,26 @@ def _fwd_vq_rfsq_kernel(
     stride_xb, stride_xc, stride_xs,  # input strides: image, channel, position
     stride_qb, stride_qc, stride_qs,  # output strides
     K,                # stages (runtime: one binary serves every K)
+    stride_xg, stride_qg, stride_ig,  # group strides of input, output, indices (0: one group)
     BLOCK_C: tl.constexpr,            # next_pow2(C): every channel in one program
     BLOCK_S: tl.constexpr,            # positions per program
     HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
     HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
     USE_INT64: tl.constexpr,          # some offset may reach 2**31: index in 64 bits
     USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice tanh; interpreter: fallback
+    GROUPED: tl.constexpr = False,    # several groups on grid axis 1 (else the group strides are unused)
 ):
-    """Forward: one program per (image, tile of positions), the K stages a runtime loop with the
-    (detached) residual in registers; the output sums the stage outputs in stage order."""
+    """Forward: one program per (image, tile of positions) and group (grid axis 1), the K stages a
+    runtime loop with the (detached) residual in registers; the output sums the stage outputs in
+    stage order. Group ``g`` reads its own ``(3, C)`` constants and ``(K, C)`` scales (rows ``g``
+    of ``(G, 3, C)`` / ``(G, K, C)`` tables); mask and stage counts are shared by the groups."""
+    if GROUPED:
+        grp = widen(tl.program_id(1), USE_INT64)
+        x_ptr += grp * stride_xg
+        q_ptr += grp * stride_qg
+        idx_ptr += grp * stride_ig
+        consts_ptr += grp * 3 * C
+        scales_ptr += grp * K * C
     img, (x_view, q_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
         ((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
         valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S, HAS_MASK, USE_INT64)
@@ -115,7 +126,7 @@ def _fwd_vq_rfsq_kernel(
 
 
 @triton.heuristics(config.FLAGS_FROM_POINTERS)
-@triton.jit(do_not_specialize=["C", "tiles_per_image"])
+@triton.jit(do_not_specialize=["C", "tiles_per_image", "stride_xg", "stride_gg", "stride_dxg"])
 def _bwd_vq_rfsq_kernel(
     x_ptr,            # input after project_in, (B, C, S) through strides
     g_ptr,            # gradient of the quantized output, (B, C, S) through strides
@@ -130,6 +141,7 @@ def _bwd_vq_rfsq_kernel(
     stride_xb, stride_xc, stride_xs,     # input strides: image, channel, position
     stride_gb, stride_gc, stride_gs,     # incoming gradient strides (may be 0: expanded)
     stride_dxb, stride_dxc, stride_dxs,  # input-gradient strides
+    stride_xg, stride_gg, stride_dxg,    # group strides (0: one group)
     K: tl.constexpr,                  # stages (unrolled)
     BLOCK_C: tl.constexpr,            # next_pow2(C)
     BLOCK_S: tl.constexpr,            # positions per program
@@ -137,10 +149,19 @@ def _bwd_vq_rfsq_kernel(
     HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
     USE_INT64: tl.constexpr,          # 64-bit offsets
     USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice tanh and fma; interpreter: fallbacks
+    GROUPED: tl.constexpr = False,    # several groups on grid axis 1 (else the group strides are unused)
 ):
     """Backward: the residual is detached, so ``dL/dy = sum_k [-1 < u_k < 1] * g*s_k*a/2*(L-1)/s_k``,
     each term rounded op by op like autograd and summed from the last stage back; then the soft
-    clamp: ``dx = (dy * c) * (1 - t^2) / c``. A forward replay records which stages pass."""
+    clamp: ``dx = (dy * c) * (1 - t^2) / c``. A forward replay records which stages pass. Groups
+    (grid axis 1) as in the forward."""
+    if GROUPED:
+        grp = widen(tl.program_id(1), USE_INT64)
+        x_ptr += grp * stride_xg
+        g_ptr += grp * stride_gg
+        dx_ptr += grp * stride_dxg
+        consts_ptr += grp * 3 * C
+        scales_ptr += grp * K * C
     img, (x_view, g_view, dx_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
         ((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
          (dx_ptr, stride_dxb, stride_dxc, stride_dxs)),
@@ -205,11 +226,61 @@ def constant_table(levels: Sequence[int], clamp_value: torch.Tensor, device) -> 
     return hit[2], hit[3]
 
 
+def grouped_constant_table(levels: Sequence[int], scales: Sequence[torch.Tensor], clamp_values: Sequence[torch.Tensor],
+                           device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cached ``(consts (G, 3, C), scales (G, K, C) float32, basis)`` of G groups: group g's
+    :func:`constant_table` of ``clamp_values[g]`` and its ``scales[g]``, stacked.
+
+    Keyed like :func:`constant_table` by every group's tensors (identity and in-place version),
+    so a hit copies nothing and a changed or replaced buffer of any group rebuilds the stack."""
+    tensors = tuple(scales) + tuple(clamp_values)
+    versions = tuple(_version(t) for t in tensors)
+
+    def build():
+        consts = torch.stack([constant_table(levels, c, device)[0] for c in clamp_values])
+        stacked = torch.stack([s.detach().float() for s in scales]).to(device)
+        return tuple(weakref.ref(t) for t in tensors), versions, consts, stacked, place_values(levels, device)
+
+    def fresh(hit) -> bool:
+        return (all(ref() is t for ref, t in zip(hit[0], tensors)) and hit[1] == versions
+                and None not in versions)
+
+    hit = config.cached(("vq_grouped_rfsq", tuple(levels), str(device), tuple(id(t) for t in tensors)), build, fresh)
+    return hit[2], hit[3], hit[4]
+
+
 def forward_outputs(x: torch.Tensor, levels: Sequence[int], stages: int, dropout: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Uninitialised ``(quantized, indices)``: ``quantized`` like ``x`` (``(B, N, C)``, same
     strides when dense), ``indices`` ``(B, N, K)``."""
     indices = x.new_empty((x.shape[0], x.shape[1], stages), dtype=vq_index_dtype(levels, dropout))
     return torch.empty_like(x), indices
+
+
+def grouped_forward_outputs(x: torch.Tensor, levels: Sequence[int], stages: int,
+                            dropout: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised contiguous ``(quantized (G, B, N, C), indices (G, B, N, K))`` for ``x``
+    ``(G, B, N, C)``: each group's slice is laid out as :func:`forward_outputs` lays out a dense
+    ungrouped call's."""
+    G, B, N, _C = x.shape
+    indices = x.new_empty((G, B, N, stages), dtype=vq_index_dtype(levels, dropout))
+    return x.new_empty(x.shape), indices
+
+
+def _launch_forward(x, quantized, indices, levels, consts, scales, basis, valid, active_stages, group_strides) -> None:
+    """One forward launch over ``(B * tiles, G)`` programs; ``x``/``quantized``/``indices`` are
+    ``(G, B, N, .)`` (G = 1 with zero group strides for an ungrouped call)."""
+    G, B, N, C = x.shape
+    K = scales.shape[-2]
+    offsets = (x, quantized, indices)
+    # 64-bit offsets and several groups take the sparse (half) tiles, like masks: at full tiles
+    # ptxas spills (bench/NOTES.md)
+    tiles = config.elementwise_tiles(C, N, sparse=valid is not None or active_stages is not None or G > 1
+                                     or config.needs_int64(*offsets))
+    tiles_per_image = triton.cdiv(N, tiles.block_s)
+    launch(_fwd_vq_rfsq_kernel, (B * tiles_per_image, G),
+           (x, quantized, indices, consts, scales, basis, valid, active_stages,
+            C, N, tiles_per_image, *bcs_strides(x[0]), *bcs_strides(quantized[0]), K, *group_strides),
+           tiles=tiles, tensors=offsets, GROUPED=G > 1)
 
 
 def forward(x: torch.Tensor, levels: Sequence[int], scales: torch.Tensor, clamp_value: torch.Tensor,
@@ -223,32 +294,68 @@ def forward(x: torch.Tensor, levels: Sequence[int], scales: torch.Tensor, clamp_
         return quantized.zero_(), indices.zero_()
     consts, basis = constant_table(levels, clamp_value, x.device)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, N)
-    offsets = (x, quantized, indices)
-    # 64-bit offsets take the sparse (half) tiles, like masks: at full tiles ptxas spills (bench/NOTES.md)
-    tiles = config.elementwise_tiles(C, N, sparse=mask is not None or active_stages is not None or config.needs_int64(*offsets))
-    tiles_per_image = triton.cdiv(N, tiles.block_s)
-    launch(_fwd_vq_rfsq_kernel, (B * tiles_per_image,),
-           (x, quantized, indices, consts, scales.float().contiguous(), basis, valid, active_stages,
-            C, N, tiles_per_image, *bcs_strides(x), *bcs_strides(quantized), K),
-           tiles=tiles, tensors=offsets)
+    _launch_forward(x[None], quantized[None], indices[None], levels, consts, scales.float().contiguous(), basis,
+                    valid, active_stages, (0, 0, 0))
     return quantized, indices
+
+
+def grouped_forward(x: torch.Tensor, levels: Sequence[int], scales: Sequence[torch.Tensor],
+                    clamp_values: Sequence[torch.Tensor],
+                    active_stages: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward of G ResidualFSQs in one launch: ``x`` ``(G, B, N, C)`` (any strides), group
+    g quantized with ``scales[g]`` ``(K, C)`` and ``clamp_values[g]``; ``active_stages`` ``(B,)``
+    shared by the groups. Returns ``(quantized, indices)`` ``(G, B, N, C)`` / ``(G, B, N, K)``,
+    each group's slice bitwise what :func:`forward` returns for it."""
+    K = scales[0].shape[0]
+    quantized, indices = grouped_forward_outputs(x, levels, K, active_stages is not None)
+    G, B, N, C = x.shape
+    if G * B * N == 0:
+        return quantized.zero_(), indices.zero_()
+    consts, stacked, basis = grouped_constant_table(levels, scales, clamp_values, x.device)
+    _valid, active_stages = config.mask_and_active_stages(None, active_stages, B, N)
+    _launch_forward(x, quantized, indices, levels, consts, stacked, basis, None, active_stages,
+                    (x.stride(0), quantized.stride(0), indices.stride(0)))
+    return quantized, indices
+
+
+def _launch_backward(grad_q, x, grad_x, consts, scales, valid, active_stages, group_strides) -> None:
+    """One backward launch over ``(B * tiles, G)`` programs (``(G, B, N, C)`` tensors)."""
+    G, B, N, C = x.shape
+    K = scales.shape[-2]
+    tiles = config.elementwise_tiles(C, N, sparse=valid is not None or active_stages is not None or G > 1)
+    tiles_per_image = triton.cdiv(N, tiles.block_s)
+    launch(_bwd_vq_rfsq_kernel, (B * tiles_per_image, G),
+           (x, grad_q, grad_x, consts, scales, valid, active_stages,
+            C, N, tiles_per_image, *bcs_strides(x[0]), *bcs_strides(grad_q[0]), *bcs_strides(grad_x[0]),
+            *group_strides),
+           tiles=tiles, tensors=(x, grad_q, grad_x), K=K, GROUPED=G > 1)
 
 
 def backward(grad_q: torch.Tensor, x: torch.Tensor, levels: Sequence[int], scales: torch.Tensor,
              clamp_value: torch.Tensor, mask: Optional[torch.Tensor] = None,
              active_stages: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fused backward: ``dL/dx`` ``(B, N, C)`` in ``x``'s dtype from ``dL/dquantized``."""
-    K = scales.shape[0]
     grad_x = torch.empty_like(x)
     B, N, C = x.shape
     if B * N == 0:
         return grad_x.zero_()
     consts, _basis = constant_table(levels, clamp_value, x.device)
     valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, N)
-    tiles = config.elementwise_tiles(C, N, sparse=mask is not None or active_stages is not None)
-    tiles_per_image = triton.cdiv(N, tiles.block_s)
-    launch(_bwd_vq_rfsq_kernel, (B * tiles_per_image,),
-           (x, grad_q, grad_x, consts, scales.float().contiguous(), valid, active_stages,
-            C, N, tiles_per_image, *bcs_strides(x), *bcs_strides(grad_q), *bcs_strides(grad_x)),
-           tiles=tiles, tensors=(x, grad_q, grad_x), K=K)
+    _launch_backward(grad_q[None], x[None], grad_x[None], consts, scales.float().contiguous(), valid, active_stages,
+                     (0, 0, 0))
+    return grad_x
+
+
+def grouped_backward(grad_q: torch.Tensor, x: torch.Tensor, levels: Sequence[int], scales: Sequence[torch.Tensor],
+                     clamp_values: Sequence[torch.Tensor], active_stages: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fused backward of :func:`grouped_forward` in one launch: ``dL/dx`` ``(G, B, N, C)`` in
+    ``x``'s dtype (``x``'s strides when dense)."""
+    grad_x = torch.empty_like(x)
+    G, B, N, C = x.shape
+    if G * B * N == 0:
+        return grad_x.zero_()
+    consts, stacked, _basis = grouped_constant_table(levels, scales, clamp_values, x.device)
+    _valid, active_stages = config.mask_and_active_stages(None, active_stages, B, N)
+    _launch_backward(grad_q, x, grad_x, consts, stacked, None, active_stages,
+                     (x.stride(0), grad_q.stride(0), grad_x.stride(0)))
     return grad_x
