@@ -43,7 +43,7 @@ from .layernorm_split import PHASE_FIRST, PHASE_LAST, PHASE_MIDDLE, decode_stage
 from .stages import keep_only, load_active_stages, load_levels, load_tile, spatial_lanes, store_tile, tile_view, widen
 
 #: The four per-channel sums of a stage (:func:`.layernorm._ln_sums`), rows of the partials table.
-SUMS = 4
+SUMS = tl.constexpr(4)
 
 
 @triton.jit
@@ -216,7 +216,7 @@ def backward(tensors: Tuple[torch.Tensor, ...], strides: Tuple[Tuple[int, int, i
     dev = x.device
     scratch = torch.empty((B, C, S), dtype=torch.float32, device=dev)
     counts = torch.empty((B, plan.parts), dtype=torch.float32, device=dev)
-    sums = torch.empty((B, stages, SUMS, plan.parts, C), dtype=torch.float32, device=dev)
+    sums = torch.empty((B, stages, SUMS.value, plan.parts, C), dtype=torch.float32, device=dev)
     for step in range(stages + 1):
         phase = 0 if step == 0 else 2 if step == stages else 1
         launch(_bwd_layernorm_split_kernel, (B * plan.parts,),
