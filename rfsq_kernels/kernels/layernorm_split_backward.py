@@ -28,6 +28,7 @@ Design and costs per element: ``docs/kernel-design.md``, "Split backward".
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -199,6 +200,15 @@ def _bwd_layernorm_split_kernel(
 # -- host side ---------------------------------------------------------------------------------
 
 
+def split_block_s(tiles: config.Tiles) -> int:
+    """Positions per tile of the split backward: half the chunked backward's ``BLOCK_S`` at the
+    same warps and register cap (2 elements per thread). The middle launch keeps ``z``, ``g``,
+    ``G``, two residuals and a stage's ``h`` and ``r - mu`` live per element through the second
+    stage evaluation; at the chunked tile's 4 per thread that spills. The tile size is part of the
+    sums' reduction order (so a chunked run at half the tile gives the same bits)."""
+    return max(tiles.block_s // 2, 2)
+
+
 def backward(tensors: Tuple[torch.Tensor, ...], strides: Tuple[Tuple[int, int, int], ...], stage_tables: Tuple,
          params: Tuple[torch.Tensor, ...], dparts: Tuple[torch.Tensor, torch.Tensor], consts: torch.Tensor,
          radix: torch.Tensor, valid: Optional[torch.Tensor], active_stages: Optional[torch.Tensor],
@@ -207,11 +217,12 @@ def backward(tensors: Tuple[torch.Tensor, ...], strides: Tuple[Tuple[int, int, i
     flattenable views, ``indices`` contiguous) with ``strides`` of the first three;
     ``stage_tables = (mean, std, factors, sd_w)`` as :func:`.layernorm.backward` builds them;
     ``dparts``: the ``(B, K, C)`` per-image parameter-gradient partials it reduces;
-    ``tiles``: the chunked backward's tile (the reduction tree of the sums depends on it).
+    ``tiles``: the chunked backward's tile, of which the split one takes half (:func:`split_block_s`).
     Scratch is allocated here, sized by the shapes only."""
     x, g, grad_z, indices = tensors
     mean, std, factors, sd_w = stage_tables
     B, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    tiles = dataclasses.replace(tiles, block_s=split_block_s(tiles))
     plan = config.layernorm_split_plan(B, S, tiles)
     dev = x.device
     scratch = torch.empty((B, C, S), dtype=torch.float32, device=dev)

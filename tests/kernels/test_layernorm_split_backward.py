@@ -1,9 +1,10 @@
 """The split layernorm backward (programs own (image, spatial slice), the four per-channel sums
 of each stage merged from per-program partials) against the reference at today's tolerances,
 and against the chunked backward bit for bit where the reduction tree is the same (one program
-per image). CPU: Triton interpreter. ``MAX_BLOCK_ELEMS = 64`` gives the backward 8-position tiles
-at 4 channels (S = 21: 3 tiles, the last one short); ``SPLIT_PROGRAMS_PER_IMAGE`` forces the
-programs per image (7 leaves slices empty)."""
+per image, and the chunked backward at the split's tile). CPU: Triton interpreter.
+``MAX_BLOCK_ELEMS = 64`` gives the chunked backward 8-position tiles at 4 channels, the split one
+4-position tiles (S = 21: 6 tiles, the last one short); ``SPLIT_PROGRAMS_PER_IMAGE`` forces the
+programs per image (7 leaves a slice empty)."""
 import functools
 
 import pytest
@@ -44,7 +45,7 @@ class _FailOnChunked:
 
 
 def _masked_case(shape, stages):
-    """A mask whose positions 8..15 (one whole 8-position slice) are padding in every image, an
+    """A mask whose positions 8..15 (one whole slice at 3 programs per image) are padding in every image, an
     all-padding sample 0, and per-sample stage counts (quantize dropout)."""
     mask = torch.rand(shape[0], *shape[2:]) > 0.3
     mask.view(shape[0], -1)[:, 8:16] = False
@@ -104,22 +105,25 @@ def _grads(fn, z, stages, params, grad):
 
 
 def test_one_program_is_the_chunked_backward_bitwise(seed, split, monkeypatch):
-    """One program per image walks the chunked backward's tiles in its order: same bits (with a
-    mask and stage counts: every flag of the kernel)."""
+    """One program per image walks the tiles of a chunked backward at the split's tile size in
+    its order: same bits, on the same forward outputs (with a mask and stage counts: every flag
+    of the kernel)."""
     split(1)
     stages, shape = 3, (4, 4, 3, 7)
     params = random_strategy_params("layernorm", stages, len(LEVELS))
     mask, active = _masked_case(shape, stages)
     z = draw_clear_of_boundaries(shape, LEVELS, stages, "layernorm", params, mask=mask, active_stages=active)[0]
+    _q, indices, mean, std = rfsq_fused(z, LEVELS, stages, "layernorm", mask=mask, active_stages=active, **params)
     grad = torch.randn(shape)
-    cases = [functools.partial(rfsq_fused, mask=mask, active_stages=active)]
-    on = [_grads(fn, z, stages, params, grad) for fn in cases]
+    args = (grad, z, LEVELS, stages, (params["ln_weight"], params["ln_bias"]), mask, active, "atanh", mean, std,
+            indices)
+    on = layernorm.backward(*args)
     monkeypatch.setattr(config, "LAYERNORM_SPLIT_BACKWARD", False)
+    monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 32)  # the chunked tile: 4 positions, the split's
     monkeypatch.setattr(layernorm, "_bwd_layernorm_kernel", layernorm._bwd_layernorm_kernel.kernel)
-    off = [_grads(fn, z, stages, params, grad) for fn in cases]
-    for case_on, case_off in zip(on, off):
-        for a, b in zip(case_on, case_off):
-            assert torch.equal(a, b)
+    off = layernorm.backward(*args)
+    for a, b in zip((on[0], *on[1]), (off[0], *off[1])):
+        assert torch.equal(a, b)
 
 
 def test_reruns_are_bitwise_equal(seed, split):
