@@ -16,8 +16,8 @@ four per-channel sums reduced:
 Per element this is the chunked backward's arithmetic (``_bwd_layernorm_kernel``, the helpers
 of :mod:`.layernorm`) in its order: the same rebuild, stage evaluation and ``G`` update; only the
 reduction tree of the per-channel sums changes (per-tile sums accumulated per program, then the
-programs' partials summed). With one program per image and the chunked tile, every output is
-bitwise the chunked backward's. Stage ``a``'s ``tanh`` runs twice (its sums in one launch, its
+programs' partials summed; the tile is half the chunked one, :func:`split_block_s`). With one
+program per image every output is bitwise that of a chunked backward at the same tile. Stage ``a``'s ``tanh`` runs twice (its sums in one launch, its
 ``dL/dr`` in the next), as in the chunked kernel's two sweeps; the residual between the launches
 is rebuilt from the forward's indices.
 
