@@ -114,6 +114,11 @@ CHUNKED_LAYERNORM_MAXNREG = 128
 #: the chunked one-program-per-image kernel. On by default; ``RFSQ_LAYERNORM_SPLIT=0`` (or this
 #: attribute set to False) selects the chunked forward, which stays until the split backward lands.
 LAYERNORM_SPLIT = os.environ.get("RFSQ_LAYERNORM_SPLIT", "1") == "1"
+#: Switch of the split ``layernorm`` backward (:mod:`.layernorm_split_backward`): images that do
+#: not fit one tile get several programs per image in K + 1 launches instead of the chunked
+#: one-program-per-image backward. Off by default; ``RFSQ_LAYERNORM_SPLIT_BACKWARD=1`` (or this
+#: attribute set to True) turns it on.
+LAYERNORM_SPLIT_BACKWARD = os.environ.get("RFSQ_LAYERNORM_SPLIT_BACKWARD", "0") == "1"
 #: Programs the split path aims for over a whole launch: two per SM of a 132-SM H100.
 SPLIT_MIN_PROGRAMS = 2 * 132
 #: Tests force a number of programs per image (some slices then may be empty); None: the plan.

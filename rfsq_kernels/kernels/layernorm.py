@@ -277,6 +277,14 @@ def _ln_bwd_tile(x, g_minus_G, mask, k, stats, affine, chan, fsq, rebuild, activ
     """
     r = ln_rebuild(x, k, rebuild, affine, chan, fsq, mask, active_stages, HAS_MASK, HAS_ACTIVE_STAGES,
                    USE_LIBDEVICE)
+    return ln_bwd_stage(r, g_minus_G, mask, k, stats, affine, chan, fsq, active_stages, HAS_ACTIVE_STAGES,
+                        USE_LIBDEVICE)
+
+
+@triton.jit
+def ln_bwd_stage(r, g_minus_G, mask, k, stats, affine, chan, fsq, active_stages, HAS_ACTIVE_STAGES: tl.constexpr,
+                 USE_LIBDEVICE: tl.constexpr):
+    """:func:`_ln_bwd_tile` on an already rebuilt residual ``r = r_k``: ``(v, h, xc, qc, w_sd)``."""
     mu, sd = ln_stats(stats, k, chan)
     weight, bias = ln_affine(affine, k, chan)
     w_sd, sd_w = stage_factors(stats, k, chan, weight, sd)
@@ -321,18 +329,29 @@ def _ln_bwd_coeffs(sums, k, stats, inv_sd_ptr, dparts, chan):
     ``(B, K, C)``) are the host's IEEE quotients, loaded: no ``div.rn``, whose slow path is a
     subroutine, in the stage loop.
     """
+    _mean_ptr, _std_ptr, _factor_ptr, stat_start = stats
+    dweight_part_ptr, dbias_part_ptr = dparts
+    offs_c, mask_c, C = chan
+    dweight, dbias, coeffs = ln_bwd_grads(sums, k, stats, inv_sd_ptr, chan)
+    tl.store(dweight_part_ptr + stat_start + k * C + offs_c, dweight, mask=mask_c)
+    tl.store(dbias_part_ptr + stat_start + k * C + offs_c, dbias, mask=mask_c)
+    return coeffs
+
+
+@triton.jit
+def ln_bwd_grads(sums, k, stats, inv_sd_ptr, chan):
+    """The math of :func:`_ln_bwd_coeffs` without its stores: ``(dweight, dbias, coeffs)``, the
+    image's ``[BLOCK_C]`` parameter gradients of stage ``k`` and the ``dL/dr`` coefficients."""
     sum_v, sum_h, sum_vqc, sum_hxc = sums
     _mean_ptr, _std_ptr, factor_ptr, stat_start = stats
-    dweight_part_ptr, dbias_part_ptr = dparts
     offs_c, mask_c, C = chan
     row = factor_ptr + 2 * stat_start + 2 * k * C + offs_c
     w_sd = tl.load(row, mask=mask_c, other=1.0)
     sd_w = tl.load(row + C, mask=mask_c, other=1.0)
     inv_sd = tl.load(inv_sd_ptr + stat_start + k * C + offs_c, mask=mask_c, other=1.0)
     sum_vc, sum_hx = sum_vqc * inv_sd, sum_hxc * inv_sd
-    tl.store(dweight_part_ptr + stat_start + k * C + offs_c, sum_hx - sd_w * sum_vc, mask=mask_c)
-    tl.store(dbias_part_ptr + stat_start + k * C + offs_c, sum_h - sd_w * sum_v, mask=mask_c)
-    return w_sd[:, None], (sum_v - w_sd * sum_h)[:, None], ((sum_vc - w_sd * sum_hx) * inv_sd)[:, None]
+    coeffs = (w_sd[:, None], (sum_v - w_sd * sum_h)[:, None], ((sum_vc - w_sd * sum_hx) * inv_sd)[:, None])
+    return sum_hx - sd_w * sum_vc, sum_h - sd_w * sum_v, coeffs
 
 
 @triton.jit
@@ -544,7 +563,8 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     tiles = config.layernorm_tiles(C, S, "backward", sparse=valid is not None or active_stages is not None,
                                    arch=config.target_arch(z))
     # G_{k+1} between the chunked path's stages; the one-tile path keeps it in registers.
-    scratch = None if tiles.one_tile else torch.empty((B, C, S), dtype=torch.float32, device=z.device)
+    split = not tiles.one_tile and config.LAYERNORM_SPLIT_BACKWARD
+    scratch = None if tiles.one_tile or split else torch.empty((B, C, S), dtype=torch.float32, device=z.device)
     # Parameter gradients as one partial sum per (image, stage, channel), reduced below in a fixed order.
     dw_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
     db_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
@@ -561,11 +581,18 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
              else valid.sum(1, dtype=torch.float32).clamp_min(1.0))
     inv_n = torch.reciprocal(count)
     radix = radix_table(levels, indices.dtype, z.device)
-    launch(_bwd_layernorm_kernel, (B,),
-           (x, g, grad_z, scratch, indices.contiguous(), mean, std, factors, sd_w, inv_sd, inv_n, (ln_weight, ln_bias),
-            (dw_part, db_part), consts, radix, valid, active_stages, C, S, *x_strides, *g_strides,
-            *config.flat_strides(grad_z), C * S, stages),
-           tiles=tiles, tensors=(x, g, grad_z, scratch, indices), ONE_TILE=tiles.one_tile)
+    if split:
+        from . import layernorm_split_backward
+        layernorm_split_backward.backward(
+            (x, g, grad_z, indices.contiguous()), (x_strides, g_strides, config.flat_strides(grad_z)),
+            (mean, std, factors, sd_w, inv_sd), (ln_weight, ln_bias), (dw_part, db_part), consts, radix, valid,
+            active_stages, tiles, stages)
+    else:
+        launch(_bwd_layernorm_kernel, (B,),
+               (x, g, grad_z, scratch, indices.contiguous(), mean, std, factors, sd_w, inv_sd, inv_n,
+                (ln_weight, ln_bias), (dw_part, db_part), consts, radix, valid, active_stages, C, S, *x_strides,
+                *g_strides, *config.flat_strides(grad_z), C * S, stages),
+               tiles=tiles, tensors=(x, g, grad_z, scratch, indices), ONE_TILE=tiles.one_tile)
     grad_w.copy_(dw_part.sum(0))
     grad_b.copy_(db_part.sum(0))
     return grad_z, (grad_w, grad_b)

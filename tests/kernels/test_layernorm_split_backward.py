@@ -1,0 +1,137 @@
+"""The split layernorm backward (programs own (image, spatial slice), the four per-channel sums
+of each stage merged from per-program partials) against the reference at today's tolerances,
+and against the chunked backward bit for bit where the reduction tree is the same (one program
+per image, and the chunked backward at the split's tile). CPU: Triton interpreter.
+``MAX_BLOCK_ELEMS = 64`` gives the chunked backward 8-position tiles at 4 channels, the split one
+4-position tiles (S = 21: 6 tiles, the last one short); ``SPLIT_PROGRAMS_PER_IMAGE`` forces the
+programs per image (7 leaves a slice empty)."""
+import functools
+
+import pytest
+import torch
+
+from fused_helpers import compare, draw_input, run_both
+from numpy_rfsq import draw_clear_of_boundaries
+from rfsq_kernels.fused import rfsq_fused
+from rfsq_kernels.kernels import config, layernorm
+from rfsq_kernels.reference import rfsq_forward
+from rfsq_kernels.testing import random_strategy_params
+
+LEVELS = [8, 5, 3, 4]
+SHAPE = (2, 4, 3, 7)
+
+
+@pytest.fixture
+def split(monkeypatch):
+    """The split backward on, small tiles, and the chunked backward made unreachable; returns a
+    setter of the programs per image."""
+    monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
+    monkeypatch.setattr(config, "LAYERNORM_SPLIT_BACKWARD", True)
+    monkeypatch.setattr(layernorm, "_bwd_layernorm_kernel", _FailOnChunked(layernorm._bwd_layernorm_kernel))
+    return lambda parts: monkeypatch.setattr(config, "SPLIT_PROGRAMS_PER_IMAGE", parts)
+
+
+class _FailOnChunked:
+    """Wraps the one-program-per-image backward kernel: its single-tile launch may run, its chunked one not."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            assert kwargs["ONE_TILE"], "the chunked layernorm backward ran with the split backward on"
+            return self.kernel[grid](*args, **kwargs)
+        return run
+
+
+def _masked_case(shape, stages):
+    """A mask whose positions 8..15 (one whole slice at 3 programs per image) are padding in every image, an
+    all-padding sample 0, and per-sample stage counts (quantize dropout)."""
+    mask = torch.rand(shape[0], *shape[2:]) > 0.3
+    mask.view(shape[0], -1)[:, 8:16] = False
+    mask[0] = False
+    active = torch.tensor([stages, 1, stages, 0][:shape[0]], dtype=torch.int32)
+    return mask, active
+
+
+@pytest.mark.parametrize("parts", [None, 1, 2, 3, 7])
+def test_programs_per_image(seed, split, parts):
+    split(parts)
+    stages = 3
+    params = random_strategy_params("layernorm", stages, len(LEVELS))
+    z = draw_input(SHAPE, LEVELS, stages, "layernorm", params)
+    compare(*run_both(rfsq_fused, rfsq_forward, z, LEVELS, stages, "layernorm", params, grad=torch.randn(z.shape)))
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_stage_counts(seed, split, stages):
+    split(2)
+    params = random_strategy_params("layernorm", stages, len(LEVELS))
+    z = draw_input(SHAPE, LEVELS, stages, "layernorm", params)
+    compare(*run_both(rfsq_fused, rfsq_forward, z, LEVELS, stages, "layernorm", params, grad=torch.randn(z.shape)))
+
+
+def test_bf16_channels_last_stride0_grad(seed, split):
+    """bf16 input in channels_last; ``grad=None``: the incoming gradient is an expanded stride-0 tensor."""
+    split(3)
+    stages = 2
+    params = random_strategy_params("layernorm", stages, len(LEVELS))
+    z = draw_input(SHAPE, LEVELS, stages, "layernorm", params, dtype=torch.bfloat16, channels_last=True)
+    fused, ref = run_both(rfsq_fused, rfsq_forward, z, LEVELS, stages, "layernorm", params, grad=None)
+    compare(fused, ref)
+    assert fused["grads"]["z"].stride() == z.stride()
+
+
+def test_mask_with_masked_slice_and_counts(seed, split):
+    split(3)
+    stages, shape = 3, (4, 4, 3, 7)
+    params = random_strategy_params("layernorm", stages, len(LEVELS))
+    mask, active = _masked_case(shape, stages)
+    z = draw_clear_of_boundaries(shape, LEVELS, stages, "layernorm", params, mask=mask, active_stages=active)[0]
+    z = z.masked_fill(~mask.unsqueeze(1), float("nan"))  # padding must never be read
+    fused_fn = functools.partial(rfsq_fused, mask=mask, active_stages=active)
+    ref_fn = functools.partial(rfsq_forward, mask=mask, active_stages=active)
+    fused, ref = run_both(fused_fn, ref_fn, z, LEVELS, stages, "layernorm", params, grad=torch.randn(shape))
+    compare(fused, ref)
+    dz = fused["grads"]["z"]
+    assert torch.isfinite(dz).all() and (dz.masked_select(~mask.unsqueeze(1).expand_as(dz)) == 0).all()
+
+
+def _grads(fn, z, stages, params, grad):
+    zz = z.detach().clone().requires_grad_()
+    ps = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    (fn(zz, LEVELS, stages, "layernorm", **ps)[0].float() * grad).sum().backward()
+    return [zz.grad] + [p.grad for p in ps.values()]
+
+
+def test_one_program_is_the_chunked_backward_bitwise(seed, split, monkeypatch):
+    """One program per image walks the tiles of a chunked backward at the split's tile size in
+    its order: same bits, on the same forward outputs (with a mask and stage counts: every flag
+    of the kernel)."""
+    split(1)
+    stages, shape = 3, (4, 4, 3, 7)
+    params = random_strategy_params("layernorm", stages, len(LEVELS))
+    mask, active = _masked_case(shape, stages)
+    z = draw_clear_of_boundaries(shape, LEVELS, stages, "layernorm", params, mask=mask, active_stages=active)[0]
+    _q, indices, mean, std = rfsq_fused(z, LEVELS, stages, "layernorm", mask=mask, active_stages=active, **params)
+    grad = torch.randn(shape)
+    args = (grad, z, LEVELS, stages, (params["ln_weight"], params["ln_bias"]), mask, active, "atanh", mean, std,
+            indices)
+    on = layernorm.backward(*args)
+    monkeypatch.setattr(config, "LAYERNORM_SPLIT_BACKWARD", False)
+    monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 32)  # the chunked tile: 4 positions, the split's
+    monkeypatch.setattr(layernorm, "_bwd_layernorm_kernel", layernorm._bwd_layernorm_kernel.kernel)
+    off = layernorm.backward(*args)
+    for a, b in zip((on[0], *on[1]), (off[0], *off[1])):
+        assert torch.equal(a, b)
+
+
+def test_reruns_are_bitwise_equal(seed, split):
+    split(3)
+    stages = 3
+    params = random_strategy_params("layernorm", stages, len(LEVELS))
+    z = torch.randn(SHAPE)
+    grad = torch.randn(SHAPE)
+    first, second = (_grads(rfsq_fused, z, stages, params, grad) for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
