@@ -188,7 +188,7 @@ def markdown(rows: List[dict], cases: List[Case], nbytes: Dict[str, Dict[str, in
             f"(the launch is bound by whichever it runs out of first; no cache reuse). "
             f"exec/lane = the same per tile lane (padded channels count: C=5 runs 8 lanes), all "
             f"stages. approx = approximate-math PTX instructions outside libdevice tanh (`div.full`, "
-            f"`*.approx`; issue 17's contract: must be 0).\n\n")
+            f"`*.approx`; must be 0: the kernels promise IEEE float32, docs/semantics.md 'Arithmetic contract').\n\n")
     cols = ["case", "dir", "kernel", "path", "tile", "grid", "waves", "warps", "regs", "spill B",
             "smem B", "prog/SM", "occ", "SASS", "SASS/elem", "exec/elem", "exec/lane", "approx", "MB ld",
             "MB st", "MB floor", "µs floor", "µs instr", "µs model"]
