@@ -43,7 +43,7 @@ from .launch_settings import launch
 from .fpmath import as_f32, div_small_int, recip_rn
 from .layernorm import _ln_store_stats, ln_affine, ln_factors, ln_stage
 from .fsq_math import load_digit_range, load_levels
-from .tile_io import (keep_only, load_active_stages, load_tile, masked_row_sum, slice_prologue, spatial_lanes,
+from .tile_io import (keep_only, load_active_stages, load_tile, load_valid, masked_row_sum, slice_prologue,
                       store_index, store_tile)
 
 PHASE_FIRST = tl.constexpr(0)
@@ -248,7 +248,9 @@ def _fwd_layernorm_split_kernel(
         mu_col = mu[:, None]
     run = (as_f32(0.0), tl.zeros([BLOCK_C], dtype=tl.float32), tl.zeros([BLOCK_C], dtype=tl.float32))
     for s0 in range(start, end, BLOCK_S):
-        offs_s, mask_s, valid = spatial_lanes(s0, valid_row, end, BLOCK_S, HAS_MASK, USE_INT64)  # in the slice
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask_s = offs_s < end
+        valid = load_valid(valid_row, offs_s, mask_s, HAS_MASK)
         mask = mask_c[:, None] & valid[None, :]
         r = load_tile(x_view, offs_c, offs_s, mask)
         if PHASE == PHASE_LAST:
