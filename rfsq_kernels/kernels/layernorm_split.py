@@ -43,8 +43,8 @@ from .launch_settings import launch
 from .fpmath import as_f32, div_small_int, recip_rn
 from .layernorm import _ln_store_stats, ln_affine, ln_factors, ln_stage
 from .fsq_math import load_digit_range, load_levels
-from .tile_io import (keep_only, load_active_stages, load_tile, load_valid, masked_row_sum, slice_prologue,
-                      store_index, store_tile)
+from .tile_io import (keep_only, load_active_stages, load_tile, load_valid, masked_row_sum, store_index,
+                      store_tile, widen)
 
 PHASE_FIRST = tl.constexpr(0)
 PHASE_MIDDLE = tl.constexpr(1)
@@ -219,10 +219,21 @@ def _fwd_layernorm_split_kernel(
 ):
     """One launch of the split ``layernorm`` forward (module docstring): program ``pid`` owns
     positions ``[part * slice_len, (part + 1) * slice_len)`` of image ``pid // P``."""
-    img, part, start, end, (x_view, q_view), valid_row, stat_start, offs_c, mask_c = slice_prologue(
-        ((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
-        valid_ptr, C, S, K, P, slice_len, BLOCK_C, USE_INT64)
+    # Hand-written, not a shared prologue: built from image_prologue's helpers (same statement
+    # order) two sm_90 binaries scheduled differently (same registers and instruction count;
+    # bench/NOTES.md, "files that say what they hold").
+    pid = tl.program_id(0)
+    img = widen(pid // P, USE_INT64)
+    part = pid % P
+    start = widen(part * slice_len, USE_INT64)
+    end = tl.minimum(start + slice_len, S)
+    valid_row = (valid_ptr, img * S)
+    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
+    q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
+    stat_start = img * K * C
     affine = param_ptrs
+    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
+    mask_c = offs_c < C
     chan = (offs_c, mask_c, C)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)

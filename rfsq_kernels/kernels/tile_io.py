@@ -5,8 +5,7 @@ image by a run of flattened spatial positions (or, in the channel-row kernels, `
 ``BLOCK_S`` positions). This file holds where a program's data is and how it gets there:
 
 * the program prologues, one per program shape (:func:`tile_prologue`: one program per (image,
-  tile); :func:`image_prologue`: per image; :func:`slice_prologue`: per (image, slice);
-  :func:`row_prologue`: per (image, tile) of the channel-row kernels), which compute once, at
+  tile); :func:`image_prologue`: per image; :func:`row_prologue`: per (image, tile) of the channel-row kernels), which compute once, at
   the top, where the image starts in each tensor, and the lanes (:func:`channel_lanes`,
   :func:`spatial_lanes`);
 * tensor *views* ``(ptr, start, stride_c, stride_s)`` (``start = img * stride_b``,
@@ -85,46 +84,17 @@ def tile_prologue(tensors, valid_ptr, C, S, tiles_per_image, BLOCK_C: tl.constex
 
 
 @triton.jit
-def image_opening(img, tensors, valid_ptr, C, S, K, BLOCK_C: tl.constexpr, USE_INT64: tl.constexpr):
-    """What every kernel that walks an image's positions itself computes once it knows its image
-    ``img``: ``(views, valid_row, stage_start, offs_c, mask_c)`` -- the views of ``tensors``
-    (:func:`image_views`), ``valid_row = (valid_ptr, img * S)`` for :func:`spatial_lanes`,
-    ``stage_start = img * K * C``, where the image's rows of ``(B, K, C)`` per-stage tables
-    (statistics, gradient partials) start, and the channel lanes (:func:`channel_lanes`), in the
-    order the kernels were tuned on (:func:`tile_prologue`)."""
+def image_prologue(tensors, valid_ptr, C, S, K, BLOCK_C: tl.constexpr, USE_INT64: tl.constexpr):
+    """Opening of a kernel with one program per image (it walks the positions itself, with
+    :func:`spatial_lanes` on ``valid_row``): ``(img, views, valid_row, stage_start, offs_c,
+    mask_c)`` as for :func:`tile_prologue`, and ``stage_start = img * K * C``, where the image's
+    rows of ``(B, K, C)`` per-stage tables (statistics, gradient partials) start."""
+    img = widen(tl.program_id(0), USE_INT64)
     valid_row = (valid_ptr, img * S)
     views = image_views(img, tensors)
     stage_start = img * K * C
     offs_c, mask_c = channel_lanes(C, BLOCK_C, USE_INT64)
-    return views, valid_row, stage_start, offs_c, mask_c
-
-
-@triton.jit
-def image_prologue(tensors, valid_ptr, C, S, K, BLOCK_C: tl.constexpr, USE_INT64: tl.constexpr):
-    """Opening of a kernel with one program per image (it walks the positions itself, with
-    :func:`spatial_lanes` on ``valid_row``): ``(img, views, valid_row, stage_start, offs_c,
-    mask_c)``, the image (int64 with ``USE_INT64``) and :func:`image_opening`."""
-    img = widen(tl.program_id(0), USE_INT64)
-    views, valid_row, stage_start, offs_c, mask_c = image_opening(img, tensors, valid_ptr, C, S, K, BLOCK_C,
-                                                                  USE_INT64)
     return img, views, valid_row, stage_start, offs_c, mask_c
-
-
-@triton.jit
-def slice_prologue(tensors, valid_ptr, C, S, K, P, slice_len, BLOCK_C: tl.constexpr, USE_INT64: tl.constexpr):
-    """Opening of a kernel with ``P`` programs per image, each owning a slice of ``slice_len``
-    positions that it walks itself (:func:`spatial_lanes` with the slice's ``end`` as bound):
-    ``(img, part, start, end, views, valid_row, stage_start, offs_c, mask_c)`` -- the image
-    (int64 with ``USE_INT64``), the program's slice ``part`` of it, positions ``[start, end)``
-    and :func:`image_opening`."""
-    pid = tl.program_id(0)
-    img = widen(pid // P, USE_INT64)
-    part = pid % P
-    start = widen(part * slice_len, USE_INT64)
-    end = tl.minimum(start + slice_len, S)
-    views, valid_row, stage_start, offs_c, mask_c = image_opening(img, tensors, valid_ptr, C, S, K, BLOCK_C,
-                                                                  USE_INT64)
-    return img, part, start, end, views, valid_row, stage_start, offs_c, mask_c
 
 
 @triton.jit
