@@ -262,7 +262,7 @@ def markdown(rows: List[dict], cases: List[Case], nbytes: Dict[str, Dict[str, in
             f"(the launch is bound by whichever it runs out of first; no cache reuse). "
             f"exec/lane = the same per tile lane (padded channels count: C=5 runs 8 lanes), all "
             f"stages. approx = approximate-math PTX instructions outside libdevice tanh (`div.full`, "
-            f"`*.approx`; must be 0). A direction of several launches (the split layernorm forward, "
+            f"`*.approx`; must be 0: the kernels promise IEEE float32, docs/semantics.md 'Arithmetic contract'). A direction of several launches (the split layernorm forward, "
             f"K + 1 launches: statistics, then one per stage) has one row per launch -- bytes, "
             f"exec/elem and µs of that launch, its own loop trip counts -- and a **sum** row: exec/elem "
             f"and µs instr added, the direction's bytes and floor, µs model = the launches' µs model "

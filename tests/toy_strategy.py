@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from rfsq_kernels.kernels.elementwise import ElementwiseStage
-from rfsq_kernels.kernels.stages import fsq_code, masked_row_sum
+from rfsq_kernels.kernels.fsq_math import fsq_code
+from rfsq_kernels.kernels.tile_io import masked_row_sum
 from rfsq_kernels.reference import ParamRole, ParamSpec, Strategy, StrategyDefinition
 from rfsq_kernels.reference.fsq import fsq_quantize
 from rfsq_kernels.reference.strategies import ELEMENTWISE

@@ -49,7 +49,7 @@ class Case:
     shape: Tuple[int, ...]
     mask: bool = False      # a (B, *spatial) padding mask is passed
     active_stages: bool = False  # per-sample stage counts (quantize dropout) are passed
-    split: bool = False     # config.LAYERNORM_SPLIT on for this call (issue 28's switch)
+    split: bool = False     # config.LAYERNORM_SPLIT on for this call: the split forward, whatever the default
     groups: int = 1         # vq only: GroupedResidualFSQ's one launch for this many channel-slice groups
 
     def __str__(self) -> str:

@@ -13,12 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config
+from . import config, layouts
 from .fpmath import recip_rn
 from .launch_settings import launch
-from .stages import (channel_digit, fsq_code, fsq_dcode, keep_only, load_active_stages, load_channel_digits,
-                     load_channel_levels, load_digit_range, load_levels, load_row, load_tile, masked_row_sum,
-                     row_prologue, stage_keep, store_index, store_row, store_row_index, store_tile, tile_prologue)
+from .fsq_math import (channel_digit, fsq_code, fsq_dcode, load_channel_digits, load_channel_levels, load_digit_range,
+                       load_levels)
+from .tile_io import (keep_only, load_active_stages, load_row, load_tile, masked_row_sum, row_prologue, stage_keep,
+                      store_index, store_row, store_row_index, store_tile, tile_prologue)
 
 
 # -- the stages of the built-in elementwise strategies -------------------------------------------
@@ -205,7 +206,7 @@ def elem_replay(x, param_ptrs, chan, fsq, valid, active_stages, NSTAGES: tl.cons
     return r
 
 
-@triton.heuristics(config.FLAGS_FROM_POINTERS)
+@triton.heuristics(layouts.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "tiles_per_image", "K"])
 def _fwd_elementwise_kernel(
     x_ptr,              # input z: (B, C, S) through stride_x*, any float dtype
@@ -251,7 +252,7 @@ def _fwd_elementwise_kernel(
     store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
 
 
-@triton.heuristics(config.FLAGS_FROM_POINTERS)
+@triton.heuristics(layouts.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "tiles_per_image"])
 def _bwd_elementwise_kernel(
     x_ptr,              # input z: (B, C, S) through stride_x*
@@ -360,7 +361,7 @@ def replace_at(items, i: tl.constexpr, value, N: tl.constexpr):
     return out
 
 
-@triton.heuristics(config.FLAGS_FROM_POINTERS)
+@triton.heuristics(layouts.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["tiles_per_image", "K"])
 def _fwd_elementwise_rows_kernel(
     x_ptr,              # input z: (B, C, S) through stride_x*, any float dtype
@@ -387,9 +388,9 @@ def _fwd_elementwise_rows_kernel(
     """Elementwise forward: one program per (image, spatial tile), all K stages in registers (a
     runtime stage loop: the residual is carried, nothing is replayed). Every thread holds all
     ``C`` channel rows of its positions, so the index packing is thread-local."""
-    img, offs_s, mask_s, valid = row_prologue(valid_ptr, S, tiles_per_image, BLOCK_S, HAS_MASK, USE_INT64)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
+    img, (x_view, q_view), offs_s, mask_s, valid = row_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
+        valid_ptr, S, tiles_per_image, BLOCK_S, HAS_MASK, USE_INT64)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     # Each channel's constants once, before the stage loop (scalars; the compiler would reload
     # them every stage, as it cannot prove the index stores leave them alone).
@@ -420,7 +421,7 @@ def _fwd_elementwise_rows_kernel(
         store_row(q_view, accs[c], c, offs_s, mask_s)
 
 
-@triton.heuristics(config.FLAGS_FROM_POINTERS)
+@triton.heuristics(layouts.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["tiles_per_image"])
 def _bwd_elementwise_rows_kernel(
     x_ptr,              # input z: (B, C, S) through stride_x*
@@ -459,10 +460,10 @@ def _bwd_elementwise_rows_kernel(
     the input for every stage; the stages are unrolled, so the compiler shares the O(K^2) replay.
     """
     pid = tl.program_id(0)  # also the row of this program's parameter-gradient partials
-    img, offs_s, mask_s, valid = row_prologue(valid_ptr, S, tiles_per_image, BLOCK_S, HAS_MASK, USE_INT64)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
-    dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
+    img, (x_view, g_view, dx_view), offs_s, mask_s, valid = row_prologue(
+        ((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
+         (dx_ptr, stride_dxb, stride_dxc, stride_dxs)),
+        valid_ptr, S, tiles_per_image, BLOCK_S, HAS_MASK, USE_INT64)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     stage_params = STAGE_PARAMS(param_ptrs, K)
     parts = ()
@@ -493,8 +494,8 @@ def _bwd_elementwise_rows_kernel(
 
 def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, ...]:
     """Uninitialised ``(quantized, indices, mean, std)``; no statistics (empty mean/std)."""
-    quantized, indices = config.quantized_and_indices(z, levels, stages)
-    return quantized, indices, config.empty_output(z), config.empty_output(z)
+    quantized, indices = layouts.quantized_and_indices(z, levels, stages)
+    return quantized, indices, layouts.empty_output(z), layouts.empty_output(z)
 
 
 def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[torch.Tensor, ...],
@@ -504,9 +505,9 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[t
     ``params`` in kernel form): ``(quantized, indices, mean, std)``, mean/std empty."""
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
-    x, x_strides = config.strided_view(z)
+    x, x_strides = layouts.strided_view(z)
     consts, basis = config.level_tables(levels, z.device, fsq_shift)
-    valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
+    valid, active_stages = layouts.mask_and_active_stages(mask, active_stages, B, S)
     sparse = valid is not None or active_stages is not None
     if config.ELEMENTWISE_ROWS:
         tiles = config.elementwise_row_tiles(C, S, sparse)
@@ -517,7 +518,7 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[t
     tiles_per_image = triton.cdiv(S, tiles.block_s)
     launch(kernel, (B * tiles_per_image,),
            (x, quantized, indices, params, consts, basis, valid, active_stages,
-            *channels, S, tiles_per_image, *x_strides, *config.flat_strides(quantized), stages),
+            *channels, S, tiles_per_image, *x_strides, *layouts.flat_strides(quantized), stages),
            tiles=tiles, tensors=(x, quantized, indices), STAGE=stage.forward)
     return quantized, indices, mean, std
 
@@ -527,12 +528,12 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
              fsq_shift: str, stage: ElementwiseStage) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """Fused elementwise backward of the strategy whose kernel stage is ``stage``:
     ``(grad_z, grad_params)``."""
-    grad_z = config.new_output(z)
+    grad_z = layouts.new_output(z)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
-    x, x_strides = config.strided_view(z)
-    g, g_strides = config.strided_view(grad_q)
+    x, x_strides = layouts.strided_view(z)
+    g, g_strides = layouts.strided_view(grad_q)
     consts, _basis = config.level_tables(levels, z.device, fsq_shift)
-    valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
+    valid, active_stages = layouts.mask_and_active_stages(mask, active_stages, B, S)
     sparse = valid is not None or active_stages is not None
     rows = config.ELEMENTWISE_ROWS
     tiles = config.elementwise_row_tiles(C, S, sparse, 'backward') if rows else config.elementwise_tiles(C, S, sparse)
@@ -552,6 +553,6 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
                      STAGE_GRADS_STORE=stage.grads_store)
     launch(kernel, (programs,),
            (x, g, grad_z, params, parts, consts, valid, active_stages,
-            *channels, S, tiles_per_image, *x_strides, *g_strides, *config.flat_strides(grad_z)),
+            *channels, S, tiles_per_image, *x_strides, *g_strides, *layouts.flat_strides(grad_z)),
            tiles=tiles, tensors=(x, g, grad_z), K=stages, **grads)
     return grad_z, tuple(part.sum(0).to(p.dtype) for part, p in zip(parts, params))

@@ -21,7 +21,7 @@ import torch
 
 from ..reference import get_strategy
 from ..reference.strategies import KERNEL_FAMILIES, KERNEL_STAGES, STAGED_FAMILIES
-from . import config, elementwise, layernorm
+from . import elementwise, layernorm, layouts
 
 Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 #: ``(grad_z, parameter gradients in table order)``.
@@ -152,7 +152,7 @@ def rfsq_forward_launch(
 def backward_outputs(z: torch.Tensor, stages: int, strategy: str, params: Sequence[torch.Tensor]) -> Gradients:
     """Uninitialised ``(grad_z, grad_params)``, ``grad_params`` shaped like ``params``. Shared
     with the fake implementation."""
-    return config.new_output(z), tuple(torch.empty_like(p) for p in params)
+    return layouts.new_output(z), tuple(torch.empty_like(p) for p in params)
 
 
 def rfsq_backward_launch(

@@ -7,7 +7,7 @@ its kernel's own constexprs (the strategy's stage functions, ``ONE_TILE``, ``K``
 
 * ``BLOCK_C``, ``BLOCK_S``, ``num_warps`` and ``maxnreg`` from the tile;
 * ``USE_INT64``: some element offset of the launch's tensors may reach 2**31
-  (:func:`.config.needs_int64`);
+  (:func:`.layouts.needs_int64`);
 * ``USE_LIBDEVICE``: Triton's real compiler builds the kernel (:func:`.config.use_libdevice`);
 * ``enable_fp_fusion=False`` (:data:`.config.FP_FUSION`): each float32 operation rounds on its own,
   like the reference's PyTorch ops (docs/semantics.md, "Arithmetic contract").
@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from . import config
+from . import config, layouts
 
 
 def launch(kernel, grid: Tuple[int, ...], args: Sequence, *, tiles: config.Tiles,
@@ -30,5 +30,5 @@ def launch(kernel, grid: Tuple[int, ...], args: Sequence, *, tiles: config.Tiles
     ``HAS_ACTIVE_STAGES``) is never passed: ``@triton.heuristics`` sets it from the pointers.
     """
     kernel[grid](*args, **constexprs, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s,
-                 USE_INT64=config.needs_int64(*tensors), USE_LIBDEVICE=config.use_libdevice(tensors[0]),
+                 USE_INT64=layouts.needs_int64(*tensors), USE_LIBDEVICE=config.use_libdevice(tensors[0]),
                  num_warps=tiles.num_warps, maxnreg=tiles.maxnreg, enable_fp_fusion=config.FP_FUSION)

@@ -3,7 +3,7 @@ output allocation. Each stage's mean/std reduce over all positions of an image, 
 owns one image. The launchers are called through :mod:`.launch`, which answers
 problems without positions itself. Design: ``docs/kernel-design.md``.
 
-Besides the bundles of :mod:`.stages`, these helpers take ``stats = (mean_ptr, std_ptr,
+Besides the bundles of :mod:`.tile_io` and :mod:`.fsq_math`, these helpers take ``stats = (mean_ptr, std_ptr,
 factor_ptr, stat_start)`` -- the ``(B, K, C)`` saved statistics, the backward's ``(B, K, 2, C)``
 factors ``(weight/sd, sd/weight)`` (None in the forward, see :func:`stage_factors`), and where the
 image's rows start
@@ -21,11 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config
+from . import config, layouts
 from .fpmath import as_f32, div_rn, recip_rn
 from .launch_settings import launch
-from .stages import (fsq_code, fsq_dcode, image_prologue, keep_only, load_active_stages, load_digit_range, load_levels,
-                     load_levels_tabled, load_tile, masked_row_sum, spatial_lanes, stage_keep, store_index, store_tile, tile_view)
+from .fsq_math import fsq_code, fsq_dcode, load_digit_range, load_levels, load_levels_tabled
+from .tile_io import (image_prologue, keep_only, load_active_stages, load_tile, masked_row_sum, spatial_lanes,
+                      stage_keep, store_index, store_tile, tile_view)
 
 
 @triton.jit
@@ -136,7 +137,7 @@ def _ln_store_stats(stats, affine, k, chan, mu, sd, active_stages, HAS_ACTIVE_ST
         tl.store(row + C, sd_w, mask=mask_c)
 
 
-@triton.heuristics(config.FLAGS_FROM_POINTERS)
+@triton.heuristics(layouts.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "K"])
 def _fwd_layernorm_kernel(
     x_ptr,              # input z: (B, C, S) through stride_x*, any float dtype
@@ -146,7 +147,7 @@ def _fwd_layernorm_kernel(
     std_ptr,            # out: (B, K, C) float32 contiguous
     factor_ptr,         # scratch (B, K, 2, C) float32 (weight/std, std/weight) of the chunked path, or None
     param_ptrs,         # tuple (weight_ptr, bias_ptr): the strategy's (K, C) parameter group
-    consts_ptr,         # (5, C) float32 level constants (config.level_tables)
+    consts_ptr,         # (6, C) float32 level constants (config.level_tables)
     basis_ptr,          # (C,) mixed-radix place values in the index dtype (int32 or int64)
     valid_ptr,          # (B, S) uint8 padding mask (1 = valid), or None
     active_stages_ptr,  # (B,) int32 stages each image runs, or None
@@ -379,7 +380,7 @@ def _valid_count(valid_row, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, US
         return as_f32(S)
 
 
-@triton.heuristics(config.FLAGS_FROM_POINTERS)
+@triton.heuristics(layouts.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "K"])
 def _bwd_layernorm_kernel(
     x_ptr,              # input z: (B, C, S) through stride_x*
@@ -395,7 +396,7 @@ def _bwd_layernorm_kernel(
     inv_n_ptr,          # (B,) float32 1/n, n the positions entering each image's statistics (torch)
     param_ptrs,         # tuple (weight_ptr, bias_ptr): the strategy's (K, C) parameter group
     dparam_part_ptrs,   # tuple (dweight_part_ptr, dbias_part_ptr): out, (B, K, C) float32 partials
-    consts_ptr,         # (5, C) float32 level constants
+    consts_ptr,         # (6, C) float32 level constants
     radix_ptr,          # (5, C) division magic in the index dtype (layernorm_split.radix_table)
     valid_ptr,          # (B, S) uint8 padding mask, or None
     active_stages_ptr,  # (B,) int32 stages each image runs, or None
@@ -512,7 +513,7 @@ def _bwd_layernorm_kernel(
 
 def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, ...]:
     """Uninitialised ``(quantized, indices, mean, std)``; mean/std are float32 ``(B, K, C)``."""
-    quantized, indices = config.quantized_and_indices(z, levels, stages)
+    quantized, indices = layouts.quantized_and_indices(z, levels, stages)
     B, C = z.shape[0], z.shape[1]
     mean = z.new_empty((B, stages, C), dtype=torch.float32)
     std = z.new_empty((B, stages, C), dtype=torch.float32)
@@ -526,11 +527,11 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[t
     ln_weight, ln_bias = params
     quantized, indices, mean, std = forward_outputs(z, levels, stages)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
-    x, x_strides = config.strided_view(z)
+    x, x_strides = layouts.strided_view(z)
     consts, basis = config.level_tables(levels, z.device, fsq_shift)
-    valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
+    valid, active_stages = layouts.mask_and_active_stages(mask, active_stages, B, S)
     offsets = (x, quantized, indices)
-    tiles = config.layernorm_tiles(C, S, "forward", config.needs_int64(*offsets), arch=config.target_arch(z))
+    tiles = config.layernorm_tiles(C, S, "forward", layouts.needs_int64(*offsets), arch=config.target_arch(z))
     if not tiles.one_tile and config.LAYERNORM_SPLIT:
         from . import layernorm_split
         return layernorm_split.forward(z, levels, stages, params, eps, valid, active_stages, tiles,
@@ -539,7 +540,7 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[t
     factors = None if tiles.one_tile else torch.empty((B, stages, 2, C), dtype=torch.float32, device=z.device)
     launch(_fwd_layernorm_kernel, (B,),
            (x, quantized, indices, mean, std, factors, (ln_weight, ln_bias), consts, basis, valid, active_stages,
-            C, S, *x_strides, *config.flat_strides(quantized), float(eps), stages),
+            C, S, *x_strides, *layouts.flat_strides(quantized), float(eps), stages),
            tiles=tiles, tensors=offsets, ONE_TILE=tiles.one_tile)
     return quantized, indices, mean, std
 
@@ -554,12 +555,12 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     if indices is None:
         raise ValueError("the layernorm backward needs the forward's indices (its residuals are rebuilt from them)")
     ln_weight, ln_bias = params
-    grad_z, grad_w, grad_b = config.new_output(z), torch.empty_like(ln_weight), torch.empty_like(ln_bias)
+    grad_z, grad_w, grad_b = layouts.new_output(z), torch.empty_like(ln_weight), torch.empty_like(ln_bias)
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
-    x, x_strides = config.strided_view(z)
-    g, g_strides = config.strided_view(grad_q)
+    x, x_strides = layouts.strided_view(z)
+    g, g_strides = layouts.strided_view(grad_q)
     consts, _basis = config.level_tables(levels, z.device, fsq_shift)
-    valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, S)
+    valid, active_stages = layouts.mask_and_active_stages(mask, active_stages, B, S)
     tiles = config.layernorm_tiles(C, S, "backward", sparse=valid is not None or active_stages is not None,
                                    arch=config.target_arch(z))
     # G_{k+1} between the chunked path's stages; the one-tile path keeps it in registers.
@@ -584,14 +585,14 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     if split:
         from . import layernorm_split_backward
         layernorm_split_backward.backward(
-            (x, g, grad_z, indices.contiguous()), (x_strides, g_strides, config.flat_strides(grad_z)),
+            (x, g, grad_z, indices.contiguous()), (x_strides, g_strides, layouts.flat_strides(grad_z)),
             (mean, std, factors, sd_w, inv_sd), (ln_weight, ln_bias), (dw_part, db_part), consts, radix, valid,
             active_stages, tiles, stages)
     else:
         launch(_bwd_layernorm_kernel, (B,),
                (x, g, grad_z, scratch, indices.contiguous(), mean, std, factors, sd_w, inv_sd, inv_n,
                 (ln_weight, ln_bias), (dw_part, db_part), consts, radix, valid, active_stages, C, S, *x_strides,
-                *g_strides, *config.flat_strides(grad_z), C * S, stages),
+                *g_strides, *layouts.flat_strides(grad_z), C * S, stages),
                tiles=tiles, tensors=(x, g, grad_z, scratch, indices), ONE_TILE=tiles.one_tile)
     grad_w.copy_(dw_part.sum(0))
     grad_b.copy_(db_part.sum(0))

@@ -1,4 +1,4 @@
-"""The split ``layernorm`` path (issue 28): images that do not fit one tile are spread over
+"""The split ``layernorm`` forward: images that do not fit one tile are spread over
 several programs, each owning an (image, spatial slice), and the residual of a stage is
 *rebuilt* from the input and the digits already stored instead of replayed through ``tanh``.
 
@@ -38,12 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config
+from . import config, layouts
 from .launch_settings import launch
 from .fpmath import as_f32, div_small_int, recip_rn
 from .layernorm import _ln_store_stats, ln_affine, ln_factors, ln_stage
-from .stages import (keep_only, load_active_stages, load_digit_range, load_levels, load_tile, load_valid,
-                     masked_row_sum, stage_keep, store_index, store_tile, widen)
+from .fsq_math import load_digit_range, load_levels
+from .tile_io import (keep_only, load_active_stages, load_tile, load_valid, masked_row_sum, store_index,
+                      store_tile, widen)
 
 PHASE_FIRST = tl.constexpr(0)
 PHASE_MIDDLE = tl.constexpr(1)
@@ -181,7 +182,7 @@ def chan_update(run, r, mask, n_b, recip_ptr):
     return n, mean_a + delta * f, m2_a + m2_b + (delta * delta) * (n_a * f)
 
 
-@triton.heuristics(config.FLAGS_FROM_POINTERS)
+@triton.heuristics(layouts.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "K", "P", "slice_len", "step"])
 def _fwd_layernorm_split_kernel(
     x_ptr,              # input z: (B, C, S) through stride_x*, any float dtype
@@ -192,7 +193,7 @@ def _fwd_layernorm_split_kernel(
     sdw_ptr,            # scratch: (B, K, C) float32 sd / weight of each stored stage (the decodes')
     part_ptrs,          # tuple of scratch (count (B, P), mean (B, K, P, C), M2 (B, K, P, C)) float32
     param_ptrs,         # tuple (weight_ptr, bias_ptr): the strategy's (K, C) parameter group
-    consts_ptr,         # (5, C) float32 level constants (config.level_tables)
+    consts_ptr,         # (6, C) float32 level constants (config.level_tables)
     basis_ptr,          # (C,) mixed-radix place values in the index dtype
     radix_ptr,          # (5, C) division magic in the index dtype (radix_table)
     recip_ptr,          # (slice_len + 1,) float32 1 / max(i, 1) (reciprocal_table)
@@ -218,6 +219,9 @@ def _fwd_layernorm_split_kernel(
 ):
     """One launch of the split ``layernorm`` forward (module docstring): program ``pid`` owns
     positions ``[part * slice_len, (part + 1) * slice_len)`` of image ``pid // P``."""
+    # Hand-written, not a shared prologue: built from image_prologue's helpers (same statement
+    # order) two sm_90 binaries scheduled differently (same registers and instruction count;
+    # bench/NOTES.md, "files that say what they hold").
     pid = tl.program_id(0)
     img = widen(pid // P, USE_INT64)
     part = pid % P
@@ -313,13 +317,13 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[t
             valid: Optional[torch.Tensor], active_stages: Optional[torch.Tensor], tiles: config.Tiles,
             outputs: Tuple[torch.Tensor, ...], fsq_shift: str = "atanh") -> Tuple[torch.Tensor, ...]:
     """The split forward's K + 1 launches into ``outputs = (quantized, indices, mean, std)``
-    (``valid``/``active_stages``: the kernel views of :func:`.config.mask_and_active_stages`;
+    (``valid``/``active_stages``: the kernel views of :func:`.layouts.mask_and_active_stages`;
     ``tiles``: the chunk tile of :func:`.config.layernorm_tiles`). Scratch (sd / weight, partial
     statistics) is allocated here, sized by the shapes only (CUDA-graph capturable)."""
     ln_weight, ln_bias = params
     quantized, indices, mean, std = outputs
     B, C, S = z.shape[0], z.shape[1], math.prod(z.shape[2:])
-    x, x_strides = config.strided_view(z)
+    x, x_strides = layouts.strided_view(z)
     consts, basis = config.level_tables(levels, z.device, fsq_shift)
     radix = radix_table(levels, indices.dtype, z.device)
     tiles = dataclasses.replace(tiles, block_s=split_block_s(tiles))
@@ -334,7 +338,7 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[t
         phase = 0 if step == 0 else 2 if step == stages else 1
         launch(_fwd_layernorm_split_kernel, (B * plan.parts,),
                (x, quantized, indices, mean, std, sdw, parts, (ln_weight, ln_bias), consts, basis, radix, recip,
-                valid, active_stages, C, S, plan.parts, plan.slice_len, *x_strides, *config.flat_strides(quantized),
+                valid, active_stages, C, S, plan.parts, plan.slice_len, *x_strides, *layouts.flat_strides(quantized),
                 float(eps), stages, step),
                tiles=tiles, tensors=(x, quantized, indices), PARTS_BLOCK=config.next_pow2(plan.parts), PHASE=phase)
     return quantized, indices, mean, std

@@ -36,12 +36,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config
+from . import config, layouts
 from .fpmath import as_f32, recip_rn
 from .launch_settings import launch
 from .layernorm import _add_sums, _ln_dr, _ln_sums, ln_bwd_grads, ln_bwd_stage, ln_rebuild
 from .layernorm_split import PHASE_FIRST, PHASE_LAST, PHASE_MIDDLE, decode_stage, load_radix
-from .stages import keep_only, load_active_stages, load_levels, load_tile, spatial_lanes, store_tile, tile_view, widen
+from .fsq_math import load_levels
+from .tile_io import keep_only, load_active_stages, load_tile, spatial_lanes, store_tile, tile_view, widen
 
 #: The four per-channel sums of a stage (:func:`.layernorm._ln_sums`), rows of the partials table.
 SUMS = tl.constexpr(4)
@@ -85,7 +86,7 @@ def image_count(count_ptr, img, P, HAS_MASK: tl.constexpr, S, PARTS_BLOCK: tl.co
         return as_f32(S)
 
 
-@triton.heuristics(config.FLAGS_FROM_POINTERS)
+@triton.heuristics(layouts.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "K", "P", "slice_len", "step"])
 def _bwd_layernorm_split_kernel(
     x_ptr,              # input z: (B, C, S) through stride_x*

@@ -6,7 +6,7 @@ import torch
 from fused_helpers import assert_close_values, assert_values_match, draw_input
 from rfsq_kernels import RFSQ
 from rfsq_kernels.fused import rfsq_fused
-from rfsq_kernels.kernels import config
+from rfsq_kernels.kernels import layouts
 from rfsq_kernels.reference import STRATEGIES, codebook_size, rfsq_forward
 from rfsq_kernels.testing import random_strategy_params
 
@@ -62,12 +62,12 @@ def test_non_flattenable_spatial_layout(seed):
     params = random_strategy_params(strategy, stages, len(levels))
     base = draw_input((2, 4, 7, 5), levels, stages, strategy, params)
     z = base.transpose(2, 3)  # (B, C, W, H) view: H and W strides are not nested
-    assert config.flat_spatial_stride(z) is None
+    assert layouts.flat_spatial_stride(z) is None
     out = _compare_forward(z, levels, stages, strategy, params)
     assert out[0].is_contiguous()
     # a strided (non-dense) but flattenable input is read in place
     z2 = draw_input((2, 4, 30), levels, stages, strategy, params)[:, :, ::2]
-    assert config.flat_spatial_stride(z2) == 2
+    assert layouts.flat_spatial_stride(z2) == 2
     _compare_forward(z2, levels, stages, strategy, params)
 
 

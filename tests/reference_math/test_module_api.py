@@ -7,7 +7,7 @@ import torch
 
 import rfsq_kernels.reference.rfsq_module as reference_module
 from rfsq_kernels import FSQ, RFSQ
-from rfsq_kernels.kernels import config
+from rfsq_kernels.kernels import layouts
 from rfsq_kernels.reference import STRATEGIES
 from rfsq_kernels.testing import randomize_
 
@@ -36,14 +36,14 @@ def test_channel_last_is_read_in_place_by_the_reference(strategy, seed, monkeypa
 
 def test_channel_last_is_read_in_place_by_the_fused_kernels(seed, monkeypatch):
     calls = []
-    real = config.strided_view
+    real = layouts.strided_view
 
     def spy(t):
         out = real(t)
         calls.append((t, out[0]))
         return out
 
-    monkeypatch.setattr(config, "strided_view", spy)
+    monkeypatch.setattr(layouts, "strided_view", spy)
     m = RFSQ(stages=2, strategy="scale", levels=[8, 5, 3], backend="triton", channel_first=False)
     z = torch.randn(2, 33, 3)  # (B, N, C)
     q, idx = m(z)

@@ -18,7 +18,7 @@ import triton.language as tl
 from .. import config
 from ..fpmath import round_half_even, tanh_f32
 from ..launch_settings import launch
-from ..stages import load_tile, store_tile, tile_prologue
+from ..tile_io import load_tile, store_tile, tile_prologue
 from .common import bcs_strides, load_row, one_minus_square, place_values, vq_index_dtype
 
 # Rows of the standalone FSQ's constant table (:func:`constant_table`).

@@ -22,10 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import config
+from .. import config, layouts
 from ..fpmath import tanh_f32
 from ..launch_settings import launch
-from ..stages import keep_only, load_active_stages, load_tile, stage_keep, store_tile, tile_prologue, widen
+from ..tile_io import keep_only, load_active_stages, load_tile, stage_keep, store_tile, tile_prologue, widen
 from .common import bcs_strides, load_row, one_minus_square, place_values, vq_index_dtype
 
 # Rows of the per-channel constant table built by :func:`constant_table`.
@@ -66,7 +66,7 @@ def store_vq_index(index_rows, k, d, lm1, basis, keep):
     tl.store(idx_ptr + rows + k, index.to(idx_ptr.dtype.element_ty), mask=mask_s)
 
 
-@triton.heuristics(config.FLAGS_FROM_POINTERS)
+@triton.heuristics(layouts.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "tiles_per_image", "K", "stride_xg", "stride_qg", "stride_ig"])
 def _fwd_vq_rfsq_kernel(
     x_ptr,            # input after project_in, (B, C, S) through strides, any float dtype
@@ -125,7 +125,7 @@ def _fwd_vq_rfsq_kernel(
     store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
 
 
-@triton.heuristics(config.FLAGS_FROM_POINTERS)
+@triton.heuristics(layouts.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "tiles_per_image", "stride_xg", "stride_gg", "stride_dxg"])
 def _bwd_vq_rfsq_kernel(
     x_ptr,            # input after project_in, (B, C, S) through strides
@@ -275,7 +275,7 @@ def _launch_forward(x, quantized, indices, levels, consts, scales, basis, valid,
     # 64-bit offsets and several groups take the sparse (half) tiles, like masks: at full tiles
     # ptxas spills (bench/NOTES.md)
     tiles = config.elementwise_tiles(C, N, sparse=valid is not None or active_stages is not None or G > 1
-                                     or config.needs_int64(*offsets))
+                                     or layouts.needs_int64(*offsets))
     tiles_per_image = triton.cdiv(N, tiles.block_s)
     launch(_fwd_vq_rfsq_kernel, (B * tiles_per_image, G),
            (x, quantized, indices, consts, scales, basis, valid, active_stages,
@@ -293,7 +293,7 @@ def forward(x: torch.Tensor, levels: Sequence[int], scales: torch.Tensor, clamp_
     if B * N == 0:
         return quantized.zero_(), indices.zero_()
     consts, basis = constant_table(levels, clamp_value, x.device)
-    valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, N)
+    valid, active_stages = layouts.mask_and_active_stages(mask, active_stages, B, N)
     _launch_forward(x[None], quantized[None], indices[None], levels, consts, scales.float().contiguous(), basis,
                     valid, active_stages, (0, 0, 0))
     return quantized, indices
@@ -312,7 +312,7 @@ def grouped_forward(x: torch.Tensor, levels: Sequence[int], scales: Sequence[tor
     if G * B * N == 0:
         return quantized.zero_(), indices.zero_()
     consts, stacked, basis = grouped_constant_table(levels, scales, clamp_values, x.device)
-    _valid, active_stages = config.mask_and_active_stages(None, active_stages, B, N)
+    _valid, active_stages = layouts.mask_and_active_stages(None, active_stages, B, N)
     _launch_forward(x, quantized, indices, levels, consts, stacked, basis, None, active_stages,
                     (x.stride(0), quantized.stride(0), indices.stride(0)))
     return quantized, indices
@@ -340,7 +340,7 @@ def backward(grad_q: torch.Tensor, x: torch.Tensor, levels: Sequence[int], scale
     if B * N == 0:
         return grad_x.zero_()
     consts, _basis = constant_table(levels, clamp_value, x.device)
-    valid, active_stages = config.mask_and_active_stages(mask, active_stages, B, N)
+    valid, active_stages = layouts.mask_and_active_stages(mask, active_stages, B, N)
     _launch_backward(grad_q[None], x[None], grad_x[None], consts, scales.float().contiguous(), valid, active_stages,
                      (0, 0, 0))
     return grad_x
@@ -355,7 +355,7 @@ def grouped_backward(grad_q: torch.Tensor, x: torch.Tensor, levels: Sequence[int
     if G * B * N == 0:
         return grad_x.zero_()
     consts, stacked, _basis = grouped_constant_table(levels, scales, clamp_values, x.device)
-    _valid, active_stages = config.mask_and_active_stages(None, active_stages, B, N)
+    _valid, active_stages = layouts.mask_and_active_stages(None, active_stages, B, N)
     _launch_backward(grad_q, x, grad_x, consts, stacked, None, active_stages,
                      (x.stride(0), grad_q.stride(0), grad_x.stride(0)))
     return grad_x

@@ -1,34 +1,29 @@
-"""``@triton.jit`` helpers shared by both kernel families (design: ``docs/kernel-design.md``).
+"""``@triton.jit`` tile I/O shared by every kernel family (design: ``docs/kernel-design.md``).
 
 Every program works on a ``[BLOCK_C, BLOCK_S]`` register tile: all (padded) channels of one
-image by a run of flattened spatial positions. Each kernel computes once, at the top, where its
-image starts in each tensor, and the helpers take small bundles (tuples) that carry that start,
-so they never see the image index or batch strides (``docs/kernel-design.md``, "Arguments",
-also says why starts rather than advanced pointers):
+image by a run of flattened spatial positions (or, in the channel-row kernels, ``C`` rows of
+``BLOCK_S`` positions). This file holds where a program's data is and how it gets there:
 
-* a tensor *view* ``(ptr, start, stride_c, stride_s)`` (``start = img * stride_b``) for
-  :func:`load_tile` / :func:`store_tile`;
-* ``valid_row = (valid_ptr, img * S)`` for the padding mask, ``index_rows = (idx_ptr, rows,
-  mask_s)`` for :func:`store_index`;
-* the level constants ``fsq = (half_l, offset, shift, half_w, inv_w)`` from :func:`load_levels`, and
-  ``digits = (top, basis)`` from :func:`load_digit_range` (index packing, forward only).
+* the program prologues, one per program shape (:func:`tile_prologue`: one program per (image,
+  tile); :func:`image_prologue`: per image; :func:`row_prologue`: per (image, tile) of the channel-row kernels), which compute once, at
+  the top, where the image starts in each tensor, and the lanes (:func:`channel_lanes`,
+  :func:`spatial_lanes`);
+* tensor *views* ``(ptr, start, stride_c, stride_s)`` (``start = img * stride_b``,
+  :func:`tile_view`) for :func:`load_tile` / :func:`store_tile` and :func:`load_row` /
+  :func:`store_row`; the helpers take such small bundles, so they never see the image index or
+  batch strides (``docs/kernel-design.md``, "Arguments", also says why starts rather than
+  advanced pointers);
+* ``valid_row = (valid_ptr, img * S)`` for the padding mask (:func:`load_valid`), per-sample
+  stage counts (:func:`load_active_stages`, :func:`stage_keep`, :func:`keep_only`);
+* ``index_rows = (idx_ptr, rows, mask_s)`` for the packed-index stores (:func:`store_index`,
+  :func:`store_row_index`).
 
-Padded channels load neutral constants (``half_w = 1``, ``basis = 0``) and are never stored. The
-forward and the backward replay call the same stage helpers in the same order, so the backward
-sees bit-identical rounding decisions.
+What a stage computes on the tiles (level constants, FSQ, index packing): :mod:`.fsq_math`.
 """
 import triton
 import triton.language as tl
 
-from .fpmath import div_small_int, recip_rn, round_half_even, tanh_f32
-
-# Rows of the per-channel constant table built by ``config.level_tables``.
-ROW_HALF_L = tl.constexpr(0)
-ROW_OFFSET = tl.constexpr(1)
-ROW_SHIFT = tl.constexpr(2)
-ROW_HALF_W = tl.constexpr(3)
-ROW_TOP = tl.constexpr(4)
-ROW_INV_W = tl.constexpr(5)
+from .fsq_math import pack_index
 
 
 @triton.jit
@@ -40,7 +35,7 @@ def widen(v, USE_INT64: tl.constexpr):
         return v
 
 
-# -- the program prologue and tile views (every kernel opens with one of the two prologues) ------
+# -- the program prologues and tile views (every kernel opens with one of the prologues) ---------
 
 
 @triton.jit
@@ -77,7 +72,7 @@ def tile_prologue(tensors, valid_ptr, C, S, tiles_per_image, BLOCK_C: tl.constex
     tensor, computed once), the channel lanes (:func:`channel_lanes`) and the tile's positions
     (:func:`spatial_lanes`; ``valid_ptr``: the ``(B, S)`` padding mask, or None without
     ``HAS_MASK``). The order of these computations is the one ptxas was tuned on: another order
-    schedules the same instructions differently (bench/NOTES.md, issue 27)."""
+    schedules the same instructions differently (bench/NOTES.md, "Structure 2026-12-02")."""
     pid = tl.program_id(0)
     img = widen(pid // tiles_per_image, USE_INT64)
     valid_row = (valid_ptr, img * S)
@@ -100,6 +95,15 @@ def image_prologue(tensors, valid_ptr, C, S, K, BLOCK_C: tl.constexpr, USE_INT64
     stage_start = img * K * C
     offs_c, mask_c = channel_lanes(C, BLOCK_C, USE_INT64)
     return img, views, valid_row, stage_start, offs_c, mask_c
+
+
+@triton.jit
+def spatial_lanes(s0, valid_row, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, USE_INT64: tl.constexpr):
+    """Positions ``s0 .. s0+BLOCK_S`` of the image: ``(offs_s, mask_s, valid)``, where ``mask_s``
+    marks those in range and ``valid`` those in range and not padding."""
+    offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
+    mask_s = offs_s < S
+    return offs_s, mask_s, load_valid(valid_row, offs_s, mask_s, HAS_MASK)
 
 
 @triton.jit
@@ -127,75 +131,6 @@ def masked_row_sum(v, mask):
 
 
 @triton.jit
-def load_levels(consts_ptr, offs_c, mask_c, C):
-    """``fsq = (half_l, offset, shift, half_w, inv_w)``: per-channel FSQ constants as float32
-    ``[BLOCK_C, 1]`` columns (padded channels: ``half_w = 1``, the rest 0); ``inv_w = 1 / half_w``
-    rounded to nearest, for :func:`~.fpmath.div_small_int`."""
-    half_l = tl.load(consts_ptr + ROW_HALF_L * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    offset = tl.load(consts_ptr + ROW_OFFSET * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    shift = tl.load(consts_ptr + ROW_SHIFT * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    half_w = tl.load(consts_ptr + ROW_HALF_W * C + offs_c, mask=mask_c, other=1.0)[:, None]
-    return half_l, offset, shift, half_w, recip_rn(half_w)
-
-
-@triton.jit
-def load_levels_tabled(consts_ptr, offs_c, mask_c, C):
-    """:func:`load_levels` with ``inv_w`` read from the table's host-computed ``1 / half_w`` row
-    (the same bits as ``recip_rn(half_w)``): no ``div.rn`` subroutine in the program."""
-    half_l = tl.load(consts_ptr + ROW_HALF_L * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    offset = tl.load(consts_ptr + ROW_OFFSET * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    shift = tl.load(consts_ptr + ROW_SHIFT * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    half_w = tl.load(consts_ptr + ROW_HALF_W * C + offs_c, mask=mask_c, other=1.0)[:, None]
-    inv_w = tl.load(consts_ptr + ROW_INV_W * C + offs_c, mask=mask_c, other=1.0)[:, None]
-    return half_l, offset, shift, half_w, inv_w
-
-
-@triton.jit
-def load_digit_range(consts_ptr, basis_ptr, offs_c, mask_c, C):
-    """``digits = (top, basis)``: largest digit ``L - 1`` (float32) and mixed-radix place value
-    (the index dtype, :func:`.config.level_tables`) per channel, as ``[BLOCK_C, 1]`` columns; only the forward packs indices."""
-    top = tl.load(consts_ptr + ROW_TOP * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    basis = tl.load(basis_ptr + offs_c, mask=mask_c, other=0)[:, None]
-    return top, basis
-
-
-@triton.jit
-def fsq_code(u, fsq, USE_LIBDEVICE: tl.constexpr):
-    """FSQ of the conditioned residual ``u``: returns ``(code, t, rounded)``.
-
-    ``bounded = tanh(u + shift) * half_l - offset``; ``code = round(bounded) / half_w`` (the
-    straight-through value equals the clean rounded integer; the division is IEEE, see
-    :func:`~.fpmath.div_small_int`); ``t`` is kept for the derivative.
-    """
-    half_l, offset, shift, half_w, inv_w = fsq
-    t = tanh_f32(u + shift, USE_LIBDEVICE)
-    rounded = round_half_even(t * half_l - offset, USE_LIBDEVICE)
-    return div_small_int(rounded, half_w, inv_w, USE_LIBDEVICE), t, rounded
-
-
-@triton.jit
-def fsq_dcode(t, fsq):
-    """d code / d u of :func:`fsq_code` with the straight-through round (d round = 1)."""
-    half_l, _offset, _shift, _half_w, inv_w = fsq
-    return ((1.0 - t * t) * half_l) * inv_w
-
-
-@triton.jit
-def pack_index(rounded, fsq, digits):
-    """Mixed-radix index of one stage, ``[BLOCK_S]`` in the index dtype (the basis's: int32
-    unless the codebook needs int64), from the rounded values.
-
-    The digit is an explicit integer ``clamp(round + half_w, 0, L-1)`` with NaN -> 0, so NaN/Inf
-    input can never produce an out-of-range index: ``tl.maximum`` is IEEE maxNum (``max.f32`` on
-    a GPU, ``np.fmax`` in the interpreter), which returns the number when the other operand is NaN.
-    """
-    _half_l, _offset, _shift, half_w, _inv_w = fsq
-    top, basis = digits
-    digit = tl.minimum(tl.maximum(rounded + half_w, 0.0), top)
-    return tl.sum(digit.to(basis.dtype) * basis, axis=0)
-
-
-@triton.jit
 def store_index(index_rows, k, rounded, fsq, digits, valid, active_stages, HAS_MASK: tl.constexpr,
                 HAS_ACTIVE_STAGES: tl.constexpr):
     """Write stage ``k``'s packed index for the tile's positions; positions the stage skips
@@ -208,15 +143,6 @@ def store_index(index_rows, k, rounded, fsq, digits, valid, active_stages, HAS_M
     if HAS_MASK or HAS_ACTIVE_STAGES:
         index = tl.where(stage_keep(valid, active_stages, k, HAS_ACTIVE_STAGES), index, -1)
     tl.store(idx_ptr + rows + k, index.to(idx_ptr.dtype.element_ty), mask=mask_s)
-
-
-@triton.jit
-def spatial_lanes(s0, valid_row, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, USE_INT64: tl.constexpr):
-    """Positions ``s0 .. s0+BLOCK_S`` of the image: ``(offs_s, mask_s, valid)``, where ``mask_s``
-    marks those in range and ``valid`` those in range and not padding."""
-    offs_s = widen(s0 + tl.arange(0, BLOCK_S), USE_INT64)
-    mask_s = offs_s < S
-    return offs_s, mask_s, load_valid(valid_row, offs_s, mask_s, HAS_MASK)
 
 
 # -- masks (padded positions) and per-sample stage counts (quantize dropout) -------------------
@@ -270,20 +196,24 @@ def keep_only(q, valid, active_stages, k, HAS_MASK: tl.constexpr, HAS_ACTIVE_STA
 # A program holds ``C`` rows, one 1-D ``[BLOCK_S]`` vector per channel (unrolled over the exact
 # ``C``, a constexpr), so each thread owns every channel of its positions: the index packing and
 # any per-position channel sum are thread-local, and no lane runs for a padded channel. The
-# per-channel constants are scalars. Same arithmetic, in the same order, as the tile helpers.
+# per-channel constants are scalars (:mod:`.fsq_math`). Same arithmetic, in the same order, as
+# the tile helpers.
 
 
 @triton.jit
-def row_prologue(valid_ptr, S, tiles_per_image, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
+def row_prologue(tensors, valid_ptr, S, tiles_per_image, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
                  USE_INT64: tl.constexpr):
-    """Opening of a channel-row kernel (one program per image tile of ``BLOCK_S`` positions):
-    ``(img, offs_s, mask_s, valid)`` -- the image (int64 with ``USE_INT64``) and the tile's
-    positions (:func:`spatial_lanes`)."""
+    """Opening of a channel-row kernel (one program per image tile of ``BLOCK_S`` positions, like
+    :func:`tile_prologue`, but no channel lanes): ``(img, views, offs_s, mask_s, valid)`` -- the
+    image (int64 with ``USE_INT64``), the views of ``tensors`` (:func:`image_views`) and the
+    tile's positions (:func:`spatial_lanes`). The views come after the positions here, the order
+    these kernels were tuned on (see :func:`tile_prologue`)."""
     pid = tl.program_id(0)
     img = widen(pid // tiles_per_image, USE_INT64)
     offs_s, mask_s, valid = spatial_lanes((pid % tiles_per_image) * BLOCK_S, (valid_ptr, img * S), S, BLOCK_S,
                                           HAS_MASK, USE_INT64)
-    return img, offs_s, mask_s, valid
+    views = image_views(img, tensors)
+    return img, views, offs_s, mask_s, valid
 
 
 @triton.jit
@@ -307,35 +237,6 @@ def store_row(view, val, c, offs_s, mask):
     """Store channel ``c``'s float32 row into ``view`` in the pointer's element type."""
     ptr, offs = _row_offsets(view, c, offs_s)
     tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def load_channel_levels(consts_ptr, c, C: tl.constexpr):
-    """Channel ``c``'s ``fsq = (half_l, offset, shift, half_w, inv_w)`` as float32 scalars
-    (:func:`load_levels` for one channel); ``inv_w`` is the table's host-computed ``1 / half_w``
-    row (the same bits as ``recip_rn(half_w)``), so no program runs a ``div.rn`` for it."""
-    half_l = tl.load(consts_ptr + ROW_HALF_L * C + c)
-    offset = tl.load(consts_ptr + ROW_OFFSET * C + c)
-    shift = tl.load(consts_ptr + ROW_SHIFT * C + c)
-    half_w = tl.load(consts_ptr + ROW_HALF_W * C + c)
-    return half_l, offset, shift, half_w, tl.load(consts_ptr + ROW_INV_W * C + c)
-
-
-@triton.jit
-def load_channel_digits(consts_ptr, basis_ptr, c: tl.constexpr, C: tl.constexpr):
-    """Channel ``c``'s ``digits = (top, basis)`` as scalars (:func:`load_digit_range` for one channel)."""
-    return tl.load(consts_ptr + ROW_TOP * C + c), tl.load(basis_ptr + c)
-
-
-@triton.jit
-def channel_digit(rounded, fsq, digits):
-    """One channel's term of the packed index, ``digit * basis`` in the index dtype (the
-    basis's), for a row of rounded values: :func:`pack_index` for one channel (same clamp, same
-    NaN -> 0); the kernel adds the ``C`` terms in the thread."""
-    _half_l, _offset, _shift, half_w, _inv_w = fsq
-    top, basis = digits
-    digit = tl.minimum(tl.maximum(rounded + half_w, 0.0), top)
-    return digit.to(basis.dtype) * basis
 
 
 @triton.jit
