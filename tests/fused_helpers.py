@@ -110,3 +110,18 @@ def compare(fused, ref, check_grads: bool = True):
     if check_grads:
         for k in ref["grads"]:
             assert_close_grads(fused["grads"][k], ref["grads"][k], f"grad {k}")
+
+
+class FailOnChunked:
+    """Wraps a one-program-per-image layernorm kernel (``direction``: ``"forward"`` or
+    ``"backward"``): its single-tile launch may run, its chunked one fails the test -- how the split
+    tests prove the split path ran."""
+
+    def __init__(self, kernel, direction: str):
+        self.kernel, self.direction = kernel, direction
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            assert kwargs["ONE_TILE"], f"the chunked layernorm {self.direction} ran with the split path on"
+            return self.kernel[grid](*args, **kwargs)
+        return run

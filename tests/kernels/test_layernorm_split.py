@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from fused_helpers import compare, draw_input, run_both, to_layout
+from fused_helpers import FailOnChunked, compare, draw_input, run_both, to_layout
 from numpy_rfsq import draw_clear_of_boundaries
 from rfsq_kernels.fused import rfsq_fused
 from rfsq_kernels.kernels import config, layernorm, layernorm_split
@@ -24,21 +24,8 @@ def split(monkeypatch):
     monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
     monkeypatch.setattr(config, "LAYERNORM_SPLIT", True)
 
-    monkeypatch.setattr(layernorm, "_fwd_layernorm_kernel", _FailOnChunked(layernorm._fwd_layernorm_kernel))
+    monkeypatch.setattr(layernorm, "_fwd_layernorm_kernel", FailOnChunked(layernorm._fwd_layernorm_kernel, "forward"))
     return lambda parts: monkeypatch.setattr(config, "SPLIT_PROGRAMS_PER_IMAGE", parts)
-
-
-class _FailOnChunked:
-    """Wraps the one-program-per-image forward kernel: its single-tile launch may run, its chunked one not."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            assert kwargs["ONE_TILE"], "the chunked layernorm forward ran with the split path on"
-            return self.kernel[grid](*args, **kwargs)
-        return run
 
 
 def test_plan_counts_programs():

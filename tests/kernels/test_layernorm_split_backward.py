@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 
-from fused_helpers import compare, draw_input, run_both
+from fused_helpers import FailOnChunked, compare, draw_input, run_both
 from numpy_rfsq import draw_clear_of_boundaries
 from rfsq_kernels.fused import rfsq_fused
 from rfsq_kernels.kernels import config, layernorm
@@ -27,21 +27,8 @@ def split(monkeypatch):
     setter of the programs per image."""
     monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
     monkeypatch.setattr(config, "LAYERNORM_SPLIT_BACKWARD", True)
-    monkeypatch.setattr(layernorm, "_bwd_layernorm_kernel", _FailOnChunked(layernorm._bwd_layernorm_kernel))
+    monkeypatch.setattr(layernorm, "_bwd_layernorm_kernel", FailOnChunked(layernorm._bwd_layernorm_kernel, "backward"))
     return lambda parts: monkeypatch.setattr(config, "SPLIT_PROGRAMS_PER_IMAGE", parts)
-
-
-class _FailOnChunked:
-    """Wraps the one-program-per-image backward kernel: its single-tile launch may run, its chunked one not."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            assert kwargs["ONE_TILE"], "the chunked layernorm backward ran with the split backward on"
-            return self.kernel[grid](*args, **kwargs)
-        return run
 
 
 def _masked_case(shape, stages):
