@@ -49,7 +49,8 @@ class Case:
     shape: Tuple[int, ...]
     mask: bool = False      # a (B, *spatial) padding mask is passed
     active_stages: bool = False  # per-sample stage counts (quantize dropout) are passed
-    split: bool = False     # config.LAYERNORM_SPLIT on for this call: the split forward, whatever the default
+    split: bool = False     # the split layernorm path for this call (config.LAYERNORM_SPLIT forward,
+                            # config.LAYERNORM_SPLIT_BACKWARD backward), whatever the default
     groups: int = 1         # vq only: GroupedResidualFSQ's one launch for this many channel-slice groups
 
     def __str__(self) -> str:
@@ -245,6 +246,17 @@ def run_case(case: Case) -> None:
         finally:
             config.LAYERNORM_SPLIT = switch
         return
+    switch = config.LAYERNORM_SPLIT_BACKWARD
+    config.LAYERNORM_SPLIT_BACKWARD = case.split
+    try:
+        run_backward_case(case, z, row, params, sparse)
+    finally:
+        config.LAYERNORM_SPLIT_BACKWARD = switch
+
+
+def run_backward_case(case: Case, z: torch.Tensor, row, params: Tuple[torch.Tensor, ...], sparse: dict) -> None:
+    """The backward launcher's call of ``case`` (the forward's saved outputs as ``meta`` tensors)."""
+    meta, k, c = z.device, case.stages, len(case.levels)
     mean = std = indices = None
     if row.per_image_stats:
         mean = torch.empty((case.shape[0], k, c), dtype=torch.float32, device=meta)
@@ -326,6 +338,6 @@ def compiled_kernels(arch: int) -> Dict[str, object]:
 
 def kernel_modules() -> Tuple[object, ...]:
     """Every module that defines kernels: the strategy families and the vector-quantize-pytorch ones."""
-    from ..kernels import elementwise, layernorm, layernorm_split
+    from ..kernels import elementwise, layernorm, layernorm_split, layernorm_split_backward
     from ..kernels.vq import fsq, residual_fsq
-    return (elementwise, layernorm, layernorm_split, residual_fsq, fsq)
+    return (elementwise, layernorm, layernorm_split, layernorm_split_backward, residual_fsq, fsq)
