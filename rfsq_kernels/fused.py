@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .autodiff import forbid_double_backward, needs_reference_autodiff, saveable
-from .backend import interpreter_enabled, use_fused
+from .backend import use_fused
 from .kernels.launch import backward_outputs, forward_outputs, rfsq_backward_launch, rfsq_forward_launch
 from .reference import (check_eps, check_fsq_shift, check_levels, check_stages, get_strategy, index_dtype,
                         rfsq_forward)
@@ -181,10 +181,6 @@ def rfsq_fused(
     # contiguous here (not only inside the op): what autograd saves for the backward is then the copy
     kernel_params = [p.kernel_form(value).contiguous() for p, value in zip(spec.params, group)]
     active_stages = _kernel_active_stages(active_stages, stages)
-    if _interpreter_truncates_bf16(z):
-        q, indices, mean, std = torch.ops.rfsq_kernels.rfsq_forward(z.float(), kernel_params, mask, active_stages,
-                                                                    levels, stages, spec.name, float(eps), fsq_shift)
-        return q.to(z.dtype), indices, mean, std
     return torch.ops.rfsq_kernels.rfsq_forward(z, kernel_params, mask, active_stages, levels, stages,
                                                spec.name, float(eps), fsq_shift)
 
@@ -198,11 +194,3 @@ def _kernel_active_stages(active_stages: Optional[Tensor], stages: int) -> Optio
         return None
     return active_stages.clamp(0, stages).to(torch.int32)
 
-
-def _interpreter_truncates_bf16(z: Tensor) -> bool:
-    """True when ``z`` is bfloat16 and the kernels would run in the Triton interpreter, whose
-    float32 -> bfloat16 store truncates toward zero (Triton 3.8; measured: 2016 of 4096 random values
-    differ from torch's round-to-nearest-even), where compiled Triton and PyTorch round to nearest.
-    There the kernels run on ``z.float()`` (an exact widening: they compute in float32 anyway) and
-    torch rounds the output, and autograd the gradient, to bfloat16."""
-    return z.dtype == torch.bfloat16 and not z.is_cuda and interpreter_enabled()
