@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from fused_helpers import assert_close_grads, compare, run_both, to_layout
+from fused_helpers import assert_close_grads, compare, mask_and_counts, run_both, store_like_kernel, to_layout
 from numpy_rfsq import BOUNDARY_TOL, draw_clear_of_boundaries, rfsq_np
 from rfsq_kernels import RFSQ
 from rfsq_kernels.backend import interpreter_enabled
@@ -34,8 +34,6 @@ from rfsq_kernels.fused import rfsq_fused
 from rfsq_kernels.kernels import config
 from rfsq_kernels.reference import SENTINEL, STRATEGIES, get_strategy, rfsq_forward
 from rfsq_kernels.testing import random_strategy_params, randomize_
-from test_decode_exact import _store_like_kernel
-from test_fused_mask_dropout import _mask_and_counts
 
 LEVELS = {1: [7, 2, 16], 2: [8, 8, 8, 4], 4: [4, 4, 4, 4, 4], 8: [8, 5, 3, 4]}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -139,7 +137,7 @@ def check_spec(spec: Spec, device: torch.device) -> Dict:
     params = random_strategy_params(strategy, k, len(levels))
     mask = active = None
     if spec.mask or spec.counts:
-        m, a = _mask_and_counts(b, spatial, k)
+        m, a = mask_and_counts(b, spatial, k)
         mask, active = (m if spec.mask else None), (a if spec.counts else None)
     mode = "counted"
     z = None
@@ -192,12 +190,12 @@ def check_encode_decode(strategy: str, dtype: str, sparse: bool, channels_last: 
         idx2, side = m.encode(z, mask=mask, stages=stages)
         assert torch.equal(idx, idx2), "encode's indices differ from forward's"
         # decode sums in float32; the kernel stores that sum in z's dtype (the interpreter truncates bf16)
-        dec = _store_like_kernel(m.decode(idx2, side), z.dtype, interpreter_enabled())
+        dec = store_like_kernel(m.decode(idx2, side), z.dtype, interpreter_enabled())
         assert torch.equal(dec, q), f"decode(encode(z)) != forward: {int((dec != q).sum())} of {q.numel()} differ"
         if device.type == "cuda":
             assert torch.equal(m.decode(idx2, side, dtype=z.dtype), q), "decode(dtype=z.dtype) != forward"
         cpu = copy.deepcopy(m).cpu()
-        dec_cpu = _store_like_kernel(cpu.decode(idx2.cpu(), side.cpu()), z.dtype, interpreter_enabled())
+        dec_cpu = store_like_kernel(cpu.decode(idx2.cpu(), side.cpu()), z.dtype, interpreter_enabled())
         assert torch.equal(dec_cpu, q.cpu()), f"CPU decode != device forward: {int((dec_cpu != q.cpu()).sum())} differ"
     return {"values": q.numel(), "indices_on": str(idx2.device), "decoded_on": ["device", "cpu"]}
 
@@ -231,7 +229,7 @@ def check_vqpytorch(layout: str, device) -> Dict:
     except Exception as exc:
         return {"status": "skipped", "reason": f"vector_quantize_pytorch not importable: {type(exc).__name__}: {exc}"}
     from rfsq_kernels.vqpytorch import ResidualFSQ
-    from test_vqpytorch_fused import _boundary_positions
+    from vq_client_helpers import tanh_boundary_positions
 
     torch.manual_seed(_seed(f"vq-{layout}"))
     levels, k = [3, 4, 5, 6, 7, 8, 16], 4
@@ -248,7 +246,7 @@ def check_vqpytorch(layout: str, device) -> Dict:
         outs.append([t.detach().cpu() for t in (q, idx, xx.grad)])
     last = (lambda t: t.movedim(1, -1)) if cf else (lambda t: t)
     (q1, i1, d1), (q2, i2, d2) = ([last(t) for t in o] for o in outs)
-    clear = ~_boundary_positions(last(x), levels, k)
+    clear = ~tanh_boundary_positions(last(x), levels, k)
     assert torch.equal(i1[clear], i2[clear]), f"{int((i1[clear] != i2[clear]).sum())} digits differ off boundaries"
     assert torch.equal(q1[clear], q2[clear]), "values differ off boundaries"
     torch.testing.assert_close(d2[clear], d1[clear], rtol=4e-6, atol=4 * 2.0 ** -23 * float(d1.abs().max()))

@@ -39,13 +39,12 @@ class _ReferenceFinder(importlib.abc.MetaPathFinder):
 
 
 def use_checkout() -> None:
-    """Put the checkout (and ``tests/`` with its area folders, for the test suite's helpers and the
-    checks ``gpu_correct`` reuses) first on ``sys.path`` and map ``rfsq_kernels.reference`` to
-    ``reference/``; prepend the wheel target named by ``SITE_ENV``. Idempotent; call before
-    anything imports ``rfsq_kernels``."""
+    """Put the checkout (and ``tests/``, the folder of the shared test helpers ``gpu_correct``
+    reuses; the test files themselves are not importable from here) first on ``sys.path`` and map
+    ``rfsq_kernels.reference`` to ``reference/``; prepend the wheel target named by ``SITE_ENV``.
+    Idempotent; call before anything imports ``rfsq_kernels``."""
     site = os.environ.get(SITE_ENV)
-    areas = sorted(str(d) for d in (ROOT / "tests").iterdir() if d.is_dir() and d.name != "__pycache__")
-    for p in ([site] if site else []) + areas + [str(ROOT / "tests"), str(ROOT)]:
+    for p in ([site] if site else []) + [str(ROOT / "tests"), str(ROOT)]:
         if p not in sys.path:
             sys.path.insert(0, p)
     if not any(isinstance(f, _ReferenceFinder) for f in sys.meta_path):

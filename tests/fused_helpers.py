@@ -125,3 +125,23 @@ class FailOnChunked:
             assert kwargs["ONE_TILE"], f"the chunked layernorm {self.direction} ran with the split path on"
             return self.kernel[grid](*args, **kwargs)
         return run
+
+
+def mask_and_counts(batch, spatial, stages):
+    """Sample 0 all padding, sample 1 one valid position, the rest random; counts 0..K."""
+    mask = torch.rand(batch, *spatial) > 0.35
+    mask[0] = False
+    mask[1] = False
+    mask[1].view(-1)[-1] = True
+    active = torch.randint(0, stages + 1, (batch,), dtype=torch.int32)
+    active[2] = stages
+    active[-1] = 0 if batch > 3 else active[-1]
+    return mask, active
+
+
+def store_like_kernel(total: torch.Tensor, dtype: torch.dtype, interpreted: bool) -> torch.Tensor:
+    """The float32 sum in the output dtype as the kernel stores it: round to nearest on a GPU;
+    the Triton interpreter truncates bfloat16 stores (SPEC, interpreter facts)."""
+    if dtype == torch.bfloat16 and interpreted:
+        return (total.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    return total.to(dtype)

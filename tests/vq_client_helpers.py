@@ -64,3 +64,25 @@ def library_rfsq_with_kernel_tanh(lib: torch.nn.Module, x: torch.Tensor, **kw):
     c = lib.soft_clamp_input_value
     y = kernel_tanh(h / c) * c
     return library_rfsq_core(lib)(y, **kw)
+
+
+def tanh_boundary_positions(x, levels, K):
+    """Positions where some stage's pre-floor value (float64) lies within 4 ulp(max(|y|, 1)) of the
+    soft-clamped input ``y``, amplified by the stage (``(L-1) / (2 s_k)``), of an integer, or its ``u_k`` that close to
+    the clamp's edge ±1: there the two tanh may flip a digit or the gradient's pass-through."""
+    lv = torch.tensor(levels, dtype=torch.float64)
+    c = 1 + 1 / (lv - 1)
+    r = torch.tanh(x.double() / c) * c
+    # the interpreter's (1 - e)/(1 + e) tanh is off by up to ~1e-7 absolute (many ulp near 0)
+    ulp = r.abs().clamp_min(1.0) * 2.0 ** -23
+    near = torch.zeros(x.shape[:-1], dtype=torch.bool)
+    for k in range(K):
+        s = lv ** -k
+        u = r / s
+        near |= ((u.abs() - 1).abs() < 4 * ulp / s).any(-1)  # the clamp's pass-through edge
+        v = u.clamp(-1, 1)
+        b = (lv - 1) * (v + 1) / 2 + 0.5
+        near |= ((b - b.round()).abs() < 4 * ulp * (lv - 1) / (2 * s)).any(-1)
+        d = torch.floor(b)
+        r = r - (2 / (lv - 1) * d - 1) * s
+    return near

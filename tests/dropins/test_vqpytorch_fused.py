@@ -13,6 +13,7 @@ from rfsq_kernels.backend import interpreter_enabled
 from rfsq_kernels.vqpytorch import GroupedResidualFSQ, ResidualFSQ
 from rfsq_kernels.vqpytorch import reference as ref
 from rfsq_kernels.vqpytorch.fused import residual_fsq_fused
+from vq_client_helpers import tanh_boundary_positions
 
 pytestmark = pytest.mark.skipif(not interpreter_enabled() and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 (tests/conftest.py sets it) or a GPU")
@@ -94,28 +95,6 @@ def test_fused_dropout_and_mask(seed):
     assert bool((q[~mask] == 0).all()) and bool((idx[~mask] == -1).all()) and bool((dx[~mask] == 0).all())
 
 
-def _boundary_positions(x, levels, K):
-    """Positions where some stage's pre-floor value (float64) lies within 4 ulp(max(|y|, 1)) of the
-    soft-clamped input ``y``, amplified by the stage (``(L-1) / (2 s_k)``), of an integer, or its ``u_k`` that close to
-    the clamp's edge ±1: there the two tanh may flip a digit or the gradient's pass-through."""
-    lv = torch.tensor(levels, dtype=torch.float64)
-    c = 1 + 1 / (lv - 1)
-    r = torch.tanh(x.double() / c) * c
-    # the interpreter's (1 - e)/(1 + e) tanh is off by up to ~1e-7 absolute (many ulp near 0)
-    ulp = r.abs().clamp_min(1.0) * 2.0 ** -23
-    near = torch.zeros(x.shape[:-1], dtype=torch.bool)
-    for k in range(K):
-        s = lv ** -k
-        u = r / s
-        near |= ((u.abs() - 1).abs() < 4 * ulp / s).any(-1)  # the clamp's pass-through edge
-        v = u.clamp(-1, 1)
-        b = (lv - 1) * (v + 1) / 2 + 0.5
-        near |= ((b - b.round()).abs() < 4 * ulp * (lv - 1) / (2 * s)).any(-1)
-        d = torch.floor(b)
-        r = r - (2 / (lv - 1) * d - 1) * s
-    return near
-
-
 @pytest.mark.parametrize("layout", ["bnc", "cf3", "cf4", "cf5"])
 def test_fused_module_against_library(layout, seed):
     vq = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pytorch is not installed")
@@ -134,7 +113,7 @@ def test_fused_module_against_library(layout, seed):
     (q1, i1, d1), (q2, i2, d2) = outs
     x_last = x.movedim(1, -1) if cf else x
     i1l, i2l = (i1.movedim(1, -1), i2.movedim(1, -1)) if cf else (i1, i2)
-    clear = ~_boundary_positions(x_last, levels, K)
+    clear = ~tanh_boundary_positions(x_last, levels, K)
     assert float(clear.float().mean()) > 0.8
     assert torch.equal(i1l[clear], i2l[clear])
     q1l, q2l = (q1.movedim(1, -1), q2.movedim(1, -1)) if cf else (q1, q2)

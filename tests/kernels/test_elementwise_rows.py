@@ -47,10 +47,11 @@ def test_rows_several_tiles_bf16_channels_last(seed, rows, monkeypatch, strategy
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_rows_mask_and_counts(seed, rows, strategy):
-    from test_fused_mask_dropout import _draw, _mask_and_counts
+    from fused_helpers import mask_and_counts
+    from test_fused_mask_dropout import _draw
     levels, stages, shape = [8, 5, 5, 5, 3], 3, (5, 5, 6, 7)
     params = random_strategy_params(strategy, stages, len(levels))
-    mask, active = _mask_and_counts(shape[0], shape[2:], stages)
+    mask, active = mask_and_counts(shape[0], shape[2:], stages)
     z = _draw(shape, levels, stages, strategy, params, mask, active)
     fused = functools.partial(rfsq_fused, mask=mask, active_stages=active)
     ref = functools.partial(rfsq_forward, mask=mask, active_stages=active)

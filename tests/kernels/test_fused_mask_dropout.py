@@ -7,25 +7,13 @@ import functools
 import pytest
 import torch
 
-from fused_helpers import compare, run_both, to_layout
+from fused_helpers import compare, mask_and_counts, run_both, to_layout
 from numpy_rfsq import draw_clear_of_boundaries
 from rfsq_kernels import RFSQ
 from rfsq_kernels.fused import rfsq_fused
 from rfsq_kernels.kernels import config
 from rfsq_kernels.reference import SENTINEL, STRATEGIES, rfsq_forward
 from rfsq_kernels.testing import random_strategy_params
-
-
-def _mask_and_counts(batch, spatial, stages):
-    """Sample 0 all padding, sample 1 one valid position, the rest random; counts 0..K."""
-    mask = torch.rand(batch, *spatial) > 0.35
-    mask[0] = False
-    mask[1] = False
-    mask[1].view(-1)[-1] = True
-    active = torch.randint(0, stages + 1, (batch,), dtype=torch.int32)
-    active[2] = stages
-    active[-1] = 0 if batch > 3 else active[-1]
-    return mask, active
 
 
 def _draw(shape, levels, stages, strategy, params, mask, active, dtype=torch.float32, channels_last=False):
@@ -49,7 +37,7 @@ def test_mask_and_counts_match_reference(seed, monkeypatch, strategy, path):
     levels, stages = [8, 5, 3, 4], 3
     shape = (5, 4, 5, 9)
     params = random_strategy_params(strategy, stages, len(levels))
-    mask, active = _mask_and_counts(shape[0], shape[2:], stages)
+    mask, active = mask_and_counts(shape[0], shape[2:], stages)
     z = _draw(shape, levels, stages, strategy, params, mask, active)
     fused, ref = run_both(*_both(mask, active), z, levels, stages, strategy, params, grad=torch.randn(shape))
     compare(fused, ref)
@@ -66,7 +54,7 @@ def test_rank3_bf16_channels_last_mask_only(seed, strategy):
     levels, stages = [7, 2, 16], 2
     shape = (3, 3, 37)
     params = random_strategy_params(strategy, stages, len(levels))
-    mask, _ = _mask_and_counts(3, (37,), stages)
+    mask, _ = mask_and_counts(3, (37,), stages)
     active = torch.full((3,), stages, dtype=torch.int32)
     z = _draw(shape, levels, stages, strategy, params, mask, active, dtype=torch.bfloat16, channels_last=True)
     compare(*run_both(*_both(mask, None), z, levels, stages, strategy, params, grad=torch.randn(shape)))

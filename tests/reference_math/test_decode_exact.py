@@ -11,20 +11,13 @@ value it added for it.
 import pytest
 import torch
 
+from fused_helpers import store_like_kernel
 from rfsq_kernels.fused import rfsq_fused
 from rfsq_kernels.reference import STRATEGIES, get_strategy, rfsq_decode_stages
 from rfsq_kernels.testing import random_strategy_params
 
 #: Odd and even counts; 13 has half width 6, whose reciprocal times the digit is not the quotient.
 LEVELS = {"odd-even": [8, 5, 3, 4], "wide-odd": [13, 7, 6]}
-
-
-def _store_like_kernel(total: torch.Tensor, dtype: torch.dtype, interpreted: bool) -> torch.Tensor:
-    """The float32 sum in the output dtype as the kernel stores it: round to nearest on a GPU;
-    the Triton interpreter truncates bfloat16 stores (SPEC, interpreter facts)."""
-    if dtype == torch.bfloat16 and interpreted:
-        return (total.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
-    return total.to(dtype)
 
 
 def _decoded(idx, mean, std, levels, strategy, params, device="cpu"):
@@ -55,7 +48,7 @@ def test_decode_of_fused_indices_equals_fused_forward_bitwise(seed, strategy, le
     with torch.no_grad():
         q, idx, mean, std = rfsq_fused(z, levels, stages, strategy, **params, mask=mask, active_stages=active)
         total = _decoded(idx, mean, std, levels, strategy, params, device)
-    expected = _store_like_kernel(total, dtype, interpreted=device == "cpu")
+    expected = store_like_kernel(total, dtype, interpreted=device == "cpu")
     assert torch.equal(q, expected), f"{int((q != expected).sum())} of {q.numel()} values differ"
     if mask is not None:
         assert not bool(q.masked_select(~mask.unsqueeze(1)).any())
