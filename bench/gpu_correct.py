@@ -79,7 +79,7 @@ def _path(spec: Spec, device) -> str:
         if get_strategy(spec.strategy).per_image_stats:
             t = config.layernorm_tiles(c, s, sparse=sparse)
             return "single" if t.one_tile else f"chunked {t.block_c}x{t.block_s}"
-        t = config.elementwise_row_tiles(c, s, sparse) if config.ELEMENTWISE_ROWS else config.elementwise_tiles(c, s, sparse)
+        t = config.elementwise_row_tiles(c, s, sparse)
         return "one tile per image" if t.one_tile else f"split {t.block_c}x{t.block_s}"
 
 

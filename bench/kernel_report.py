@@ -237,7 +237,7 @@ def switches() -> Dict[str, bool]:
     """The launcher switches a report depends on, as this process has them."""
     from rfsq_kernels.kernels import config
 
-    return {"RFSQ_LAYERNORM_SPLIT": config.LAYERNORM_SPLIT, "RFSQ_ELEMENTWISE_ROWS": config.ELEMENTWISE_ROWS}
+    return {"RFSQ_LAYERNORM_SPLIT": config.LAYERNORM_SPLIT}
 
 
 def markdown(rows: List[dict], cases: List[Case], nbytes: Dict[str, Dict[str, int]], arch: int,

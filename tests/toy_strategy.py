@@ -20,7 +20,6 @@ import triton.language as tl
 
 from rfsq_kernels.kernels.elementwise import ElementwiseStage
 from rfsq_kernels.kernels.fsq_math import fsq_code
-from rfsq_kernels.kernels.tile_io import masked_row_sum
 from rfsq_kernels.reference import ParamRole, ParamSpec, Strategy, StrategyDefinition
 from rfsq_kernels.reference.fsq import fsq_quantize
 from rfsq_kernels.reference.strategies import ELEMENTWISE
@@ -63,40 +62,20 @@ def offset_stage(r, k, param_ptrs, chan, fsq, USE_LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def offset_grads_init(K_POW2: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``dL/do`` of every stage, ``[K_POW2]`` registers."""
-    return tl.zeros([K_POW2], dtype=tl.float32)
-
-
-@triton.jit
-def offset_vjp(v, r, q, dcode, o, k, parts, stage_ids, mask):
-    """Kernel backward of stage k: ``dq/dr = dcode/du``; ``dL/do_k = sum v (dcode/du - 1)``."""
-    part = tl.sum(masked_row_sum(v * (dcode - 1.0), mask), axis=0)
-    return dcode, tl.where(stage_ids == k, part, parts)
-
-
-@triton.jit
-def offset_grads_store(parts, dparam_part_ptrs, pid, K, stage_ids, chan):
-    """Row ``pid`` of the ``(programs, K)`` partials of ``dL/do``."""
-    (doffset_part_ptr,) = dparam_part_ptrs
-    tl.store(doffset_part_ptr + pid * K + stage_ids, parts, mask=stage_ids < K)
-
-
-@triton.jit
-def offset_row_grads_init(BLOCK_S: tl.constexpr):
-    """Channel-row kernels: one stage's ``[BLOCK_S]`` sum of ``dL/do`` terms starts as 0."""
+def offset_grads_init(BLOCK_S: tl.constexpr):
+    """One stage's ``[BLOCK_S]`` sum of ``dL/do`` terms starts as 0."""
     return tl.zeros([BLOCK_S], dtype=tl.float32)
 
 
 @triton.jit
-def offset_row_vjp(v, r, q, dcode, o, k):
-    """Channel-row kernels: ``dq/dr = dcode/du``; the term of ``dL/do_k = sum v (dcode/du - 1)``."""
+def offset_vjp(v, r, q, dcode, o, k):
+    """Kernel backward of stage k: ``dq/dr = dcode/du``; the term of ``dL/do_k = sum v (dcode/du - 1)``."""
     return dcode, v * (dcode - 1.0)
 
 
 @triton.jit
-def offset_row_grads_store(parts, stage_params, dparam_part_ptrs, pid, K: tl.constexpr, valid):
-    """Channel-row kernels: row ``pid`` of the ``(programs, K)`` partials of ``dL/do``."""
+def offset_grads_store(parts, stage_params, dparam_part_ptrs, pid, K: tl.constexpr, valid):
+    """Row ``pid`` of the ``(programs, K)`` partials of ``dL/do``."""
     (doffset_part_ptr,) = dparam_part_ptrs
     for k in tl.static_range(K):
         tl.store(doffset_part_ptr + pid * K + k, tl.sum(tl.where(valid, parts[k], 0.0), axis=0))
@@ -109,6 +88,5 @@ STRATEGY = StrategyDefinition(
     decode_math=decode_math,
     roles={OFFSET: ParamRole(initial=lambda _initial_scale: 0.0,
                              draw=lambda base, gen: base + 0.3 * torch.randn(base.shape, generator=gen))},
-    kernel_stage=ElementwiseStage(offset_stage, offset_grads_init, offset_vjp, offset_grads_store,
-                                  offset_row_grads_init, offset_row_vjp, offset_row_grads_store),
+    kernel_stage=ElementwiseStage(offset_stage, offset_grads_init, offset_vjp, offset_grads_store),
 )

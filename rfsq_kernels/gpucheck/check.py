@@ -215,18 +215,13 @@ def required_kernels(families: Optional[Sequence[str]] = None, arch: Optional[in
                      ) -> List[Tuple[str, Tuple[str, ...]]]:
     """``(kernel, paths)`` that a complete sweep for ``arch`` must launch, of the kernel
     ``families`` given (default: all): the kernels the launchers choose under the current
-    switches (the channel-row or the tile none/scale kernels as ``config.ELEMENTWISE_ROWS`` says)
-    and the split layernorm forward, which the sweep compiles whatever the runtime switch says."""
-    from ..kernels import config
+    switches and the split layernorm forward, which the sweep compiles whatever the runtime switch says."""
     from .sweep import VQ_RFSQ
-    if config.ELEMENTWISE_ROWS:
-        # A row tile holds at most 512 positions, and the structural grid (every target outside
-        # FULL_GRID_ARCHS) has no smaller image than 32x32: there every launch is several
-        # programs per image. One program per image is a grid, not another binary.
-        paths = ("single", "split") if arch is None or arch in FULL_GRID_ARCHS else ("split",)
-        elementwise = (("_fwd_elementwise_rows_kernel", paths), ("_bwd_elementwise_rows_kernel", paths))
-    else:
-        elementwise = (("_fwd_elementwise_kernel", ("single", "split")), ("_bwd_elementwise_kernel", ("single", "split")))
+    # A row tile holds at most 512 positions, and the structural grid (every target outside
+    # FULL_GRID_ARCHS) has no smaller image than 32x32: there every launch is several programs per
+    # image. One program per image is a grid, not another binary.
+    paths = ("single", "split") if arch is None or arch in FULL_GRID_ARCHS else ("split",)
+    elementwise = (("_fwd_elementwise_rows_kernel", paths), ("_bwd_elementwise_rows_kernel", paths))
     by_family = {
         "layernorm": (("_fwd_layernorm_split_kernel", ("split",)), ("_fwd_layernorm_kernel", ("single", "chunked")),
                       ("_bwd_layernorm_kernel", ("single", "chunked"))),

@@ -1,8 +1,10 @@
 """Host-side launch policy: tile sizes and paths, the switches, the per-level constant tables.
 
-Every program works on one 2-D register tile ``[BLOCK_C, BLOCK_S]``: all channels of an image
-(``BLOCK_C = next_pow2(C)``) by a run of flattened spatial positions. :func:`layernorm_tiles` and
-:func:`elementwise_tiles` / :func:`elementwise_row_tiles` decide the tile, ``num_warps`` and the path; the launchers use nothing
+Every program works on all channels of an image by a run of flattened spatial positions: a 2-D
+register tile ``[BLOCK_C, BLOCK_S]`` (``BLOCK_C = next_pow2(C)``; layernorm and the
+vector-quantize-pytorch kernels) or ``C`` channel rows of ``BLOCK_S`` positions, every channel of a
+position in one thread (the elementwise family). :func:`layernorm_tiles`, :func:`elementwise_tiles`
+and :func:`elementwise_row_tiles` decide the tile, ``num_warps`` and the path; the launchers use nothing
 else, and the offline compile check (:mod:`rfsq_kernels.gpucheck`) reaches every decision through
 the launchers. Why these sizes (each found by that check, which fails on any register spill):
 ``docs/kernel-design.md``, "Why these tile sizes".
@@ -24,7 +26,7 @@ from ..reference.codebook import fsq_constants, index_basis, index_dtype
 
 #: Largest padded image (``BLOCK_C * next_pow2(S)``) that the layernorm kernels keep in one tile.
 MAX_BLOCK_ELEMS = 8192
-#: Tile of the chunked layernorm passes and of the none/scale kernels (capped by MAX_BLOCK_ELEMS).
+#: Tile of the chunked layernorm passes and of the vector-quantize-pytorch kernels (capped by MAX_BLOCK_ELEMS).
 CHUNK_ELEMS = 2048
 #: Elements per thread of a full chunk (8 warps at 2048) and of the one-tile layernorm path.
 CHUNK_ELEMS_PER_THREAD = 8
@@ -147,17 +149,12 @@ def layernorm_split_plan(batch: int, spatial: int, tiles: Tiles) -> SplitPlan:
 
 
 def elementwise_tiles(channels: int, spatial: int, sparse: bool = False) -> Tiles:
-    """Tile of the none/scale kernels for ``channels`` x ``spatial``: at most ``CHUNK_ELEMS``
-    elements (half of it, at 4 per thread, when ``sparse``)."""
+    """``[next_pow2(C), BLOCK_S]`` tile of the vector-quantize-pytorch kernels (``kernels/vq``) for
+    ``channels`` x ``spatial``: at most ``CHUNK_ELEMS`` elements (half of it, at 4 per thread, when
+    ``sparse``)."""
     return _chunk_tiles(next_pow2(channels), spatial, sparse)
 
 
-#: The none/scale launchers use the channel-row kernels (every channel of a position in one thread,
-#: ``elementwise._fwd_elementwise_rows_kernel``) instead of the ``[next_pow2(C), BLOCK_S]`` tile
-#: kernels: on by default (fewer instructions per element at every measured shape, and the full
-#: offline compile check passes; bench/NOTES.md). ``RFSQ_ELEMENTWISE_ROWS=0`` or setting this
-#: attribute to False selects the tile kernels (same values, bit for bit).
-ELEMENTWISE_ROWS = os.environ.get("RFSQ_ELEMENTWISE_ROWS", "1") != "0"
 #: Positions per thread of the channel-row elementwise kernels (:func:`elementwise_row_tiles`), at
 #: most, and the elements (channels x positions) a thread holds at most, by direction: the
 #: forward carries two rows per channel through its stage loop (residual and sum), the backward

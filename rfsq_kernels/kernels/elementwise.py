@@ -1,9 +1,11 @@
 """Kernels of the elementwise strategies (``none``, ``scale``, and any strategy of the
 ``elementwise`` family): forward, backward, launchers and output allocation. Positions are
-independent, so one program owns one (image, spatial tile). The kernels are generic over the
-strategy: its stage arrives as constexpr jit functions (an :class:`ElementwiseStage`, which the
-strategy's module declares as its kernel stage) and its parameter group as a tuple of pointers. The launchers are called through :mod:`.launch`, which answers problems without
-positions itself. Design: ``docs/kernel-design.md``."""
+independent, so one program owns one (image, spatial tile), and every channel of a position lives
+in one thread (channel rows, below). The kernels are generic over the strategy: its stage arrives
+as constexpr jit functions (an :class:`ElementwiseStage`, which the strategy's module declares as
+its kernel stage) and its parameter group as a tuple of pointers. The launchers are called through
+:mod:`.launch`, which answers problems without positions itself. Design: ``docs/kernel-design.md``,
+"Channels inside a thread"."""
 from __future__ import annotations
 
 import math
@@ -16,23 +18,32 @@ import triton.language as tl
 from . import config, layouts
 from .fpmath import recip_rn
 from .launch_settings import launch
-from .fsq_math import (channel_digit, fsq_code, fsq_dcode, load_channel_digits, load_channel_levels, load_digit_range,
-                       load_levels)
-from .tile_io import (keep_only, load_active_stages, load_row, load_tile, masked_row_sum, row_prologue, stage_keep,
-                      store_index, store_row, store_row_index, store_tile, tile_prologue)
+from .fsq_math import channel_digit, fsq_code, fsq_dcode, load_channel_digits, load_channel_levels
+from .tile_io import keep_only, load_active_stages, load_row, row_prologue, stage_keep, store_row, store_row_index
 
 
-# -- the stages of the built-in elementwise strategies -------------------------------------------
-# A stage is four jit functions (ElementwiseStage, passed to the kernels as constexprs):
-#   forward(r, k, param_ptrs, chan, fsq, USE_LIBDEVICE) -> (q, t, rounded, saved)
-#   grads_init(K_POW2, BLOCK_C) -> grads: register accumulators of the parameter gradients
-#   vjp(v, r, q, dcode, saved, k, grads, stage_ids, mask) -> (dq/dr, grads)
-#   grads_store(grads, dparam_part_ptrs, pid, K, stage_ids, chan): this program's partials
+# -- the stage contract -------------------------------------------------------------------------
+# A program is ``C`` channel rows (one 1-D ``[BLOCK_S]`` vector per channel, unrolled over the
+# exact ``C``) by ``BLOCK_S`` positions, warps along the positions (docs/kernel-design.md,
+# "Channels inside a thread"): the index packing is thread-local and no lane runs for a padded
+# channel. A strategy's stage is an :class:`ElementwiseStage` of jit functions, passed to the
+# kernels as constexprs:
+#   forward(r, k, param_ptrs, chan, fsq, USE_LIBDEVICE) -> (q, t, rounded, saved): stage k on one
+#       row (``chan = (c, C)``, ``fsq`` that channel's scalars); the forward kernel calls it
+#   params(param_ptrs, K) -> stage_params: a K-tuple of what each stage needs from the
+#       parameters, computed once per program before the backward's row loop (default: the pointers)
+#   params_forward(r, k, stage_params[k], chan, fsq, USE_LIBDEVICE) -> like ``forward``, the
+#       backward's replay (default: ``forward`` itself, which then receives the pointers)
+#   grads_init(BLOCK_S) -> the accumulator of one stage's per-position parameter-gradient terms
+#       (carried through the backward's runtime channel loop: a [BLOCK_S] tensor, or a constant
+#       that never changes)
+#   vjp(v, r, q, dcode, saved, k) -> (dq/dr, term): the row's per-position term of the stage's
+#       parameter gradients, added over the channels in the thread
+#   grads_store(parts, stage_params, dparam_part_ptrs, pid, K, valid): this program's partials
+#       from ``parts``, the tuple of every stage's summed terms (reduced over positions once)
 # ``saved`` is what the forward computed that the vjp needs again (e.g. 1 / a); ``dcode`` is FSQ's
-# straight-through derivative d code / du at the stage's input (``fsq_dcode``). The gradients of
-# every stage are kept in registers and stored once after the stage loop: a store between the
-# unrolled stages would keep the compiler from sharing their replays (it may alias the parameter
-# loads). ``stage_ids = arange(K_POW2)``, ``K_POW2 = next_pow2(K)``.
+# straight-through derivative d code / du at the stage's input (``fsq_dcode``). Parameters are per
+# stage (the terms of all channels and positions add up).
 
 
 @triton.jit
@@ -40,24 +51,6 @@ def none_stage(r, k, param_ptrs, chan, fsq, USE_LIBDEVICE: tl.constexpr):
     """``none``: ``q = FSQ(r)`` (no parameters)."""
     code, t, rounded = fsq_code(r, fsq, USE_LIBDEVICE)
     return code, t, rounded, 1.0
-
-
-@triton.jit
-def no_grads_init(K_POW2: tl.constexpr, BLOCK_C: tl.constexpr):
-    """No parameters, no accumulators."""
-    return 0.0
-
-
-@triton.jit
-def none_vjp(v, r, q, dcode, saved, k, grads, stage_ids, mask):
-    """``dq/dr = dcode/du``; no parameter gradients."""
-    return dcode, grads
-
-
-@triton.jit
-def no_grads_store(grads, dparam_part_ptrs, pid, K, stage_ids, chan):
-    """Nothing to store."""
-    pass
 
 
 @triton.jit
@@ -79,31 +72,8 @@ def scale_math(r, scale, fsq, USE_LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def scale_grads_init(K_POW2: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``dL/da_k`` of every stage: ``[K_POW2]``."""
-    return tl.zeros([K_POW2], dtype=tl.float32)
-
-
-@triton.jit
-def scale_vjp(v, r, q, dcode, inv_a, k, parts, stage_ids, mask):
-    """``dq/dr = dcode/du`` (the scale cancels); ``dL/da_k = sum v (dcode/du * r - q) * (1 / a)``."""
-    part = tl.sum(masked_row_sum(v * (dcode * r - q), mask), axis=0) * inv_a
-    return dcode, tl.where(stage_ids == k, part, parts)
-
-
-@triton.jit
-def scale_grads_store(parts, dparam_part_ptrs, pid, K, stage_ids, chan):
-    """Row ``pid`` of the ``(programs, K)`` partials of ``dL/da``."""
-    (dscale_part_ptr,) = dparam_part_ptrs
-    tl.store(dscale_part_ptr + pid * K + stage_ids, parts, mask=stage_ids < K)
-
-
-# The channel-row kernels' parameter gradients (the row_* contract, with those kernels below).
-
-
-@triton.jit
 def per_stage_pointers(param_ptrs, K: tl.constexpr):
-    """Default ``row_params``: every stage gets the parameter pointers (its ``forward`` loads)."""
+    """Default ``params``: every stage gets the parameter pointers (its ``forward`` loads)."""
     out = ()
     for k in tl.static_range(K):
         out = out + (param_ptrs,)
@@ -171,170 +141,21 @@ def scale_row_grads_store(parts, stage_params, dparam_part_ptrs, pid, K: tl.cons
 
 
 class ElementwiseStage(NamedTuple):
-    """One strategy's kernel stage in the elementwise family (signatures above; the ``row_*``
-    functions are the channel-row kernels', below)."""
+    """One strategy's kernel stage in the elementwise family (the contract above)."""
 
     forward: object      # triton.JITFunction, each of them
     grads_init: object
     vjp: object
     grads_store: object
-    row_grads_init: object = None
-    row_vjp: object = None
-    row_grads_store: object = None
-    row_params: object = per_stage_pointers  # (param_ptrs, K) -> per-stage values, once per program
-    row_forward: object = None                # forward on one row_params entry; None: ``forward``
+    params: object = per_stage_pointers  # (param_ptrs, K) -> per-stage values, once per program
+    params_forward: object = None        # forward on one ``params`` entry; None: ``forward``
 
 
 # The built-in strategies' kernel stages; their modules (reference/strategies/none.py, scale.py)
 # name them by import path, so the reference never imports the kernels.
-NONE_STAGE = ElementwiseStage(none_stage, no_grads_init, none_vjp, no_grads_store,
-                              no_row_grads_init, none_row_vjp, no_row_grads_store)
-SCALE_STAGE = ElementwiseStage(scale_stage, scale_grads_init, scale_vjp, scale_grads_store,
-                               scale_row_grads_init, scale_row_vjp, scale_row_grads_store,
+NONE_STAGE = ElementwiseStage(none_stage, no_row_grads_init, none_row_vjp, no_row_grads_store)
+SCALE_STAGE = ElementwiseStage(scale_stage, scale_row_grads_init, scale_row_vjp, scale_row_grads_store,
                                scale_row_params, scale_row_stage)
-
-
-@triton.jit
-def elem_replay(x, param_ptrs, chan, fsq, valid, active_stages, NSTAGES: tl.constexpr, STAGE: tl.constexpr,
-                HAS_MASK: tl.constexpr, HAS_ACTIVE_STAGES: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """Residual ``r_NSTAGES`` recomputed from the input tile ``x`` (unrolled; positions and
-    stages the forward skipped subtract nothing)."""
-    r = x
-    for j in tl.static_range(NSTAGES):
-        q, _t, _rounded, _saved = STAGE(r, j, param_ptrs, chan, fsq, USE_LIBDEVICE)
-        r = r - keep_only(q, valid, active_stages, j, HAS_MASK, HAS_ACTIVE_STAGES)
-    return r
-
-
-@triton.heuristics(layouts.FLAGS_FROM_POINTERS)
-@triton.jit(do_not_specialize=["C", "tiles_per_image", "K"])
-def _fwd_elementwise_kernel(
-    x_ptr,              # input z: (B, C, S) through stride_x*, any float dtype
-    q_ptr,              # out: quantized, (B, C, S) through stride_q*, z's dtype
-    idx_ptr,            # out: packed indices, (B, S, K) contiguous, int32 or int64
-    param_ptrs,         # tuple: the strategy's parameter group (table order, kernel form)
-    consts_ptr,         # (6, C) float32 level constants (config.level_tables)
-    basis_ptr,          # (C,) mixed-radix place values in the index dtype (int32 or int64)
-    valid_ptr,          # (B, S) uint8 padding mask (1 = valid), or None
-    active_stages_ptr,  # (B,) int32 stages each image runs, or None
-    C,                  # channels
-    S,                  # flattened spatial positions per image
-    tiles_per_image,    # programs per image: cdiv(S, BLOCK_S)
-    stride_xb, stride_xc, stride_xs,  # z's strides: image, channel, flattened spatial
-    stride_qb, stride_qc, stride_qs,  # quantized's strides
-    K,                  # stages (runtime: one binary serves every K)
-    STAGE: tl.constexpr,              # the strategy's stage forward (ElementwiseStage.forward)
-    BLOCK_C: tl.constexpr,            # next_pow2(C): every channel in one program
-    BLOCK_S: tl.constexpr,            # spatial positions per program
-    HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
-    HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
-    USE_INT64: tl.constexpr,          # some offset may reach 2**31: index in 64 bits
-    USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice tanh/rint; interpreter: fallbacks
-):
-    """Elementwise forward: one program per (image, spatial tile), all K stages in registers (a
-    runtime stage loop: the residual is carried, nothing is replayed)."""
-    img, (x_view, q_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
-        ((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
-        valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S, HAS_MASK, USE_INT64)
-    chan = (offs_c, mask_c, C)
-    active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
-    fsq = load_levels(consts_ptr, offs_c, mask_c, C)
-    digits = load_digit_range(consts_ptr, basis_ptr, offs_c, mask_c, C)
-    r = load_tile(x_view, offs_c, offs_s, mask_c[:, None] & valid[None, :])
-    acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_index
-    for k in range(K):
-        q, _t, rounded, _saved = STAGE(r, k, param_ptrs, chan, fsq, USE_LIBDEVICE)
-        store_index(index_rows, k, rounded, fsq, digits, valid, active_stages, HAS_MASK, HAS_ACTIVE_STAGES)
-        q = keep_only(q, valid[None, :], active_stages, k, HAS_MASK, HAS_ACTIVE_STAGES)
-        acc = acc + q
-        r = r - q
-    store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
-
-
-@triton.heuristics(layouts.FLAGS_FROM_POINTERS)
-@triton.jit(do_not_specialize=["C", "tiles_per_image"])
-def _bwd_elementwise_kernel(
-    x_ptr,              # input z: (B, C, S) through stride_x*
-    g_ptr,              # dL/dquantized: (B, C, S) through stride_g* (may be stride 0)
-    dx_ptr,             # out: dL/dz, (B, C, S) through stride_dx*, z's dtype
-    param_ptrs,         # tuple: the strategy's parameter group (table order, kernel form)
-    dparam_part_ptrs,   # tuple: out, per parameter a float32 (programs * K, ...) partial-sum buffer
-    consts_ptr,         # (6, C) float32 level constants
-    valid_ptr,          # (B, S) uint8 padding mask, or None
-    active_stages_ptr,  # (B,) int32 stages each image runs, or None
-    C,                  # channels
-    S,                  # flattened spatial positions per image
-    tiles_per_image,    # programs per image
-    stride_xb, stride_xc, stride_xs,     # z's strides: image, channel, flattened spatial
-    stride_gb, stride_gc, stride_gs,     # dL/dquantized's strides
-    stride_dxb, stride_dxc, stride_dxs,  # dL/dz's strides
-    K: tl.constexpr,                  # stages (unrolled: the replay is shared between them)
-    STAGE: tl.constexpr,              # the strategy's stage forward (ElementwiseStage.forward, replayed)
-    STAGE_GRADS_INIT: tl.constexpr,   # its parameter-gradient accumulators (.grads_init)
-    STAGE_VJP: tl.constexpr,          # its vector-Jacobian product (.vjp)
-    STAGE_GRADS_STORE: tl.constexpr,  # stores this program's parameter-gradient partials (.grads_store)
-    BLOCK_C: tl.constexpr,            # next_pow2(C)
-    BLOCK_S: tl.constexpr,            # spatial positions per program
-    HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
-    HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
-    USE_INT64: tl.constexpr,          # 64-bit offsets
-    USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice; interpreter: fallbacks
-):
-    """Elementwise backward: J_k is diagonal, so every position is independent.
-
-    Per stage, in reverse: ``v_k = g - G_{k+1}`` on the positions the stage ran, ``STAGE_VJP``
-    adds the stage's parameter gradients to the accumulators and returns ``dq_k/dr_k``,
-    ``G_k = G_{k+1} + v_k dq/dr``; after the loop ``dL/dz = G_0`` and the parameter-gradient
-    partials are stored. The residual is replayed from the input for every stage; the stages are
-    unrolled, so the compiler shares the O(K^2) replay.
-    """
-    pid = tl.program_id(0)  # also the row of this program's parameter-gradient partials
-    img, (x_view, g_view, dx_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
-        ((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
-         (dx_ptr, stride_dxb, stride_dxc, stride_dxs)),
-        valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S, HAS_MASK, USE_INT64)
-    chan = (offs_c, mask_c, C)
-    inside = mask_c[:, None] & mask_s[None, :]
-    active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
-    mask = mask_c[:, None] & valid[None, :]
-    fsq = load_levels(consts_ptr, offs_c, mask_c, C)
-    x = load_tile(x_view, offs_c, offs_s, mask)
-    g = load_tile(g_view, offs_c, offs_s, mask)
-    G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    K_POW2: tl.constexpr = 1 << (K - 1).bit_length()
-    stage_ids = tl.arange(0, K_POW2)
-    grads = STAGE_GRADS_INIT(K_POW2, BLOCK_C)
-    for k in tl.static_range(K - 1, -1, -1):
-        r = elem_replay(x, param_ptrs, chan, fsq, mask, active_stages, k, STAGE, HAS_MASK, HAS_ACTIVE_STAGES,
-                        USE_LIBDEVICE)
-        q, t, _rounded, saved = STAGE(r, k, param_ptrs, chan, fsq, USE_LIBDEVICE)
-        dcode = fsq_dcode(t, fsq)
-        v = tl.where(stage_keep(mask, active_stages, k, HAS_ACTIVE_STAGES), g - G, 0.0)
-        dq_dr, grads = STAGE_VJP(v, r, q, dcode, saved, k, grads, stage_ids, mask)
-        G = G + v * dq_dr
-    store_tile(dx_view, G, offs_c, offs_s, inside)
-    STAGE_GRADS_STORE(grads, dparam_part_ptrs, pid, K, stage_ids, chan)
-
-
-# -- channel rows: every channel of a position in one thread (config.ELEMENTWISE_ROWS) ----------
-# The row kernels' program is ``C`` rows (one 1-D ``[BLOCK_S]`` vector per channel, unrolled over
-# the exact ``C``) by ``BLOCK_S`` positions, warps along the positions (docs/kernel-design.md,
-# "Channels inside a thread"): the index packing is thread-local and no lane runs for a padded
-# channel. The forward calls the stage's ``forward`` on one row (``chan = (c, C)``, ``fsq`` that
-# channel's scalars); the backward, whose stages are unrolled, uses the row functions:
-#   row_params(param_ptrs, K) -> stage_params: a K-tuple of what each stage needs from the
-#       parameters, computed once per program before the row loop (default: the pointers)
-#   row_forward(r, k, stage_params[k], chan, fsq, USE_LIBDEVICE) -> like ``forward`` (default:
-#       ``forward`` itself, which then receives the pointers)
-#   row_grads_init(BLOCK_S) -> the accumulator of one stage's per-position parameter-gradient
-#       terms (carried through the backward's runtime channel loop: a [BLOCK_S] tensor, or a
-#       constant that never changes)
-#   row_vjp(v, r, q, dcode, saved, k) -> (dq/dr, term): the row's per-position term of the
-#       stage's parameter gradients, added over the channels in the thread
-#   row_grads_store(parts, stage_params, dparam_part_ptrs, pid, K, valid): this program's partials
-#       from ``parts``, the tuple of every stage's summed terms (reduced over positions once)
-# Parameters are per stage (the terms of all channels and positions add up).
 
 
 @triton.jit
@@ -438,11 +259,11 @@ def _bwd_elementwise_rows_kernel(
     stride_gb, stride_gc, stride_gs,     # dL/dquantized's strides
     stride_dxb, stride_dxc, stride_dxs,  # dL/dz's strides
     K: tl.constexpr,                  # stages (unrolled: the replay is shared between them)
-    STAGE: tl.constexpr,              # the strategy's row stage forward (.row_forward, replayed)
-    STAGE_PARAMS: tl.constexpr,       # its per-stage values from the parameters (.row_params)
-    STAGE_GRADS_INIT: tl.constexpr,   # its parameter-gradient term accumulator (.row_grads_init)
-    STAGE_VJP: tl.constexpr,          # its vector-Jacobian product (.row_vjp)
-    STAGE_GRADS_STORE: tl.constexpr,  # stores this program's parameter-gradient partials (.row_grads_store)
+    STAGE: tl.constexpr,              # the strategy's stage forward (.params_forward or .forward, replayed)
+    STAGE_PARAMS: tl.constexpr,       # its per-stage values from the parameters (.params)
+    STAGE_GRADS_INIT: tl.constexpr,   # its parameter-gradient term accumulator (.grads_init)
+    STAGE_VJP: tl.constexpr,          # its vector-Jacobian product (.vjp)
+    STAGE_GRADS_STORE: tl.constexpr,  # stores this program's parameter-gradient partials (.grads_store)
     BLOCK_C: tl.constexpr,            # the exact channel count C
     BLOCK_S: tl.constexpr,            # spatial positions per program
     HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
@@ -509,16 +330,10 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[t
     consts, basis = config.level_tables(levels, z.device, fsq_shift)
     valid, active_stages = layouts.mask_and_active_stages(mask, active_stages, B, S)
     sparse = valid is not None or active_stages is not None
-    if config.ELEMENTWISE_ROWS:
-        tiles = config.elementwise_row_tiles(C, S, sparse)
-        kernel, channels = _fwd_elementwise_rows_kernel, ()
-    else:
-        tiles = config.elementwise_tiles(C, S, sparse)
-        kernel, channels = _fwd_elementwise_kernel, (C,)
+    tiles = config.elementwise_row_tiles(C, S, sparse)
     tiles_per_image = triton.cdiv(S, tiles.block_s)
-    launch(kernel, (B * tiles_per_image,),
-           (x, quantized, indices, params, consts, basis, valid, active_stages,
-            *channels, S, tiles_per_image, *x_strides, *layouts.flat_strides(quantized), stages),
+    launch(_fwd_elementwise_rows_kernel, (B * tiles_per_image,),
+           (x, quantized, indices, params, consts, basis, valid, active_stages, S, tiles_per_image, *x_strides, *layouts.flat_strides(quantized), stages),
            tiles=tiles, tensors=(x, quantized, indices), STAGE=stage.forward)
     return quantized, indices, mean, std
 
@@ -535,24 +350,15 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     consts, _basis = config.level_tables(levels, z.device, fsq_shift)
     valid, active_stages = layouts.mask_and_active_stages(mask, active_stages, B, S)
     sparse = valid is not None or active_stages is not None
-    rows = config.ELEMENTWISE_ROWS
-    tiles = config.elementwise_row_tiles(C, S, sparse, 'backward') if rows else config.elementwise_tiles(C, S, sparse)
+    tiles = config.elementwise_row_tiles(C, S, sparse, "backward")
     tiles_per_image = triton.cdiv(S, tiles.block_s)
     programs = B * tiles_per_image
     # Every parameter gradient as one partial sum per (program, stage[, channel]), reduced below in
     # a fixed order (no atomics: bitwise-reproducible).
     parts = tuple(torch.empty((programs, *p.shape), dtype=torch.float32, device=z.device) for p in params)
-    if rows:
-        kernel, channels = _bwd_elementwise_rows_kernel, ()
-        grads = dict(STAGE=stage.row_forward or stage.forward, STAGE_PARAMS=stage.row_params,
-                     STAGE_GRADS_INIT=stage.row_grads_init, STAGE_VJP=stage.row_vjp,
-                     STAGE_GRADS_STORE=stage.row_grads_store)
-    else:
-        kernel, channels = _bwd_elementwise_kernel, (C,)
-        grads = dict(STAGE=stage.forward, STAGE_GRADS_INIT=stage.grads_init, STAGE_VJP=stage.vjp,
-                     STAGE_GRADS_STORE=stage.grads_store)
-    launch(kernel, (programs,),
-           (x, g, grad_z, params, parts, consts, valid, active_stages,
-            *channels, S, tiles_per_image, *x_strides, *g_strides, *layouts.flat_strides(grad_z)),
-           tiles=tiles, tensors=(x, g, grad_z), K=stages, **grads)
+    launch(_bwd_elementwise_rows_kernel, (programs,),
+           (x, g, grad_z, params, parts, consts, valid, active_stages, S, tiles_per_image, *x_strides, *g_strides, *layouts.flat_strides(grad_z)),
+           tiles=tiles, tensors=(x, g, grad_z), K=stages, STAGE=stage.params_forward or stage.forward,
+           STAGE_PARAMS=stage.params, STAGE_GRADS_INIT=stage.grads_init, STAGE_VJP=stage.vjp,
+           STAGE_GRADS_STORE=stage.grads_store)
     return grad_z, tuple(part.sum(0).to(p.dtype) for part, p in zip(parts, params))

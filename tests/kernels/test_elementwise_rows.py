@@ -1,7 +1,6 @@
-"""The channel-row none/scale kernels (``config.ELEMENTWISE_ROWS``, the default): against the
-reference (values, indices, every gradient) and bitwise against the tile kernels (quantized,
-indices, dL/dz); several tiles per image, masks and per-sample stage counts, C from 1 to 16,
-int64 indices, bf16 channels-last (CPU: Triton interpreter, few and large programs)."""
+"""The channel-row none/scale kernels against the reference (values, indices, every gradient):
+several tiles per image, masks and per-sample stage counts, C from 1 to 16, int64 indices, bf16
+channels-last (CPU: Triton interpreter, few and large programs)."""
 import functools
 
 import pytest
@@ -10,25 +9,15 @@ import torch
 from fused_helpers import compare, draw_input, run_both
 from rfsq_kernels.fused import rfsq_fused
 from rfsq_kernels.kernels import config
-from rfsq_kernels.kernels.launch import rfsq_backward_launch, rfsq_forward_launch
 from rfsq_kernels.reference import rfsq_forward
 from rfsq_kernels.testing import random_strategy_params
 
 STRATEGIES = ("none", "scale")
 
 
-@pytest.fixture
-def rows(monkeypatch):
-    monkeypatch.setattr(config, "ELEMENTWISE_ROWS", True)
-
-
-def _kernel_params(strategy, params):
-    return (torch.nn.functional.softplus(params["scale_param"]).float(),) if strategy == "scale" else ()
-
-
 @pytest.mark.parametrize("levels", [[5], [8, 8, 8, 4, 7, 6], [3] * 16, [16] * 8], ids=["C1", "C6", "C16", "int64-index"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_rows_match_reference(seed, rows, strategy, levels):
+def test_rows_match_reference(seed, strategy, levels):
     stages = 3
     params = random_strategy_params(strategy, stages, len(levels))
     z = draw_input((2, len(levels), 5, 7), levels, stages, strategy, params)
@@ -36,7 +25,7 @@ def test_rows_match_reference(seed, rows, strategy, levels):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_rows_several_tiles_bf16_channels_last(seed, rows, monkeypatch, strategy):
+def test_rows_several_tiles_bf16_channels_last(seed, monkeypatch, strategy):
     monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)  # 8-position tiles at C=5: 6 tiles per image
     levels, stages = [8, 5, 5, 5, 3], 4
     assert config.elementwise_row_tiles(5, 45).block_s == 8
@@ -46,7 +35,7 @@ def test_rows_several_tiles_bf16_channels_last(seed, rows, monkeypatch, strategy
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_rows_mask_and_counts(seed, rows, strategy):
+def test_rows_mask_and_counts(seed, strategy):
     from fused_helpers import mask_and_counts
     from test_fused_mask_dropout import _draw
     levels, stages, shape = [8, 5, 5, 5, 3], 3, (5, 5, 6, 7)
@@ -58,30 +47,10 @@ def test_rows_mask_and_counts(seed, rows, strategy):
     compare(*run_both(fused, ref, z, levels, stages, strategy, params, grad=torch.randn(z.shape)))
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_rows_equal_tiles_bitwise(seed, monkeypatch, strategy):
-    """Same IEEE operations in the same order: quantized, indices and dL/dz are bit-identical to
-    the tile kernels' (the scale gradient's sum runs in another order: close, not bitwise)."""
-    levels, stages = [7, 5, 5, 4, 3, 3], 4
-    z = torch.randn(3, len(levels), 9, 11) * 2.0
-    g = torch.randn(z.shape)
-    a = _kernel_params(strategy, random_strategy_params(strategy, stages, len(levels)))
-    out = {}
-    for flag in (False, True):
-        monkeypatch.setattr(config, "ELEMENTWISE_ROWS", flag)
-        out[flag] = (rfsq_forward_launch(z, levels, stages, strategy, a)[:2],
-                     rfsq_backward_launch(g, z, levels, stages, strategy, a))
-    (q0, i0), (dz0, dp0) = out[False]
-    (q1, i1), (dz1, dp1) = out[True]
-    assert torch.equal(q0, q1) and torch.equal(i0, i1) and torch.equal(dz0, dz1)
-    for p0, p1 in zip(dp0, dp1):
-        torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("fsq_shift", ["atanh", "tan"])
 def test_inverse_width_row_is_recip_rn(fsq_shift):
     """The table's last row, read by the row kernels as ``1 / half_w``, is the correctly rounded
-    reciprocal of the ``half_w`` row (what the tile kernels' ``recip_rn`` computes), and the first
+    reciprocal of the ``half_w`` row (what ``recip_rn`` computes), and the first
     five rows are unchanged by it."""
     levels = [3, 4, 5, 7, 8, 16, 1000, 2**12 + 1]
     consts, _basis = config.level_tables(levels, torch.device("cpu"), fsq_shift)

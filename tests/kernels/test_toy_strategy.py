@@ -20,7 +20,6 @@ from fused_helpers import compare, run_both
 from numpy_rfsq import draw_clear_of_boundaries
 from rfsq_kernels import RFSQ
 from rfsq_kernels.fused import rfsq_fused
-from rfsq_kernels.kernels import config
 from rfsq_kernels.reference import PARAM_ROLES, STRATEGY_TABLE, get_strategy, registered_strategy, rfsq_forward
 from rfsq_kernels.testing import DISTRIBUTIONS, random_strategy_params, randomize_
 
@@ -57,12 +56,10 @@ def test_module_matches_the_float64_oracle_and_decodes_exactly(seed, toy):
     assert m.offset.grad is not None and m.offset.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("rows", [False, True], ids=["tiles", "rows"])
 @pytest.mark.parametrize("sparse", [False, True], ids=["plain", "mask+counts"])
-def test_fused_matches_reference(seed, toy, monkeypatch, sparse, rows):
-    """Also through the channel-row kernels (``config.ELEMENTWISE_ROWS``), whose backward gives
-    the toy stage its parameter pointers (the default ``row_params`` / ``row_forward``)."""
-    monkeypatch.setattr(config, "ELEMENTWISE_ROWS", rows)
+def test_fused_matches_reference(seed, toy, sparse):
+    """The backward gives the toy stage its parameter pointers (the default ``params`` /
+    ``params_forward``)."""
     stages = 3
     params = random_strategy_params(toy, stages, len(LEVELS))
     mask = active_stages = None
@@ -123,5 +120,4 @@ def test_real_compiler_sweep():
     report = proc.stdout + proc.stderr
     print(report)
     assert proc.returncode == 0, report[-20000:]
-    rows = "_rows" if config.ELEMENTWISE_ROWS else ""  # the subprocess inherits RFSQ_ELEMENTWISE_ROWS
-    assert f"_fwd_elementwise{rows}_kernel" in report and f"_bwd_elementwise{rows}_kernel" in report  # it compiled something
+    assert "_fwd_elementwise_rows_kernel" in report and "_bwd_elementwise_rows_kernel" in report  # it compiled something
