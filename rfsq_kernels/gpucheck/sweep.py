@@ -15,6 +15,7 @@ every boolean constexpr of every kernel to take both values.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import resource
@@ -239,19 +240,22 @@ def run_case(case: Case) -> None:
     sparse = dict(mask=torch.empty((case.shape[0], *case.shape[2:]), dtype=torch.bool, device=meta) if case.mask else None,
                   active_stages=torch.empty((case.shape[0],), dtype=torch.int32, device=meta) if case.active_stages else None)
     if case.direction == "forward":
-        switch = config.LAYERNORM_SPLIT
-        config.LAYERNORM_SPLIT = case.split
-        try:
+        with _switched("LAYERNORM_SPLIT", case.split):
             rfsq_forward_launch(z, list(case.levels), k, case.strategy, params, **sparse)
-        finally:
-            config.LAYERNORM_SPLIT = switch
         return
-    switch = config.LAYERNORM_SPLIT_BACKWARD
-    config.LAYERNORM_SPLIT_BACKWARD = case.split
-    try:
+    with _switched("LAYERNORM_SPLIT_BACKWARD", case.split):
         run_backward_case(case, z, row, params, sparse)
+
+
+@contextlib.contextmanager
+def _switched(name: str, value: bool):
+    """``config.<name>`` (a launcher switch) set to ``value`` for one call, restored after."""
+    saved = getattr(config, name)
+    setattr(config, name, value)
+    try:
+        yield
     finally:
-        config.LAYERNORM_SPLIT_BACKWARD = switch
+        setattr(config, name, saved)
 
 
 def run_backward_case(case: Case, z: torch.Tensor, row, params: Tuple[torch.Tensor, ...], sparse: dict) -> None:

@@ -333,7 +333,8 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[t
     tiles = config.elementwise_row_tiles(C, S, sparse)
     tiles_per_image = triton.cdiv(S, tiles.block_s)
     launch(_fwd_elementwise_rows_kernel, (B * tiles_per_image,),
-           (x, quantized, indices, params, consts, basis, valid, active_stages, S, tiles_per_image, *x_strides, *layouts.flat_strides(quantized), stages),
+           (x, quantized, indices, params, consts, basis, valid, active_stages, S, tiles_per_image, *x_strides,
+            *layouts.flat_strides(quantized), stages),
            tiles=tiles, tensors=(x, quantized, indices), STAGE=stage.forward)
     return quantized, indices, mean, std
 
@@ -357,7 +358,8 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     # a fixed order (no atomics: bitwise-reproducible).
     parts = tuple(torch.empty((programs, *p.shape), dtype=torch.float32, device=z.device) for p in params)
     launch(_bwd_elementwise_rows_kernel, (programs,),
-           (x, g, grad_z, params, parts, consts, valid, active_stages, S, tiles_per_image, *x_strides, *g_strides, *layouts.flat_strides(grad_z)),
+           (x, g, grad_z, params, parts, consts, valid, active_stages, S, tiles_per_image, *x_strides, *g_strides,
+            *layouts.flat_strides(grad_z)),
            tiles=tiles, tensors=(x, g, grad_z), K=stages, STAGE=stage.params_forward or stage.forward,
            STAGE_PARAMS=stage.params, STAGE_GRADS_INIT=stage.grads_init, STAGE_VJP=stage.vjp,
            STAGE_GRADS_STORE=stage.grads_store)
