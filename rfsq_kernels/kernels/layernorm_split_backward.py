@@ -16,7 +16,7 @@ four per-channel sums reduced:
 Per element this is the chunked backward's arithmetic (``_bwd_layernorm_kernel``, the helpers
 of :mod:`.layernorm`) in its order: the same rebuild, stage evaluation and ``G`` update; only the
 reduction tree of the per-channel sums changes (per-tile sums accumulated per program, then the
-programs' partials summed; the tile is half the chunked one, :func:`split_block_s`). With one
+programs' partials summed; the tile is half the chunked one or less, :func:`split_block_s`). With one
 program per image every output is bitwise that of a chunked backward at the same tile. Stage ``a``'s ``tanh`` runs twice (its sums in one launch, its
 ``dL/dr`` in the next), as in the chunked kernel's two sweeps; the residual between the launches
 is rebuilt from the forward's indices.
@@ -202,13 +202,16 @@ def _bwd_layernorm_split_kernel(
 # -- host side ---------------------------------------------------------------------------------
 
 
-def split_block_s(tiles: config.Tiles) -> int:
+def split_block_s(tiles: config.Tiles, index_dtype: torch.dtype) -> int:
     """Positions per tile of the split backward: half the chunked backward's ``BLOCK_S`` at the
-    same warps and register cap (2 elements per thread). The middle launch keeps ``z``, ``g``,
-    ``G``, two residuals and a stage's ``h`` and ``r - mu`` live per element through the second
-    stage evaluation; at the chunked tile's 4 per thread that spills. The tile size is part of the
-    sums' reduction order (so a chunked run at half the tile gives the same bits)."""
-    return max(tiles.block_s // 2, 2)
+    same warps and register cap (2 elements per thread), a quarter (1 per thread) with 64-bit
+    indices above 8 channels. The middle launch keeps ``z``, ``g``, ``G``, two residuals and a
+    stage's ``h`` and ``r - mu`` live per element through the second stage evaluation; at the
+    chunked tile's 4 per thread that spills, and 64-bit index rows and radix columns at 16
+    channels do not fit beside 2 per thread. The tile size is part of the sums' reduction order
+    (so a chunked run at the same tile gives the same bits)."""
+    shrink = 4 if index_dtype == torch.int64 and tiles.block_c > 8 else 2
+    return max(tiles.block_s // shrink, 2)
 
 
 def backward(tensors: Tuple[torch.Tensor, ...], strides: Tuple[Tuple[int, int, int], ...], stage_tables: Tuple,
@@ -219,12 +222,13 @@ def backward(tensors: Tuple[torch.Tensor, ...], strides: Tuple[Tuple[int, int, i
     flattenable views, ``indices`` contiguous) with ``strides`` of the first three;
     ``stage_tables = (mean, std, factors, sd_w, inv_sd)`` as :func:`.layernorm.backward` builds them;
     ``dparts``: the ``(B, K, C)`` per-image parameter-gradient partials it reduces;
-    ``tiles``: the chunked backward's tile, of which the split one takes half (:func:`split_block_s`).
+    ``tiles``: the chunked backward's tile, of which the split one takes a half or a quarter
+    (:func:`split_block_s`).
     Scratch is allocated here, sized by the shapes only."""
     x, g, grad_z, indices = tensors
     mean, std, factors, sd_w, inv_sd = stage_tables
     B, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    tiles = dataclasses.replace(tiles, block_s=split_block_s(tiles))
+    tiles = dataclasses.replace(tiles, block_s=split_block_s(tiles, indices.dtype))
     plan = config.layernorm_split_plan(B, S, tiles)
     dev = x.device
     scratch = torch.empty((B, C, S), dtype=torch.float32, device=dev)

@@ -84,6 +84,24 @@ def test_mask_with_masked_slice_and_counts(seed, split):
     assert torch.isfinite(dz).all() and (dz.masked_select(~mask.unsqueeze(1).expand_as(dz)) == 0).all()
 
 
+def test_int64_indices_above_8_channels_take_a_quarter_tile(seed, split, monkeypatch):
+    """64-bit indices at C = 11 (8**11 codes: int64) take a quarter of the chunked tile (register
+    budget, :func:`layernorm_split_backward.split_block_s`) and still match the reference."""
+    from rfsq_kernels.kernels import layernorm_split_backward
+    from rfsq_kernels.reference import index_dtype
+    monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 256)  # chunked: 16 positions; split: 4 (int64), 8 (int32)
+    levels, stages, shape = [8] * 11, 2, (2, 11, 3, 7)
+    assert index_dtype(levels) == torch.int64
+    tiles = config.layernorm_tiles(11, 21, "backward")
+    assert not tiles.one_tile
+    assert layernorm_split_backward.split_block_s(tiles, torch.int64) == tiles.block_s // 4
+    assert layernorm_split_backward.split_block_s(tiles, torch.int32) == tiles.block_s // 2
+    split(3)
+    params = random_strategy_params("layernorm", stages, len(levels))
+    z = draw_input(shape, levels, stages, "layernorm", params)
+    compare(*run_both(rfsq_fused, rfsq_forward, z, levels, stages, "layernorm", params, grad=torch.randn(shape)))
+
+
 def _grads(fn, z, stages, params, grad):
     zz = z.detach().clone().requires_grad_()
     ps = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
