@@ -1,0 +1,40 @@
+"""Registers and spill bytes of every split layernorm backward launch at the 8 cases that spilled or
+sat at the register cap (bench/NOTES.md, 2026-12-02/03), compiled offline for the targets given
+(default sm_90, sm_100, sm_80). Run without ``TRITON_INTERPRET``:
+
+    python bench/split_backward_registers.py 90 100 80
+"""
+import sys
+
+import torch
+
+from rfsq_kernels.gpucheck.sweep import Case, sweep
+L = "layernorm"
+
+
+def lv(c, big):
+    """Levels of ``c`` channels: 8 per channel gives int64 indices at C = 16, 3 gives int32."""
+    return (8,) * c if big else (3,) * c
+
+
+cases = [
+    Case("backward", L, 3, lv(5, 0), torch.float32, (2, 5, 96, 96), split=True),
+    Case("backward", L, 3, lv(16, 0), torch.float32, (2, 16, 96, 96), split=True),
+    Case("backward", L, 3, lv(16, 1), torch.float32, (2, 16, 96, 96), split=True),
+    Case("backward", L, 3, lv(5, 0), torch.bfloat16, (2**31 // (5 * 96 * 96) + 1, 5, 96, 96), split=True),
+    Case("backward", L, 8, lv(16, 0), torch.float32, (2, 16, 96, 96), True, True, split=True),
+    Case("backward", L, 8, lv(5, 0), torch.float32, (2, 5, 96, 96), True, True, split=True),
+    Case("backward", L, 8, lv(16, 1), torch.float32, (2, 16, 96, 96), True, True, split=True),
+    Case("backward", L, 8, lv(16, 1), torch.float16, (2**31 // (16 * 96 * 96) + 1, 16, 96, 96), split=True),
+]
+archs = [int(a) for a in sys.argv[1:]] or [80, 90, 100]
+for arch in archs:
+    res = sweep(arch, cases)
+    for c, m in res.failures:
+        print("FAIL", arch, c, m[:300])
+    for case, launch in res.launches:
+        if "split" not in launch.kernel:
+            continue
+        r = launch.resources
+        print(f"sm_{arch} {launch.kernel} PHASE={launch.constexprs.get('PHASE')} BLOCK_S={launch.constexprs.get('BLOCK_S')} "
+              f"regs={r.registers} spill={r.spill_bytes} grid={launch.grid[0]} cpu={res.compile_cpu_s[launch.hash]:.1f} | {case}")
