@@ -8,6 +8,10 @@ over H, W with ``var(unbiased=False)`` and ``sqrt(var + 1e-5)``. FSQ per channel
 (L-1)(1-1e-3)/2``, ``shift = tan(offset / half_l)`` (float64 constants rounded to float32),
 ``round_ste(tanh(z + shift) * half_l - offset) / (L // 2)``; the index packs the float digits
 ``code * half_w + half_w`` and truncates with ``.to(int32)``. Input ``(B, C, H, W)``.
+
+The comparison harness shared by ``tests/dropins/test_official.py`` and ``bench/official_parity.py``
+follows the model: ``CASES``, :func:`official_model` (a model with trained-looking parameters) and
+:func:`check_against_official` (both models on one input, forward and backward).
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from typing import List
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rfsq_kernels import from_official
 
 
 def _column(values, ref: torch.Tensor) -> torch.Tensor:
@@ -100,3 +106,57 @@ class OfficialStyleRFSQ(nn.Module):
             qs.append(q)
             idx.append(i)
         return sum(qs), torch.stack(idx, dim=-1)
+
+
+#: ``(num_stages, levels)``: the two paper configurations the comparisons run.
+CASES = [(2, [8, 8, 8, 4]), (4, [4, 4, 4, 4, 4])]
+
+
+def official_model(K: int, strategy: str, levels: List[int], seed: int) -> OfficialStyleRFSQ:
+    """An official-style model of ``K`` stages whose scale / layernorm parameters are drawn from
+    ``seed`` (trained-looking values, so the comparison does not rest on the initial ones)."""
+    torch.manual_seed(seed)
+    off = OfficialStyleRFSQ(K, strategy, levels, dim=len(levels), initial_scale=1.0)
+    with torch.no_grad():  # trained-looking parameters, not the initial ones
+        for stage in off.stages:
+            if strategy == "scale":
+                stage.log_scale.copy_(torch.randn(()) * 0.5 + 1.0)
+            elif strategy == "layernorm":
+                stage.layernorm.weight.copy_(1 + 0.3 * torch.randn(len(levels)))
+                stage.layernorm.bias.copy_(0.2 * torch.randn(len(levels)))
+    return off
+
+
+def _bounded_per_stage(off, z):
+    """The official pre-rounding values of each stage, ``(K, B, C, H, W)``."""
+    seen = []
+    for stage in off.stages:
+        stage.fsq.register_forward_pre_hook(lambda m, args: seen.append(
+            (torch.tanh(args[0] + torch.tensor(m.shift).view(1, -1, 1, 1)) * torch.tensor(m.half_l).view(1, -1, 1, 1)
+             - torch.tensor(m.offset).view(1, -1, 1, 1)).detach()))
+    out = off(z)
+    return out, torch.stack(seen)
+
+
+def _run(module, z, g):
+    z = z.detach().clone().requires_grad_()
+    q, idx = module(z)
+    (q * g).sum().backward()
+    return q.detach(), idx, z.grad, [p.grad.clone() for p in module.parameters()]
+
+
+def check_against_official(strategy: str, K: int, levels: List[int], seed: int, backend: str = "reference"):
+    """Run :func:`official_model` and its ``from_official`` copy on one input drawn from ``seed + 1``,
+    forward and backward with one random incoming gradient. Returns ``(bounded, official, ours)``:
+    the official pre-rounding values per stage ``(K, B, C, H, W)``, and for each model
+    ``(values, indices, grad of z, grads of its parameters)``."""
+    off = official_model(K, strategy, levels, seed)
+    ours = from_official(off, backend=backend)
+    torch.manual_seed(seed + 1)
+    z = torch.randn(4, len(levels), 8, 8) * 1.5
+    g = torch.randn_like(z)
+    (q_off, idx_off), bounded = _bounded_per_stage(off, z)
+    q1, i1, gz1, gp1 = _run(off, z, g)
+    q2, i2, gz2, gp2 = _run(ours, z, g)
+    assert torch.equal(q1, q_off) and i2.dtype == i1.dtype == torch.int32 and i2.shape == i1.shape
+    return bounded, (q1, i1, gz1, gp1), (q2, i2, gz2, gp2)

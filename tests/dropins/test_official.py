@@ -15,48 +15,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from official_rfsq import OfficialStyleRFSQ
+from official_rfsq import CASES, check_against_official, official_model
 from rfsq_kernels import RFSQ, from_official
 from rfsq_kernels.backend import interpreter_enabled
-
-CASES = [(2, [8, 8, 8, 4]), (4, [4, 4, 4, 4, 4])]
-
-
-def _official(K, strategy, levels, seed):
-    torch.manual_seed(seed)
-    off = OfficialStyleRFSQ(K, strategy, levels, dim=len(levels), initial_scale=1.0)
-    with torch.no_grad():  # trained-looking parameters, not the initial ones
-        for stage in off.stages:
-            if strategy == "scale":
-                stage.log_scale.copy_(torch.randn(()) * 0.5 + 1.0)
-            elif strategy == "layernorm":
-                stage.layernorm.weight.copy_(1 + 0.3 * torch.randn(len(levels)))
-                stage.layernorm.bias.copy_(0.2 * torch.randn(len(levels)))
-    return off
-
-
-def _bounded_per_stage(off, z):
-    """The official pre-rounding values of each stage, ``(K, B, C, H, W)``."""
-    seen = []
-    for stage in off.stages:
-        stage.fsq.register_forward_pre_hook(lambda m, args: seen.append(
-            (torch.tanh(args[0] + torch.tensor(m.shift).view(1, -1, 1, 1)) * torch.tensor(m.half_l).view(1, -1, 1, 1)
-             - torch.tensor(m.offset).view(1, -1, 1, 1)).detach()))
-    out = off(z)
-    return out, torch.stack(seen)
-
-
-def _run(module, z, g):
-    z = z.detach().clone().requires_grad_()
-    q, idx = module(z)
-    (q * g).sum().backward()
-    return q.detach(), idx, z.grad, [p.grad.clone() for p in module.parameters()]
-
 
 @pytest.mark.parametrize("strategy", ["none", "scale", "layernorm"])
 @pytest.mark.parametrize("K,levels", CASES)
 def test_from_official_copies_the_parameters(strategy, K, levels, seed):
-    off = _official(K, strategy, levels, seed)
+    off = official_model(K, strategy, levels, seed)
     for ours in (from_official(off, backend="reference"),
                  from_official(off.state_dict(), num_stages=K, strategy=strategy, fsq_levels=levels, dim=len(levels),
                                backend="reference")):
@@ -75,11 +41,11 @@ def test_from_official_copies_the_parameters(strategy, K, levels, seed):
 
 
 def test_from_official_refuses_what_it_cannot_map():
-    off = _official(2, "scale", [8, 8, 8, 4], 0)
+    off = official_model(2, "scale", [8, 8, 8, 4], 0)
     with pytest.raises(ValueError, match="needs num_stages"):
         from_official(off.state_dict(), strategy="scale", fsq_levels=[8, 8, 8, 4])
     with pytest.raises(ValueError, match="unexpected key 'stages.0.layernorm.weight'"):
-        from_official(_official(2, "layernorm", [8, 8, 8, 4], 0).state_dict(), num_stages=2, strategy="scale",
+        from_official(official_model(2, "layernorm", [8, 8, 8, 4], 0).state_dict(), num_stages=2, strategy="scale",
                       fsq_levels=[8, 8, 8, 4])
     with pytest.raises(ValueError, match="no stages.1.log_scale"):
         from_official({"stages.0.log_scale": torch.tensor(0.5)}, num_stages=2, strategy="scale", fsq_levels=[4, 4])
@@ -91,22 +57,9 @@ def test_from_official_refuses_what_it_cannot_map():
         RFSQ(fsq_shift="tanh")
 
 
-def _check_against_official(strategy, K, levels, seed, backend="reference"):
-    off = _official(K, strategy, levels, seed)
-    ours = from_official(off, backend=backend)
-    torch.manual_seed(seed + 1)
-    z = torch.randn(4, len(levels), 8, 8) * 1.5
-    g = torch.randn_like(z)
-    (q_off, idx_off), bounded = _bounded_per_stage(off, z)
-    q1, i1, gz1, gp1 = _run(off, z, g)
-    q2, i2, gz2, gp2 = _run(ours, z, g)
-    assert torch.equal(q1, q_off) and i2.dtype == i1.dtype == torch.int32 and i2.shape == i1.shape
-    return bounded, (q1, i1, gz1, gp1), (q2, i2, gz2, gp2)
-
-
 def test_tan_shift_reproduces_the_official_none_strategy_bitwise(seed):
     for K, levels in CASES:
-        _, (q1, i1, gz1, _), (q2, i2, gz2, _) = _check_against_official("none", K, levels, seed)
+        _, (q1, i1, gz1, _), (q2, i2, gz2, _) = check_against_official("none", K, levels, seed)
         assert torch.equal(q1, q2) and torch.equal(i1, i2) and torch.equal(gz1, gz2)
 
 
@@ -119,7 +72,7 @@ FLIP_TOL = 1e-5
 def test_tan_shift_reproduces_the_official_forward_within_the_operation_order(strategy, seed):
     flips = 0
     for K, levels in CASES:
-        bounded, (q1, i1, gz1, gp1), (q2, i2, gz2, gp2) = _check_against_official(strategy, K, levels, seed)
+        bounded, (q1, i1, gz1, gp1), (q2, i2, gz2, gp2) = check_against_official(strategy, K, levels, seed)
         # a flip: the first differing stage of a position, where the official value sits on a boundary
         differ = i1 != i2                                               # (B, H, W, K)
         first = differ & (differ.int().cumsum(-1) == 1)

@@ -3,7 +3,11 @@ targets it cannot compile for; ``bench/report.py`` refuses unknown groups and ne
 run of the same day."""
 from __future__ import annotations
 
+import ast
 import datetime as dt
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +126,18 @@ def test_kernel_report_model_time_is_the_larger_of_bytes_and_instructions():
     assert model_us(row, {"bwd_load": 40e-6 * COPY_BYTES_PER_S, "bwd_store": 20e-6 * COPY_BYTES_PER_S},
                     "bwd") == pytest.approx(60.0)
     assert model_us(row, {}, "fwd") == 10.0
+
+
+def test_official_parity_runs_as_a_script_from_anywhere(tmp_path):
+    """``bench/official_parity.py`` imports its harness from ``tests/official_rfsq.py`` through its
+    own ``sys.path`` setup: run it as docs/semantics.md does (one seed, from another folder) so a
+    moved helper cannot break it silently; ``none`` is bitwise (as tests/dropins/test_official.py
+    asserts), so its line must show no flip and 0 ulp."""
+    script = Path(__file__).resolve().parents[2] / "bench" / "official_parity.py"
+    done = subprocess.run([sys.executable, str(script), "1"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [ast.literal_eval(line) for line in done.stdout.splitlines()]
+    assert [r["strategy"] for r in rows] == ["none", "scale", "layernorm"]
+    assert all(r["indices"] == 1536 and r["flips"] <= 4 for r in rows)
+    assert rows[0]["max_value_ulp"] == rows[0]["max_grad_ulp"] == 0.0 and rows[0]["flips"] == 0
