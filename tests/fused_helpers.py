@@ -9,7 +9,7 @@ Random parameters come from :mod:`rfsq_kernels.testing`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -136,6 +136,23 @@ def mask_and_counts(batch, spatial, stages):
     active = torch.randint(0, stages + 1, (batch,), dtype=torch.int32)
     active[2] = stages
     active[-1] = 0 if batch > 3 else active[-1]
+    return mask, active
+
+
+def masked_slice_case(shape: Sequence[int], stages: int, masked: slice,
+                      one_valid: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The split layernorm tests' mask and stage counts for an input ``shape`` ``(B, C, *spatial)``:
+    about 30% random padding, the flat positions ``masked`` padding in every image (chosen by the
+    caller to be one whole slice of the split kernels), sample 0 all padding and, with
+    ``one_valid``, sample 1 only its last position valid; per-sample stage counts
+    ``[stages, 1, stages, 0][:B]`` (quantize dropout). Returns ``(mask, active_stages)``."""
+    mask = torch.rand(shape[0], *shape[2:]) > 0.3
+    mask.view(shape[0], -1)[:, masked] = False
+    mask[0] = False
+    if one_valid:
+        mask[1] = False
+        mask[1].view(-1)[-1] = True
+    active = torch.tensor([stages, 1, stages, 0][:shape[0]], dtype=torch.int32)
     return mask, active
 
 

@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from fused_helpers import FailOnChunked, compare, draw_input, run_both, to_layout
+from fused_helpers import FailOnChunked, compare, draw_input, masked_slice_case, run_both, to_layout
 from numpy_rfsq import draw_clear_of_boundaries
 from rfsq_kernels.fused import rfsq_fused
 from rfsq_kernels.kernels import config, layernorm, layernorm_split
@@ -74,12 +74,7 @@ def test_mask_with_empty_slice_and_counts(seed, split):
     split(4)
     stages, shape = 3, (4, 4, 5, 9)
     params = random_strategy_params("layernorm", stages, len(LEVELS))
-    mask = torch.rand(shape[0], *shape[2:]) > 0.3
-    mask.view(shape[0], -1)[:, 16:32] = False
-    mask[0] = False
-    mask[1] = False
-    mask[1].view(-1)[-1] = True
-    active = torch.tensor([3, 1, 3, 0], dtype=torch.int32)
+    mask, active = masked_slice_case(shape, stages, slice(16, 32), one_valid=True)
     z = draw_clear_of_boundaries(shape, LEVELS, stages, "layernorm", params, mask=mask, active_stages=active)[0]
     z = z.masked_fill(~mask.unsqueeze(1), float("nan"))  # padding must never be read
     fused_fn = functools.partial(rfsq_fused, mask=mask, active_stages=active)

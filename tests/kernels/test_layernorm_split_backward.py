@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 
-from fused_helpers import FailOnChunked, compare, draw_input, run_both
+from fused_helpers import FailOnChunked, compare, draw_input, masked_slice_case, run_both
 from numpy_rfsq import draw_clear_of_boundaries
 from rfsq_kernels.fused import rfsq_fused
 from rfsq_kernels.kernels import config, layernorm
@@ -32,13 +32,9 @@ def split(monkeypatch):
 
 
 def _masked_case(shape, stages):
-    """A mask whose positions 8..15 (one whole slice at 3 programs per image) are padding in every image, an
-    all-padding sample 0, and per-sample stage counts (quantize dropout)."""
-    mask = torch.rand(shape[0], *shape[2:]) > 0.3
-    mask.view(shape[0], -1)[:, 8:16] = False
-    mask[0] = False
-    active = torch.tensor([stages, 1, stages, 0][:shape[0]], dtype=torch.int32)
-    return mask, active
+    """Positions 8..15 (one whole slice at 3 programs per image) padding in every image: see
+    ``fused_helpers.masked_slice_case``."""
+    return masked_slice_case(shape, stages, slice(8, 16))
 
 
 @pytest.mark.parametrize("parts", [None, 1, 2, 3, 7])
