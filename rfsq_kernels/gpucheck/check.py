@@ -215,7 +215,8 @@ def required_kernels(families: Optional[Sequence[str]] = None, arch: Optional[in
                      ) -> List[Tuple[str, Tuple[str, ...]]]:
     """``(kernel, paths)`` that a complete sweep for ``arch`` must launch, of the kernel
     ``families`` given (default: all): the kernels the launchers choose under the current
-    switches and the split layernorm forward, which the sweep compiles whatever the runtime switch says."""
+    switches and the split layernorm forward and backward, which the sweep compiles whatever the
+    runtime switches say."""
     from .sweep import VQ_RFSQ
     # A row tile holds at most 512 positions, and the structural grid (every target outside
     # FULL_GRID_ARCHS) has no smaller image than 32x32: there every launch is several programs per
@@ -224,7 +225,7 @@ def required_kernels(families: Optional[Sequence[str]] = None, arch: Optional[in
     elementwise = (("_fwd_elementwise_rows_kernel", paths), ("_bwd_elementwise_rows_kernel", paths))
     by_family = {
         "layernorm": (("_fwd_layernorm_split_kernel", ("split",)), ("_fwd_layernorm_kernel", ("single", "chunked")),
-                      ("_bwd_layernorm_kernel", ("single", "chunked"))),
+                      ("_bwd_layernorm_split_kernel", ("split",)), ("_bwd_layernorm_kernel", ("single", "chunked"))),
         "elementwise": elementwise,
         VQ_RFSQ: (("_fwd_vq_rfsq_kernel", ("single", "split")), ("_bwd_vq_rfsq_kernel", ("single", "split")),
                   ("_fwd_vq_fsq_kernel", ("single", "split")), ("_bwd_vq_fsq_kernel", ("single", "split"))),

@@ -119,7 +119,8 @@ def vq_cases(structure_only: bool = False) -> List[Case]:
 def structure_cases() -> List[Case]:
     """direction x strategy x every K x every C x the training and the large image, float32,
     32-bit offsets (the structural part of :func:`default_cases`)."""
-    return with_split(all_cases(spatial=SPATIAL[1:], dtypes=(torch.float32,), offsets=(32,))) + vq_cases(structure_only=True)
+    return (with_split(all_cases(spatial=SPATIAL[1:], dtypes=(torch.float32,), offsets=(32,)))
+            + split_backward_cases(structure_only=True) + vq_cases(structure_only=True))
 
 
 def sparse_cases() -> List[Case]:
@@ -161,6 +162,29 @@ def with_split(cases: Iterable[Case]) -> List[Case]:
     return out
 
 
+def split_backward_cases(structure_only: bool = False) -> List[Case]:
+    """The split layernorm backward (``split=True``: ``config.LAYERNORM_SPLIT_BACKWARD`` on for the
+    call) on the large image, so that every launch has several programs per image: every channel
+    tile (C in 1, 2, 3, 5, 16; C = 16 with int32 and int64 indices) at K = 3, float32, 32-bit
+    offsets; unless ``structure_only``, also the cases that sit at the register cap (bf16 C=5 and
+    fp16 C=16 int64 with 64-bit offsets; masks and stage counts at K=8, both and each alone).
+    A few cases, not :func:`with_split` over the backward grid: its binaries repeat these tiles."""
+    large = SPATIAL[2]
+    out = [replace(c, split=True) for c in all_cases(directions=("backward",), strategies=["layernorm"], stages=(3,),
+                                                     channels=(1, 2, 3, 5, 16), dtypes=(torch.float32,),
+                                                     spatial=(large,), offsets=(32,))]
+    if structure_only:
+        return out
+    wide = (8,) * 16  # int64 indices
+    big_batch = lambda c: batches_for(c, large)[1]  # noqa: E731
+    out += [Case("backward", "layernorm", 3, (3,) * 5, torch.bfloat16, (big_batch(5), 5, *large), split=True),
+            Case("backward", "layernorm", 8, wide, torch.float16, (big_batch(16), 16, *large), split=True)]
+    for levels, flags in (((3,) * 5, ((True, True), (True, False), (False, True))), (wide, ((True, True),))):
+        out += [Case("backward", "layernorm", 8, levels, torch.float32, (2, len(levels), *large), m, d, split=True)
+                for m, d in flags]
+    return out
+
+
 def default_cases() -> List[Case]:
     """The grid ``make test`` compiles (deduplicated: a few hundred binaries per target):
 
@@ -171,7 +195,9 @@ def default_cases() -> List[Case]:
       offsets x all three images -- every load/store type and offset width, at the heaviest
       stage count, the paper's and the largest channel tile, with and without 16-divisible
       sizes;
-    * sparse: :func:`sparse_cases` (padding masks, per-sample stage counts).
+    * sparse: :func:`sparse_cases` (padding masks, per-sample stage counts);
+    * the split layernorm forward of every layernorm forward case (:func:`with_split`) and the
+      split backward's own cases (:func:`split_backward_cases`).
 
     The complete product of all axes is :func:`all_cases` (``--full``): thousands of binaries
     per target, hours on 2 cores.
@@ -180,7 +206,7 @@ def default_cases() -> List[Case]:
     boundary = all_cases(strategies=[s for s in STRATEGIES if get_strategy(s).params], stages=(8,),
                          channels=(5, 16))
     seen, out = set(), []
-    for case in with_split(structure + boundary + sparse_cases()) + vq_cases():
+    for case in with_split(structure + boundary + sparse_cases()) + split_backward_cases() + vq_cases():
         if case not in seen:
             seen.add(case)
             out.append(case)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton.backends.nvidia.compiler")
 
@@ -38,16 +39,25 @@ def test_coverage_expects_only_the_kernels_a_strategy_filter_reaches():
         assert kernel in everything
 
 
-def test_default_grid_holds_the_split_forward_whatever_the_switch(monkeypatch):
-    """The default check compiles the split layernorm forward even while its runtime switch is off,
-    so it proves the kernel before the default flips."""
+def test_default_grid_holds_the_split_paths_whatever_the_switches(monkeypatch):
+    """The default check compiles the split layernorm forward and backward even while their
+    runtime switches are off, so it proves the kernels before the defaults flip; the backward's
+    cases reach every channel tile, both index widths, every dtype and both sparse flags."""
     from rfsq_kernels.gpucheck import sweep
     from rfsq_kernels.kernels import config
+    from rfsq_kernels.reference import index_dtype
     monkeypatch.delenv("RFSQ_LAYERNORM_SPLIT", raising=False)
     monkeypatch.setattr(config, "LAYERNORM_SPLIT", False)
+    monkeypatch.setattr(config, "LAYERNORM_SPLIT_BACKWARD", False)
     split = [c for c in sweep.default_cases() if c.split]
-    assert split and all(c.direction == "forward" and c.strategy == "layernorm" for c in split)
-    assert any(c.split for c in sweep.structure_cases())
+    assert split and all(c.strategy == "layernorm" for c in split)
+    backward = [c for c in split if c.direction == "backward"]
+    assert {config.next_pow2(len(c.levels)) for c in backward} == {1, 2, 4, 8, 16}
+    assert {index_dtype(c.levels) for c in backward} == {torch.int32, torch.int64}
+    assert {c.dtype for c in backward} == {torch.float32, torch.bfloat16, torch.float16}
+    assert {(c.mask, c.active_stages) for c in backward} >= {(True, True), (True, False), (False, True), (False, False)}
+    assert any(c.split and c.direction == "forward" for c in sweep.structure_cases())
+    assert any(c.split and c.direction == "backward" for c in sweep.structure_cases())
 
 
 def test_default_grid_holds_the_grouped_vq_launch():
