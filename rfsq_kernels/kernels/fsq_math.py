@@ -33,14 +33,22 @@ ROW_INV_W = tl.constexpr(5)
 
 
 @triton.jit
-def load_levels(consts_ptr, offs_c, mask_c, C):
-    """``fsq = (half_l, offset, shift, half_w, inv_w)``: per-channel FSQ constants as float32
-    ``[BLOCK_C, 1]`` columns (padded channels: ``half_w = 1``, the rest 0); ``inv_w = 1 / half_w``
-    rounded to nearest, for :func:`~.fpmath.div_small_int`."""
+def _load_level_columns(consts_ptr, offs_c, mask_c, C):
+    """``(half_l, offset, shift, half_w)`` as float32 ``[BLOCK_C, 1]`` columns (padded channels:
+    ``half_w = 1``, the rest 0): the four rows both ways of getting ``inv_w`` share."""
     half_l = tl.load(consts_ptr + ROW_HALF_L * C + offs_c, mask=mask_c, other=0.0)[:, None]
     offset = tl.load(consts_ptr + ROW_OFFSET * C + offs_c, mask=mask_c, other=0.0)[:, None]
     shift = tl.load(consts_ptr + ROW_SHIFT * C + offs_c, mask=mask_c, other=0.0)[:, None]
     half_w = tl.load(consts_ptr + ROW_HALF_W * C + offs_c, mask=mask_c, other=1.0)[:, None]
+    return half_l, offset, shift, half_w
+
+
+@triton.jit
+def load_levels(consts_ptr, offs_c, mask_c, C):
+    """``fsq = (half_l, offset, shift, half_w, inv_w)``: per-channel FSQ constants as float32
+    ``[BLOCK_C, 1]`` columns (padded channels: ``half_w = 1``, the rest 0); ``inv_w = 1 / half_w``
+    rounded to nearest, for :func:`~.fpmath.div_small_int`."""
+    half_l, offset, shift, half_w = _load_level_columns(consts_ptr, offs_c, mask_c, C)
     return half_l, offset, shift, half_w, recip_rn(half_w)
 
 
@@ -48,10 +56,7 @@ def load_levels(consts_ptr, offs_c, mask_c, C):
 def load_levels_tabled(consts_ptr, offs_c, mask_c, C):
     """:func:`load_levels` with ``inv_w`` read from the table's host-computed ``1 / half_w`` row
     (the same bits as ``recip_rn(half_w)``): no ``div.rn`` subroutine in the program."""
-    half_l = tl.load(consts_ptr + ROW_HALF_L * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    offset = tl.load(consts_ptr + ROW_OFFSET * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    shift = tl.load(consts_ptr + ROW_SHIFT * C + offs_c, mask=mask_c, other=0.0)[:, None]
-    half_w = tl.load(consts_ptr + ROW_HALF_W * C + offs_c, mask=mask_c, other=1.0)[:, None]
+    half_l, offset, shift, half_w = _load_level_columns(consts_ptr, offs_c, mask_c, C)
     inv_w = tl.load(consts_ptr + ROW_INV_W * C + offs_c, mask=mask_c, other=1.0)[:, None]
     return half_l, offset, shift, half_w, inv_w
 

@@ -66,6 +66,19 @@ def store_vq_index(index_rows, k, d, lm1, basis, keep):
     tl.store(idx_ptr + rows + k, index.to(idx_ptr.dtype.element_ty), mask=mask_s)
 
 
+@triton.jit
+def group_pointers(tensors, group_strides, consts_ptr, scales_ptr, C, K, USE_INT64: tl.constexpr):
+    """This program's group (grid axis 1): the three tensor pointers advanced by their group
+    strides, and the constant and scale tables advanced to row ``g`` of ``(G, 3, C)`` / ``(G, K, C)``.
+    Returns ``(*tensors, consts_ptr, scales_ptr)``; the group index is widened first, so with
+    ``USE_INT64`` no product wraps at 2**31."""
+    grp = widen(tl.program_id(1), USE_INT64)
+    a_ptr, b_ptr, c_ptr = tensors
+    stride_a, stride_b, stride_c = group_strides
+    return (a_ptr + grp * stride_a, b_ptr + grp * stride_b, c_ptr + grp * stride_c,
+            consts_ptr + grp * 3 * C, scales_ptr + grp * K * C)
+
+
 @triton.heuristics(layouts.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "tiles_per_image", "K", "stride_xg", "stride_qg", "stride_ig"])
 def _fwd_vq_rfsq_kernel(
@@ -97,12 +110,8 @@ def _fwd_vq_rfsq_kernel(
     stage order. Group ``g`` reads its own ``(3, C)`` constants and ``(K, C)`` scales (rows ``g``
     of ``(G, 3, C)`` / ``(G, K, C)`` tables); mask and stage counts are shared by the groups."""
     if GROUPED:
-        grp = widen(tl.program_id(1), USE_INT64)
-        x_ptr += grp * stride_xg
-        q_ptr += grp * stride_qg
-        idx_ptr += grp * stride_ig
-        consts_ptr += grp * 3 * C
-        scales_ptr += grp * K * C
+        x_ptr, q_ptr, idx_ptr, consts_ptr, scales_ptr = group_pointers(
+            (x_ptr, q_ptr, idx_ptr), (stride_xg, stride_qg, stride_ig), consts_ptr, scales_ptr, C, K, USE_INT64)
     img, (x_view, q_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
         ((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
         valid_ptr, C, S, tiles_per_image, BLOCK_C, BLOCK_S, HAS_MASK, USE_INT64)
@@ -156,12 +165,8 @@ def _bwd_vq_rfsq_kernel(
     clamp: ``dx = (dy * c) * (1 - t^2) / c``. A forward replay records which stages pass. Groups
     (grid axis 1) as in the forward."""
     if GROUPED:
-        grp = widen(tl.program_id(1), USE_INT64)
-        x_ptr += grp * stride_xg
-        g_ptr += grp * stride_gg
-        dx_ptr += grp * stride_dxg
-        consts_ptr += grp * 3 * C
-        scales_ptr += grp * K * C
+        x_ptr, g_ptr, dx_ptr, consts_ptr, scales_ptr = group_pointers(
+            (x_ptr, g_ptr, dx_ptr), (stride_xg, stride_gg, stride_dxg), consts_ptr, scales_ptr, C, K, USE_INT64)
     img, (x_view, g_view, dx_view), offs_c, mask_c, offs_s, mask_s, valid = tile_prologue(
         ((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
          (dx_ptr, stride_dxb, stride_dxc, stride_dxs)),
