@@ -5,9 +5,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# pytest-xdist workers of `make test` (the CI machine has 2 cores; the compile-check test runs 2 compiler
-# processes of its own beside them).
-TEST_WORKERS ?= 2
 
 .PHONY: setup demo quick-demo test bench clean
 
@@ -27,7 +24,7 @@ quick-demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests bench --benchmark-disable
+	$(PY) -m pytest -q tests bench --benchmark-disable
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only

@@ -21,7 +21,7 @@ setup(
         # triton ships with CUDA builds of torch on Linux; named here for other installs.
         "triton": ["triton>=3.0"],
         "train": ["torchvision", "lpips>=0.1.4", "tqdm", "matplotlib", "scikit-image", "safetensors", "constriction>=0.4", "scipy"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "vector-quantize-pytorch>=1.26.0,<=1.32.0"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "vector-quantize-pytorch>=1.26.0,<=1.32.0"],
         "bench": ["pytest-benchmark>=4", "matplotlib", "vector-quantize-pytorch"],
     },
     license="MIT",
