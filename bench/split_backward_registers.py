@@ -9,6 +9,7 @@ import sys
 import torch
 
 from rfsq_kernels.gpucheck.sweep import Case, sweep
+
 L = "layernorm"
 
 
@@ -17,7 +18,7 @@ def lv(c, big):
     return (8,) * c if big else (3,) * c
 
 
-cases = [
+CASES = [
     Case("backward", L, 3, lv(5, 0), torch.float32, (2, 5, 96, 96), split=True),
     Case("backward", L, 3, lv(16, 0), torch.float32, (2, 16, 96, 96), split=True),
     Case("backward", L, 3, lv(16, 1), torch.float32, (2, 16, 96, 96), split=True),
@@ -27,14 +28,21 @@ cases = [
     Case("backward", L, 8, lv(16, 1), torch.float32, (2, 16, 96, 96), True, True, split=True),
     Case("backward", L, 8, lv(16, 1), torch.float16, (2**31 // (16 * 96 * 96) + 1, 16, 96, 96), split=True),
 ]
-archs = [int(a) for a in sys.argv[1:]] or [80, 90, 100]
-for arch in archs:
-    res = sweep(arch, cases)
-    for c, m in res.failures:
-        print("FAIL", arch, c, m[:300])
-    for case, launch in res.launches:
-        if "split" not in launch.kernel:
-            continue
-        r = launch.resources
-        print(f"sm_{arch} {launch.kernel} PHASE={launch.constexprs.get('PHASE')} BLOCK_S={launch.constexprs.get('BLOCK_S')} "
-              f"regs={r.registers} spill={r.spill_bytes} grid={launch.grid[0]} cpu={res.compile_cpu_s[launch.hash]:.1f} | {case}")
+
+
+def main(archs) -> None:
+    """Compile :data:`CASES` for each target and print one line per split-backward launch."""
+    for arch in archs:
+        res = sweep(arch, CASES)
+        for case, msg in res.failures:
+            print("FAIL", arch, case, msg[:300])
+        for case, launch in res.launches:
+            if "split" not in launch.kernel:
+                continue
+            r, c = launch.resources, launch.constexprs
+            print(f"sm_{arch} {launch.kernel} PHASE={c.get('PHASE')} BLOCK_S={c.get('BLOCK_S')} regs={r.registers} "
+                  f"spill={r.spill_bytes} grid={launch.grid[0]} cpu={res.compile_cpu_s[launch.hash]:.1f} | {case}")
+
+
+if __name__ == "__main__":
+    main([int(a) for a in sys.argv[1:]] or [80, 90, 100])

@@ -176,9 +176,9 @@ def split_backward_cases(structure_only: bool = False) -> List[Case]:
     if structure_only:
         return out
     wide = (8,) * 16  # int64 indices
-    big_batch = lambda c: batches_for(c, large)[1]  # noqa: E731
-    out += [Case("backward", "layernorm", 3, (3,) * 5, torch.bfloat16, (big_batch(5), 5, *large), split=True),
-            Case("backward", "layernorm", 8, wide, torch.float16, (big_batch(16), 16, *large), split=True)]
+    out += [Case("backward", "layernorm", 3, (3,) * 5, torch.bfloat16, (batches_for(5, large)[1], 5, *large),
+                 split=True),
+            Case("backward", "layernorm", 8, wide, torch.float16, (batches_for(16, large)[1], 16, *large), split=True)]
     for levels, flags in (((3,) * 5, ((True, True), (True, False), (False, True))), (wide, ((True, True),))):
         out += [Case("backward", "layernorm", 8, levels, torch.float32, (2, len(levels), *large), m, d, split=True)
                 for m, d in flags]
