@@ -139,7 +139,8 @@ def sparse_cases() -> List[Case]:
 def quick_cases(strategies: Iterable[str] = STRATEGIES) -> List[Case]:
     """A small grid for a strategy under development (``--quick``): direction x strategy x K in
     {1, 3} x C in {5, 16} x the training and the large image, float32, 32-bit offsets; plus bf16
-    with 64-bit offsets and masks/stage counts (both, each alone) at K=3, C=5, training image.
+    with 64-bit offsets and masks/stage counts (both, each alone) at K=3, C=5, training image; for
+    the ResidualFSQ family also the unmasked K=3, C=5 cases as grouped launches (:data:`VQ_GROUPS`).
     Every flag takes both values; not every tile shape or path is reached."""
     out = all_cases(strategies=strategies, stages=(1, 3), channels=(5, 16), dtypes=(torch.float32,),
                     spatial=SPATIAL[1:], offsets=(32,))
@@ -149,6 +150,10 @@ def quick_cases(strategies: Iterable[str] = STRATEGIES) -> List[Case]:
                           spatial=SPATIAL[1:2], offsets=(32,)):
         out += [Case(base.direction, base.strategy, base.stages, base.levels, base.dtype, base.shape, m, d)
                 for m, d in ((True, True), (True, False), (False, True))]
+    # GROUPED is a constexpr of the vq kernels: without grouped launches it takes one value. These
+    # four per direction reach one and several programs per image, both offset widths, stage counts.
+    out += [replace(c, groups=VQ_GROUPS) for c in out
+            if c.strategy == VQ_RFSQ and c.stages == 3 and len(c.levels) == 5 and not c.mask]
     return with_split(out)
 
 

@@ -70,3 +70,16 @@ def test_default_grid_holds_the_grouped_vq_launch():
     assert all(c.strategy == sweep.VQ_RFSQ and not c.mask for c in grouped)
     assert {c.active_stages for c in grouped} == {True, False}
     assert any(c.groups > 1 for c in sweep.structure_cases())
+
+
+def test_quick_grid_holds_grouped_vq_launches():
+    """``--quick --strategy vq_rfsq`` compiles the grouped launch too, so the vq kernels' GROUPED
+    takes both values there (the quick check asks every boolean constexpr for both); grids
+    without the vq family get no grouped case."""
+    from rfsq_kernels.gpucheck import sweep
+    cases = sweep.quick_cases([sweep.VQ_RFSQ])
+    grouped = [c for c in cases if c.groups > 1]
+    assert {c.direction for c in grouped} == {"forward", "backward"}
+    assert any(c.groups == 1 for c in cases) and not any(c.mask for c in grouped)
+    assert {c.active_stages for c in grouped} == {True, False} and {c.dtype for c in grouped} > {torch.float32}
+    assert not any(c.groups > 1 for c in sweep.quick_cases())
