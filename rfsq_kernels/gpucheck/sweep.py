@@ -111,19 +111,33 @@ def vq_cases(structure_only: bool = False) -> List[Case]:
     return out + [replace(c, groups=VQ_GROUPS) for c in out if not c.mask]
 
 
+def _image_stats_strategies() -> List[str]:
+    """The strategies with per-image statistics (``layernorm``): their single-tile kernels hold
+    the whole image, so at the widest channel tiles (sm_100's smaller tile) and with a mask in the
+    backward (half the tile) only the tiny image reaches them."""
+    return [s for s in STRATEGIES if get_strategy(s).per_image_stats]
+
+
 def structure_cases() -> List[Case]:
     """direction x strategy x every K x every C x the training and the large image, float32,
-    32-bit offsets (the structural part of :func:`default_cases`)."""
-    return all_cases(spatial=SPATIAL[1:], dtypes=(torch.float32,), offsets=(32,)) + vq_cases(structure_only=True)
+    32-bit offsets, and the tiny image for :func:`_image_stats_strategies` (the structural part
+    of :func:`default_cases`)."""
+    return (all_cases(spatial=SPATIAL[1:], dtypes=(torch.float32,), offsets=(32,))
+            + all_cases(strategies=_image_stats_strategies(), spatial=SPATIAL[:1], dtypes=(torch.float32,),
+                        offsets=(32,))
+            + vq_cases(structure_only=True))
 
 
 def sparse_cases() -> List[Case]:
     """Masks and per-sample stage counts (their own constexpr specializations): direction x
-    strategy x K=8 x the training and the large image, float32, 32-bit offsets; both flags at
-    C in {5, 16}, each flag alone at C=5."""
+    strategy x K=8 x the training and the large image (and the tiny one for
+    :func:`_image_stats_strategies`), float32, 32-bit offsets; both flags at C in {5, 16}, each
+    flag alone at C=5."""
     out = []
-    for base in all_cases(stages=(8,), channels=(5, 16), dtypes=(torch.float32,), spatial=SPATIAL[1:],
-                          offsets=(32,)):
+    bases = all_cases(stages=(8,), channels=(5, 16), dtypes=(torch.float32,), spatial=SPATIAL[1:], offsets=(32,))
+    bases += all_cases(strategies=_image_stats_strategies(), stages=(8,), channels=(5, 16), dtypes=(torch.float32,),
+                       spatial=SPATIAL[:1], offsets=(32,))
+    for base in bases:
         flags = [(True, True)] + ([(True, False), (False, True)] if len(base.levels) == 5 else [])
         out += [Case(base.direction, base.strategy, base.stages, base.levels, base.dtype, base.shape, m, d)
                 for m, d in flags]
