@@ -53,7 +53,7 @@ class Spec:
     channels_last: bool = False
     mask: bool = False
     counts: bool = False
-    max_block_elems: Optional[int] = None  # lowered: forces the chunked/split paths on tiny shapes
+    max_block_elems: Optional[int] = None  # lowered: forces the split paths on tiny shapes
     counted: bool = False                 # skip the boundary-clear draw (real sizes)
 
 
@@ -78,7 +78,7 @@ def _path(spec: Spec, device) -> str:
     with _max_block(spec.max_block_elems):
         if get_strategy(spec.strategy).per_image_stats:
             t = config.layernorm_tiles(c, s, sparse=sparse)
-            return "single" if t.one_tile else f"chunked {t.block_c}x{t.block_s}"
+            return "single" if t.one_tile else f"split (base tile {t.block_c}x{t.block_s})"
         t = config.elementwise_row_tiles(c, s, sparse)
         return "one tile per image" if t.one_tile else f"split {t.block_c}x{t.block_s}"
 
@@ -301,8 +301,9 @@ def _grid(dry: bool) -> List[Spec]:
 
 
 def _paths(dry: bool) -> List[Spec]:
-    """Single tile and chunked (layernorm) / one tile and split (none, scale), dense and with a
-    mask + per-sample counts; on the device at natural sizes, dry: MAX_BLOCK_ELEMS=64 as the tests do."""
+    """One tile and several tiles per image (layernorm: the split path; none, scale: one program
+    per tile), dense and with a mask + per-sample counts; on the device at natural sizes, dry:
+    MAX_BLOCK_ELEMS=64 as the tests do."""
     out = []
     for sparse in (False, True):
         for s in STRATEGIES:
@@ -310,7 +311,7 @@ def _paths(dry: bool) -> List[Spec]:
             small = (5, 4, 9, 11) if not dry else (5, 4, 3, 5)
             big, lower = ((5, 4, 45, 61), None) if not dry else ((5, 4, 5, 9), 64)
             out.append(Spec(f"{s}-path-single{tag}", small, (8, 5, 3, 4), 3, s, mask=sparse, counts=sparse))
-            out.append(Spec(f"{s}-path-chunked{tag}", big, (8, 5, 3, 4), 3, s, mask=sparse, counts=sparse,
+            out.append(Spec(f"{s}-path-split{tag}", big, (8, 5, 3, 4), 3, s, mask=sparse, counts=sparse,
                             max_block_elems=lower))
     return out
 
@@ -318,9 +319,9 @@ def _paths(dry: bool) -> List[Spec]:
 def _extras(dry: bool) -> List[Spec]:
     lower = 64 if dry else None
     big = (3, 4, 5, 7) if dry else (3, 4, 45, 61)
-    out = [Spec("layernorm-chunked-bf16-cl", big, (8, 5, 3, 4), 2, "layernorm", "bf16", channels_last=True,
+    out = [Spec("layernorm-split-bf16-cl", big, (8, 5, 3, 4), 2, "layernorm", "bf16", channels_last=True,
                 max_block_elems=lower),
-           Spec("layernorm-chunked-fp16-mask", big, (8, 5, 3, 4), 2, "layernorm", "fp16", mask=True,
+           Spec("layernorm-split-fp16-mask", big, (8, 5, 3, 4), 2, "layernorm", "fp16", mask=True,
                 max_block_elems=lower)]
     for s in STRATEGIES:
         out.append(Spec(f"{s}-rank3-bf16-cl-mask", (3, 3, 37), (7, 2, 16), 2, s, "bf16", channels_last=True, mask=True))

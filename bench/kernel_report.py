@@ -57,7 +57,6 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
     from rfsq_kernels.gpucheck import sweep
     from rfsq_kernels.gpucheck.binary import approx_math, sass_listing, sass_loops
     from rfsq_kernels.gpucheck.driver import offline_target
-    from rfsq_kernels.kernels import config
 
     rows, sass = [], {}
     by_name = {c.name: c for c in cases}
@@ -65,10 +64,8 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
         for case in cases:
             for direction in ("forward", "backward"):
                 n0 = len(drv.launches)
-                # the runtime switch, not the check's split cases (sweep.Case(split=...)): the report
-                # shows what the launchers do today
                 sweep.run_case(sweep.Case(direction, case.strategy, case.stages, tuple(case.levels),
-                                          case.torch_dtype, tuple(case.shape), split=config.LAYERNORM_SPLIT))
+                                          case.torch_dtype, tuple(case.shape)))
                 launches = drv.launches[n0:]
                 for i, launch in enumerate(launches):
                     rows.append(dict(case=case.name, direction=direction, launch_index=i,
@@ -87,10 +84,9 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
         tile = consts["BLOCK_C"] * consts["BLOCK_S"]
         case = by_name[row["case"]]
         programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
-        path = _path(consts, launch.kernel)
-        chunks, decodes = loop_trips(path, case, consts["BLOCK_S"], programs, row["launch_index"])
-        executed = executed_estimate(n_sass, loops, path, row["direction"], case.stages, chunks, consts["BLOCK_C"],
-                                     decodes)
+        path = _path(launch.kernel)
+        chunks, decodes = loop_trips(path, case, consts["BLOCK_S"], programs, row["launch_index"], row["direction"])
+        executed = executed_estimate(n_sass, loops, path, case.stages, chunks, consts["BLOCK_C"], decodes)
         occ = occupancy(arch, launch.num_warps, res.registers, res.shared_bytes)
         out.append(dict(
             row, kernel=launch.kernel.strip("_"), path=path,
@@ -111,63 +107,65 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
     return out
 
 
-def loop_trips(path: str, case: Case, block_s: int, programs: int, launch_index: int) -> Tuple[float, int]:
+def loop_trips(path: str, case: Case, block_s: int, programs: int, launch_index: int,
+               direction: str = "forward") -> Tuple[float, int]:
     """``(chunks, decodes)`` for :func:`executed_estimate`: the tile loop's trips per program
     (the image's ``ceil(S / BLOCK_S)`` tiles; on the split path shared by the image's
     ``programs / B`` programs, so the mean over programs -- short and empty last slices included --
-    times the programs is exactly the tiles run) and the split path's decode loop trips (launch
-    ``l`` of the split forward decodes stages ``0 .. l-2``: ``l - 1`` trips, none in launch 0)."""
+    times the programs is exactly the tiles run) and the split path's decode loop trips: launch
+    ``l`` of the split forward decodes stages ``0 .. l-2`` (``l - 1`` trips, none in launch 0);
+    launch ``l`` of the split backward rebuilds ``r_{K-1-l}`` (``K - 1 - l`` trips, none in the
+    last launch)."""
     tiles = math.ceil(math.prod(case.shape[2:]) / block_s)
     if path != "split":
         return tiles, 0
-    return tiles / (programs / case.shape[0]), max(launch_index - 1, 0)
+    decodes = launch_index - 1 if direction == "forward" else case.stages - 1 - launch_index
+    return tiles / (programs / case.shape[0]), max(decodes, 0)
 
 
-def executed_estimate(n_sass: int, loops, path: str, direction: str, stages: int, chunks: float,
+def executed_estimate(n_sass: int, loops, path: str, stages: int, chunks: float,
                       channels: int = 1, decodes: int = 0) -> float:
     """Instructions one thread executes (a model): every SASS instruction once, times the trip
     counts of the loops around it. Loops are recognised by their nesting, which follows the
-    kernels' source: the stage loop runs K times, a chunk loop ``chunks`` times, a replay loop
-    (K-1)/2 times on average; the chunked forward's second outer loop is its output pass over
-    chunks with the stage loop inside; the channel-row backward's loop runs over its ``channels``
-    rows (its stages are unrolled); the split forward's tile loop runs ``chunks`` times (per
-    program, :func:`loop_trips`) with its decode loop inside, ``decodes`` times. Branches inside
+    kernels' source: the single-tile stage loop runs K times, a rebuild loop inside it (K-1)/2
+    times on average; the channel-row backward's loop runs over its ``channels`` rows (its
+    stages are unrolled); a split launch's tile loop runs ``chunks`` times (per program,
+    :func:`loop_trips`) with its decode loop inside, ``decodes`` times. Branches inside
     loops (libdevice tanh's rare path) are counted as taken, so this overestimates slightly."""
     replay = (stages - 1) / 2
     outer = [l for l in loops if not any(o != l and o[0] <= l[0] and l[1] <= o[1] for o in loops)]
 
-    def trips(loop, depth, top_index):
-        if path == "chunked" and direction == "forward" and top_index > 0:
-            return (chunks, stages)[min(depth, 1)]          # output pass: chunks, then stages
+    def trips(loop, depth):
         table = {"tiled": (stages,), "rows-backward": (channels,), "single": (stages, replay),
-                 "chunked": (stages, chunks, replay), "split": (chunks, decodes)}[path]
+                 "split": (chunks, decodes)}[path]
         return table[min(depth, len(table) - 1)]
 
     weight = [1.0] * n_sass
 
-    def visit(loop, depth, top_index):
-        t = trips(loop, depth, top_index)
+    def visit(loop, depth):
+        t = trips(loop, depth)
         for i in range(loop[0], loop[1] + 1):
             weight[i] *= t
         inner = [l for l in loops if l != loop and loop[0] <= l[0] and l[1] <= loop[1]]
         direct = [l for l in inner if not any(o != l and o in inner and o[0] <= l[0] and l[1] <= o[1] for o in inner)]
         for l in direct:
-            visit(l, depth + 1, top_index)
+            visit(l, depth + 1)
 
-    for i, loop in enumerate(sorted(outer)):
-        visit(loop, 0, i)
+    for loop in sorted(outer):
+        visit(loop, 0)
     return sum(weight)
 
 
-def _path(consts: dict, kernel: str = "") -> str:
-    """single / chunked / split (layernorm: one program per image, with one tile or a loop over
-    chunks; several programs per image), tiled (none/scale: one program per image tile) or
-    rows-backward (the channel-row backward, a loop over the rows)."""
-    if kernel.strip("_") == "fwd_layernorm_split_kernel":
+def _path(kernel: str) -> str:
+    """single / split (layernorm: one program and one tile per image; several programs per image,
+    K + 1 launches), tiled (none/scale: one program per image tile) or rows-backward (the
+    channel-row backward, a loop over the rows)."""
+    name = kernel.strip("_")
+    if name in ("fwd_layernorm_split_kernel", "bwd_layernorm_split_kernel"):
         return "split"
-    if "ONE_TILE" in consts:
-        return "single" if consts["ONE_TILE"] else "chunked"
-    return "rows-backward" if kernel.strip("_") == "bwd_elementwise_rows_kernel" else "tiled"
+    if name in ("fwd_layernorm_kernel", "bwd_layernorm_kernel"):
+        return "single"
+    return "rows-backward" if name == "bwd_elementwise_rows_kernel" else "tiled"
 
 
 def count_bytes(groups, arch: int) -> Dict[str, Dict[str, int]]:
@@ -233,17 +231,10 @@ def direction_sums(rows: List[dict], nbytes: Dict[str, Dict[str, object]]) -> Li
     return out
 
 
-def switches() -> Dict[str, bool]:
-    """The launcher switches a report depends on, as this process has them."""
-    from rfsq_kernels.kernels import config
-
-    return {"RFSQ_LAYERNORM_SPLIT": config.LAYERNORM_SPLIT}
-
-
 def markdown(rows: List[dict], cases: List[Case], nbytes: Dict[str, Dict[str, int]], arch: int,
              switched: Optional[Dict[str, bool]] = None) -> str:
     """The report as one Markdown table (plus a header saying what it is and is not);
-    ``switched``: the launcher switches it was compiled with (:func:`switches`), when known."""
+    ``switched``: the environment switches an older report (``--from-json``) was compiled with."""
     env = "".join(f"{k}={int(v)} " for k, v in (switched or {}).items())
     head = (f"# Kernel report, sm_{arch} (static: compiled, not run)\n\n"
             f"Generated by `{env}python bench/kernel_report.py --arch {arch}`. **This is a static report, "
@@ -334,11 +325,10 @@ def main(argv=None) -> int:
     else:
         nbytes = {} if args.no_bytes else count_bytes(args.groups, args.arch)
     RESULTS.mkdir(exist_ok=True)
-    md = markdown(rows, cases, nbytes, args.arch, switches())
+    md = markdown(rows, cases, nbytes, args.arch)
     stem.with_suffix(".md").write_text(md)
     stem.with_suffix(".json").write_text(json.dumps(
         {"arch": args.arch, "static_report_not_a_timing": True, "sm_count": SM_COUNT[args.arch],
-         "switches": switches(),
          "rows": rows, "bytes": nbytes, "sums": direction_sums(rows, nbytes),
          "floors": {c.name: {m: floor_bytes(c, m) for m in ("fwd", "fwdbwd")} for c in cases}}, indent=1))
     print(md)

@@ -19,14 +19,14 @@ def lv(c, big):
 
 
 CASES = [
-    Case("backward", L, 3, lv(5, 0), torch.float32, (2, 5, 96, 96), split=True),
-    Case("backward", L, 3, lv(16, 0), torch.float32, (2, 16, 96, 96), split=True),
-    Case("backward", L, 3, lv(16, 1), torch.float32, (2, 16, 96, 96), split=True),
-    Case("backward", L, 3, lv(5, 0), torch.bfloat16, (2**31 // (5 * 96 * 96) + 1, 5, 96, 96), split=True),
-    Case("backward", L, 8, lv(16, 0), torch.float32, (2, 16, 96, 96), True, True, split=True),
-    Case("backward", L, 8, lv(5, 0), torch.float32, (2, 5, 96, 96), True, True, split=True),
-    Case("backward", L, 8, lv(16, 1), torch.float32, (2, 16, 96, 96), True, True, split=True),
-    Case("backward", L, 8, lv(16, 1), torch.float16, (2**31 // (16 * 96 * 96) + 1, 16, 96, 96), split=True),
+    Case("backward", L, 3, lv(5, 0), torch.float32, (2, 5, 96, 96)),
+    Case("backward", L, 3, lv(16, 0), torch.float32, (2, 16, 96, 96)),
+    Case("backward", L, 3, lv(16, 1), torch.float32, (2, 16, 96, 96)),
+    Case("backward", L, 3, lv(5, 0), torch.bfloat16, (2**31 // (5 * 96 * 96) + 1, 5, 96, 96)),
+    Case("backward", L, 8, lv(16, 0), torch.float32, (2, 16, 96, 96), True, True),
+    Case("backward", L, 8, lv(5, 0), torch.float32, (2, 5, 96, 96), True, True),
+    Case("backward", L, 8, lv(16, 1), torch.float32, (2, 16, 96, 96), True, True),
+    Case("backward", L, 8, lv(16, 1), torch.float16, (2**31 // (16 * 96 * 96) + 1, 16, 96, 96)),
 ]
 
 

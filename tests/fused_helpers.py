@@ -112,19 +112,16 @@ def compare(fused, ref, check_grads: bool = True):
             assert_close_grads(fused["grads"][k], ref["grads"][k], f"grad {k}")
 
 
-class FailOnChunked:
-    """Wraps a one-program-per-image layernorm kernel (``direction``: ``"forward"`` or
-    ``"backward"``): its single-tile launch may run, its chunked one fails the test -- how the split
-    tests prove the split path ran."""
+class MustNotLaunch:
+    """Stands in for a single-tile layernorm kernel (``direction``: ``"forward"`` or
+    ``"backward"``) that the shape under test must not reach: a launch fails the test -- how the
+    split tests prove the split path ran."""
 
-    def __init__(self, kernel, direction: str):
-        self.kernel, self.direction = kernel, direction
+    def __init__(self, direction: str):
+        self.direction = direction
 
     def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            assert kwargs["ONE_TILE"], f"the chunked layernorm {self.direction} ran with the split path on"
-            return self.kernel[grid](*args, **kwargs)
-        return run
+        raise AssertionError(f"the single-tile layernorm {self.direction} ran where the split path should")
 
 
 def mask_and_counts(batch, spatial, stages):

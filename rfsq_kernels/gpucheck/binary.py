@@ -95,36 +95,6 @@ def ptx_by_source(ptx: str) -> List[Tuple[str, int, str]]:
     return out
 
 
-def coherence_problems(ptx: str, sass: List[str], source: str, barrier_offsets: List[int]) -> List[str]:
-    """What breaks in-program communication through global memory.
-
-    A program that writes a buffer and reads it back from other threads (layernorm statistics,
-    the backward's ``G`` scratch) needs coherent loads -- ``ld.global.nc`` / ``LDG.E.CONSTANT``
-    go through the non-coherent texture path and may return stale data -- and a barrier
-    between writer and reader: some ``bar.sync`` must come from a ``tl.debug_barrier()`` line,
-    given as ``barrier_offsets`` (lines after the kernel's ``def`` line in file ``source``).
-    Offsets, not absolute lines: a cached binary may come from a checkout whose file has the
-    same kernel at other lines or another path. Returns one message per problem.
-    """
-    problems = []
-    ops = ptx_by_source(ptx)
-    nc = [f"{os.path.basename(f)}:{n}: {op}" for f, n, op in ops if op.split()[0].startswith("ld.global.nc")
-          or " ld.global.nc" in op]
-    if nc:
-        problems.append(f"{len(nc)} non-coherent PTX loads, e.g. {nc[0]}")
-    constant = [ins for ins in sass if ins.split()[0].startswith("LDG") and ".CONSTANT" in ins.split()[0]]
-    if constant:
-        problems.append(f"{len(constant)} non-coherent SASS loads, e.g. {constant[0]}")
-    name = os.path.basename(source)
-    def_line = next((n for f, n, _op in ops if os.path.basename(f) == name), None)  # entry = def line
-    barriers = [op for f, n, op in ops if def_line is not None and os.path.basename(f) == name
-                and n - def_line in barrier_offsets and "bar" in op.split()[0]]
-    if not barriers:
-        problems.append(f"no barrier instruction comes from the tl.debug_barrier() lines "
-                        f"(def + {barrier_offsets} in {name})")
-    return problems
-
-
 _BLOCK_LABEL = re.compile(r"^(?:(\$L__BB\w*):|//\s*%bb\.\d+:)\s*(?://\s*(.*))?$")
 _JUMP = re.compile(r"^bra(?:\.uni)?\s+(\$L__BB\w*);")
 #: Approximate float instructions libdevice's inlined ``tanhf`` may use (one each per call).

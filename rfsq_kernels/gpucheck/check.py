@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import inspect
 import multiprocessing
 import os
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .binary import approx_math, coherence_problems, sass_instructions
+from .binary import approx_math, sass_instructions
 
 #: Targets on which any register spill fails the check.
 NO_SPILL_ARCHS = (80, 90, 100)
@@ -69,11 +68,11 @@ def _run_task(arch: int, direction: str, family: str, full: bool, strategies: Op
     (default: all built-in ones), ``quick`` (:func:`.sweep.quick_cases`) and ``plugins``
     (:func:`load_plugins`) as for :func:`run_parallel`."""
     load_plugins(plugins)
-    from .sweep import all_cases, default_cases, quick_cases, structure_cases, sweep, vq_cases, with_split
+    from .sweep import all_cases, default_cases, quick_cases, structure_cases, sweep, vq_cases
     if quick:
         grid = quick_cases(strategies) if strategies else quick_cases()
     else:
-        grid = with_split(all_cases()) + vq_cases() if full else default_cases() if arch in FULL_GRID_ARCHS else structure_cases()
+        grid = all_cases() + vq_cases() if full else default_cases() if arch in FULL_GRID_ARCHS else structure_cases()
     cases = [c for c in grid if c.direction == direction and _family(c.strategy) == family
              and (strategies is None or c.strategy in strategies)]
     result = sweep(arch, cases)
@@ -94,14 +93,10 @@ def _run_task(arch: int, direction: str, family: str, full: bool, strategies: Op
                 compile_cpu_s=round(result.compile_cpu_s[launch.hash], 2), case=str(case),
                 grid=list(launch.grid), launches=0, paths=set())
         rec["launches"] += 1
-        if "ONE_TILE" in launch.constexprs:
-            rec["paths"].add("single" if launch.constexprs["ONE_TILE"] else "chunked")
-        else:
-            rec["paths"].add("split" if split else "single")
+        rec["paths"].add("split" if split else "single")
     for rec in records.values():
         rec["paths"] = sorted(rec["paths"])
         compiled = result.compiled[rec["hash"]]
-        rec["coherence"] = _coherence(rec, compiled)
         rec["approx"] = approx_math(compiled.asm["ptx"])
         rec["fp_fusion"] = bool(compiled.metadata.enable_fp_fusion)
         sass = sass_instructions(compiled.asm["cubin"])
@@ -110,26 +105,6 @@ def _run_task(arch: int, direction: str, family: str, full: bool, strategies: Op
         rec["sass_sha256"] = hashlib.sha256("\n".join(sass).encode()).hexdigest()
     failures = [(str(c), m) for c, m in result.failures]
     return list(records.values()), failures
-
-
-def barrier_offsets(kernel_name: str) -> Tuple[str, List[int]]:
-    """``(file, offsets)``: where the named kernel's ``tl.debug_barrier()`` calls are, as line
-    offsets from its ``def`` line."""
-    from .sweep import jit_function, kernel_modules
-    fn = jit_function(next(getattr(m, kernel_name) for m in kernel_modules() if hasattr(m, kernel_name)))
-    lines, _start = inspect.getsourcelines(fn.fn)
-    def_index = next(i for i, text in enumerate(lines) if text.lstrip().startswith("def "))
-    return inspect.getsourcefile(fn.fn), [i - def_index for i, text in enumerate(lines)
-                                          if "tl.debug_barrier()" in text]
-
-
-def _coherence(rec: dict, compiled) -> List[str]:
-    """Coherence problems of binaries that communicate through global memory inside a program
-    (the chunked layernorm paths: statistics, G scratch); [] for the others."""
-    if rec["constexprs"].get("ONE_TILE", True):
-        return []
-    return coherence_problems(compiled.asm["ptx"], sass_instructions(compiled.asm["cubin"]),
-                              *barrier_offsets(rec["kernel"]))
 
 
 def run_parallel(archs: Sequence[int], full: bool = False, jobs: int = 2, strategies: Optional[Sequence[str]] = None,
@@ -170,21 +145,14 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
             problems.append(f"- spills {b['spill_bytes']} B/thread ({b['registers']} registers): {b['kernel']} "
                             f"sm_{b['arch']} num_warps={b['num_warps']} {b['constexprs']} ({b['case']})")
     problems += arithmetic_problems(binaries)
-    for b in binaries:
-        for msg in b.get("coherence", []):
-            problems.append(f"- in-program communication: {msg}: {b['kernel']} sm_{b['arch']} "
-                            f"{b['constexprs']} ({b['case']})")
     families = {_family(s) for s in strategies} if strategies else None
-    coherent = [b for b in binaries if "chunked" in b["paths"]]
-    if complete and not coherent and (families is None or "layernorm" in families):
-        problems.append("- no chunked layernorm binary was checked for coherent loads")
     seen = defaultdict(set)
     for b in binaries:
         key = (b["arch"], b["kernel"])
         c = b["constexprs"]
         seen[key] |= {("path", p) for p in b["paths"]}
         seen[key] |= {("x_dtype", b["x_dtype"]), ("BLOCK_C", c["BLOCK_C"])}
-        # every boolean constexpr (USE_INT64, ONE_TILE, the HAS_* flags the kernels derive from their
+        # every boolean constexpr (USE_INT64, the HAS_* flags the kernels derive from their
         # optional pointers with @triton.heuristics, flags added later) must take both values
         seen[key] |= {(name, v) for name, v in c.items() if isinstance(v, bool) and name != "USE_LIBDEVICE"}
     for (arch, kernel), values in sorted(seen.items()):
@@ -203,8 +171,6 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
                 want |= {("x_dtype", d) for d in ("fp32", "bf16", "fp16")}
                 if "vq_fsq" not in kernel:  # the standalone FSQ has neither masks nor stage counts
                     want |= {(flag, v) for flag in ("HAS_MASK", "HAS_ACTIVE_STAGES") for v in (False, True)}
-            if kernel in ("_fwd_layernorm_kernel", "_bwd_layernorm_kernel"):
-                want |= {("ONE_TILE", v) for v in (False, True)}
             missing = want - seen[(arch, kernel)]
             if missing:
                 problems.append(f"- sweep never reached {sorted(missing)} of {kernel} on sm_{arch}")
@@ -214,9 +180,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
 def required_kernels(families: Optional[Sequence[str]] = None, arch: Optional[int] = None
                      ) -> List[Tuple[str, Tuple[str, ...]]]:
     """``(kernel, paths)`` that a complete sweep for ``arch`` must launch, of the kernel
-    ``families`` given (default: all): the kernels the launchers choose under the current
-    switches and the split layernorm forward and backward, which the sweep compiles whatever the
-    runtime switches say."""
+    ``families`` given (default: all): every kernel the launchers can choose."""
     from .sweep import VQ_RFSQ
     # A row tile holds at most 512 positions, and the structural grid (every target outside
     # FULL_GRID_ARCHS) has no smaller image than 32x32: there every launch is several programs per
@@ -224,8 +188,8 @@ def required_kernels(families: Optional[Sequence[str]] = None, arch: Optional[in
     paths = ("single", "split") if arch is None or arch in FULL_GRID_ARCHS else ("split",)
     elementwise = (("_fwd_elementwise_rows_kernel", paths), ("_bwd_elementwise_rows_kernel", paths))
     by_family = {
-        "layernorm": (("_fwd_layernorm_split_kernel", ("split",)), ("_fwd_layernorm_kernel", ("single", "chunked")),
-                      ("_bwd_layernorm_split_kernel", ("split",)), ("_bwd_layernorm_kernel", ("single", "chunked"))),
+        "layernorm": (("_fwd_layernorm_split_kernel", ("split",)), ("_fwd_layernorm_kernel", ("single",)),
+                      ("_bwd_layernorm_split_kernel", ("split",)), ("_bwd_layernorm_kernel", ("single",))),
         "elementwise": elementwise,
         VQ_RFSQ: (("_fwd_vq_rfsq_kernel", ("single", "split")), ("_bwd_vq_rfsq_kernel", ("single", "split")),
                   ("_fwd_vq_fsq_kernel", ("single", "split")), ("_bwd_vq_fsq_kernel", ("single", "split"))),

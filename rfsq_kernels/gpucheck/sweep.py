@@ -3,9 +3,9 @@
 The grid is over the *inputs* a user can pass; which kernel, grid, tile, ``num_warps`` and
 constexprs each input gets is decided by ``rfsq_forward_launch`` / ``rfsq_backward_launch``
 themselves (the code that runs on a GPU). Spatial sizes and batch sizes are chosen so that the
-launcher's every path is reached (one tile or chunks per image, one or several programs per
-image -- the check's ``split`` -- 32- and 64-bit offsets), and
-:func:`coverage_gaps` checks afterwards, from the recorded launches, that it was.
+launcher's every path is reached (one tile or several per image, one or several programs per
+image -- the check's ``split`` path -- 32- and 64-bit offsets), and :func:`.check.check`
+checks afterwards, from the recorded launches, that it was.
 
 All tensors live on ``meta``: a 64-bit-offset input of 2**31 elements costs nothing.
 
@@ -15,7 +15,6 @@ every boolean constexpr of every kernel to take both values.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import resource
@@ -25,7 +24,6 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
-from ..kernels import config
 from ..kernels.launch import rfsq_backward_launch, rfsq_forward_launch
 from .driver import Launch, offline_target
 from rfsq_kernels.reference import STRATEGIES, get_strategy, index_dtype
@@ -34,7 +32,7 @@ DIRECTIONS = ("forward", "backward")
 STAGES = (1, 2, 3, 4, 8)
 CHANNELS = tuple(range(1, 17))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: Odd tiny image (one tile), the paper's 32x32 latent, and a large image (several tiles/chunks).
+#: Odd tiny image (one tile), the paper's 32x32 latent, and a large image (several tiles per image).
 SPATIAL = ((3, 5), (32, 32), (96, 96))
 
 
@@ -50,14 +48,11 @@ class Case:
     shape: Tuple[int, ...]
     mask: bool = False      # a (B, *spatial) padding mask is passed
     active_stages: bool = False  # per-sample stage counts (quantize dropout) are passed
-    split: bool = False     # the split layernorm path for this call (config.LAYERNORM_SPLIT forward,
-                            # config.LAYERNORM_SPLIT_BACKWARD backward), whatever the default
     groups: int = 1         # vq only: GroupedResidualFSQ's one launch for this many channel-slice groups
 
     def __str__(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
         extra = (" mask" if self.mask else "") + (" active_stages" if self.active_stages else "")
-        extra += " split" if self.split else ""
         extra += f" groups={self.groups}" if self.groups > 1 else ""
         return (f"{self.direction} strategy={self.strategy} K={self.stages} C={len(self.levels)} "
                 f"levels={list(self.levels)} dtype={dt} shape={'x'.join(map(str, self.shape))}{extra}")
@@ -116,20 +111,33 @@ def vq_cases(structure_only: bool = False) -> List[Case]:
     return out + [replace(c, groups=VQ_GROUPS) for c in out if not c.mask]
 
 
+def _image_stats_strategies() -> List[str]:
+    """The strategies with per-image statistics (``layernorm``): their single-tile kernels hold
+    the whole image, so at the widest channel tiles (sm_100's smaller tile) and with a mask in the
+    backward (half the tile) only the tiny image reaches them."""
+    return [s for s in STRATEGIES if get_strategy(s).per_image_stats]
+
+
 def structure_cases() -> List[Case]:
     """direction x strategy x every K x every C x the training and the large image, float32,
-    32-bit offsets (the structural part of :func:`default_cases`)."""
-    return (with_split(all_cases(spatial=SPATIAL[1:], dtypes=(torch.float32,), offsets=(32,)))
-            + split_backward_cases(structure_only=True) + vq_cases(structure_only=True))
+    32-bit offsets, and the tiny image for :func:`_image_stats_strategies` (the structural part
+    of :func:`default_cases`)."""
+    return (all_cases(spatial=SPATIAL[1:], dtypes=(torch.float32,), offsets=(32,))
+            + all_cases(strategies=_image_stats_strategies(), spatial=SPATIAL[:1], dtypes=(torch.float32,),
+                        offsets=(32,))
+            + vq_cases(structure_only=True))
 
 
 def sparse_cases() -> List[Case]:
     """Masks and per-sample stage counts (their own constexpr specializations): direction x
-    strategy x K=8 x the training and the large image, float32, 32-bit offsets; both flags at
-    C in {5, 16}, each flag alone at C=5."""
+    strategy x K=8 x the training and the large image (and the tiny one for
+    :func:`_image_stats_strategies`), float32, 32-bit offsets; both flags at C in {5, 16}, each
+    flag alone at C=5."""
     out = []
-    for base in all_cases(stages=(8,), channels=(5, 16), dtypes=(torch.float32,), spatial=SPATIAL[1:],
-                          offsets=(32,)):
+    bases = all_cases(stages=(8,), channels=(5, 16), dtypes=(torch.float32,), spatial=SPATIAL[1:], offsets=(32,))
+    bases += all_cases(strategies=_image_stats_strategies(), stages=(8,), channels=(5, 16), dtypes=(torch.float32,),
+                       spatial=SPATIAL[:1], offsets=(32,))
+    for base in bases:
         flags = [(True, True)] + ([(True, False), (False, True)] if len(base.levels) == 5 else [])
         out += [Case(base.direction, base.strategy, base.stages, base.levels, base.dtype, base.shape, m, d)
                 for m, d in flags]
@@ -154,39 +162,6 @@ def quick_cases(strategies: Iterable[str] = STRATEGIES) -> List[Case]:
     # four per direction reach one and several programs per image, both offset widths, stage counts.
     out += [replace(c, groups=VQ_GROUPS) for c in out
             if c.strategy == VQ_RFSQ and c.stages == 3 and len(c.levels) == 5 and not c.mask]
-    return with_split(out)
-
-
-def with_split(cases: Iterable[Case]) -> List[Case]:
-    """``cases`` plus, for each ``layernorm`` forward, the same call with the split path switched
-    on (``config.LAYERNORM_SPLIT``; images that fit one tile give the single-tile binary again).
-    Every case sets the switch itself (:func:`run_case`), so the grid, and what it proves, does
-    not depend on the runtime default: the split kernel is checked before it becomes the default."""
-    out = list(cases)
-    out += [replace(c, split=True) for c in out if c.direction == "forward" and c.strategy == "layernorm"]
-    return out
-
-
-def split_backward_cases(structure_only: bool = False) -> List[Case]:
-    """The split layernorm backward (``split=True``: ``config.LAYERNORM_SPLIT_BACKWARD`` on for the
-    call) on the large image, so that every launch has several programs per image: every channel
-    tile (C in 1, 2, 3, 5, 16; C = 16 with int32 and int64 indices) at K = 3, float32, 32-bit
-    offsets; unless ``structure_only``, also the cases that sit at the register cap (bf16 C=5 and
-    fp16 C=16 int64 with 64-bit offsets; masks and stage counts at K=8, both and each alone).
-    A few cases, not :func:`with_split` over the backward grid: its binaries repeat these tiles."""
-    large = SPATIAL[2]
-    out = [replace(c, split=True) for c in all_cases(directions=("backward",), strategies=["layernorm"], stages=(3,),
-                                                     channels=(1, 2, 3, 5, 16), dtypes=(torch.float32,),
-                                                     spatial=(large,), offsets=(32,))]
-    if structure_only:
-        return out
-    wide = (8,) * 16  # int64 indices
-    out += [Case("backward", "layernorm", 3, (3,) * 5, torch.bfloat16, (batches_for(5, large)[1], 5, *large),
-                 split=True),
-            Case("backward", "layernorm", 8, wide, torch.float16, (batches_for(16, large)[1], 16, *large), split=True)]
-    for levels, flags in (((3,) * 5, ((True, True), (True, False), (False, True))), (wide, ((True, True),))):
-        out += [Case("backward", "layernorm", 8, levels, torch.float32, (2, len(levels), *large), m, d, split=True)
-                for m, d in flags]
     return out
 
 
@@ -200,9 +175,11 @@ def default_cases() -> List[Case]:
       offsets x all three images -- every load/store type and offset width, at the heaviest
       stage count, the paper's and the largest channel tile, with and without 16-divisible
       sizes;
-    * sparse: :func:`sparse_cases` (padding masks, per-sample stage counts);
-    * the split layernorm forward of every layernorm forward case (:func:`with_split`) and the
-      split backward's own cases (:func:`split_backward_cases`).
+    * sparse: :func:`sparse_cases` (padding masks, per-sample stage counts).
+
+    A ``layernorm`` case takes the path its shape takes at run time: the single-tile kernels, or
+    the split ones for an image larger than one tile (the large image at every C, the training
+    image at the widest channel tiles).
 
     The complete product of all axes is :func:`all_cases` (``--full``): thousands of binaries
     per target, hours on 2 cores.
@@ -211,7 +188,7 @@ def default_cases() -> List[Case]:
     boundary = all_cases(strategies=[s for s in STRATEGIES if get_strategy(s).params], stages=(8,),
                          channels=(5, 16))
     seen, out = set(), []
-    for case in with_split(structure + boundary + sparse_cases()) + split_backward_cases() + vq_cases():
+    for case in structure + boundary + sparse_cases() + vq_cases():
         if case not in seen:
             seen.add(case)
             out.append(case)
@@ -271,22 +248,9 @@ def run_case(case: Case) -> None:
     sparse = dict(mask=torch.empty((case.shape[0], *case.shape[2:]), dtype=torch.bool, device=meta) if case.mask else None,
                   active_stages=torch.empty((case.shape[0],), dtype=torch.int32, device=meta) if case.active_stages else None)
     if case.direction == "forward":
-        with _switched("LAYERNORM_SPLIT", case.split):
-            rfsq_forward_launch(z, list(case.levels), k, case.strategy, params, **sparse)
-        return
-    with _switched("LAYERNORM_SPLIT_BACKWARD", case.split):
+        rfsq_forward_launch(z, list(case.levels), k, case.strategy, params, **sparse)
+    else:
         run_backward_case(case, z, row, params, sparse)
-
-
-@contextlib.contextmanager
-def _switched(name: str, value: bool):
-    """``config.<name>`` (a launcher switch) set to ``value`` for one call, restored after."""
-    saved = getattr(config, name)
-    setattr(config, name, value)
-    try:
-        yield
-    finally:
-        setattr(config, name, saved)
 
 
 def run_backward_case(case: Case, z: torch.Tensor, row, params: Tuple[torch.Tensor, ...], sparse: dict) -> None:

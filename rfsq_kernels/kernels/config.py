@@ -15,7 +15,6 @@ tiles per image in the other families: it also caps the chunk, so ``MAX_BLOCK_EL
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -26,7 +25,8 @@ from ..reference.codebook import fsq_constants, index_basis, index_dtype
 
 #: Largest padded image (``BLOCK_C * next_pow2(S)``) that the layernorm kernels keep in one tile.
 MAX_BLOCK_ELEMS = 8192
-#: Tile of the chunked layernorm passes and of the vector-quantize-pytorch kernels (capped by MAX_BLOCK_ELEMS).
+#: Base tile (a chunk) of the split layernorm paths and tile of the vector-quantize-pytorch kernels (capped by
+#: MAX_BLOCK_ELEMS).
 CHUNK_ELEMS = 2048
 #: Elements per thread of a full chunk (8 warps at 2048) and of the one-tile layernorm path.
 CHUNK_ELEMS_PER_THREAD = 8
@@ -38,7 +38,7 @@ ONE_TILE_ELEMS_PER_THREAD = 4
 FP_FUSION = False
 ONE_TILE_WARPS = {"forward": (4, 16), "backward": (4, 32)}
 #: Targets (compute capability >= this) whose ptxas spills the layernorm kernels at the sm_80/90
-#: tiles (sm_100: 8-32 B at a single 8x1024 tile, 8 B in the chunked backward): they keep half of
+#: tiles (sm_100: 8-32 B at a single 8x1024 tile): they keep half of
 #: MAX_BLOCK_ELEMS in one tile and use the sparse chunks (half the chunk, 4 elements per thread).
 SMALL_ONE_TILE_ARCH = 100
 #: Elements per thread of a full chunk when a mask or per-sample stage counts are passed.
@@ -85,8 +85,10 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
     ``spatial``; ``int64``: the launch uses 64-bit offsets; ``sparse``: a mask or per-sample
     stage counts are passed; ``arch``: the compute capability compiled for (None: interpreter).
     One tile up to ``MAX_BLOCK_ELEMS`` padded elements (half of it for a 64-bit-offset forward,
-    for a sparse backward and on ``SMALL_ONE_TILE_ARCH`` and later), chunks otherwise (register
-    cap :data:`CHUNKED_LAYERNORM_MAXNREG`; half chunks for the backward)."""
+    for a sparse backward and on ``SMALL_ONE_TILE_ARCH`` and later); otherwise the chunk that the
+    split kernels cut their own tiles from (``split_block_s`` of :mod:`.layernorm_split` and
+    :mod:`.layernorm_split_backward`; register cap :data:`SPLIT_LAYERNORM_MAXNREG`; half chunks
+    for the backward)."""
     block_c, block_s = next_pow2(channels), next_pow2(spatial)
     single_max = MAX_BLOCK_ELEMS // 2 if int64 and direction == "forward" else MAX_BLOCK_ELEMS
     if arch is not None and arch >= SMALL_ONE_TILE_ARCH:
@@ -97,30 +99,20 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
     if block_c * block_s <= single_max:
         warps = _warps(block_c * block_s, ONE_TILE_ELEMS_PER_THREAD, *ONE_TILE_WARPS[direction])
         return Tiles(block_c, max(block_s, 2), warps, True)
-    # The chunked backward also holds its residual rebuild's digit columns: it takes the half
-    # chunk, like a sparse one.
+    # The backward also holds its residual rebuild's digit columns: it takes the half chunk, like a
+    # sparse one.
     half = sparse or direction == "backward"
     return replace(_chunk_tiles(block_c, spatial, half), one_tile=False,
-                   maxnreg=CHUNKED_LAYERNORM_MAXNREG)
+                   maxnreg=SPLIT_LAYERNORM_MAXNREG)
 
 
-#: Register cap (Triton's ``maxnreg``) of the chunked layernorm launches (``Tiles.maxnreg``).
+#: Register cap (Triton's ``maxnreg``) of the split layernorm launches (``Tiles.maxnreg``).
 #: Without one, ptxas settles on 80 registers and spills around the calls of ``div.rn`` /
 #: ``sqrt.rn``'s slow-path subroutine; with it they use ~96 and do not spill (bench/NOTES.md).
 #: 8 warps could hold 255.
-CHUNKED_LAYERNORM_MAXNREG = 128
+SPLIT_LAYERNORM_MAXNREG = 128
 
 
-#: Switch of the split ``layernorm`` forward (:mod:`.layernorm_split`): images that do not fit
-#: one tile are spread over several programs per image (a grid that fills the GPU) instead of
-#: the chunked one-program-per-image kernel. On by default; ``RFSQ_LAYERNORM_SPLIT=0`` (or this
-#: attribute set to False) selects the chunked forward, which stays until the split backward lands.
-LAYERNORM_SPLIT = os.environ.get("RFSQ_LAYERNORM_SPLIT", "1") == "1"
-#: Switch of the split ``layernorm`` backward (:mod:`.layernorm_split_backward`): images that do
-#: not fit one tile get several programs per image in K + 1 launches instead of the chunked
-#: one-program-per-image backward. Off by default; ``RFSQ_LAYERNORM_SPLIT_BACKWARD=1`` (or this
-#: attribute set to True) turns it on.
-LAYERNORM_SPLIT_BACKWARD = os.environ.get("RFSQ_LAYERNORM_SPLIT_BACKWARD", "0") == "1"
 #: Programs the split path aims for over a whole launch: two per SM of a 132-SM H100.
 SPLIT_MIN_PROGRAMS = 2 * 132
 #: Tests force a number of programs per image (some slices then may be empty); None: the plan.

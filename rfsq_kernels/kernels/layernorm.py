@@ -1,7 +1,10 @@
-"""Kernels of the ``layernorm`` strategy (per-image statistics): forward, backward, launchers and
-output allocation. Each stage's mean/std reduce over all positions of an image, so one program
-owns one image. The launchers are called through :mod:`.launch`, which answers
-problems without positions itself. Design: ``docs/kernel-design.md``.
+"""Kernels of the ``layernorm`` strategy (per-image statistics): the single-tile forward and
+backward, the stage helpers the split kernels share, the launchers and output allocation. Each
+stage's mean/std reduce over all positions of an image: an image that fits one tile is one
+program (here); a larger one is spread over several programs per image in K + 1 launches each
+way (:mod:`.layernorm_split`, :mod:`.layernorm_split_backward`). The launchers are called
+through :mod:`.launch`, which answers problems without positions itself. Design:
+``docs/kernel-design.md``.
 
 Besides the bundles of :mod:`.tile_io` and :mod:`.fsq_math`, these helpers take ``stats = (mean_ptr, std_ptr,
 factor_ptr, stat_start)`` -- the ``(B, K, C)`` saved statistics, the backward's ``(B, K, 2, C)``
@@ -26,7 +29,7 @@ from .fpmath import as_f32, div_rn, recip_rn
 from .launch_settings import launch
 from .fsq_math import fsq_code, fsq_dcode, load_digit_range, load_levels, load_levels_tabled
 from .tile_io import (image_prologue, keep_only, load_active_stages, load_tile, masked_row_sum, spatial_lanes,
-                      stage_keep, store_index, store_tile, tile_view)
+                      stage_keep, store_index, store_tile)
 
 
 @triton.jit
@@ -63,7 +66,7 @@ def stage_factors(stats, k, chan, weight, sd):
     """Stage ``k``'s ``(weight / sd, sd / weight)`` columns: computed (:func:`ln_factors`) in the
     forward; loaded in the backward, whose host computed them with torch -- the same IEEE
     divisions of the same float32 values, so the stage's value is unchanged, and no ``div.rn`` (whose
-    slow-path subroutine needs a stack frame) sits in the backward's chunk loops."""
+    slow-path subroutine needs a stack frame) sits in the backward's stage loops."""
     _mean_ptr, _std_ptr, factor_ptr, stat_start = stats
     if factor_ptr is None:
         return ln_factors(weight, sd)
@@ -88,24 +91,6 @@ def ln_stage(r, mu, factors, bias, fsq, USE_LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def ln_replay(x, stats, affine, chan, fsq, nstages, valid, active_stages, HAS_MASK: tl.constexpr,
-              HAS_ACTIVE_STAGES: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """Residual ``r_nstages`` from the input tile ``x`` and the saved statistics.
-
-    A runtime loop (``nstages`` is the caller's runtime stage index): code size and compile time
-    do not grow with K, and only one stage's values are live at a time.
-    """
-    r = x
-    for j in range(nstages):
-        mu, sd = ln_stats(stats, j, chan)
-        weight, bias = ln_affine(affine, j, chan)
-        q, _code, _t, _rounded = ln_stage(r, mu, stage_factors(stats, j, chan, weight, sd), bias, fsq,
-                                          USE_LIBDEVICE)
-        r = r - keep_only(q, valid, active_stages, j, HAS_MASK, HAS_ACTIVE_STAGES)
-    return r
-
-
-@triton.jit
 def _ln_emit(r, acc, mu, sd, k, stats, affine, chan, fsq, digits, index_rows, valid, active_stages,
              HAS_MASK: tl.constexpr, HAS_ACTIVE_STAGES: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """Quantize stage ``k`` with known statistics and store its indices; returns ``(r_{k+1}, acc + q_k)``."""
@@ -117,24 +102,15 @@ def _ln_emit(r, acc, mu, sd, k, stats, affine, chan, fsq, digits, index_rows, va
 
 
 @triton.jit
-def _ln_store_stats(stats, affine, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES: tl.constexpr):
-    """Write stage ``k``'s ``[BLOCK_C]`` statistics; a dropped stage stores the neutral ``(0, 1)``.
-    With a factor table (the chunked path) also its ``(weight/sd, sd/weight)`` of the stored
-    ``sd``: computed once here, loaded by every later chunk's replay (:func:`stage_factors`)."""
-    mean_ptr, std_ptr, factor_ptr, stat_start = stats
+def _ln_store_stats(stats, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES: tl.constexpr):
+    """Write stage ``k``'s ``[BLOCK_C]`` statistics; a dropped stage stores the neutral ``(0, 1)``."""
+    mean_ptr, std_ptr, _factor_ptr, stat_start = stats
     offs_c, mask_c, C = chan
     if HAS_ACTIVE_STAGES:
         mu = tl.where(k < active_stages, mu, 0.0)
         sd = tl.where(k < active_stages, sd, 1.0)
     tl.store(mean_ptr + stat_start + k * C + offs_c, mu, mask=mask_c)
     tl.store(std_ptr + stat_start + k * C + offs_c, sd, mask=mask_c)
-    if factor_ptr is not None:
-        weight_ptr, _bias_ptr = affine
-        weight = tl.load(weight_ptr + k * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)
-        w_sd, sd_w = ln_factors(weight, sd)
-        row = factor_ptr + 2 * stat_start + 2 * k * C + offs_c
-        tl.store(row, w_sd, mask=mask_c)
-        tl.store(row + C, sd_w, mask=mask_c)
 
 
 @triton.heuristics(layouts.FLAGS_FROM_POINTERS)
@@ -145,99 +121,57 @@ def _fwd_layernorm_kernel(
     idx_ptr,            # out: packed indices, (B, S, K) contiguous, int32 or int64
     mean_ptr,           # out: per-image statistics, (B, K, C) float32 contiguous
     std_ptr,            # out: (B, K, C) float32 contiguous
-    factor_ptr,         # scratch (B, K, 2, C) float32 (weight/std, std/weight) of the chunked path, or None
     param_ptrs,         # tuple (weight_ptr, bias_ptr): the strategy's (K, C) parameter group
     consts_ptr,         # (6, C) float32 level constants (config.level_tables)
     basis_ptr,          # (C,) mixed-radix place values in the index dtype (int32 or int64)
     valid_ptr,          # (B, S) uint8 padding mask (1 = valid), or None
     active_stages_ptr,  # (B,) int32 stages each image runs, or None
     C,                  # channels
-    S,                  # flattened spatial positions per image
+    S,                  # flattened spatial positions per image (S <= BLOCK_S)
     stride_xb, stride_xc, stride_xs,  # z's strides: image, channel, flattened spatial
     stride_qb, stride_qc, stride_qs,  # quantized's strides
     eps,                # variance epsilon
     K,                  # stages (runtime: one binary serves every K)
     BLOCK_C: tl.constexpr,            # next_pow2(C): every channel in one program
-    BLOCK_S: tl.constexpr,            # spatial positions per tile (the whole image with ONE_TILE)
-    ONE_TILE: tl.constexpr,           # S <= BLOCK_S: the image stays in registers
+    BLOCK_S: tl.constexpr,            # spatial positions of the tile: the whole image
     HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
     HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
     USE_INT64: tl.constexpr,          # some offset may reach 2**31: index in 64 bits
     USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice tanh/rint; interpreter: fallbacks
 ):
-    """``layernorm`` forward: one program per image, stages as a runtime loop.
-
-    ``ONE_TILE`` (S <= BLOCK_S): the image stays in registers for all K stages. Otherwise, per
-    stage, a mean sweep and a centred-variance sweep over chunks (residual replayed from the
-    input and the statistics already written), then one output pass. With ``HAS_MASK`` the
-    statistics count valid positions only (at least 1); with ``HAS_ACTIVE_STAGES`` stages
-    ``k >= active_stages`` quantize nothing.
+    """``layernorm`` forward of an image that fits one tile: one program per image, the image in
+    registers for all K stages (a runtime loop). With ``HAS_MASK`` the statistics count valid
+    positions only (at least 1); with ``HAS_ACTIVE_STAGES`` stages ``k >= active_stages``
+    quantize nothing. Larger images: :mod:`.layernorm_split`.
     """
     img, (x_view, q_view), valid_row, stat_start, offs_c, mask_c = image_prologue(
         ((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
         valid_ptr, C, S, K, BLOCK_C, USE_INT64)
-    stats = (mean_ptr, std_ptr, factor_ptr, stat_start)
+    stats = (mean_ptr, std_ptr, None, stat_start)  # no factor table: the forward divides (stage_factors)
     affine = param_ptrs
     chan = (offs_c, mask_c, C)
     fsq = load_levels(consts_ptr, offs_c, mask_c, C)
     digits = load_digit_range(consts_ptr, basis_ptr, offs_c, mask_c, C)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
-    if ONE_TILE:
-        offs_s, mask_s, valid = spatial_lanes(0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
-        mask = mask_c[:, None] & valid[None, :]
-        n = as_f32(S)
-        if HAS_MASK:
-            n = tl.maximum(tl.sum(valid.to(tl.float32), axis=0), 1.0)
-        # The statistics are sums in another order than torch's anyway (not bitwise): one IEEE
-        # reciprocal per program, multiplied; only the value path's w/sd and sd/w are divided.
-        inv_n = recip_rn(n)
-        r = load_tile(x_view, offs_c, offs_s, mask)
-        acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-        index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_index
-        for k in range(K):
-            mu = masked_row_sum(r, mask) * inv_n
-            d = r - mu[:, None]
-            sd = tl.sqrt_rn(masked_row_sum(d * d, mask) * inv_n + eps)
-            _ln_store_stats(stats, affine, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES)
-            r, acc = _ln_emit(r, acc, mu[:, None], sd[:, None], k, stats, affine, chan, fsq, digits, index_rows, valid,
-                              active_stages, HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
-        store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
-    else:
-        # Positions entering the statistics and their IEEE reciprocal, once per program (not per
-        # stage: fewer div.rn slow-path calls in the stage loop).
-        inv_n = recip_rn(_valid_count(valid_row, S, BLOCK_S, HAS_MASK, USE_INT64))
-        for k in range(K):
-            # Sweep 0 sums the replayed residual r_k over the image's chunks (mean); sweep 1 sums
-            # its centred squares (variance). One chunk loop, unrolled twice.
-            for sweep in tl.static_range(2):
-                total = tl.zeros([BLOCK_C], dtype=tl.float32)
-                for s0 in range(0, S, BLOCK_S):
-                    offs_s, _mask_s, valid = spatial_lanes(s0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
-                    mask = mask_c[:, None] & valid[None, :]
-                    r = ln_replay(load_tile(x_view, offs_c, offs_s, mask), stats, affine, chan, fsq, k, mask, active_stages,
-                                  HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
-                    if sweep == 0:
-                        total += masked_row_sum(r, mask)
-                    else:
-                        d = r - mu[:, None]
-                        total += masked_row_sum(d * d, mask)
-                if sweep == 0:
-                    mu = total * inv_n  # statistics: multiplied (see the one-tile path)
-            sd = tl.sqrt_rn(total * inv_n + eps)
-            _ln_store_stats(stats, affine, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES)
-            # Later passes re-read these statistics, possibly from other threads of the program.
-            tl.debug_barrier()
-        for s0 in range(0, S, BLOCK_S):
-            offs_s, mask_s, valid = spatial_lanes(s0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
-            r = load_tile(x_view, offs_c, offs_s, mask_c[:, None] & valid[None, :])
-            acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-            index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_index
-            for k in range(K):
-                # New names: mu/sd above are [BLOCK_C]; a loop must not rebind them as [BLOCK_C, 1].
-                mu_col, sd_col = ln_stats(stats, k, chan)
-                r, acc = _ln_emit(r, acc, mu_col, sd_col, k, stats, affine, chan, fsq, digits, index_rows, valid,
-                                  active_stages, HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
-            store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
+    offs_s, mask_s, valid = spatial_lanes(0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
+    mask = mask_c[:, None] & valid[None, :]
+    n = as_f32(S)
+    if HAS_MASK:
+        n = tl.maximum(tl.sum(valid.to(tl.float32), axis=0), 1.0)
+    # The statistics are sums in another order than torch's anyway (not bitwise): one IEEE
+    # reciprocal per program, multiplied; only the value path's w/sd and sd/w are divided.
+    inv_n = recip_rn(n)
+    r = load_tile(x_view, offs_c, offs_s, mask)
+    acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)  # see store_index
+    for k in range(K):
+        mu = masked_row_sum(r, mask) * inv_n
+        d = r - mu[:, None]
+        sd = tl.sqrt_rn(masked_row_sum(d * d, mask) * inv_n + eps)
+        _ln_store_stats(stats, k, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES)
+        r, acc = _ln_emit(r, acc, mu[:, None], sd[:, None], k, stats, affine, chan, fsq, digits, index_rows, valid,
+                          active_stages, HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
+    store_tile(q_view, acc, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
 
 
 @triton.jit
@@ -274,7 +208,7 @@ def _ln_bwd_tile(x, g_minus_G, mask, k, stats, affine, chan, fsq, rebuild, activ
     (``cn = (code - bias) / weight``) and the column ``weight / sd``. ``r_k`` is rebuilt from the
     earlier stages' indices (:func:`ln_rebuild`, ``rebuild`` as there); only stage ``k`` itself
     is evaluated through ``tanh`` (its derivative needs ``t``). ``1 / sd`` is applied per
-    channel in :func:`_ln_bwd_coeffs`, outside the chunk loop: no division here.
+    channel in :func:`_ln_bwd_coeffs`, outside the tile loop: no division here.
     """
     r = ln_rebuild(x, k, rebuild, affine, chan, fsq, mask, active_stages, HAS_MASK, HAS_ACTIVE_STAGES,
                    USE_LIBDEVICE)
@@ -367,26 +301,12 @@ def _ln_dr(h, xc, coeffs, inv_n, mask, HAS_MASK: tl.constexpr):
     return dr
 
 
-@triton.jit
-def _valid_count(valid_row, S, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, USE_INT64: tl.constexpr):
-    """Positions entering the image's statistics (float32): S, or its valid ones (at least 1)."""
-    if HAS_MASK:
-        count = 0.0
-        for s0 in range(0, S, BLOCK_S):
-            _offs_s, _mask_s, valid = spatial_lanes(s0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
-            count += tl.sum(valid.to(tl.float32), axis=0)
-        return tl.maximum(count, 1.0)
-    else:
-        return as_f32(S)
-
-
 @triton.heuristics(layouts.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "K"])
 def _bwd_layernorm_kernel(
     x_ptr,              # input z: (B, C, S) through stride_x*
     g_ptr,              # dL/dquantized: (B, C, S) through stride_g* (may be stride 0)
     dx_ptr,             # out: dL/dz, (B, C, S) through stride_dx*, z's dtype
-    scratch_ptr,        # float32 (B, C, S) G_{k+1} between stages (chunked path), or None (ONE_TILE)
     idx_ptr,            # the forward's packed indices, (B, S, K) contiguous, int32 or int64
     mean_ptr,           # the forward's statistics, (B, K, C) float32
     std_ptr,            # (B, K, C) float32
@@ -401,30 +321,26 @@ def _bwd_layernorm_kernel(
     valid_ptr,          # (B, S) uint8 padding mask, or None
     active_stages_ptr,  # (B,) int32 stages each image runs, or None
     C,                  # channels
-    S,                  # flattened spatial positions per image
+    S,                  # flattened spatial positions per image (S <= BLOCK_S)
     stride_xb, stride_xc, stride_xs,     # z's strides: image, channel, flattened spatial
     stride_gb, stride_gc, stride_gs,     # dL/dquantized's strides
     stride_dxb, stride_dxc, stride_dxs,  # dL/dz's strides
-    stride_scratch_b,   # the scratch's image stride, C * S (contiguous)
     K,                  # stages (runtime)
     BLOCK_C: tl.constexpr,            # next_pow2(C)
-    BLOCK_S: tl.constexpr,            # spatial positions per tile (the whole image with ONE_TILE)
-    ONE_TILE: tl.constexpr,           # the image fits one tile: V = g - G stays in registers
+    BLOCK_S: tl.constexpr,            # spatial positions of the tile: the whole image
     HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
     HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
     USE_INT64: tl.constexpr,          # 64-bit offsets
     USE_LIBDEVICE: tl.constexpr,      # real GPU: libdevice; interpreter: fallbacks
 ):
-    """``layernorm`` backward: one program per image; J_k couples the positions of each
-    (image, channel) through the mean and std, like a LayerNorm backward over the spatial axis.
+    """``layernorm`` backward of an image that fits one tile: one program per image; J_k couples
+    the positions of each (image, channel) through the mean and std, like a LayerNorm backward
+    over the spatial axis. ``V = g - G_{k+1}`` stays in registers across the stages.
 
     Stage ``k``'s residual is rebuilt from ``z`` and the stored indices of stages ``< k``
-    (:func:`ln_rebuild`); ``tanh`` runs once per stage and element.
-
-    ``ONE_TILE``: one tile holds the image; ``V = g - G_{k+1}`` stays in registers across the
-    stages. Otherwise two chunked sweeps per stage (sums, then ``G_k``) with ``G_{k+1}`` in the
-    float32 ``(B, C, S)`` scratch between stages. Parameter gradients go to per-image partials
-    ``(B, K, C)``, reduced on the host.
+    (:func:`ln_rebuild`); ``tanh`` runs once per stage and element. Parameter gradients go to
+    per-image partials ``(B, K, C)``, reduced on the host. Larger images:
+    :mod:`.layernorm_split_backward`.
     """
     img, (x_view, g_view, dx_view), valid_row, stat_start, offs_c, mask_c = image_prologue(
         ((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
@@ -436,79 +352,42 @@ def _bwd_layernorm_kernel(
     chan = (offs_c, mask_c, C)
     fsq = load_levels_tabled(consts_ptr, offs_c, mask_c, C)
     decodes = (mean_ptr, sdw_ptr, stat_start)
-    # Where the radix columns live is a register-allocation trade: the large single tiles and
-    # those of 16 channel lanes hold them for the whole program; the other programs load them
-    # before each rebuild, so they are not live across the stage's reductions and the
-    # subroutine calls of its divisions (the compile sweep spills otherwise).
-    RADIX_PER_PROGRAM: tl.constexpr = ONE_TILE and (BLOCK_C * BLOCK_S >= 4096 or BLOCK_C >= 16)
+    # Where the radix columns live is a register-allocation trade: the large tiles and those of
+    # 16 channel lanes hold them for the whole program; the other programs load them before each
+    # rebuild, so they are not live across the stage's reductions and the subroutine calls of
+    # its divisions (the compile sweep spills otherwise).
+    RADIX_PER_PROGRAM: tl.constexpr = BLOCK_C * BLOCK_S >= 4096 or BLOCK_C >= 16
     if RADIX_PER_PROGRAM:
         radix = load_radix(radix_ptr, offs_c, mask_c, C)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     inv_n = tl.load(inv_n_ptr + img)
-    if ONE_TILE:
-        offs_s, mask_s, valid = spatial_lanes(0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
-        mask = mask_c[:, None] & valid[None, :]
-        # Registers hold V = g - G_{k+1} (instead of g and G) and the stage being worked on; the
-        # input is re-read (from L1/L2: one image) for each stage's rebuild and g once more at
-        # the end (dx = g - V). Keeping x and g live too spilled on sm_80 (64 registers/thread
-        # at 32 warps).
-        V = load_tile(g_view, offs_c, offs_s, mask)
-        index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)
-        for k_rev in range(K):
-            k = K - 1 - k_rev
-            if not RADIX_PER_PROGRAM:
-                radix = load_radix(radix_ptr, offs_c, mask_c, C)
-            rebuild = (index_rows, decodes, radix)
-            x = load_tile(x_view, offs_c, offs_s, mask)
-            v, h, xc, qc, w_sd = _ln_bwd_tile(x, V, mask, k, stats, affine, chan, fsq, rebuild, active_stages,
-                                              HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
-            sums = _ln_sums(v, h, xc, qc, mask)
-            # The direct path of dL/dr needs no reduction: apply it now, so that only x, V and
-            # xc stay live across the reductions' barriers.
-            V = V - h * w_sd
-            _w_sd, dmu, dsd_sd = _ln_bwd_coeffs(sums, k, stats, inv_sd_ptr, dparts, chan)
-            # (Padding picks up the statistics' share here too, but V there never reaches a valid
-            # position -- v is masked -- and dx is zeroed there at the store.)
-            V = V - (dmu + dsd_sd * xc) * inv_n
-        dx = load_tile(g_view, offs_c, offs_s, mask) - V
-        if HAS_MASK:
-            dx = tl.where(mask, dx, 0.0)
-        store_tile(dx_view, dx, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
-    else:
-        scratch_view = tile_view(scratch_ptr, img, stride_scratch_b, S, 1)
-        for k_rev in range(K):
-            k = K - 1 - k_rev
-            # Sweep 0 reduces the four per-channel sums of stage k over the image's chunks;
-            # sweep 1 applies dL/dr_k and stores G_k. One chunk loop, unrolled twice.
-            coeffs = None  # (weight/sd, dL/dmu, dL/dsd), set at the end of sweep 0
-            for sweep in tl.static_range(2):
-                sums = (tl.zeros([BLOCK_C], dtype=tl.float32), tl.zeros([BLOCK_C], dtype=tl.float32),
-                        tl.zeros([BLOCK_C], dtype=tl.float32), tl.zeros([BLOCK_C], dtype=tl.float32))
-                for s0 in range(0, S, BLOCK_S):
-                    offs_s, mask_s, valid = spatial_lanes(s0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
-                    mask = mask_c[:, None] & valid[None, :]
-                    x = load_tile(x_view, offs_c, offs_s, mask)
-                    g = load_tile(g_view, offs_c, offs_s, mask)
-                    G = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-                    if k < K - 1:
-                        G = load_tile(scratch_view, offs_c, offs_s, mask)
-                    radix = load_radix(radix_ptr, offs_c, mask_c, C)
-                    rebuild = ((idx_ptr, (img * S + offs_s) * K, mask_s), decodes, radix)
-                    v, h, xc, qc, _w_sd = _ln_bwd_tile(x, g - G, mask, k, stats, affine, chan, fsq, rebuild,
-                                                       active_stages, HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
-                    if sweep == 0:
-                        sums = _add_sums(sums, _ln_sums(v, h, xc, qc, mask))
-                    else:
-                        G = G + _ln_dr(h, xc, coeffs, inv_n, mask, HAS_MASK)
-                        inside = mask_c[:, None] & mask_s[None, :]
-                        if k == 0:
-                            store_tile(dx_view, G, offs_c, offs_s, inside)
-                        else:
-                            store_tile(scratch_view, G, offs_c, offs_s, inside)
-                if sweep == 0:
-                    coeffs = _ln_bwd_coeffs(sums, k, stats, inv_sd_ptr, dparts, chan)
-            # The next stage reads G_k back, possibly from other threads of the program.
-            tl.debug_barrier()
+    offs_s, mask_s, valid = spatial_lanes(0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
+    mask = mask_c[:, None] & valid[None, :]
+    # Registers hold V = g - G_{k+1} (instead of g and G) and the stage being worked on; the
+    # input is re-read (from L1/L2: one image) for each stage's rebuild and g once more at the
+    # end (dx = g - V). Keeping x and g live too spilled on sm_80 (64 registers/thread at 32 warps).
+    V = load_tile(g_view, offs_c, offs_s, mask)
+    index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)
+    for k_rev in range(K):
+        k = K - 1 - k_rev
+        if not RADIX_PER_PROGRAM:
+            radix = load_radix(radix_ptr, offs_c, mask_c, C)
+        rebuild = (index_rows, decodes, radix)
+        x = load_tile(x_view, offs_c, offs_s, mask)
+        v, h, xc, qc, w_sd = _ln_bwd_tile(x, V, mask, k, stats, affine, chan, fsq, rebuild, active_stages,
+                                          HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
+        sums = _ln_sums(v, h, xc, qc, mask)
+        # The direct path of dL/dr needs no reduction: apply it now, so that only x, V and xc stay
+        # live across the reductions' barriers.
+        V = V - h * w_sd
+        _w_sd, dmu, dsd_sd = _ln_bwd_coeffs(sums, k, stats, inv_sd_ptr, dparts, chan)
+        # (Padding picks up the statistics' share here too, but V there never reaches a valid
+        # position -- v is masked -- and dx is zeroed there at the store.)
+        V = V - (dmu + dsd_sd * xc) * inv_n
+    dx = load_tile(g_view, offs_c, offs_s, mask) - V
+    if HAS_MASK:
+        dx = tl.where(mask, dx, 0.0)
+    store_tile(dx_view, dx, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
 
 
 def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, ...]:
@@ -532,16 +411,13 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[t
     valid, active_stages = layouts.mask_and_active_stages(mask, active_stages, B, S)
     offsets = (x, quantized, indices)
     tiles = config.layernorm_tiles(C, S, "forward", layouts.needs_int64(*offsets), arch=config.target_arch(z))
-    if not tiles.one_tile and config.LAYERNORM_SPLIT:
-        from . import layernorm_split
+    if not tiles.one_tile:
         return layernorm_split.forward(z, levels, stages, params, eps, valid, active_stages, tiles,
                                        (quantized, indices, mean, std), fsq_shift)
-    # The chunked path's replay factors, written once per stage (no div.rn in its chunk loops).
-    factors = None if tiles.one_tile else torch.empty((B, stages, 2, C), dtype=torch.float32, device=z.device)
     launch(_fwd_layernorm_kernel, (B,),
-           (x, quantized, indices, mean, std, factors, (ln_weight, ln_bias), consts, basis, valid, active_stages,
+           (x, quantized, indices, mean, std, (ln_weight, ln_bias), consts, basis, valid, active_stages,
             C, S, *x_strides, *layouts.flat_strides(quantized), float(eps), stages),
-           tiles=tiles, tensors=offsets, ONE_TILE=tiles.one_tile)
+           tiles=tiles, tensors=offsets)
     return quantized, indices, mean, std
 
 
@@ -563,42 +439,39 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
     valid, active_stages = layouts.mask_and_active_stages(mask, active_stages, B, S)
     tiles = config.layernorm_tiles(C, S, "backward", sparse=valid is not None or active_stages is not None,
                                    arch=config.target_arch(z))
-    # G_{k+1} between the chunked path's stages; the one-tile path keeps it in registers.
-    split = not tiles.one_tile and config.LAYERNORM_SPLIT_BACKWARD
-    scratch = None if tiles.one_tile or split else torch.empty((B, C, S), dtype=torch.float32, device=z.device)
     # Parameter gradients as one partial sum per (image, stage, channel), reduced below in a fixed order.
     dw_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
     db_part = torch.empty((B, stages, C), dtype=torch.float32, device=z.device)
     # Each stage's (weight/sd, sd/weight): the same IEEE divisions the forward kernel made (and
-    # the reference makes), done once here instead of in every chunk of every stage.
+    # the reference makes), done once here instead of in every tile of every stage.
     # sd/weight also on its own (B, K, C), the layout the decodes of the rebuild read; 1/sd (IEEE,
     # the kernel's recip_rn) for the coefficients of dL/dr: no division left in the kernel's stage loop.
     w = ln_weight.float().unsqueeze(0)
     sd_w = std / w
     factors = torch.stack((w / std, sd_w), dim=2).contiguous()
     inv_sd = torch.reciprocal(std).contiguous()
-    # 1/n per image (the positions entering its statistics, at least 1): counted and divided here.
-    count = (torch.full((B,), float(S), dtype=torch.float32, device=z.device) if valid is None
-             else valid.sum(1, dtype=torch.float32).clamp_min(1.0))
-    inv_n = torch.reciprocal(count)
     radix = radix_table(levels, indices.dtype, z.device)
-    if split:
-        from . import layernorm_split_backward
+    if tiles.one_tile:
+        # 1/n per image (the positions entering its statistics, at least 1): counted and divided here.
+        count = (torch.full((B,), float(S), dtype=torch.float32, device=z.device) if valid is None
+                 else valid.sum(1, dtype=torch.float32).clamp_min(1.0))
+        inv_n = torch.reciprocal(count)
+        launch(_bwd_layernorm_kernel, (B,),
+               (x, g, grad_z, indices.contiguous(), mean, std, factors, sd_w, inv_sd, inv_n,
+                (ln_weight, ln_bias), (dw_part, db_part), consts, radix, valid, active_stages, C, S, *x_strides,
+                *g_strides, *layouts.flat_strides(grad_z), stages),
+               tiles=tiles, tensors=(x, g, grad_z, indices))
+    else:
         layernorm_split_backward.backward(
             (x, g, grad_z, indices.contiguous()), (x_strides, g_strides, layouts.flat_strides(grad_z)),
             (mean, std, factors, sd_w, inv_sd), (ln_weight, ln_bias), (dw_part, db_part), consts, radix, valid,
             active_stages, tiles, stages)
-    else:
-        launch(_bwd_layernorm_kernel, (B,),
-               (x, g, grad_z, scratch, indices.contiguous(), mean, std, factors, sd_w, inv_sd, inv_n,
-                (ln_weight, ln_bias), (dw_part, db_part), consts, radix, valid, active_stages, C, S, *x_strides,
-                *g_strides, *layouts.flat_strides(grad_z), C * S, stages),
-               tiles=tiles, tensors=(x, g, grad_z, scratch, indices), ONE_TILE=tiles.one_tile)
     grad_w.copy_(dw_part.sum(0))
     grad_b.copy_(db_part.sum(0))
     return grad_z, (grad_w, grad_b)
 
 
-# The rebuild's decode helpers live with the split forward, which imports this module's stage
-# helpers: imported last, once every name layernorm_split takes from here exists.
+# The split kernels and the rebuild's decode helpers (which live with the split forward) import
+# this module's stage helpers: imported last, once every name they take from here exists.
+from . import layernorm_split, layernorm_split_backward  # noqa: E402
 from .layernorm_split import decode_stage, load_radix, radix_table  # noqa: E402

@@ -247,8 +247,7 @@ def _fwd_layernorm_split_kernel(
         if part == 0:
             # The first program of the image publishes the statistics (the launches after this
             # one decode with them) and sd / weight; a dropped stage stores the neutral (0, 1).
-            _ln_store_stats((mean_ptr, std_ptr, None, stat_start), affine, k_q, chan, mu, sd, active_stages,
-                            HAS_ACTIVE_STAGES)
+            _ln_store_stats((mean_ptr, std_ptr, None, stat_start), k_q, chan, mu, sd, active_stages, HAS_ACTIVE_STAGES)
             weight_row = tl.load(affine[0] + k_q * C + offs_c, mask=mask_c, other=1.0).to(tl.float32)
             sd_pub = sd
             if HAS_ACTIVE_STAGES:
@@ -302,7 +301,7 @@ def _fwd_layernorm_split_kernel(
 
 
 def split_block_s(tiles: config.Tiles) -> int:
-    """Positions per tile of the split forward, from the chunk tile (same warps and register cap):
+    """Positions per tile of the split forward, from the base tile (same warps and register cap):
     half its ``BLOCK_S`` (4 elements per thread), a quarter (2 per thread) above 8 channels. The
     middle and last launches carry the residual, the decoded stage and (last) the sum through the
     decode loop; at 8 elements per thread that does not fit the 128-register cap, and with 16
@@ -318,7 +317,7 @@ def forward(z: torch.Tensor, levels: Sequence[int], stages: int, params: Tuple[t
             outputs: Tuple[torch.Tensor, ...], fsq_shift: str = "atanh") -> Tuple[torch.Tensor, ...]:
     """The split forward's K + 1 launches into ``outputs = (quantized, indices, mean, std)``
     (``valid``/``active_stages``: the kernel views of :func:`.layouts.mask_and_active_stages`;
-    ``tiles``: the chunk tile of :func:`.config.layernorm_tiles`). Scratch (sd / weight, partial
+    ``tiles``: the base tile of :func:`.config.layernorm_tiles`). Scratch (sd / weight, partial
     statistics) is allocated here, sized by the shapes only (CUDA-graph capturable)."""
     ln_weight, ln_bias = params
     quantized, indices, mean, std = outputs

@@ -13,16 +13,17 @@ four per-channel sums reduced:
   store its partial sums and ``G_a``;
 * launch K (``PHASE_LAST``): stage 0 likewise, ``dL/dz = G_0``.
 
-Per element this is the chunked backward's arithmetic (``_bwd_layernorm_kernel``, the helpers
-of :mod:`.layernorm`) in its order: the same rebuild, stage evaluation and ``G`` update; only the
-reduction tree of the per-channel sums changes (per-tile sums accumulated per program, then the
-programs' partials summed; the tile is half the chunked one or less, :func:`split_block_s`). With one
-program per image every output is bitwise that of a chunked backward at the same tile. Stage ``a``'s ``tanh`` runs twice (its sums in one launch, its
-``dL/dr`` in the next), as in the chunked kernel's two sweeps; the residual between the launches
-is rebuilt from the forward's indices.
+Per element it uses the single-tile backward's helpers (:mod:`.layernorm`: the same rebuild and
+stage evaluation); ``G_a = G_{a+1} + dL/dr_a`` accumulates in a float32 scratch (the single-tile
+kernel folds the terms into ``V = g - G`` in registers instead: the same additions in another
+order). The per-channel sums are reduced per tile, accumulated per program, then the programs'
+partials summed in one fixed order (the tile is half the base tile of
+:func:`.config.layernorm_tiles` or less, :func:`split_block_s`). Stage ``a``'s ``tanh`` runs
+twice (its sums in one launch, its ``dL/dr`` in the next); the residual between the launches is
+rebuilt from the forward's indices.
 
 The parameter gradients of stage ``a`` follow from the merged sums: the image's first program
-stores them into the ``(B, K, C)`` partials that the host reduces, as for the chunked path. No
+stores them into the ``(B, K, C)`` partials that the host reduces, as for the single-tile path. No
 float atomics, no spin-waits, no grid barriers: only launch boundaries order the programs.
 Design and costs per element: ``docs/kernel-design.md``, "Split backward".
 """
@@ -203,13 +204,13 @@ def _bwd_layernorm_split_kernel(
 
 
 def split_block_s(tiles: config.Tiles, index_dtype: torch.dtype) -> int:
-    """Positions per tile of the split backward: half the chunked backward's ``BLOCK_S`` at the
+    """Positions per tile of the split backward: half the base tile's ``BLOCK_S`` at the
     same warps and register cap (2 elements per thread), a quarter (1 per thread) with 64-bit
     indices above 8 channels. The middle launch keeps ``z``, ``g``, ``G``, two residuals and a
     stage's ``h`` and ``r - mu`` live per element through the second stage evaluation; at the
-    chunked tile's 4 per thread that spills, and 64-bit index rows and radix columns at 16
+    base tile's 4 per thread that spills, and 64-bit index rows and radix columns at 16
     channels do not fit beside 2 per thread. The tile size is part of the sums' reduction order
-    (so a chunked run at the same tile gives the same bits)."""
+    (the same tile gives the same bits)."""
     shrink = 4 if index_dtype == torch.int64 and tiles.block_c > 8 else 2
     return max(tiles.block_s // shrink, 2)
 
@@ -222,8 +223,8 @@ def backward(tensors: Tuple[torch.Tensor, ...], strides: Tuple[Tuple[int, int, i
     flattenable views, ``indices`` contiguous) with ``strides`` of the first three;
     ``stage_tables = (mean, std, factors, sd_w, inv_sd)`` as :func:`.layernorm.backward` builds them;
     ``dparts``: the ``(B, K, C)`` per-image parameter-gradient partials it reduces;
-    ``tiles``: the chunked backward's tile, of which the split one takes a half or a quarter
-    (:func:`split_block_s`).
+    ``tiles``: the backward's base tile (:func:`.config.layernorm_tiles`), of which the split one
+    takes a half or a quarter (:func:`split_block_s`).
     Scratch is allocated here, sized by the shapes only."""
     x, g, grad_z, indices = tensors
     mean, std, factors, sd_w, inv_sd = stage_tables

@@ -1,5 +1,5 @@
-"""Fused kernels vs the reference: forward outputs and every gradient, the chunked layernorm
-path, stride-0 incoming gradients and bitwise determinism (CPU: Triton interpreter)."""
+"""Fused kernels vs the reference: forward outputs and every gradient, several tiles per image
+(the split layernorm path), stride-0 incoming gradients and bitwise determinism (CPU: Triton interpreter)."""
 import pytest
 import torch
 
@@ -62,19 +62,20 @@ def test_expanded_incoming_grad(seed, strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_chunked_path(seed, monkeypatch, strategy):
-    """Small tiles force several spatial blocks (none/scale) and the multi-pass chunked
-    layernorm statistics and backward (S=45 positions in chunks of 16)."""
+def test_several_tiles_per_image(seed, monkeypatch, strategy):
+    """Small tiles force several spatial blocks (none/scale) and the split layernorm forward and
+    backward (S=45 positions; a base tile of 16, cut further by the split kernels)."""
     monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
     levels, stages = [8, 5, 3, 4], 2
-    assert config.layernorm_tiles(4, 45) == config.Tiles(4, 16, 1, False, config.CHUNKED_LAYERNORM_MAXNREG)  # chunked, 16 per chunk
+    # the split path, from a base tile of 16 positions
+    assert config.layernorm_tiles(4, 45) == config.Tiles(4, 16, 1, False, config.SPLIT_LAYERNORM_MAXNREG)
     params = random_strategy_params(strategy, stages, len(levels))
     z = draw_input((2, 4, 5, 9), levels, stages, strategy, params)
     g = torch.randn(z.shape)
     compare(*run_both(rfsq_fused, rfsq_forward, z, levels, stages, strategy, params, grad=g))
 
 
-def test_chunked_bf16_channels_last(seed, monkeypatch):
+def test_several_tiles_bf16_channels_last(seed, monkeypatch):
     monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
     levels, stages, strategy = [8, 5, 3, 4], 2, "layernorm"
     params = random_strategy_params(strategy, stages, len(levels))
@@ -82,11 +83,11 @@ def test_chunked_bf16_channels_last(seed, monkeypatch):
     compare(*run_both(rfsq_fused, rfsq_forward, z, levels, stages, strategy, params))
 
 
-@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("strategy", ["scale", "layernorm"])
-def test_backward_is_deterministic(seed, monkeypatch, strategy, chunked):
+def test_backward_is_deterministic(seed, monkeypatch, strategy, tiled):
     """Parameter gradients come from per-program partials summed in a fixed order."""
-    if chunked:
+    if tiled:
         monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
     levels, stages = [8, 5, 3, 4], 2
     params = random_strategy_params(strategy, stages, len(levels))
@@ -99,15 +100,15 @@ def test_backward_is_deterministic(seed, monkeypatch, strategy, chunked):
             assert torch.equal(value, result["grads"][name]), name
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_layernorm_backward_reads_int64_indices(seed, monkeypatch, chunked):
-    """prod(levels) >= 2**31: the backward rebuilds the residuals from int64 indices."""
-    if chunked:
+@pytest.mark.parametrize("split", [False, True])
+def test_layernorm_backward_reads_int64_indices(seed, monkeypatch, split):
+    """prod(levels) >= 2**31: the backward (single tile or split) rebuilds the residuals from int64 indices."""
+    if split:
         monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
     levels, stages, strategy = [16] * 8, 3, "layernorm"
     params = random_strategy_params(strategy, stages, len(levels))
     z = draw_input((2, 8, 3, 5), levels, stages, strategy, params)
-    assert config.layernorm_tiles(8, 15, "backward").one_tile != chunked
+    assert config.layernorm_tiles(8, 15, "backward").one_tile != split
     fused, ref = run_both(rfsq_fused, rfsq_forward, z, levels, stages, strategy, params, grad=torch.randn(z.shape))
     assert fused["out"][1].dtype == torch.int64
     compare(fused, ref)

@@ -1,7 +1,7 @@
 """Fused kernels with masks (padded positions) and per-sample stage counts (quantize dropout)
 against the reference: quantized, indices (incl. the -1 sentinel), LN statistics and every
-gradient; single-tile and chunked paths, odd sizes, all-masked and one-valid samples (CPU: Triton
-interpreter, few and large programs)."""
+gradient; one tile and several tiles per image (the split layernorm path), odd sizes, all-masked
+and one-valid samples (CPU: Triton interpreter, few and large programs)."""
 import functools
 
 import pytest
@@ -29,10 +29,10 @@ def _both(mask, active):
     return fused, ref
 
 
-@pytest.mark.parametrize("path", ["single", "chunked"])
+@pytest.mark.parametrize("path", ["single", "tiled"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_mask_and_counts_match_reference(seed, monkeypatch, strategy, path):
-    if path == "chunked":  # several spatial tiles (none/scale), the multi-pass layernorm (S=45 in chunks of 16)
+    if path == "tiled":  # several spatial tiles (none/scale), the split layernorm (S=45, base tile 16)
         monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
     levels, stages = [8, 5, 3, 4], 3
     shape = (5, 4, 5, 9)

@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from fused_helpers import FailOnChunked, compare, draw_input, masked_slice_case, run_both, to_layout
+from fused_helpers import MustNotLaunch, compare, draw_input, masked_slice_case, run_both, to_layout
 from numpy_rfsq import draw_clear_of_boundaries
 from rfsq_kernels.fused import rfsq_fused
 from rfsq_kernels.kernels import config, layernorm, layernorm_split
@@ -20,11 +20,10 @@ LEVELS = [8, 5, 3, 4]
 
 @pytest.fixture
 def split(monkeypatch):
-    """The split forward on, 16-position tiles, and the chunked forward made unreachable."""
+    """16-position tiles (every test shape is larger than one tile), and the single-tile forward
+    made unreachable."""
     monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
-    monkeypatch.setattr(config, "LAYERNORM_SPLIT", True)
-
-    monkeypatch.setattr(layernorm, "_fwd_layernorm_kernel", FailOnChunked(layernorm._fwd_layernorm_kernel, "forward"))
+    monkeypatch.setattr(layernorm, "_fwd_layernorm_kernel", MustNotLaunch("forward"))
     return lambda parts: monkeypatch.setattr(config, "SPLIT_PROGRAMS_PER_IMAGE", parts)
 
 

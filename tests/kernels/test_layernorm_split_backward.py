@@ -1,16 +1,14 @@
 """The split layernorm backward (programs own (image, spatial slice), the four per-channel sums
-of each stage merged from per-program partials) against the reference at today's tolerances,
-and against the chunked backward bit for bit where the reduction tree is the same (one program
-per image, and the chunked backward at the split's tile). CPU: Triton interpreter.
-``MAX_BLOCK_ELEMS = 64`` gives the chunked backward 8-position tiles at 4 channels, the split one
-4-position tiles (S = 21: 6 tiles, the last one short); ``SPLIT_PROGRAMS_PER_IMAGE`` forces the
-programs per image (7 leaves a slice empty)."""
+of each stage merged from per-program partials) against the reference at today's tolerances.
+CPU: Triton interpreter. ``MAX_BLOCK_ELEMS = 64`` gives the backward's base tile 8 positions at
+4 channels and the split kernel 4-position tiles (S = 21: 6 tiles, the last one short);
+``SPLIT_PROGRAMS_PER_IMAGE`` forces the programs per image (7 leaves a slice empty)."""
 import functools
 
 import pytest
 import torch
 
-from fused_helpers import FailOnChunked, compare, draw_input, masked_slice_case, run_both
+from fused_helpers import MustNotLaunch, compare, draw_input, masked_slice_case, run_both
 from numpy_rfsq import draw_clear_of_boundaries
 from rfsq_kernels.fused import rfsq_fused
 from rfsq_kernels.kernels import config, layernorm
@@ -23,11 +21,10 @@ SHAPE = (2, 4, 3, 7)
 
 @pytest.fixture
 def split(monkeypatch):
-    """The split backward on, small tiles, and the chunked backward made unreachable; returns a
-    setter of the programs per image."""
+    """Small tiles (every test shape is larger than one tile) and the single-tile backward made
+    unreachable; returns a setter of the programs per image."""
     monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)
-    monkeypatch.setattr(config, "LAYERNORM_SPLIT_BACKWARD", True)
-    monkeypatch.setattr(layernorm, "_bwd_layernorm_kernel", FailOnChunked(layernorm._bwd_layernorm_kernel, "backward"))
+    monkeypatch.setattr(layernorm, "_bwd_layernorm_kernel", MustNotLaunch("backward"))
     return lambda parts: monkeypatch.setattr(config, "SPLIT_PROGRAMS_PER_IMAGE", parts)
 
 
@@ -81,11 +78,11 @@ def test_mask_with_masked_slice_and_counts(seed, split):
 
 
 def test_int64_indices_above_8_channels_take_a_quarter_tile(seed, split, monkeypatch):
-    """64-bit indices at C = 11 (8**11 codes: int64) take a quarter of the chunked tile (register
+    """64-bit indices at C = 11 (8**11 codes: int64) take a quarter of the base tile (register
     budget, :func:`layernorm_split_backward.split_block_s`) and still match the reference."""
     from rfsq_kernels.kernels import layernorm_split_backward
     from rfsq_kernels.reference import index_dtype
-    monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 256)  # chunked: 16 positions; split: 4 (int64), 8 (int32)
+    monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 256)  # base tile: 16 positions; split: 4 (int64), 8 (int32)
     levels, stages, shape = [8] * 11, 2, (2, 11, 3, 7)
     assert index_dtype(levels) == torch.int64
     tiles = config.layernorm_tiles(11, 21, "backward")
@@ -103,28 +100,6 @@ def _grads(fn, z, stages, params, grad):
     ps = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
     (fn(zz, LEVELS, stages, "layernorm", **ps)[0].float() * grad).sum().backward()
     return [zz.grad] + [p.grad for p in ps.values()]
-
-
-def test_one_program_is_the_chunked_backward_bitwise(seed, split, monkeypatch):
-    """One program per image walks the tiles of a chunked backward at the split's tile size in
-    its order: same bits, on the same forward outputs (with a mask and stage counts: every flag
-    of the kernel)."""
-    split(1)
-    stages, shape = 3, (4, 4, 3, 7)
-    params = random_strategy_params("layernorm", stages, len(LEVELS))
-    mask, active = _masked_case(shape, stages)
-    z = draw_clear_of_boundaries(shape, LEVELS, stages, "layernorm", params, mask=mask, active_stages=active)[0]
-    _q, indices, mean, std = rfsq_fused(z, LEVELS, stages, "layernorm", mask=mask, active_stages=active, **params)
-    grad = torch.randn(shape)
-    args = (grad, z, LEVELS, stages, (params["ln_weight"], params["ln_bias"]), mask, active, "atanh", mean, std,
-            indices)
-    on = layernorm.backward(*args)
-    monkeypatch.setattr(config, "LAYERNORM_SPLIT_BACKWARD", False)
-    monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 32)  # the chunked tile: 4 positions, the split's
-    monkeypatch.setattr(layernorm, "_bwd_layernorm_kernel", layernorm._bwd_layernorm_kernel.kernel)
-    off = layernorm.backward(*args)
-    for a, b in zip((on[0], *on[1]), (off[0], *off[1])):
-        assert torch.equal(a, b)
 
 
 def test_reruns_are_bitwise_equal(seed, split):

@@ -39,27 +39,31 @@ def test_coverage_expects_only_the_kernels_a_strategy_filter_reaches():
         assert kernel in everything
 
 
-def test_default_grid_holds_the_split_paths_whatever_the_switches(monkeypatch):
-    """The default check compiles the split layernorm forward and backward even while their
-    runtime switches are off, so it proves the kernels before the defaults flip; the backward's
-    cases reach every channel tile, both index widths, every dtype and both sparse flags."""
+def test_default_grid_reaches_the_split_layernorm_paths():
+    """The default check compiles the split layernorm forward and backward wherever a user's
+    shape would reach them: its cases larger than one tile (by the launchers' own tile policy)
+    cover every channel tile, both index widths, every dtype and both sparse flags, in both
+    directions, and the structural grid (sm_100's) has such cases too."""
+    import math
+
     from rfsq_kernels.gpucheck import sweep
     from rfsq_kernels.kernels import config
     from rfsq_kernels.reference import index_dtype
-    monkeypatch.delenv("RFSQ_LAYERNORM_SPLIT", raising=False)
-    monkeypatch.setattr(config, "LAYERNORM_SPLIT", False)
-    monkeypatch.setattr(config, "LAYERNORM_SPLIT_BACKWARD", False)
-    split = [c for c in sweep.default_cases() if c.split]
-    assert split and all(c.strategy == "layernorm" for c in split)
-    backward = [c for c in split if c.direction == "backward"]
-    assert {config.next_pow2(len(c.levels)) for c in backward} == {1, 2, 4, 8, 16}
-    assert {index_dtype(c.levels) for c in backward} == {torch.int32, torch.int64}
-    assert {c.dtype for c in backward} == {torch.float32, torch.bfloat16, torch.float16}
-    assert {(c.mask, c.active_stages) for c in backward} >= {(True, True), (True, False), (False, True), (False, False)}
-    assert any(c.split and c.direction == "forward" for c in sweep.structure_cases())
-    assert any(c.split and c.direction == "backward" for c in sweep.structure_cases())
 
+    def split(case):
+        c, s = len(case.levels), math.prod(case.shape[2:])
+        int64 = case.shape[0] * c * s >= 2**31
+        return (case.strategy == "layernorm" and
+                not config.layernorm_tiles(c, s, case.direction, int64, case.mask or case.active_stages).one_tile)
 
+    for direction in sweep.DIRECTIONS:
+        cases = [c for c in sweep.default_cases() if c.direction == direction and split(c)]
+        assert {config.next_pow2(len(c.levels)) for c in cases} == {1, 2, 4, 8, 16}, direction
+        assert {index_dtype(c.levels) for c in cases} == {torch.int32, torch.int64}, direction
+        assert {c.dtype for c in cases} == {torch.float32, torch.bfloat16, torch.float16}, direction
+        assert {(c.mask, c.active_stages) for c in cases} == {(True, True), (True, False), (False, True),
+                                                              (False, False)}, direction
+        assert any(split(c) for c in sweep.structure_cases() if c.direction == direction), direction
 def test_default_grid_holds_the_grouped_vq_launch():
     """GroupedResidualFSQ's one launch reads channel slices (position stride G*C, another
     specialization than an ungrouped call's): the default and the structural grids compile it in

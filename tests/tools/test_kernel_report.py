@@ -21,15 +21,18 @@ def test_split_loop_trips_per_launch():
     assert loop_trips("split", LARGE, 128, 64 * 6, 0) == (pytest.approx(128 / 6), 0)
     assert loop_trips("split", LARGE, 128, 64 * 6, 1) == (pytest.approx(128 / 6), 0)
     assert loop_trips("split", LARGE, 128, 64 * 6, 4)[1] == 3
-    assert loop_trips("chunked", LARGE, 256, 64, 0) == (64, 0)  # one program per image: every tile
+    assert loop_trips("single", LARGE, 256, 64, 0) == (64, 0)  # one program per image: every tile
+    # the backward's launch l rebuilds r_{K-1-l}: K - 1 - l decodes (K = LARGE.stages)
+    assert loop_trips("split", LARGE, 128, 64 * 6, 0, "backward")[1] == LARGE.stages - 1
+    assert loop_trips("split", LARGE, 128, 64 * 6, LARGE.stages, "backward")[1] == 0
 
 
 def test_split_executed_estimate_nests_decode_in_tile_loop():
     # instructions 0..9; the tile loop spans 2..7, the decode loop 4..5 inside it
     loops = [(2, 7), (4, 5)]
-    got = executed_estimate(10, loops, "split", "forward", stages=4, chunks=3.0, decodes=2)
+    got = executed_estimate(10, loops, "split", stages=4, chunks=3.0, decodes=2)
     assert got == 4 + 2 * 3.0 + 2 * 3.0 * 2 + 2 * 3.0  # outside, tile body before/after, decode body
-    assert executed_estimate(10, loops, "split", "forward", 4, 3.0, decodes=0) == 4 + 4 * 3.0
+    assert executed_estimate(10, loops, "split", 4, 3.0, decodes=0) == 4 + 4 * 3.0
 
 
 def _row(index, launches, instr_us, executed):
@@ -83,10 +86,9 @@ def test_one_launch_rows_keep_direction_bytes():
 
 
 def test_kernel_bytes_counts_each_split_launch_with_the_real_batch_plan(monkeypatch):
-    """The split forward in the interpreter: K + 1 launches counted one by one (their sum is the
+    """The split forward and backward in the interpreter: K + 1 launches each, counted one by one (their sum is the
     direction's), the plan being that of the case's batch, so the count is linear in the images run."""
     monkeypatch.setattr(config, "MAX_BLOCK_ELEMS", 64)  # 8-position split tiles: 6 per 5x9 image
-    monkeypatch.setattr(config, "LAYERNORM_SPLIT", True)
     case = Case("training", (132, 4, 5, 9), (8, 5, 3, 4), 3, "layernorm")
     tiles = config.layernorm_tiles(4, 45)
     split_tiles = config.Tiles(tiles.block_c, tiles.block_s // 2, tiles.num_warps, False)
@@ -94,7 +96,7 @@ def test_kernel_bytes_counts_each_split_launch_with_the_real_batch_plan(monkeypa
         assert config.layernorm_split_plan(1, 45, split_tiles).parts == 2  # 132 images: 2 programs each
     assert config.layernorm_split_plan(1, 45, split_tiles).parts == 6      # restored; alone: every tile
     one, two = kernel_bytes.case_bytes(case, images=1), kernel_bytes.case_bytes(case, images=2)
-    assert len(one["fwd_launches"]) == case.stages + 1 and len(one["bwd_launches"]) == 1
+    assert len(one["fwd_launches"]) == case.stages + 1 and len(one["bwd_launches"]) == case.stages + 1
     for d in ("fwd", "bwd"):
         assert [sum(c) for c in zip(*one[f"{d}_launches"])] == [one[f"{d}_load"], one[f"{d}_store"]]
     assert one == two
