@@ -25,7 +25,9 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--full", action="store_true", help="the complete product of all axes (hours); "
                    "default: sweep.default_cases() on sm_80/sm_90, sweep.structure_cases() elsewhere")
-    p.add_argument("--json", default=None, help="write every compiled binary's record here")
+    p.add_argument("--json", default=None, help="write every compiled binary's record here, with its SASS "
+                   "instruction count and digest (bench/compare_binaries.py; without --json the SASS is not "
+                   "disassembled)")
     p.add_argument("--strategy", nargs="+", default=None, help="only these strategies (default: all built-in ones)")
     p.add_argument("--quick", action="store_true", help="the small grid of sweep.quick_cases() (a strategy under "
                    "development): compile errors, spills and both values of every flag, not every path")
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         binaries, failures = run_parallel(archs, full=args.full, jobs=args.jobs, strategies=args.strategy,
-                                          quick=args.quick, plugins=args.plugin)
+                                          quick=args.quick, plugins=args.plugin, sass=args.json is not None)
     except BrokenProcessPool:
         print("a compiler worker process died (the compiler aborted); rerun with --jobs 1 to see its message",
               file=sys.stderr)

@@ -16,9 +16,21 @@ from bench.report import main as report_main
 from bench.report import results_stem
 
 
+def _without_interpreter(monkeypatch) -> None:
+    """Unset ``TRITON_INTERPRET`` for one test (the gpucheck CLI refuses to run under it), with
+    every kernel module imported first: ``@triton.jit`` decides at decoration time whether a kernel
+    is interpreted, so a kernel module first imported while the variable is unset would keep real
+    GPU kernels for the rest of the session, and later interpreter tests would fail in Triton's
+    driver."""
+    from rfsq_kernels.gpucheck.sweep import kernel_modules
+
+    kernel_modules()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
 @pytest.mark.parametrize("archs", [["12"], ["90", "77"], ["0"]])
 def test_gpucheck_refuses_targets_it_cannot_compile_for(archs, monkeypatch, capsys):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _without_interpreter(monkeypatch)
     monkeypatch.setattr(gpucheck_cli, "run_parallel", lambda *a, **k: pytest.fail("compiled an unknown target"))
     with pytest.raises(SystemExit) as e:
         gpucheck_cli.main(["--arch", *archs])
@@ -27,19 +39,21 @@ def test_gpucheck_refuses_targets_it_cannot_compile_for(archs, monkeypatch, caps
 
 
 def test_gpucheck_reports_only_the_targets_it_compiled(monkeypatch, capsys):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _without_interpreter(monkeypatch)
     seen = {}
-    monkeypatch.setattr(gpucheck_cli, "run_parallel", lambda archs, **k: (seen.setdefault("archs", archs), ([], []))[1])
+    monkeypatch.setattr(gpucheck_cli, "run_parallel",
+                        lambda archs, **k: (seen.update(archs=archs, sass=k["sass"]), ([], []))[1])
     monkeypatch.setattr(gpucheck_cli, "check", lambda *a, **k: [])
     assert gpucheck_cli.main(["--arch", "90"]) == 0
     out = capsys.readouterr().out
     assert seen["archs"] == [90] and "compiled for sm_90, no spills on sm_90" in out and "sm_80" not in out
+    assert seen["sass"] is False  # no --json: nothing would read the SASS counts and digests
 
 
 def test_gpucheck_says_what_to_do_when_a_compiler_worker_dies(monkeypatch, capsys):
     from concurrent.futures.process import BrokenProcessPool
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _without_interpreter(monkeypatch)
 
     def broken(*a, **k):
         raise BrokenProcessPool("A process in the process pool was terminated abruptly")
@@ -68,7 +82,7 @@ def test_report_files_of_the_same_day_get_distinct_names(tmp_path):
 
 # -- issue 25, item 13: outputs and names checked before the work ----------------------------------------
 def _no_sweep(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _without_interpreter(monkeypatch)
     monkeypatch.setattr(gpucheck_cli, "run_parallel", lambda *a, **k: pytest.fail("swept before checking the flags"))
 
 
@@ -88,18 +102,19 @@ def test_gpucheck_refuses_bad_outputs_and_names_before_the_sweep(argv, match, mo
 
 
 def test_gpucheck_json_is_written_at_the_end_only(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _without_interpreter(monkeypatch)
     out = tmp_path / "r.json"
     seen = {}
 
     def sweep(*a, **k):
         seen["files"] = sorted(p.name for p in tmp_path.iterdir())  # claimed before the sweep
+        seen["sass"] = k["sass"]
         return [], []
 
     monkeypatch.setattr(gpucheck_cli, "run_parallel", sweep)
     monkeypatch.setattr(gpucheck_cli, "check", lambda *a, **k: [])
     assert gpucheck_cli.main(["--arch", "80", "--json", str(out)]) == 0
-    assert len(seen["files"]) == 1 and seen["files"][0].startswith("r.json.")
+    assert len(seen["files"]) == 1 and seen["files"][0].startswith("r.json.") and seen["sass"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"] and '"archs": [' in out.read_text()
 
 
