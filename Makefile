@@ -24,7 +24,7 @@ quick-demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests bench --benchmark-disable
+	$(PY) -m pytest -q tests bench --benchmark-disable --durations=20
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only
