@@ -43,8 +43,8 @@ from .launch_settings import launch
 from .fpmath import as_f32, div_small_int, recip_rn
 from .layernorm import _ln_store_stats, ln_affine, ln_factors, ln_stage
 from .fsq_math import load_digit_range, load_levels
-from .tile_io import (keep_only, load_active_stages, load_tile, load_valid, masked_row_sum, store_index,
-                      store_tile, widen)
+from .tile_io import (image_views, keep_only, load_active_stages, load_tile, load_valid, masked_row_sum,
+                      store_index, store_tile, widen)
 
 PHASE_FIRST = tl.constexpr(0)
 PHASE_MIDDLE = tl.constexpr(1)
@@ -182,6 +182,34 @@ def chan_update(run, r, mask, n_b, recip_ptr):
     return n, mean_a + delta * f, m2_a + m2_b + (delta * delta) * (n_a * f)
 
 
+@triton.jit
+def slice_prologue(tensors, valid_ptr, active_stages_ptr, consts_ptr, mean_ptr, sdw_ptr, C, S, P, K, slice_len,
+                   BLOCK_C: tl.constexpr, HAS_ACTIVE_STAGES: tl.constexpr, USE_INT64: tl.constexpr):
+    """Opening of a split layernorm kernel, whose program ``pid`` owns positions ``[part *
+    slice_len, (part + 1) * slice_len)`` of image ``pid // P``: ``(img, part, start, end,
+    valid_row, views, stat_start, chan, fsq, active_stages, decodes)`` -- the image (int64 with
+    ``USE_INT64``) and slice, the mask row, the views of ``tensors`` (:func:`.tile_io.image_views`),
+    where the image's ``(B, K, C)`` rows start, ``chan = (offs_c, mask_c, C)``, the level
+    constants, the image's stage count and the decode bundle ``(mean_ptr, sdw_ptr, stat_start)``.
+    The statement order is the one the kernels were tuned on; with it 2 of the split binaries
+    schedule two registers differently from the hand-written openings (bench/NOTES.md)."""
+    pid = tl.program_id(0)
+    img = widen(pid // P, USE_INT64)
+    part = pid % P
+    start = widen(part * slice_len, USE_INT64)
+    end = tl.minimum(start + slice_len, S)
+    valid_row = (valid_ptr, img * S)
+    views = image_views(img, tensors)
+    stat_start = img * K * C
+    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
+    mask_c = offs_c < C
+    chan = (offs_c, mask_c, C)
+    fsq = load_levels(consts_ptr, offs_c, mask_c, C)
+    active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
+    decodes = (mean_ptr, sdw_ptr, stat_start)
+    return img, part, start, end, valid_row, views, stat_start, chan, fsq, active_stages, decodes
+
+
 @triton.heuristics(layouts.FLAGS_FROM_POINTERS)
 @triton.jit(do_not_specialize=["C", "K", "P", "slice_len", "step"])
 def _fwd_layernorm_split_kernel(
@@ -219,25 +247,12 @@ def _fwd_layernorm_split_kernel(
 ):
     """One launch of the split ``layernorm`` forward (module docstring): program ``pid`` owns
     positions ``[part * slice_len, (part + 1) * slice_len)`` of image ``pid // P``."""
-    # Hand-written, not a shared prologue: built from image_prologue's helpers (same statement
-    # order) two sm_90 binaries scheduled differently (same registers and instruction count;
-    # bench/NOTES.md, "files that say what they hold").
-    pid = tl.program_id(0)
-    img = widen(pid // P, USE_INT64)
-    part = pid % P
-    start = widen(part * slice_len, USE_INT64)
-    end = tl.minimum(start + slice_len, S)
-    valid_row = (valid_ptr, img * S)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    q_view = (q_ptr, img * stride_qb, stride_qc, stride_qs)
-    stat_start = img * K * C
+    img, part, start, end, valid_row, (x_view, q_view), stat_start, chan, fsq, active_stages, decodes = \
+        slice_prologue(((x_ptr, stride_xb, stride_xc, stride_xs), (q_ptr, stride_qb, stride_qc, stride_qs)),
+                       valid_ptr, active_stages_ptr, consts_ptr, mean_ptr, sdw_ptr, C, S, P, K, slice_len, BLOCK_C,
+                       HAS_ACTIVE_STAGES, USE_INT64)
+    offs_c, mask_c, _C = chan
     affine = param_ptrs
-    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
-    mask_c = offs_c < C
-    chan = (offs_c, mask_c, C)
-    fsq = load_levels(consts_ptr, offs_c, mask_c, C)
-    active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
-    decodes = (mean_ptr, sdw_ptr, stat_start)
     radix = load_radix(radix_ptr, offs_c, mask_c, C)
     digits = load_digit_range(consts_ptr, basis_ptr, offs_c, mask_c, C)
     count_ptr, part_mean_ptr, part_m2_ptr = part_ptrs

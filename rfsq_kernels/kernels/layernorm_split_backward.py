@@ -41,9 +41,8 @@ from . import config, layouts
 from .fpmath import as_f32, recip_rn
 from .launch_settings import launch
 from .layernorm import _add_sums, _ln_dr, _ln_sums, ln_bwd_grads, ln_bwd_stage, ln_rebuild
-from .layernorm_split import PHASE_FIRST, PHASE_LAST, PHASE_MIDDLE, decode_stage, load_radix
-from .fsq_math import load_levels
-from .tile_io import keep_only, load_active_stages, load_tile, spatial_lanes, store_tile, tile_view, widen
+from .layernorm_split import PHASE_FIRST, PHASE_LAST, PHASE_MIDDLE, decode_stage, load_radix, slice_prologue
+from .tile_io import keep_only, load_tile, spatial_lanes, store_tile
 
 #: The four per-channel sums of a stage (:func:`.layernorm._ln_sums`), rows of the partials table.
 SUMS = tl.constexpr(4)
@@ -129,25 +128,14 @@ def _bwd_layernorm_split_kernel(
 ):
     """One launch of the split ``layernorm`` backward (module docstring): program ``pid`` owns
     positions ``[part * slice_len, (part + 1) * slice_len)`` of image ``pid // P``."""
-    pid = tl.program_id(0)
-    img = widen(pid // P, USE_INT64)
-    part = pid % P
-    start = widen(part * slice_len, USE_INT64)
-    end = tl.minimum(start + slice_len, S)
-    valid_row = (valid_ptr, img * S)
-    x_view = (x_ptr, img * stride_xb, stride_xc, stride_xs)
-    g_view = (g_ptr, img * stride_gb, stride_gc, stride_gs)
-    dx_view = (dx_ptr, img * stride_dxb, stride_dxc, stride_dxs)
-    scratch_view = tile_view(scratch_ptr, img, stride_scratch_b, S, 1)
-    stat_start = img * K * C
+    img, part, start, end, valid_row, (x_view, g_view, dx_view, scratch_view), stat_start, chan, fsq, active_stages, \
+        decodes = slice_prologue(((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
+                                  (dx_ptr, stride_dxb, stride_dxc, stride_dxs), (scratch_ptr, stride_scratch_b, S, 1)),
+                                 valid_ptr, active_stages_ptr, consts_ptr, mean_ptr, sdw_ptr, C, S, P, K, slice_len,
+                                 BLOCK_C, HAS_ACTIVE_STAGES, USE_INT64)
+    offs_c, mask_c, _C = chan
     stats = (mean_ptr, std_ptr, factor_ptr, stat_start)
     affine = param_ptrs
-    offs_c = widen(tl.arange(0, BLOCK_C), USE_INT64)
-    mask_c = offs_c < C
-    chan = (offs_c, mask_c, C)
-    fsq = load_levels(consts_ptr, offs_c, mask_c, C)
-    decodes = (mean_ptr, sdw_ptr, stat_start)
-    active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     a = K - step  # the stage whose dL/dr this launch applies (PHASE_MIDDLE / PHASE_LAST)
     b = a - 1     # the stage whose sums this launch reduces (PHASE_FIRST / PHASE_MIDDLE)
     if PHASE != PHASE_FIRST:
