@@ -78,7 +78,8 @@ def floor_bytes(case: Case, mode: str) -> int:
     i = torch.empty((), dtype=index_dtype(list(case.levels))).element_size()
     n, p = case.numel, case.positions
     fwd = 2 * n * e + p * case.stages * i
-    if case.strategy != VQ_STRATEGY and get_strategy(case.strategy).per_image_stats:  # the (B, K, C) mean and std
+    if case.strategy not in (VQ_STRATEGY, VQ_FSQ_STRATEGY) and get_strategy(case.strategy).per_image_stats:
+        # the (B, K, C) mean and std
         fwd += 2 * case.shape[0] * case.stages * case.shape[1] * 4
     if mode == "fwd":
         return fwd
@@ -130,6 +131,8 @@ def main_cases(tiny: bool) -> List[Case]:
 
 #: vector-quantize-pytorch's ResidualFSQ math (``rfsq_kernels.vqpytorch``), not a strategy-table row.
 VQ_STRATEGY = "vq_rfsq"
+#: Its standalone FSQ (one stage, no scales): the kernel report's rows of ``kernels/vq/fsq.py``.
+VQ_FSQ_STRATEGY = "vq_fsq"
 
 
 def vq_cases(tiny: Optional[bool] = None, groups: Optional[Sequence[str]] = None) -> List[Case]:
@@ -142,6 +145,18 @@ def vq_cases(tiny: Optional[bool] = None, groups: Optional[Sequence[str]] = None
         if key not in seen and (not groups or c.group in groups):
             seen.add(key)
             out.append(Case(c.group, c.shape, c.levels, c.stages, VQ_STRATEGY, c.dtype))
+    return out
+
+
+def vq_fsq_cases(groups: Optional[Sequence[str]] = None) -> List[Case]:
+    """The standalone FSQ (``strategy=VQ_FSQ_STRATEGY``, K=1) on each shape, levels and dtype of
+    :func:`vq_cases` at full size: the kernel report's rows of vector-quantize-pytorch's ``FSQ``."""
+    seen, out = set(), []
+    for c in vq_cases(tiny=False, groups=groups):
+        key = (c.group, c.shape, c.levels, c.dtype)
+        if key not in seen:
+            seen.add(key)
+            out.append(Case(c.group, c.shape, c.levels, 1, VQ_FSQ_STRATEGY, c.dtype))
     return out
 
 

@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from bench.cases import Case, floor_bytes, select_cases, vq_cases  # noqa: E402
+from bench.cases import VQ_FSQ_STRATEGY, Case, floor_bytes, select_cases, vq_cases, vq_fsq_cases  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Per-SM limits (sm_80 A100 and sm_90 H100 share them but the SM count and shared memory).
@@ -64,8 +64,11 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
         for case in cases:
             for direction in ("forward", "backward"):
                 n0 = len(drv.launches)
-                sweep.run_case(sweep.Case(direction, case.strategy, case.stages, tuple(case.levels),
-                                          case.torch_dtype, tuple(case.shape)))
+                if case.strategy == VQ_FSQ_STRATEGY:
+                    run_standalone_fsq(case, direction)
+                else:
+                    sweep.run_case(sweep.Case(direction, case.strategy, case.stages, tuple(case.levels),
+                                              case.torch_dtype, tuple(case.shape)))
                 launches = drv.launches[n0:]
                 for i, launch in enumerate(launches):
                     rows.append(dict(case=case.name, direction=direction, launch_index=i,
@@ -105,6 +108,22 @@ def static_rows(cases: List[Case], arch: int) -> List[dict]:
             instr_us=executed * 32 * launch.num_warps * programs
             / (THREAD_INSTR_PER_S * min(1.0, programs / SM_COUNT[arch])) * 1e6))
     return out
+
+
+def run_standalone_fsq(case: Case, direction: str) -> None:
+    """Launch vector-quantize-pytorch's standalone FSQ kernel of ``direction`` on ``meta``
+    tensors shaped as ``case``: ``x`` is ``(B, S, C)``, as :func:`rfsq_kernels.gpucheck.sweep.run_vq_case`
+    lays it out (the module's layout after ``project_in``)."""
+    import torch
+
+    from rfsq_kernels.kernels.vq import fsq
+
+    b, c, s = case.shape[0], case.shape[1], math.prod(case.shape[2:])
+    x = torch.empty((b, s, c), dtype=case.torch_dtype, device="meta")
+    if direction == "forward":
+        fsq.forward(x, list(case.levels))
+    else:
+        fsq.backward(torch.empty_like(x), x, list(case.levels))
 
 
 def loop_trips(path: str, case: Case, block_s: int, programs: int, launch_index: int,
@@ -303,13 +322,14 @@ def main(argv=None) -> int:
                    help="re-render the Markdown from the committed .json (no compile, no byte count)")
     p.add_argument("--family", choices=("rfsq", "vq_rfsq"), default="rfsq",
                    help="rfsq: the RFSQ strategies (kernels-sm<arch>); vq_rfsq: the vector-quantize-pytorch "
-                        "ResidualFSQ kernels (kernels-vq-sm<arch>, no byte count)")
+                        "ResidualFSQ and standalone FSQ kernels (kernels-vq-sm<arch>, no byte count)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the report compiles for a real GPU", file=sys.stderr)
         return 2
     vq = args.family == "vq_rfsq"
-    cases = vq_cases(tiny=False, groups=args.groups) if vq else select_cases(tiny=False, groups=args.groups)
+    cases = (vq_cases(tiny=False, groups=args.groups) + vq_fsq_cases(args.groups) if vq
+             else select_cases(tiny=False, groups=args.groups))
     stem = RESULTS / (f"kernels-vq-sm{args.arch}" if vq else f"kernels-sm{args.arch}")
     if args.from_json:
         saved = json.loads(stem.with_suffix(".json").read_text())

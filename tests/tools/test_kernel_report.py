@@ -111,3 +111,16 @@ def test_kernel_bytes_uses_the_target_tile_policy():
         assert config.target_arch(z) == 100
         assert not config.layernorm_tiles(5, 1024, arch=config.target_arch(z)).one_tile
     assert config.target_arch(z) is None and config.layernorm_tiles(5, 1024, arch=None).one_tile
+
+
+def test_vq_report_has_the_standalone_fsq_once_per_shape_levels_and_dtype():
+    """``--family vq_rfsq`` also reports vector-quantize-pytorch's FSQ: one K=1 case per shape,
+    levels and dtype of the ResidualFSQ cases, with a byte floor like any case."""
+    from bench.cases import VQ_FSQ_STRATEGY, floor_bytes, vq_cases, vq_fsq_cases
+
+    fsq = vq_fsq_cases()
+    keys = {(c.group, c.shape, c.levels, c.dtype) for c in vq_cases(tiny=False)}
+    assert {(c.group, c.shape, c.levels, c.dtype) for c in fsq} == keys and len(fsq) == len(keys)
+    assert all(c.strategy == VQ_FSQ_STRATEGY and c.stages == 1 for c in fsq)
+    assert all(floor_bytes(c, "fwd") < floor_bytes(c, "fwdbwd") for c in fsq)
+    assert vq_fsq_cases(["training"]) and all(c.group == "training" for c in vq_fsq_cases(["training"]))
