@@ -9,7 +9,7 @@ else, and the offline compile check (:mod:`rfsq_kernels.gpucheck`) reaches every
 the launchers. Why these sizes (each found by that check, which fails on any register spill):
 ``docs/kernel-design.md``, "Why these tile sizes".
 
-``MAX_BLOCK_ELEMS`` is the knob that tests lower to force the chunked layernorm path and several
+``MAX_BLOCK_ELEMS`` is the knob that tests lower to force the split layernorm path and several
 tiles per image in the other families: it also caps the chunk, so ``MAX_BLOCK_ELEMS = 64`` gives
 64-element chunks. Strides, output allocation and 64-bit offsets: :mod:`.layouts`.
 """

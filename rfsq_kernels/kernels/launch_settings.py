@@ -2,7 +2,7 @@
 site's own decision, so no site recomputes them (every family's launchers call it).
 
 A site decides the grid, the arguments, the tile (:class:`.config.Tiles`, from the tile policy) and
-its kernel's own constexprs (the strategy's stage functions, ``ONE_TILE``, ``K`` when unrolled).
+its kernel's own constexprs (the strategy's stage functions, a split launch's ``PHASE``, ``K`` when unrolled).
 :func:`launch` adds:
 
 * ``BLOCK_C``, ``BLOCK_S``, ``num_warps`` and ``maxnreg`` from the tile;
