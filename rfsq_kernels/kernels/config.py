@@ -106,6 +106,28 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
                    maxnreg=SPLIT_LAYERNORM_MAXNREG)
 
 
+#: Positions per thread of the single-tile layernorm backward in channel rows
+#: (:func:`layernorm_row_tiles`), at most, and the elements (channels x positions) a thread holds
+#: at most: 4 positions of C=5 at 8 warps ran 416 executed instructions per element at
+#: 128x5x32x32, K=4 (sm_90 model), against 565 at 2 positions and 16 warps (each thread's share of
+#: the per-channel reductions and scalar loads shrinks with its positions; bench/NOTES.md).
+LAYERNORM_ROW_POSITIONS_PER_THREAD = 4
+LAYERNORM_ROW_ELEMS_PER_THREAD = 20
+
+
+def layernorm_row_tiles(channels: int, spatial: int, tiles: Tiles) -> Tiles:
+    """Tile of the single-tile layernorm backward (channel rows, ``layernorm._bwd_layernorm_kernel``)
+    for an image that ``tiles`` (:func:`layernorm_tiles`) keeps in one tile: every channel
+    (exact, ``block_c = C``) in every thread, the image's positions along the threads and warps --
+    up to :data:`LAYERNORM_ROW_POSITIONS_PER_THREAD` per thread, fewer when ``C`` times that
+    exceeds :data:`LAYERNORM_ROW_ELEMS_PER_THREAD` --, the warps of ``tiles`` at most."""
+    per_thread = max(1, min(LAYERNORM_ROW_POSITIONS_PER_THREAD, LAYERNORM_ROW_ELEMS_PER_THREAD // max(channels, 1)))
+    per_thread = 1 << (per_thread.bit_length() - 1)
+    block_s = max(next_pow2(spatial), 2)
+    warps = min(max(block_s // (32 * per_thread), 1), tiles.num_warps)
+    return Tiles(channels, block_s, warps, True)
+
+
 #: Register cap (Triton's ``maxnreg``) of the split layernorm launches (``Tiles.maxnreg``).
 #: Without one, ptxas settles on 80 registers and spills around the calls of ``div.rn`` /
 #: ``sqrt.rn``'s slow-path subroutine; with it they use ~96 and do not spill (bench/NOTES.md).

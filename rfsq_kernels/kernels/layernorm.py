@@ -27,9 +27,9 @@ import triton.language as tl
 from . import config, layouts
 from .fpmath import as_f32, div_rn, recip_rn
 from .launch_settings import launch
-from .fsq_math import fsq_code, fsq_dcode, load_digit_range, load_levels, load_levels_tabled
-from .tile_io import (image_prologue, keep_only, load_active_stages, load_tile, masked_row_sum, spatial_lanes,
-                      stage_keep, store_index, store_tile)
+from .fsq_math import fsq_code, fsq_dcode, load_digit_range, load_levels
+from .tile_io import (image_prologue, keep_only, load_active_stages, load_row, load_tile, masked_row_sum, row_prologue,
+                      spatial_lanes, stage_keep, store_index, store_row, store_tile)
 
 
 @triton.jit
@@ -198,28 +198,12 @@ def ln_rebuild(x, nstages, rebuild, affine, chan, fsq, valid, active_stages, HAS
 
 
 @triton.jit
-def _ln_bwd_tile(x, g_minus_G, mask, k, stats, affine, chan, fsq, rebuild, active_stages, HAS_MASK: tl.constexpr,
-                 HAS_ACTIVE_STAGES: tl.constexpr,
-                 USE_LIBDEVICE: tl.constexpr):
-    """Per-position quantities of stage ``k`` (runtime index) for one tile, ``g_minus_G = g - G_{k+1}``.
-
-    Returns ``(v, h, xc, qc, w_sd)``: ``v = dL/dq_k`` (masked), ``h = dL/dn`` through the code
-    (``v * sd / weight * dcode/dn``), ``xc = r - mu = xhat * sd``, ``qc = q - mu = cn * sd``
-    (``cn = (code - bias) / weight``) and the column ``weight / sd``. ``r_k`` is rebuilt from the
-    earlier stages' indices (:func:`ln_rebuild`, ``rebuild`` as there); only stage ``k`` itself
-    is evaluated through ``tanh`` (its derivative needs ``t``). ``1 / sd`` is applied per
-    channel in :func:`_ln_bwd_coeffs`, outside the tile loop: no division here.
-    """
-    r = ln_rebuild(x, k, rebuild, affine, chan, fsq, mask, active_stages, HAS_MASK, HAS_ACTIVE_STAGES,
-                   USE_LIBDEVICE)
-    return ln_bwd_stage(r, g_minus_G, mask, k, stats, affine, chan, fsq, active_stages, HAS_ACTIVE_STAGES,
-                        USE_LIBDEVICE)
-
-
-@triton.jit
 def ln_bwd_stage(r, g_minus_G, mask, k, stats, affine, chan, fsq, active_stages, HAS_ACTIVE_STAGES: tl.constexpr,
                  USE_LIBDEVICE: tl.constexpr):
-    """:func:`_ln_bwd_tile` on an already rebuilt residual ``r = r_k``: ``(v, h, xc, qc, w_sd)``."""
+    """Per-position quantities of stage ``k`` of a tile whose residual ``r = r_k`` is rebuilt
+    (:func:`ln_rebuild`), ``g_minus_G = g - G_{k+1}``: ``(v, h, xc, qc, w_sd)`` -- ``v = dL/dq_k``
+    (masked), ``h = dL/dn`` through the code (``v * sd / weight * dcode/dn``), ``xc = r - mu``,
+    ``qc = q - mu`` and the column ``weight / sd``. Only stage ``k`` runs through ``tanh``."""
     mu, sd = ln_stats(stats, k, chan)
     weight, bias = ln_affine(affine, k, chan)
     w_sd, sd_w = stage_factors(stats, k, chan, weight, sd)
@@ -251,32 +235,15 @@ def _add_sums(a, b):
 
 
 @triton.jit
-def _ln_bwd_coeffs(sums, k, stats, inv_sd_ptr, dparts, chan):
-    """Turn stage ``k``'s four sums into parameter-gradient partials (stored through ``dparts =
-    (dweight_part_ptr, dbias_part_ptr)``, the image's ``(K, C)`` rows at ``stats``' start) and the coefficients
-    ``(weight/sd, dL/dmu, dL/dsd / sd)`` of ``dL/dr``, as ``[BLOCK_C, 1]`` columns (the last one
-    multiplies ``xc = r - mu``).
+def ln_bwd_grads(sums, k, stats, inv_sd_ptr, chan):
+    """Stage ``k``'s four sums (:func:`_ln_sums`) as ``(dweight, dbias, coeffs)``: the image's
+    ``[BLOCK_C]`` parameter gradients and the coefficients ``(weight/sd, dL/dmu, dL/dsd / sd)`` of
+    ``dL/dr`` as ``[BLOCK_C, 1]`` columns (the last one multiplies ``xc = r - mu``).
 
     ``q = ((code - bias) / weight) * sd + mu`` with ``n = weight * xhat + bias``:
     ``dL/dweight = sum h*xhat - sd/weight * sum v*cn``, ``dL/dbias = sum h - sd/weight * sum v``,
-    ``dL/dmu = sum v - weight/sd * sum h``, ``dL/dsd = sum v*cn - weight/sd * sum h*xhat``.
-    ``weight/sd``, ``sd/weight`` (the factor table of ``stats``) and ``1/sd`` (``inv_sd_ptr``,
-    ``(B, K, C)``) are the host's IEEE quotients, loaded: no ``div.rn``, whose slow path is a
-    subroutine, in the stage loop.
-    """
-    _mean_ptr, _std_ptr, _factor_ptr, stat_start = stats
-    dweight_part_ptr, dbias_part_ptr = dparts
-    offs_c, mask_c, C = chan
-    dweight, dbias, coeffs = ln_bwd_grads(sums, k, stats, inv_sd_ptr, chan)
-    tl.store(dweight_part_ptr + stat_start + k * C + offs_c, dweight, mask=mask_c)
-    tl.store(dbias_part_ptr + stat_start + k * C + offs_c, dbias, mask=mask_c)
-    return coeffs
-
-
-@triton.jit
-def ln_bwd_grads(sums, k, stats, inv_sd_ptr, chan):
-    """The math of :func:`_ln_bwd_coeffs` without its stores: ``(dweight, dbias, coeffs)``, the
-    image's ``[BLOCK_C]`` parameter gradients of stage ``k`` and the ``dL/dr`` coefficients."""
+    ``dL/dmu = sum v - weight/sd * sum h``, ``dL/dsd = sum v*cn - weight/sd * sum h*xhat``; the
+    quotients are the host's (the factor table of ``stats``, ``inv_sd_ptr``), loaded."""
     sum_v, sum_h, sum_vqc, sum_hxc = sums
     _mean_ptr, _std_ptr, factor_ptr, stat_start = stats
     offs_c, mask_c, C = chan
@@ -293,7 +260,7 @@ def ln_bwd_grads(sums, k, stats, inv_sd_ptr, chan):
 def _ln_dr(h, xc, coeffs, inv_n, mask, HAS_MASK: tl.constexpr):
     """``dL/dr_k`` through stage k: direct path plus the mean and std paths (``1 / inv_n``
     positions enter the statistics; with ``HAS_MASK`` only the valid ones, ``mask``, get the
-    statistics' share); ``xc = r - mu`` and ``coeffs`` from :func:`_ln_bwd_coeffs`."""
+    statistics' share); ``xc = r - mu`` and ``coeffs`` from :func:`ln_bwd_grads`."""
     w_sd, dmu, dsd_sd = coeffs
     dr = h * w_sd + (dmu + dsd_sd * xc) * inv_n
     if HAS_MASK:
@@ -302,16 +269,14 @@ def _ln_dr(h, xc, coeffs, inv_n, mask, HAS_MASK: tl.constexpr):
 
 
 @triton.heuristics(layouts.FLAGS_FROM_POINTERS)
-@triton.jit(do_not_specialize=["C", "K"])
+@triton.jit(do_not_specialize=["K"])
 def _bwd_layernorm_kernel(
     x_ptr,              # input z: (B, C, S) through stride_x*
     g_ptr,              # dL/dquantized: (B, C, S) through stride_g* (may be stride 0)
     dx_ptr,             # out: dL/dz, (B, C, S) through stride_dx*, z's dtype
     idx_ptr,            # the forward's packed indices, (B, S, K) contiguous, int32 or int64
-    mean_ptr,           # the forward's statistics, (B, K, C) float32
-    std_ptr,            # (B, K, C) float32
+    mean_ptr,           # the forward's means, (B, K, C) float32
     factor_ptr,         # (B, K, 2, C) float32 (weight/std, std/weight), divided by torch on the host
-    sdw_ptr,            # (B, K, C) float32 std/weight (the same quotients), for the decodes
     inv_sd_ptr,         # (B, K, C) float32 1/std, divided by torch on the host
     inv_n_ptr,          # (B,) float32 1/n, n the positions entering each image's statistics (torch)
     param_ptrs,         # tuple (weight_ptr, bias_ptr): the strategy's (K, C) parameter group
@@ -320,14 +285,13 @@ def _bwd_layernorm_kernel(
     radix_ptr,          # (5, C) division magic in the index dtype (layernorm_split.radix_table)
     valid_ptr,          # (B, S) uint8 padding mask, or None
     active_stages_ptr,  # (B,) int32 stages each image runs, or None
-    C,                  # channels
     S,                  # flattened spatial positions per image (S <= BLOCK_S)
     stride_xb, stride_xc, stride_xs,     # z's strides: image, channel, flattened spatial
     stride_gb, stride_gc, stride_gs,     # dL/dquantized's strides
     stride_dxb, stride_dxc, stride_dxs,  # dL/dz's strides
     K,                  # stages (runtime)
-    BLOCK_C: tl.constexpr,            # next_pow2(C)
-    BLOCK_S: tl.constexpr,            # spatial positions of the tile: the whole image
+    BLOCK_C: tl.constexpr,            # the exact channel count C: every channel in every thread
+    BLOCK_S: tl.constexpr,            # spatial positions of the program: the whole image
     HAS_MASK: tl.constexpr,           # derived: valid_ptr is not None
     HAS_ACTIVE_STAGES: tl.constexpr,  # derived: active_stages_ptr is not None
     USE_INT64: tl.constexpr,          # 64-bit offsets
@@ -337,57 +301,51 @@ def _bwd_layernorm_kernel(
     the positions of each (image, channel) through the mean and std, like a LayerNorm backward
     over the spatial axis. ``V = g - G_{k+1}`` stays in registers across the stages.
 
-    Stage ``k``'s residual is rebuilt from ``z`` and the stored indices of stages ``< k``
-    (:func:`ln_rebuild`); ``tanh`` runs once per stage and element. Parameter gradients go to
-    per-image partials ``(B, K, C)``, reduced on the host. Larger images:
-    :mod:`.layernorm_split_backward`.
+    The image is ``C`` channel rows (:mod:`.layernorm_rows`): every channel of a position in one
+    thread, no padded channel. Stage ``k``'s residual is rebuilt from ``z`` and the stored
+    indices of stages ``< k`` (:func:`.layernorm_rows.row_rebuild`); ``tanh`` runs once per stage
+    and element. Parameter gradients go to per-image partials ``(B, K, C)``, reduced on the host.
+    Larger images: :mod:`.layernorm_split_backward`.
     """
-    img, (x_view, g_view, dx_view), valid_row, stat_start, offs_c, mask_c = image_prologue(
+    img, (x_view, g_view, dx_view), offs_s, mask_s, valid = row_prologue(
         ((x_ptr, stride_xb, stride_xc, stride_xs), (g_ptr, stride_gb, stride_gc, stride_gs),
          (dx_ptr, stride_dxb, stride_dxc, stride_dxs)),
-        valid_ptr, C, S, K, BLOCK_C, USE_INT64)
-    stats = (mean_ptr, std_ptr, factor_ptr, stat_start)
-    affine = param_ptrs
-    dparts = dparam_part_ptrs
-    chan = (offs_c, mask_c, C)
-    fsq = load_levels_tabled(consts_ptr, offs_c, mask_c, C)
-    decodes = (mean_ptr, sdw_ptr, stat_start)
-    # Where the radix columns live is a register-allocation trade: the large tiles and those of
-    # 16 channel lanes hold them for the whole program; the other programs load them before each
-    # rebuild, so they are not live across the stage's reductions and the subroutine calls of
-    # its divisions (the compile sweep spills otherwise).
-    RADIX_PER_PROGRAM: tl.constexpr = BLOCK_C * BLOCK_S >= 4096 or BLOCK_C >= 16
-    if RADIX_PER_PROGRAM:
-        radix = load_radix(radix_ptr, offs_c, mask_c, C)
+        valid_ptr, S, 1, BLOCK_S, HAS_MASK, USE_INT64)
+    _weight_ptr, bias_ptr = param_ptrs
+    rstats = (mean_ptr, factor_ptr, inv_sd_ptr, bias_ptr, img * K * BLOCK_C)
+    levels = load_row_levels(consts_ptr, BLOCK_C)
+    radix = load_row_radix(radix_ptr, BLOCK_C)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     inv_n = tl.load(inv_n_ptr + img)
-    offs_s, mask_s, valid = spatial_lanes(0, valid_row, S, BLOCK_S, HAS_MASK, USE_INT64)
-    mask = mask_c[:, None] & valid[None, :]
     # Registers hold V = g - G_{k+1} (instead of g and G) and the stage being worked on; the
     # input is re-read (from L1/L2: one image) for each stage's rebuild and g once more at the
-    # end (dx = g - V). Keeping x and g live too spilled on sm_80 (64 registers/thread at 32 warps).
-    V = load_tile(g_view, offs_c, offs_s, mask)
+    # end (dx = g - V).
+    Vs = ()
+    for c in tl.static_range(BLOCK_C):
+        Vs = Vs + (load_row(g_view, c, offs_s, valid),)
     index_rows = (idx_ptr, (img * S + offs_s) * K, mask_s)
     for k_rev in range(K):
         k = K - 1 - k_rev
-        if not RADIX_PER_PROGRAM:
-            radix = load_radix(radix_ptr, offs_c, mask_c, C)
-        rebuild = (index_rows, decodes, radix)
-        x = load_tile(x_view, offs_c, offs_s, mask)
-        v, h, xc, qc, w_sd = _ln_bwd_tile(x, V, mask, k, stats, affine, chan, fsq, rebuild, active_stages,
-                                          HAS_MASK, HAS_ACTIVE_STAGES, USE_LIBDEVICE)
-        sums = _ln_sums(v, h, xc, qc, mask)
-        # The direct path of dL/dr needs no reduction: apply it now, so that only x, V and xc stay
-        # live across the reductions' barriers.
-        V = V - h * w_sd
-        _w_sd, dmu, dsd_sd = _ln_bwd_coeffs(sums, k, stats, inv_sd_ptr, dparts, chan)
-        # (Padding picks up the statistics' share here too, but V there never reaches a valid
-        # position -- v is masked -- and dx is zeroed there at the store.)
-        V = V - (dmu + dsd_sd * xc) * inv_n
-    dx = load_tile(g_view, offs_c, offs_s, mask) - V
-    if HAS_MASK:
-        dx = tl.where(mask, dx, 0.0)
-    store_tile(dx_view, dx, offs_c, offs_s, mask_c[:, None] & mask_s[None, :])
+        rs = ()
+        for c in tl.static_range(BLOCK_C):
+            rs = rs + (load_row(x_view, c, offs_s, valid),)
+        rs = row_rebuild(rs, k, index_rows, rstats, levels, radix, valid, active_stages, BLOCK_C, HAS_MASK,
+                         HAS_ACTIVE_STAGES, USE_LIBDEVICE)
+        new_Vs = ()
+        for c in tl.static_range(BLOCK_C):
+            # The direct path of dL/dr (row_bwd_stage) needs no reduction; the statistics'
+            # share needs the row's sums. (Padding picks up that share too, but V there never
+            # reaches a valid position -- v is masked -- and dx is zeroed there at the store.)
+            V, xc, sums = row_bwd_stage(rs[c], Vs[c], k, c, rstats, levels[c], valid, active_stages, BLOCK_C,
+                                        HAS_ACTIVE_STAGES, USE_LIBDEVICE)
+            dmu, dsd_sd = row_coeffs(sums, k, c, rstats, dparam_part_ptrs, BLOCK_C)
+            new_Vs = new_Vs + (V - (dmu + dsd_sd * xc) * inv_n,)
+        Vs = new_Vs
+    for c in tl.static_range(BLOCK_C):
+        dx = load_row(g_view, c, offs_s, valid) - Vs[c]
+        if HAS_MASK:
+            dx = tl.where(valid, dx, 0.0)
+        store_row(dx_view, dx, c, offs_s, mask_s)
 
 
 def forward_outputs(z: torch.Tensor, levels: Sequence[int], stages: int) -> Tuple[torch.Tensor, ...]:
@@ -457,10 +415,10 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
                  else valid.sum(1, dtype=torch.float32).clamp_min(1.0))
         inv_n = torch.reciprocal(count)
         launch(_bwd_layernorm_kernel, (B,),
-               (x, g, grad_z, indices.contiguous(), mean, std, factors, sd_w, inv_sd, inv_n,
-                (ln_weight, ln_bias), (dw_part, db_part), consts, radix, valid, active_stages, C, S, *x_strides,
-                *g_strides, *layouts.flat_strides(grad_z), stages),
-               tiles=tiles, tensors=(x, g, grad_z, indices))
+               (x, g, grad_z, indices.contiguous(), mean, factors, inv_sd, inv_n, (ln_weight, ln_bias),
+                (dw_part, db_part), consts, radix, valid, active_stages, S, *x_strides, *g_strides,
+                *layouts.flat_strides(grad_z), stages),
+               tiles=config.layernorm_row_tiles(C, S, tiles), tensors=(x, g, grad_z, indices))
     else:
         layernorm_split_backward.backward(
             (x, g, grad_z, indices.contiguous()), (x_strides, g_strides, layouts.flat_strides(grad_z)),
@@ -474,4 +432,5 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
 # The split kernels and the rebuild's decode helpers (which live with the split forward) import
 # this module's stage helpers: imported last, once every name they take from here exists.
 from . import layernorm_split, layernorm_split_backward  # noqa: E402
-from .layernorm_split import decode_stage, load_radix, radix_table  # noqa: E402
+from .layernorm_split import decode_stage, radix_table  # noqa: E402
+from .layernorm_rows import load_row_levels, load_row_radix, row_bwd_stage, row_coeffs, row_rebuild  # noqa: E402,E501
