@@ -125,7 +125,9 @@ def layernorm_row_tiles(channels: int, spatial: int, tiles: Tiles) -> Tiles:
     per_thread = 1 << (per_thread.bit_length() - 1)
     block_s = max(next_pow2(spatial), 2)
     warps = min(max(block_s // (32 * per_thread), 1), tiles.num_warps)
-    return Tiles(channels, block_s, warps, True)
+    # The register cap stated as the hardware's (65536 per SM over the program's threads, at most
+    # 255): left to itself ptxas stopped a C=2 program of 8 warps at 64 registers and spilled.
+    return Tiles(channels, block_s, warps, True, maxnreg=min(255, 65536 // (32 * warps)))
 
 
 #: Register cap (Triton's ``maxnreg``) of the split layernorm launches (``Tiles.maxnreg``).

@@ -313,8 +313,6 @@ def _bwd_layernorm_kernel(
         valid_ptr, S, 1, BLOCK_S, HAS_MASK, USE_INT64)
     _weight_ptr, bias_ptr = param_ptrs
     rstats = (mean_ptr, factor_ptr, inv_sd_ptr, bias_ptr, img * K * BLOCK_C)
-    levels = load_row_levels(consts_ptr, BLOCK_C)
-    radix = load_row_radix(radix_ptr, BLOCK_C)
     active_stages = load_active_stages(active_stages_ptr, img, K, HAS_ACTIVE_STAGES)
     inv_n = tl.load(inv_n_ptr + img)
     # Registers hold V = g - G_{k+1} (instead of g and G) and the stage being worked on; the
@@ -329,14 +327,14 @@ def _bwd_layernorm_kernel(
         rs = ()
         for c in tl.static_range(BLOCK_C):
             rs = rs + (load_row(x_view, c, offs_s, valid),)
-        rs = row_rebuild(rs, k, index_rows, rstats, levels, radix, valid, active_stages, BLOCK_C, HAS_MASK,
+        rs = row_rebuild(rs, k, index_rows, rstats, consts_ptr, radix_ptr, valid, active_stages, BLOCK_C, HAS_MASK,
                          HAS_ACTIVE_STAGES, USE_LIBDEVICE)
         new_Vs = ()
         for c in tl.static_range(BLOCK_C):
             # The direct path of dL/dr (row_bwd_stage) needs no reduction; the statistics'
             # share needs the row's sums. (Padding picks up that share too, but V there never
             # reaches a valid position -- v is masked -- and dx is zeroed there at the store.)
-            V, xc, sums = row_bwd_stage(rs[c], Vs[c], k, c, rstats, levels[c], valid, active_stages, BLOCK_C,
+            V, xc, sums = row_bwd_stage(rs[c], Vs[c], k, c, rstats, consts_ptr, valid, active_stages, BLOCK_C,
                                         HAS_ACTIVE_STAGES, USE_LIBDEVICE)
             dmu, dsd_sd = row_coeffs(sums, k, c, rstats, dparam_part_ptrs, BLOCK_C)
             new_Vs = new_Vs + (V - (dmu + dsd_sd * xc) * inv_n,)
@@ -433,4 +431,4 @@ def backward(grad_q: torch.Tensor, z: torch.Tensor, levels: Sequence[int], stage
 # this module's stage helpers: imported last, once every name they take from here exists.
 from . import layernorm_split, layernorm_split_backward  # noqa: E402
 from .layernorm_split import decode_stage, radix_table  # noqa: E402
-from .layernorm_rows import load_row_levels, load_row_radix, row_bwd_stage, row_coeffs, row_rebuild  # noqa: E402,E501
+from .layernorm_rows import row_bwd_stage, row_coeffs, row_rebuild  # noqa: E402

@@ -8,9 +8,11 @@ tile helpers' (:mod:`.layernorm`, :mod:`.layernorm_split`), operation for operat
 
 Bundles: ``rstats = (mean_ptr, factor_ptr, inv_sd_ptr, bias_ptr, stat_start)`` -- the
 ``(B, K, C)`` means, the ``(B, K, 2, C)`` factors ``(weight/sd, sd/weight)``, the ``(B, K, C)``
-``1/sd`` (host quotients), the ``(K, C)`` LN bias and where the image's rows start; ``levels``:
-the ``C``-tuple of each channel's ``fsq`` scalars (:func:`.fsq_math.load_channel_levels`);
-``radix``: the ``C``-tuple of each channel's ``(m_lo, l_lo, L)`` scalars (:func:`load_row_radix`).
+``1/sd`` (host quotients), the ``(K, C)`` LN bias and where the image's rows start. The
+per-channel constants (``consts_ptr``: :func:`.fsq_math.load_channel_levels`; ``radix_ptr``:
+:func:`load_row_radix`) are loaded where they are used, not once per program: held for the whole
+program they are 8 scalars per channel in every thread, and at 7-16 channels the compile check
+found spills; reloaded, they cost a few scalar loads per stage, shared by the thread's positions.
 """
 import triton
 import triton.language as tl
@@ -20,15 +22,6 @@ from .fsq_math import fsq_dcode, load_channel_levels
 from .layernorm import _add_four, ln_stage
 from .layernorm_split import ROW_L_LO, ROW_M_LO, ROW_RADIX
 from .tile_io import keep_only, stage_keep
-
-
-@triton.jit
-def load_row_levels(consts_ptr, C: tl.constexpr):
-    """Every channel's ``fsq`` scalars, a ``C``-tuple (loaded once per program)."""
-    out = ()
-    for c in tl.static_range(C):
-        out = out + (load_channel_levels(consts_ptr, c, C),)
-    return out
 
 
 @triton.jit
@@ -82,29 +75,30 @@ def row_decode(digit, j, c, rstats, fsq, C: tl.constexpr, USE_LIBDEVICE: tl.cons
 
 
 @triton.jit
-def row_rebuild(rs, nstages, index_rows, rstats, levels, radix, valid, active_stages, C: tl.constexpr,
+def row_rebuild(rs, nstages, index_rows, rstats, consts_ptr, radix_ptr, valid, active_stages, C: tl.constexpr,
                 HAS_MASK: tl.constexpr, HAS_ACTIVE_STAGES: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """Residual rows ``r_nstages`` from the input rows ``rs`` (a ``C``-tuple): :func:`.layernorm.ln_rebuild`
     per row, each stored index read once and split into all channel digits (:func:`row_digits`)."""
     idx_ptr, rows, mask_s = index_rows
     for j in range(nstages):
         index = tl.load(idx_ptr + rows + j, mask=mask_s, other=0)
-        digits = row_digits(index, radix, C)
+        digits = row_digits(index, load_row_radix(radix_ptr, C), C)
         out = ()
         for c in tl.static_range(C):
-            q = row_decode(digits[c], j, c, rstats, levels[c], C, USE_LIBDEVICE)
+            q = row_decode(digits[c], j, c, rstats, load_channel_levels(consts_ptr, c, C), C, USE_LIBDEVICE)
             out = out + (rs[c] - keep_only(q, valid, active_stages, j, HAS_MASK, HAS_ACTIVE_STAGES),)
         rs = out
     return rs
 
 
 @triton.jit
-def row_bwd_stage(r, V, k, c, rstats, fsq, valid, active_stages, C: tl.constexpr,
+def row_bwd_stage(r, V, k, c, rstats, consts_ptr, valid, active_stages, C: tl.constexpr,
                   HAS_ACTIVE_STAGES: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """Stage ``k`` of channel ``c``'s row ``r = r_k`` with ``V = g - G_{k+1}``: the tile kernel's
     ``ln_bwd_stage`` and four sums on one row. Returns ``(V - h * weight/sd, xc, sums)``,
     ``xc = r - mu`` and ``sums = (sum v, sum h, sum v*qc, sum h*xc)`` (scalars)."""
     mean_ptr, factor_ptr, _inv_sd_ptr, bias_ptr, stat_start = rstats
+    fsq = load_channel_levels(consts_ptr, c, C)
     mu = tl.load(mean_ptr + stat_start + k * C + c)
     bias = tl.load(bias_ptr + k * C + c).to(tl.float32)
     w_sd = tl.load(factor_ptr + 2 * stat_start + 2 * k * C + c)
