@@ -20,6 +20,16 @@ MAX_COMPILE_CPU_S = 10.0
 _BLOCK_C = (1, 2, 4, 8, 16)
 
 
+def _block_cs(kernel: str) -> Tuple[int, ...]:
+    """The ``BLOCK_C`` values a complete sweep must reach for ``kernel``: the single-tile layernorm
+    backward holds at most ``config.LAYERNORM_ROW_MAX_CHANNELS`` channels (wider images take the
+    split backward), every other kernel every channel tile."""
+    if kernel == "_bwd_layernorm_kernel":
+        from ..kernels import config
+        return tuple(c for c in _BLOCK_C if c <= config.LAYERNORM_ROW_MAX_CHANNELS)
+    return _BLOCK_C
+
+
 def default_archs() -> List[int]:
     """sm_80 and sm_90, plus sm_100 when the triton wheel bundles ``ptxas-blackwell``."""
     import triton
@@ -170,7 +180,7 @@ def check(binaries: List[dict], failures: List[Tuple[str, str]], archs: Sequence
                                 f"give sweep.Case/run_case an input that flips it")
     for arch in archs if complete else ():
         for kernel, paths in required_kernels(families, arch):
-            want = {("path", p) for p in paths} | {("BLOCK_C", c) for c in _BLOCK_C}
+            want = {("path", p) for p in paths} | {("BLOCK_C", c) for c in _block_cs(kernel)}
             if arch in FULL_GRID_ARCHS:  # other targets compile the structural grid only
                 want |= {("USE_INT64", v) for v in (False, True)}
                 want |= {("x_dtype", d) for d in ("fp32", "bf16", "fp16")}

@@ -88,7 +88,8 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
     for a sparse backward and on ``SMALL_ONE_TILE_ARCH`` and later); otherwise the chunk that the
     split kernels cut their own tiles from (``split_block_s`` of :mod:`.layernorm_split` and
     :mod:`.layernorm_split_backward`; register cap :data:`SPLIT_LAYERNORM_MAXNREG`; half chunks
-    for the backward)."""
+    for the backward). The backward never keeps more than :data:`LAYERNORM_ROW_MAX_CHANNELS`
+    channels in one tile (it runs in channel rows, :func:`layernorm_row_tiles`)."""
     block_c, block_s = next_pow2(channels), next_pow2(spatial)
     single_max = MAX_BLOCK_ELEMS // 2 if int64 and direction == "forward" else MAX_BLOCK_ELEMS
     if arch is not None and arch >= SMALL_ONE_TILE_ARCH:
@@ -96,7 +97,10 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
     sparse = sparse and direction == "backward"
     if sparse:
         single_max //= 2
-    if block_c * block_s <= single_max:
+    # The single-tile backward holds every channel in each thread (channel rows): above
+    # LAYERNORM_ROW_MAX_CHANNELS it takes the split kernels, whatever the image's size.
+    rows_fit = direction == "forward" or channels <= LAYERNORM_ROW_MAX_CHANNELS
+    if block_c * block_s <= single_max and rows_fit:
         warps = _warps(block_c * block_s, ONE_TILE_ELEMS_PER_THREAD, *ONE_TILE_WARPS[direction])
         return Tiles(block_c, max(block_s, 2), warps, True)
     # The backward also holds its residual rebuild's digit columns: it takes the half chunk, like a
@@ -108,11 +112,15 @@ def layernorm_tiles(channels: int, spatial: int, direction: str = "forward",
 
 #: Positions per thread of the single-tile layernorm backward in channel rows
 #: (:func:`layernorm_row_tiles`), at most, and the elements (channels x positions) a thread holds
-#: at most: 4 positions of C=5 at 8 warps ran 416 executed instructions per element at
+#: at most: 4 positions of C=5 at 8 warps ran 427 executed instructions per element at
 #: 128x5x32x32, K=4 (sm_90 model), against 565 at 2 positions and 16 warps (each thread's share of
 #: the per-channel reductions and scalar loads shrinks with its positions; bench/NOTES.md).
 LAYERNORM_ROW_POSITIONS_PER_THREAD = 4
 LAYERNORM_ROW_ELEMS_PER_THREAD = 20
+#: Channels the single-tile layernorm backward holds per thread at most; wider images take the split
+#: backward. At C=16 on a 3x5 image (16 elements per thread at 1 warp, 255 registers) ptxas spilled
+#: 8 B on sm_80 with 64-bit offsets and 32 B on sm_100 (bench/NOTES.md); C <= 8 did not spill.
+LAYERNORM_ROW_MAX_CHANNELS = 8
 
 
 def layernorm_row_tiles(channels: int, spatial: int, tiles: Tiles) -> Tiles:
